@@ -1,0 +1,176 @@
+"""The current tenant, carried in a :mod:`contextvars` variable.
+
+A tenant id is always held in its canonical text form (the form a message
+header and a PostgreSQL setting carry), produced by the process's tenant id
+parser.  Because the value lives in a :class:`contextvars.ContextVar`, each
+thread, asyncio task and greenlet sees its own tenant.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+
+from .errors import InvalidTenantId, TenantContextMissing
+
+__all__ = [
+    "TenantIdParser",
+    "current_tenant",
+    "integer_tenant_id",
+    "parse_tenant_id",
+    "require_tenant",
+    "set_tenant_id_parser",
+    "slug_tenant_id",
+    "tenant_context",
+    "uuid_tenant_id",
+]
+
+TenantIdParser = Callable[[object], str]
+"""Validates a raw tenant id and returns its canonical text form.
+
+It raises :class:`~tenant_celery.InvalidTenantId` (or :class:`ValueError`,
+:class:`TypeError`, which are turned into it) for a value it refuses.
+"""
+
+_current: ContextVar[str | None] = ContextVar("tenant_celery.current_tenant", default=None)
+
+_SLUG = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,62})\Z")
+_DIGITS = re.compile(r"[0-9]{1,19}\Z")
+_MAX_BIGINT = 2**63 - 1
+
+
+def _refuse(kind: str, value: object) -> InvalidTenantId:
+    # Name the type, never the value: a malformed id may be a pasted secret.
+    return InvalidTenantId(
+        f"tenant id must be {kind} (got a value of type {type(value).__name__}); "
+        "check where the tenant id is read from"
+    )
+
+
+def uuid_tenant_id(value: object) -> str:
+    """Accept a :class:`uuid.UUID` or its string form; return the canonical
+    lowercase hyphenated string.  This is the default parser."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, str) and len(value) <= 45:
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            pass
+    raise _refuse("a UUID", value)
+
+
+def integer_tenant_id(value: object) -> str:
+    """Accept a positive integer (or its decimal string) that fits PostgreSQL's
+    ``bigint``; return its decimal string."""
+    if isinstance(value, bool):
+        raise _refuse("a positive integer", value)
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and _DIGITS.match(value):
+        number = int(value)
+    else:
+        raise _refuse("a positive integer", value)
+    if not 0 < number <= _MAX_BIGINT:
+        raise _refuse("a positive integer that fits in a bigint", value)
+    return str(number)
+
+
+def slug_tenant_id(value: object) -> str:
+    """Accept a slug: 1 to 63 characters of ``a-z``, ``0-9``, ``_`` and ``-``,
+    starting with a letter or digit; return it unchanged."""
+    if isinstance(value, str) and _SLUG.match(value):
+        return value
+    raise _refuse("a slug of 1-63 lowercase letters, digits, '_' or '-'", value)
+
+
+_parser_lock = threading.Lock()
+_parser: TenantIdParser = uuid_tenant_id
+
+
+def set_tenant_id_parser(parser: TenantIdParser) -> TenantIdParser:
+    """Make ``parser`` validate every tenant id in this process; return the
+    previous parser.
+
+    Call it once at import time, in the module that creates the Celery app, so
+    that producers and workers (which import that module) agree.  The built-in
+    parsers are :func:`uuid_tenant_id` (the default), :func:`integer_tenant_id`
+    and :func:`slug_tenant_id`.
+    """
+    global _parser  # noqa: PLW0603 (one process-wide setting, guarded by a lock)
+    if not callable(parser):
+        raise TypeError(f"parser must be callable, got {type(parser).__name__}")
+    with _parser_lock:
+        previous, _parser = _parser, parser
+    return previous
+
+
+def parse_tenant_id(value: object) -> str:
+    """Validate ``value`` with the configured parser and return its canonical form.
+
+    Raises:
+        InvalidTenantId: the value was refused; the message names its type only.
+    """
+    parser = _parser
+    try:
+        canonical = parser(value)
+    except InvalidTenantId:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise _refuse("valid for the configured parser", value) from exc
+    if not isinstance(canonical, str) or not canonical:
+        raise InvalidTenantId(
+            f"tenant id parser {getattr(parser, '__name__', parser)!r} returned "
+            f"{type(canonical).__name__}, expected a non-empty str"
+        )
+    return canonical
+
+
+def current_tenant() -> str | None:
+    """The tenant of the running code, or ``None`` outside any tenant."""
+    return _current.get()
+
+
+def require_tenant() -> str:
+    """The tenant of the running code.
+
+    Raises:
+        TenantContextMissing: no tenant is set.
+    """
+    tenant = _current.get()
+    if tenant is None:
+        raise TenantContextMissing
+    return tenant
+
+
+@contextmanager
+def tenant_context(tenant_id: object) -> Iterator[str]:
+    """Run the ``with`` block inside ``tenant_id``; yield its canonical form.
+
+    The previous tenant (or none) is restored on exit, whatever happened in
+    the block.  Contexts nest.  Tasks published inside the block carry the
+    tenant to the worker.
+
+    Raises:
+        InvalidTenantId: ``tenant_id`` is refused by the tenant id parser;
+            nothing has been entered.
+    """
+    canonical = parse_tenant_id(tenant_id)
+    token = _current.set(canonical)
+    try:
+        yield canonical
+    finally:
+        _current.reset(token)
+
+
+def _enter(tenant: str | None) -> Token[str | None]:
+    """Set an already validated tenant (or none); the caller must reset the token."""
+    return _current.set(tenant)
+
+
+def _exit(token: Token[str | None]) -> None:
+    _current.reset(token)

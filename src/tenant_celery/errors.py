@@ -1,0 +1,48 @@
+"""Exceptions raised by tenant-celery.
+
+Every exception the package raises on purpose derives from one root, so a host
+can catch them all with a single ``except``::
+
+    TenantCeleryError
+    ├── TenantContextMissing     no tenant where one is required
+    ├── TenantConflict           two sources name different tenants
+    ├── InvalidTenantId          a tenant id failed validation (also a ValueError)
+    └── ConfigurationError       a setting has an unusable value (also a ValueError)
+
+Each class's docstring is its default message.  Messages say what was wrong
+and what to do next; they never echo a tenant id that failed validation, since
+a malformed id may be a secret pasted into the wrong field.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "InvalidTenantId",
+    "TenantCeleryError",
+    "TenantConflict",
+    "TenantContextMissing",
+]
+
+
+class TenantCeleryError(Exception):
+    """tenant-celery error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (type(self).__doc__ or "").strip())
+
+
+class TenantContextMissing(TenantCeleryError):  # noqa: N818 (name fixed by the design)
+    """no tenant is set: run the code inside tenant_context(...) or pass tenant_id=..."""
+
+
+class TenantConflict(TenantCeleryError):  # noqa: N818
+    """two sources name different tenants for one task; a task runs in exactly one tenant"""
+
+
+class InvalidTenantId(TenantCeleryError, ValueError):  # noqa: N818
+    """the tenant id is not valid for the configured tenant id parser"""
+
+
+class ConfigurationError(TenantCeleryError, ValueError):
+    """a tenant-celery setting has an unusable value"""
