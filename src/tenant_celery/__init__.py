@@ -1,5 +1,59 @@
-"""Tenant-isolated Celery tasks on a shared PostgreSQL database."""
+"""Tenant-isolated Celery tasks on a shared PostgreSQL database.
+
+The whole public API is importable from here; :data:`__all__` lists it.
+"""
 
 from __future__ import annotations
 
+from . import propagation as _propagation  # noqa: F401 (connects the signal receivers)
+from .config import DEFAULT_GUC, DEFAULT_HEADER
+from .context import (
+    TenantIdParser,
+    current_tenant,
+    integer_tenant_id,
+    parse_tenant_id,
+    require_tenant,
+    set_tenant_id_parser,
+    slug_tenant_id,
+    tenant_context,
+    uuid_tenant_id,
+)
+from .errors import (
+    ConfigurationError,
+    InvalidTenantId,
+    TenantCeleryError,
+    TenantConflict,
+    TenantContextMissing,
+)
+from .fanout import every_tenant, fan_out
+from .signals import tenant_entered, tenant_rejected
+from .task import TENANT_ARG, TenantTask, tenant_task
+
 __version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DEFAULT_GUC",
+    "DEFAULT_HEADER",
+    "TENANT_ARG",
+    "ConfigurationError",
+    "InvalidTenantId",
+    "TenantCeleryError",
+    "TenantConflict",
+    "TenantContextMissing",
+    "TenantIdParser",
+    "TenantTask",
+    "__version__",
+    "current_tenant",
+    "every_tenant",
+    "fan_out",
+    "integer_tenant_id",
+    "parse_tenant_id",
+    "require_tenant",
+    "set_tenant_id_parser",
+    "slug_tenant_id",
+    "tenant_context",
+    "tenant_entered",
+    "tenant_rejected",
+    "tenant_task",
+    "uuid_tenant_id",
+]

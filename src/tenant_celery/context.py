@@ -101,7 +101,7 @@ def set_tenant_id_parser(parser: TenantIdParser) -> TenantIdParser:
     parsers are :func:`uuid_tenant_id` (the default), :func:`integer_tenant_id`
     and :func:`slug_tenant_id`.
     """
-    global _parser  # noqa: PLW0603 (one process-wide setting, guarded by a lock)
+    global _parser
     if not callable(parser):
         raise TypeError(f"parser must be callable, got {type(parser).__name__}")
     with _parser_lock:

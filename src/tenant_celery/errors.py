@@ -32,15 +32,15 @@ class TenantCeleryError(Exception):
         super().__init__(message or (type(self).__doc__ or "").strip())
 
 
-class TenantContextMissing(TenantCeleryError):  # noqa: N818 (name fixed by the design)
+class TenantContextMissing(TenantCeleryError):
     """no tenant is set: run the code inside tenant_context(...) or pass tenant_id=..."""
 
 
-class TenantConflict(TenantCeleryError):  # noqa: N818
+class TenantConflict(TenantCeleryError):
     """two sources name different tenants for one task; a task runs in exactly one tenant"""
 
 
-class InvalidTenantId(TenantCeleryError, ValueError):  # noqa: N818
+class InvalidTenantId(TenantCeleryError, ValueError):
     """the tenant id is not valid for the configured tenant id parser"""
 
 

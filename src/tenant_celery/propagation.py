@@ -1,0 +1,109 @@
+"""How the tenant travels: producer context → message header → worker context.
+
+Three signal receivers, connected when this module is imported (importing
+:mod:`tenant_celery` does it):
+
+* ``before_task_publish`` stamps the current tenant on every outgoing message
+  that does not name one already, whatever sent it (``send_task``, a plain
+  task, chord unlock, a retry);
+* ``task_prerun`` enters the tenant named by an incoming message for tasks that
+  are *not* tenant tasks, so that whatever they publish carries it on; tenant
+  tasks enter their tenant themselves, with validation;
+* ``task_postrun`` restores the context a task started with.  It runs after
+  chain and link callbacks have been published, which is why a task's tenant
+  is not reset when its body returns.
+
+Eager mode sends no ``before_task_publish``; tenant tasks stamp their headers
+in ``apply_async``/``apply`` for that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from contextvars import Token
+from typing import Any
+
+from celery import Task, current_app
+from celery.app.task import Context
+from celery.signals import before_task_publish, task_postrun, task_prerun
+
+from .config import header_name
+from .context import _enter, _exit, current_tenant, parse_tenant_id
+from .errors import InvalidTenantId
+
+__all__ = ["tenant_from_request"]
+
+logger = logging.getLogger("tenant_celery")
+
+_TOKEN_ATTR = "_tenant_celery_token"
+
+
+def tenant_from_request(request: Context, header: str) -> object | None:
+    """The raw tenant named by a task request's ``header``, or ``None``.
+
+    Where a custom header lands depends on the path: eager ``apply()`` puts it
+    in ``request.headers`` only; a worker makes it a request attribute, and
+    sometimes also a key of ``request.headers``.  The value is not validated.
+    """
+    headers = request.headers
+    if isinstance(headers, Mapping):
+        value: object = headers.get(header)
+        if value is not None:
+            return value
+    attribute: object = getattr(request, header, None)
+    return attribute
+
+
+def _remember(request: Context, token: Token[str | None]) -> None:
+    setattr(request, _TOKEN_ATTR, token)
+
+
+@before_task_publish.connect(weak=False, dispatch_uid="tenant_celery.stamp_header")
+def _stamp_header(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    tenant = current_tenant()
+    if tenant is None or headers is None:
+        return
+    # ``headers`` is the message's own dict, built by Celery for this publish;
+    # an explicit tenant header (or one a retry carries over) is kept.
+    headers.setdefault(header_name(current_app), tenant)
+
+
+@task_prerun.connect(weak=False, dispatch_uid="tenant_celery.carry_tenant")
+def _carry_tenant(task: Task[Any, Any] | None = None, **_: Any) -> None:
+    if task is None or getattr(task, "__tenant_task__", False):
+        return
+    request = task.request
+    raw = tenant_from_request(request, header_name(task.app))
+    if raw is None:
+        if request.is_eager:
+            return  # an eager task runs inside its caller's context already
+        tenant = None  # never inherit whatever a previous task left behind
+    else:
+        try:
+            tenant = parse_tenant_id(raw)
+        except InvalidTenantId as exc:
+            logger.warning(
+                "task %s[%s] carries an invalid tenant header, not propagating it: %s",
+                task.name, request.id, exc,
+            )  # fmt: skip
+            tenant = None
+    _remember(request, _enter(tenant))
+
+
+@task_postrun.connect(weak=False, dispatch_uid="tenant_celery.leave_tenant")
+def _leave_tenant(task: Task[Any, Any] | None = None, **_: Any) -> None:
+    if task is None:
+        return
+    request = task.request
+    token: Token[str | None] | None = getattr(request, _TOKEN_ATTR, None)
+    if token is None:
+        return
+    setattr(request, _TOKEN_ATTR, None)
+    try:
+        _exit(token)
+    except ValueError:
+        # The token belongs to another context (a pool that switched contexts
+        # under us): fail closed rather than keep the tenant.
+        _enter(None)
+        logger.error("task %s[%s]: tenant context reset out of order", task.name, request.id)

@@ -1,0 +1,278 @@
+"""The tenant task: a Celery task that runs inside exactly one tenant, or not at all."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, Literal, ParamSpec, TypeVar, overload
+
+from celery import Celery, Task, shared_task
+from celery.app.task import Context
+
+from . import propagation
+from .config import header_name
+from .context import _enter, current_tenant, parse_tenant_id, tenant_context
+from .errors import (
+    ConfigurationError,
+    InvalidTenantId,
+    TenantCeleryError,
+    TenantConflict,
+    TenantContextMissing,
+)
+from .signals import tenant_entered, tenant_rejected
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult, EagerResult
+
+__all__ = ["TENANT_ARG", "TenantTask", "tenant_task"]
+
+logger = logging.getLogger("tenant_celery")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+TENANT_ARG = "tenant_id"
+"""Keyword argument that names a task's tenant explicitly at call time."""
+
+_NOT_GIVEN = object()
+
+
+class TenantTask(Task[_P, _R]):
+    """Base class of tasks that always run inside exactly one tenant.
+
+    Use it as ``@app.task(base=TenantTask)``, as the app's ``task_cls``, or
+    through :func:`tenant_task`.
+
+    The tenant comes from, in order of authority:
+
+    1. an explicit ``tenant_id`` keyword argument at call time (or a
+       positional one, when the function declares that parameter), or the
+       tenant header given in ``headers=``; two explicit sources that
+       disagree raise :class:`~tenant_celery.TenantConflict`;
+    2. otherwise the tenant context active when the task is published.
+
+    The tenant is written to the message header (``tenant_id`` unless the
+    ``tenant_celery_header`` setting says otherwise), so it reaches the worker
+    and everything the task publishes in turn.  The function receives
+    ``tenant_id`` only when its signature declares that parameter.
+
+    Publishing with no tenant raises :class:`~tenant_celery.TenantContextMissing`
+    and sends nothing.  In the worker, a message with no tenant, an invalid
+    one, or a header and argument that disagree, is refused before the body
+    runs: the task fails (it is not retried), :data:`~tenant_celery.signals.tenant_rejected`
+    is sent and a warning is logged.
+    """
+
+    __tenant_task__: ClassVar[bool] = True
+
+    # --- the function's own ``tenant_id`` parameter -------------------------
+
+    @cached_property
+    def _tenant_parameter(self) -> tuple[bool, int | None]:
+        """Whether the function declares ``tenant_id``, and its positional index."""
+        try:
+            params = list(inspect.signature(self.run).parameters.values())
+        except (TypeError, ValueError):  # pragma: no cover (builtins, C callables)
+            return False, None
+        for index, param in enumerate(params):
+            if param.name != TENANT_ARG:
+                continue
+            if param.kind is param.POSITIONAL_ONLY:
+                raise ConfigurationError(
+                    f"task {self.name!r} declares {TENANT_ARG!r} as positional-only; "
+                    "make it a keyword or positional-or-keyword parameter"
+                )
+            if param.kind is param.POSITIONAL_OR_KEYWORD:
+                return True, index
+            return True, None
+        return False, None
+
+    def _explicit_tenant(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], header: object
+    ) -> tuple[str | None, bool]:
+        """The tenant named explicitly by arguments and header, validated.
+
+        Returns the tenant (or ``None``) and whether it was given positionally.
+        """
+        accepts, index = self._tenant_parameter
+        positional = accepts and index is not None and len(args) > index
+        named: list[object] = []
+        if positional:
+            assert index is not None
+            named.append(args[index])
+        if TENANT_ARG in kwargs:
+            named.append(kwargs[TENANT_ARG])
+        if header is not None:
+            named.append(header)
+        tenants = {parse_tenant_id(value) for value in named if value is not None}
+        if len(tenants) > 1:
+            raise TenantConflict(
+                f"task {self.name!r} was given different tenants by its {TENANT_ARG!r} "
+                "argument and its tenant header; pass one tenant, or none and let "
+                "the tenant context decide"
+            )
+        return (tenants.pop() if tenants else None), positional
+
+    def _shape_kwargs(
+        self, kwargs: Mapping[str, Any], tenant: str, positional: bool
+    ) -> dict[str, Any]:
+        """A new kwargs dict with ``tenant_id`` present exactly when the function asks."""
+        accepts, _ = self._tenant_parameter
+        shaped = {key: value for key, value in kwargs.items() if key != TENANT_ARG}
+        if accepts and not positional:
+            shaped[TENANT_ARG] = tenant
+        return shaped
+
+    # --- producer side --------------------------------------------------------
+
+    def _prepare(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        headers: Mapping[str, Any] | None,
+    ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+        """Resolve the tenant to publish with; return new args, kwargs and headers."""
+        args = tuple(args or ())
+        kwargs = kwargs or {}
+        header = header_name(self.app)
+        tenant, positional = self._explicit_tenant(args, kwargs, (headers or {}).get(header))
+        if tenant is None:
+            tenant = current_tenant()
+        if tenant is None:
+            raise TenantContextMissing(
+                f"cannot publish tenant task {self.name!r} without a tenant: publish it "
+                f"inside tenant_context(...) or pass {TENANT_ARG}=..."
+            )
+        return (
+            args,
+            self._shape_kwargs(kwargs, tenant, positional),
+            {**(headers or {}), header: tenant},
+        )
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> AsyncResult[_R]:
+        """Publish the task with its tenant in the message header.
+
+        Accepts everything :meth:`celery.Task.apply_async` does.  The caller's
+        ``args``, ``kwargs`` and ``headers`` are not modified.
+
+        Raises:
+            TenantContextMissing: no explicit tenant and no tenant context.
+            TenantConflict: explicit tenants disagree.
+            InvalidTenantId: an explicit tenant is malformed.
+        """
+        args, kwargs, options["headers"] = self._prepare(args, kwargs, options.get("headers"))
+        return super().apply_async(
+            args, kwargs, task_id, producer, link, link_error, shadow, **options
+        )
+
+    def apply(
+        self,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        link: Any = None,
+        link_error: Any = None,
+        task_id: str | None = None,
+        retries: int | None = None,
+        throw: bool | None = None,
+        logfile: str | None = None,
+        loglevel: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> EagerResult[_R]:
+        """Run the task in this process (eager), inside its tenant.
+
+        The tenant is resolved as for :meth:`apply_async`, and the same errors
+        are raised before anything runs.
+        """
+        args, kwargs, new_headers = self._prepare(args, kwargs, headers)
+        return super().apply(
+            args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
+            new_headers, **options,
+        )  # fmt: skip
+
+    # --- worker side ----------------------------------------------------------
+
+    def _refuse(self, request: Context, exc: TenantCeleryError, reason: str) -> None:
+        tenant_rejected.send(sender=self, reason=reason, exc=exc, request=request)
+        logger.warning("tenant task %s[%s] refused: %s", self.name, request.id, exc)
+
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        request = self.request
+        if request.called_directly:
+            # A plain function call: no message, so the caller's context applies.
+            tenant, positional = self._explicit_tenant(args, kwargs, None)
+            tenant = tenant or current_tenant()
+            if tenant is None:
+                raise TenantContextMissing(
+                    f"tenant task {self.name!r} called without a tenant: call it inside "
+                    f"tenant_context(...) or pass {TENANT_ARG}=..."
+                )
+            with tenant_context(tenant):
+                return super().__call__(*args, **self._shape_kwargs(kwargs, tenant, positional))
+
+        try:
+            raw = propagation.tenant_from_request(request, header_name(self.app))
+            tenant, positional = self._explicit_tenant(args, kwargs, raw)
+            if tenant is None:
+                raise TenantContextMissing(
+                    f"tenant task {self.name!r} received a message without a tenant; "
+                    "publish it inside tenant_context(...) or pass tenant_id=..."
+                )
+        except TenantContextMissing as exc:
+            self._refuse(request, exc, "missing")
+            raise
+        except InvalidTenantId as exc:
+            self._refuse(request, exc, "invalid")
+            raise
+        except TenantConflict as exc:
+            self._refuse(request, exc, "conflict")
+            raise
+
+        # Reset by task_postrun, after chain and link callbacks are published.
+        propagation._remember(request, _enter(tenant))
+        tenant_entered.send(sender=self, tenant_id=tenant, request=request)
+        # Call ``run`` directly: ``Task.__call__`` would push a second request
+        # and hide this one (its id, headers, retries) from a bound task.
+        return self.run(*args, **self._shape_kwargs(kwargs, tenant, positional))
+
+
+@overload
+def tenant_task(fun: Callable[_P, _R], /) -> TenantTask[_P, _R]: ...
+@overload
+def tenant_task(
+    *, app: Celery | None = ..., bind: Literal[False] = ..., **options: Any
+) -> Callable[[Callable[_P, _R]], TenantTask[_P, _R]]: ...
+@overload
+def tenant_task(
+    *, app: Celery | None = ..., bind: Literal[True], **options: Any
+) -> Callable[[Callable[Concatenate[TenantTask[_P, _R], _P], _R]], TenantTask[_P, _R]]: ...
+def tenant_task(
+    fun: Callable[..., Any] | None = None, /, *, app: Celery | None = None, **options: Any
+) -> Any:
+    """Declare a tenant task, like :func:`celery.shared_task` or ``app.task``.
+
+    Usable bare (``@tenant_task``) or with any task option
+    (``@tenant_task(bind=True, autoretry_for=(IOError,), app=app)``).  Without
+    ``app`` the task is shared, registered with every app as
+    :func:`~celery.shared_task` does.  ``base`` defaults to :class:`TenantTask`
+    and must be a subclass of it.
+    """
+    base = options.setdefault("base", TenantTask)
+    if not (isinstance(base, type) and issubclass(base, TenantTask)):
+        raise ConfigurationError(f"tenant_task base must be a subclass of TenantTask, got {base!r}")
+    decorate = shared_task(**options) if app is None else app.task(**options)
+    if fun is not None:
+        return decorate(fun)
+    return decorate
