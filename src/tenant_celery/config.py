@@ -20,7 +20,7 @@ DEFAULT_HEADER = "tenant_id"
 """Message header that carries the tenant unless ``tenant_celery_header`` says otherwise."""
 
 DEFAULT_GUC = "app.current_tenant_id"
-"""PostgreSQL setting that RLS policies read unless ``tenant_celery_guc`` says otherwise."""
+"""Name of the PostgreSQL setting that RLS policies read by default."""
 
 # Names Celery itself uses in protocol-2 headers or on ``task.request``: a tenant
 # header with one of these names would be overwritten or shadowed.

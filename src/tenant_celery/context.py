@@ -52,8 +52,9 @@ def _refuse(kind: str, value: object) -> InvalidTenantId:
 
 
 def uuid_tenant_id(value: object) -> str:
-    """Accept a :class:`uuid.UUID` or its string form; return the canonical
-    lowercase hyphenated string.  This is the default parser."""
+    """Parse a UUID (or its string form) to its canonical lowercase hyphenated text.
+
+    This is the default parser."""
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, str) and len(value) <= 45:
@@ -65,8 +66,8 @@ def uuid_tenant_id(value: object) -> str:
 
 
 def integer_tenant_id(value: object) -> str:
-    """Accept a positive integer (or its decimal string) that fits PostgreSQL's
-    ``bigint``; return its decimal string."""
+    """Parse a positive integer that fits PostgreSQL's ``bigint`` (or its decimal
+    string) to its decimal text."""
     if isinstance(value, bool):
         raise _refuse("a positive integer", value)
     if isinstance(value, int):
@@ -81,8 +82,8 @@ def integer_tenant_id(value: object) -> str:
 
 
 def slug_tenant_id(value: object) -> str:
-    """Accept a slug: 1 to 63 characters of ``a-z``, ``0-9``, ``_`` and ``-``,
-    starting with a letter or digit; return it unchanged."""
+    """Accept a slug unchanged: 1 to 63 of ``a-z``, ``0-9``, ``_``, ``-``, not starting
+    with ``_`` or ``-``."""
     if isinstance(value, str) and _SLUG.match(value):
         return value
     raise _refuse("a slug of 1-63 lowercase letters, digits, '_' or '-'", value)
@@ -93,8 +94,7 @@ _parser: TenantIdParser = uuid_tenant_id
 
 
 def set_tenant_id_parser(parser: TenantIdParser) -> TenantIdParser:
-    """Make ``parser`` validate every tenant id in this process; return the
-    previous parser.
+    """Make ``parser`` validate every tenant id in this process; return the previous one.
 
     Call it once at import time, in the module that creates the Celery app, so
     that producers and workers (which import that module) agree.  The built-in

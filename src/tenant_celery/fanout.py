@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from celery import Celery, Signature, Task, current_app, shared_task
+from celery import Signature, Task, shared_task
 from celery.result import AsyncResult
 from celery.schedules import BaseSchedule
 from celery.utils.imports import symbol_by_name
@@ -64,8 +64,10 @@ def fan_out(
     return results
 
 
-@shared_task(name=FOR_EACH_TENANT_TASK, ignore_result=False)
+# A plain task even on an app whose task_cls is TenantTask: it runs outside any tenant.
+@shared_task(name=FOR_EACH_TENANT_TASK, bind=True, ignore_result=False, base=Task)
 def for_each_tenant(
+    self: Task[Any, int],
     task_name: str,
     tenants: str,
     args: list[Any] | tuple[Any, ...] = (),
@@ -80,7 +82,7 @@ def for_each_tenant(
     the number of messages published.
     """
     lister: Callable[[], Iterable[object]] = symbol_by_name(tenants)
-    signature = current_app.signature(task_name)
+    signature = self.app.signature(task_name)
     return len(fan_out(signature, lister(), *args, spread=spread, **dict(kwargs or {})))
 
 
@@ -93,13 +95,15 @@ def every_tenant(
     kwargs: Mapping[str, Any] | None = None,
     spread: float | timedelta | None = None,
     options: Mapping[str, Any] | None = None,
-    app: Celery | None = None,
 ) -> dict[str, Any]:
     """A ``beat_schedule`` entry that runs ``task`` for every active tenant.
 
     ``tenants`` is the import path of a function of no arguments listing the
     active tenants (``"myapp.tenancy:active_tenant_ids"``); it is called by
     the worker each time the schedule fires, so new tenants are picked up.
+    ``args``, ``kwargs`` and ``spread`` are passed to :func:`fan_out`.
+    ``options`` are the beat entry's options: they apply to the
+    ``tenant_celery.for_each_tenant`` message, not to the per-tenant ones.
     Example::
 
         app.conf.beat_schedule = {
@@ -111,7 +115,10 @@ def every_tenant(
 
     Raises:
         ConfigurationError: ``tenants`` does not name an importable callable.
+        TypeError: ``kwargs`` names ``tenant_id``, which each message sets itself.
     """
+    if TENANT_ARG in (kwargs or {}):
+        raise TypeError(f"every_tenant sets {TENANT_ARG!r} itself; do not pass it in kwargs")
     try:
         lister = symbol_by_name(tenants)
     except (ImportError, AttributeError, ValueError) as exc:

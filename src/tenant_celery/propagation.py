@@ -71,7 +71,7 @@ def _stamp_header(headers: dict[str, Any] | None = None, **_: Any) -> None:
 
 @task_prerun.connect(weak=False, dispatch_uid="tenant_celery.carry_tenant")
 def _carry_tenant(task: Task[Any, Any] | None = None, **_: Any) -> None:
-    if task is None or getattr(task, "__tenant_task__", False):
+    if task is None or getattr(task, "tenant_required", False):
         return
     request = task.request
     raw = tenant_from_request(request, header_name(task.app))

@@ -1,7 +1,8 @@
-"""Signals sent by tenant tasks, for hosts and for the metrics wiring.
+"""Signals sent by tenant tasks, for host code to hook into.
 
 Connect to them like any Celery signal::
 
+    import sentry_sdk
     from tenant_celery.signals import tenant_entered
 
     @tenant_entered.connect

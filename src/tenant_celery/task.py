@@ -6,7 +6,7 @@ import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from celery import Celery, Task, shared_task
 from celery.app.task import Context
@@ -65,7 +65,17 @@ class TenantTask(Task[_P, _R]):
     is sent and a warning is logged.
     """
 
-    __tenant_task__: ClassVar[bool] = True
+    @cached_property
+    def tenant_required(self) -> bool:
+        """Whether this task refuses to run without a tenant.
+
+        True except for Celery's own built-in tasks (``celery.*``: chord
+        unlock, backend cleanup, ...), which an app whose ``task_cls`` is
+        ``TenantTask`` also builds from this class.  Those pass a tenant on
+        when their message carries one, like plain tasks, and run without one
+        otherwise.
+        """
+        return not self.name.startswith("celery.")
 
     # --- the function's own ``tenant_id`` parameter -------------------------
 
@@ -172,6 +182,10 @@ class TenantTask(Task[_P, _R]):
             TenantConflict: explicit tenants disagree.
             InvalidTenantId: an explicit tenant is malformed.
         """
+        if not self.tenant_required:
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
         args, kwargs, options["headers"] = self._prepare(args, kwargs, options.get("headers"))
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
@@ -196,10 +210,11 @@ class TenantTask(Task[_P, _R]):
         The tenant is resolved as for :meth:`apply_async`, and the same errors
         are raised before anything runs.
         """
-        args, kwargs, new_headers = self._prepare(args, kwargs, headers)
+        if self.tenant_required:
+            args, kwargs, headers = self._prepare(args, kwargs, headers)
         return super().apply(
             args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
-            new_headers, **options,
+            headers, **options,
         )  # fmt: skip
 
     # --- worker side ----------------------------------------------------------
@@ -210,6 +225,10 @@ class TenantTask(Task[_P, _R]):
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         request = self.request
+        if not self.tenant_required:
+            if request.called_directly:
+                return super().__call__(*args, **kwargs)
+            return self.run(*args, **kwargs)
         if request.called_directly:
             # A plain function call: no message, so the caller's context applies.
             tenant, positional = self._explicit_tenant(args, kwargs, None)

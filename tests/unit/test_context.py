@@ -60,9 +60,8 @@ def test_contexts_nest_and_restore_on_error() -> None:
     ],
 )
 def test_invalid_id_names_type_never_value(value: object, type_name: str) -> None:
-    with pytest.raises(InvalidTenantId) as info:
-        with tenant_context(value):
-            pytest.fail("entered a tenant with an invalid id")
+    with pytest.raises(InvalidTenantId) as info, tenant_context(value):
+        pytest.fail("entered a tenant with an invalid id")
     message = str(info.value)
     assert f"type {type_name}" in message
     if isinstance(value, str):

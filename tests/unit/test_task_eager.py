@@ -14,17 +14,20 @@ import pytest
 from celery import Celery, Task, chain, chord, group
 
 from tenant_celery import (
+    ConfigurationError,
     InvalidTenantId,
     TenantConflict,
     TenantContextMissing,
     TenantTask,
     current_tenant,
+    every_tenant,
     fan_out,
     tenant_context,
     tenant_entered,
     tenant_rejected,
     tenant_task,
 )
+from tenant_celery.fanout import FOR_EACH_TENANT_TASK
 
 A = "6f1c1b2e-8c1e-4b8e-9a57-1d3b1a0c000a"
 B = "6f1c1b2e-8c1e-4b8e-9a57-1d3b1a0c000b"
@@ -36,27 +39,27 @@ class Tasks:
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-        @tenant_task(app=app)
+        @tenant_task(app=app, shared=False)
         def observe(tag: object = None) -> dict[str, Any]:
             return {"tenant": current_tenant(), "tag": tag}
 
-        @tenant_task(app=app)
+        @tenant_task(app=app, shared=False)
         def wants_tenant(x: int, tenant_id: str) -> list[Any]:
             return [x, tenant_id, current_tenant()]
 
-        @tenant_task(app=app)
+        @tenant_task(app=app, shared=False)
         def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
             return {"tenant": current_tenant(), "parts": [r["tenant"] for r in results]}
 
-        @tenant_task(app=app)
+        @tenant_task(app=app, shared=False)
         def step(seen: list[Any] | None = None) -> list[Any]:
             return [*(seen or []), current_tenant()]
 
-        @tenant_task(app=app)
+        @tenant_task(app=app, shared=False)
         def parent() -> dict[str, Any]:
             return {"tenant": current_tenant(), "child": observe.delay("child").result}
 
-        @tenant_task(app=app, bind=True, max_retries=3)
+        @tenant_task(app=app, shared=False, bind=True, max_retries=3)
         def retrying(self: Task[Any, Any], seen: list[Any] | None = None) -> list[Any]:
             seen = [*(seen or []), current_tenant()]
             if self.request.retries < 2:
@@ -66,14 +69,16 @@ class Tasks:
         attempts: list[str | None] = []
         self.attempts = attempts
 
-        @tenant_task(app=app, autoretry_for=(ValueError,), max_retries=3, default_retry_delay=0)
+        @tenant_task(
+            app=app, shared=False, autoretry_for=(ValueError,), max_retries=3, default_retry_delay=0
+        )
         def autoretrying() -> str | None:
             attempts.append(current_tenant())
             if len(attempts) < 3:
                 raise ValueError("try again")
             return current_tenant()
 
-        @app.task
+        @app.task(shared=False)
         def plain() -> dict[str, Any]:
             return {"tenant": current_tenant(), "child": observe.delay().result}
 
@@ -254,7 +259,7 @@ def test_base_class_usage() -> None:
     app = Celery("base", set_as_current=False)
     app.conf.update(task_always_eager=True, task_eager_propagates=True)
 
-    @app.task(base=TenantTask)
+    @app.task(base=TenantTask, shared=False)
     def observe() -> str | None:
         return current_tenant()
 
@@ -268,13 +273,57 @@ def test_task_cls_usage() -> None:
     app = Celery("task-cls", set_as_current=False, task_cls=TenantTask)
     app.conf.update(task_always_eager=True, task_eager_propagates=True)
 
-    @app.task
+    @app.task(shared=False)
     def observe() -> str | None:
         return current_tenant()
 
     assert isinstance(observe, TenantTask)
     with tenant_context(B):
         assert observe.delay().get() == B
+
+
+def test_builtin_tasks_of_a_task_cls_app_need_no_tenant() -> None:
+    app = Celery("task-cls-builtins", set_as_current=False, task_cls=TenantTask)
+    app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    cleanup = app.tasks["celery.backend_cleanup"]
+    assert isinstance(cleanup, TenantTask)
+    assert not cleanup.tenant_required
+    assert cleanup.apply().successful()  # beat runs it outside any tenant
+    for_each = app.tasks[FOR_EACH_TENANT_TASK]
+    assert not isinstance(for_each, TenantTask)
+
+
+def active_tenants() -> list[str]:
+    """The tenant lister used by test_every_tenant."""
+    return [A, B]
+
+
+def test_every_tenant(eager: Tasks) -> None:
+    entry = every_tenant(
+        eager.observe, tenants=f"{__name__}:active_tenants", schedule=60, args=("beat",)
+    )
+    assert entry["task"] == FOR_EACH_TENANT_TASK
+    entered: list[str] = []
+
+    def on_entered(sender: Any, tenant_id: str, **_: Any) -> None:
+        entered.append(tenant_id)
+
+    tenant_entered.connect(on_entered)
+    try:
+        # what beat sends when the schedule fires
+        sent = eager.app.tasks[entry["task"]].apply(entry["args"], entry["kwargs"]).get()
+    finally:
+        tenant_entered.disconnect(on_entered)
+    assert sent == 2
+    assert entered == [A, B]
+
+
+def test_every_tenant_refuses_bad_input() -> None:
+    with pytest.raises(ConfigurationError, match="import path"):
+        every_tenant("x", tenants="no.such.module:fn", schedule=60)
+    with pytest.raises(TypeError, match="tenant_id"):
+        every_tenant("x", tenants=f"{__name__}:active_tenants", schedule=60,
+                     kwargs={"tenant_id": A})  # fmt: skip
 
 
 def test_fan_out(eager: Tasks) -> None:
