@@ -40,10 +40,14 @@ def test_context_sets_canonical_form_and_restores() -> None:
 
 
 def test_contexts_nest_and_restore_on_error() -> None:
-    with tenant_context(A):
-        with pytest.raises(RuntimeError), tenant_context(B):
+    def fail_inside_b() -> None:
+        with tenant_context(B):
             assert current_tenant() == B
             raise RuntimeError
+
+    with tenant_context(A):
+        with pytest.raises(RuntimeError):
+            fail_inside_b()
         assert current_tenant() == A
     assert current_tenant() is None
 
