@@ -106,17 +106,18 @@ class TenantTask(Task[_P, _R]):
 
         Returns the tenant (or ``None``) and whether it was given positionally.
         """
-        accepts, index = self._tenant_parameter
-        positional = accepts and index is not None and len(args) > index
+        _, index = self._tenant_parameter
         named: list[object] = []
-        if positional:
-            assert index is not None
+        positional = index is not None and len(args) > index
+        if index is not None and len(args) > index:
             named.append(args[index])
         if TENANT_ARG in kwargs:
+            # An explicit ``tenant_id=None`` is refused as invalid, not read as
+            # "use the context": a caller that names a tenant must name one.
             named.append(kwargs[TENANT_ARG])
         if header is not None:
             named.append(header)
-        tenants = {parse_tenant_id(value) for value in named if value is not None}
+        tenants = {parse_tenant_id(value) for value in named}
         if len(tenants) > 1:
             raise TenantConflict(
                 f"task {self.name!r} was given different tenants by its {TENANT_ARG!r} "

@@ -145,6 +145,8 @@ def test_conflict_is_an_error(eager: Tasks) -> None:
 def test_invalid_tenant_is_refused(eager: Tasks) -> None:
     with pytest.raises(InvalidTenantId, match="type str"):
         eager.observe.delay(tenant_id="robert'); drop table students;--")
+    with tenant_context(A), pytest.raises(InvalidTenantId, match="type NoneType"):
+        eager.observe.delay(tenant_id=None)  # never falls back to the context
 
 
 def test_callers_dicts_are_not_mutated(eager: Tasks) -> None:
