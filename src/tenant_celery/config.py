@@ -8,19 +8,27 @@ from the environment variable ``TENANT_CELERY_<NAME>``.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from celery import Celery
 
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_GUC", "DEFAULT_HEADER", "header_name", "setting"]
+__all__ = [
+    "DEFAULT_GUC",
+    "DEFAULT_HEADER",
+    "guc_name",
+    "header_name",
+    "setting",
+    "validate_guc_name",
+]
 
 DEFAULT_HEADER = "tenant_id"
 """Message header that carries the tenant unless ``tenant_celery_header`` says otherwise."""
 
 DEFAULT_GUC = "app.current_tenant_id"
-"""Name of the PostgreSQL setting that RLS policies read by default."""
+"""PostgreSQL setting that RLS policies read unless ``tenant_celery_guc`` says otherwise."""
 
 # Names Celery itself uses in protocol-2 headers or on ``task.request``: a tenant
 # header with one of these names would be overwritten or shadowed.
@@ -64,3 +72,31 @@ def header_name(app: Celery | None) -> str:
             f"got {name!r}; the default is {DEFAULT_HEADER!r}"
         )
     return name
+
+
+# A custom PostgreSQL setting is "prefix.name"; both parts plain identifiers, so
+# the name can also appear as a string literal in a policy without escaping.
+_GUC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*\Z")
+_MAX_GUC_LENGTH = 63
+
+
+def validate_guc_name(name: object) -> str:
+    """Return ``name`` if it is a custom PostgreSQL setting name (``word.word``).
+
+    Raises:
+        ConfigurationError: anything else, before any SQL is sent.
+    """
+    if isinstance(name, str) and len(name) <= _MAX_GUC_LENGTH and _GUC.match(name):
+        return name
+    shown = repr(name) if isinstance(name, str) and len(name) <= 100 else type(name).__name__
+    raise ConfigurationError(
+        f"the tenant setting must look like 'prefix.name' (letters, digits, '_'; "
+        f"at most {_MAX_GUC_LENGTH} characters), got {shown}; the default is {DEFAULT_GUC!r}"
+    )
+
+
+def guc_name(app: Celery | None = None, explicit: str | None = None) -> str:
+    """The PostgreSQL setting RLS policies read: ``explicit``, else the
+    ``tenant_celery_guc`` setting, else :data:`DEFAULT_GUC`; validated."""
+    name = explicit if explicit is not None else setting(app, "guc", DEFAULT_GUC)
+    return validate_guc_name(name)
