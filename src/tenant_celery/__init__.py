@@ -18,12 +18,20 @@ from .context import (
     tenant_context,
     uuid_tenant_id,
 )
+from .db import (
+    async_set_tenant_guc,
+    async_tenant_session,
+    bind_tenant_guc,
+    set_tenant_guc,
+    tenant_session,
+)
 from .errors import (
     ConfigurationError,
     InvalidTenantId,
     TenantCeleryError,
     TenantConflict,
     TenantContextMissing,
+    TransactionRequired,
 )
 from .fanout import every_tenant, fan_out
 from .signals import tenant_entered, tenant_rejected
@@ -42,18 +50,24 @@ __all__ = [
     "TenantContextMissing",
     "TenantIdParser",
     "TenantTask",
+    "TransactionRequired",
     "__version__",
+    "async_set_tenant_guc",
+    "async_tenant_session",
+    "bind_tenant_guc",
     "current_tenant",
     "every_tenant",
     "fan_out",
     "integer_tenant_id",
     "parse_tenant_id",
     "require_tenant",
+    "set_tenant_guc",
     "set_tenant_id_parser",
     "slug_tenant_id",
     "tenant_context",
     "tenant_entered",
     "tenant_rejected",
+    "tenant_session",
     "tenant_task",
     "uuid_tenant_id",
 ]

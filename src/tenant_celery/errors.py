@@ -7,7 +7,8 @@ can catch them all with a single ``except``::
     ├── TenantContextMissing     no tenant where one is required
     ├── TenantConflict           two sources name different tenants
     ├── InvalidTenantId          a tenant id failed validation (also a ValueError)
-    └── ConfigurationError       a setting has an unusable value (also a ValueError)
+    ├── ConfigurationError       a setting has an unusable value (also a ValueError)
+    └── TransactionRequired      a transaction-local setting outside a transaction
 
 Each class's docstring is its default message.  Messages say what was wrong
 and what to do next; they never echo a tenant id that failed validation, since
@@ -22,6 +23,7 @@ __all__ = [
     "TenantCeleryError",
     "TenantConflict",
     "TenantContextMissing",
+    "TransactionRequired",
 ]
 
 
@@ -46,3 +48,8 @@ class InvalidTenantId(TenantCeleryError, ValueError):
 
 class ConfigurationError(TenantCeleryError, ValueError):
     """a tenant-celery setting has an unusable value"""
+
+
+class TransactionRequired(TenantCeleryError):
+    """the tenant setting is transaction-local and no transaction is open: begin one
+    first (``with conn.begin(): ...``) or use tenant_session()"""

@@ -1,0 +1,268 @@
+"""Set the tenant for PostgreSQL: one transaction-local setting per transaction.
+
+RLS policies read the tenant from a custom setting (``app.current_tenant_id``
+by default).  Everything here sets it with ``SELECT set_config(name, value,
+true)``: bound parameters, and ``true`` makes it local to the current
+transaction, so it is gone at commit or rollback and a pooled connection never
+carries one tenant's setting into another's transaction.  That is also why
+transaction-mode poolers such as PgBouncer are safe: the setting lives exactly
+as long as the transaction that the pooler pins to one server connection.
+
+Three ways in, from explicit to automatic:
+
+* :func:`set_tenant_guc` (and :func:`async_set_tenant_guc`) inside a
+  transaction you manage;
+* :func:`tenant_session` (and :func:`async_tenant_session`): one transaction
+  with the setting made, committed or rolled back for you;
+* :func:`bind_tenant_guc`: a hook that makes the setting at the start of every
+  transaction begun inside a tenant context.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+
+from .config import DEFAULT_GUC, validate_guc_name
+from .context import current_tenant, parse_tenant_id, require_tenant, tenant_context
+from .errors import ConfigurationError, TenantContextMissing, TransactionRequired
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncEngine,
+        AsyncSession,
+        async_sessionmaker,
+    )
+
+__all__ = [
+    "async_set_tenant_guc",
+    "async_tenant_session",
+    "bind_tenant_guc",
+    "set_tenant_guc",
+    "tenant_session",
+]
+
+_SET_CONFIG = text("SELECT set_config(:name, :value, true)")
+
+
+def _resolve(tenant_id: object | None, setting: str) -> tuple[str, str]:
+    """Validate the setting name, then the tenant (the context's when None)."""
+    name = validate_guc_name(setting)
+    tenant = require_tenant() if tenant_id is None else parse_tenant_id(tenant_id)
+    return name, tenant
+
+
+def _check_transaction(conn: Connection) -> None:
+    if not conn.in_transaction():
+        raise TransactionRequired
+    # SQLAlchemy reports a transaction on an AUTOCOMMIT connection, but the
+    # server ends it after every statement: the setting would vanish at once.
+    if conn._is_autocommit_isolation():
+        raise TransactionRequired(
+            "the connection is in AUTOCOMMIT mode, so a transaction-local setting would "
+            "end with its own statement; use a connection without AUTOCOMMIT"
+        )
+
+
+def set_tenant_guc(
+    target: Connection | Session, tenant_id: object | None = None, *, setting: str = DEFAULT_GUC
+) -> str:
+    """Set the tenant setting for the rest of the current transaction; return the tenant.
+
+    ``target`` is a :class:`~sqlalchemy.engine.Connection` inside a
+    transaction, or a :class:`~sqlalchemy.orm.Session` (its autobegin counts).
+    ``tenant_id`` defaults to the current tenant context.
+
+    Raises:
+        ConfigurationError: ``setting`` is not a ``prefix.name`` setting name
+            (raised before any SQL).
+        TenantContextMissing: no ``tenant_id`` and no tenant context.
+        InvalidTenantId: ``tenant_id`` is malformed.
+        TransactionRequired: ``target`` is a Connection with no transaction
+            open, or in AUTOCOMMIT mode.
+    """
+    name, tenant = _resolve(tenant_id, setting)
+    conn = target.connection() if isinstance(target, Session) else target
+    _check_transaction(conn)
+    conn.execute(_SET_CONFIG, {"name": name, "value": tenant})
+    return tenant
+
+
+async def async_set_tenant_guc(
+    target: AsyncConnection | AsyncSession,
+    tenant_id: object | None = None,
+    *,
+    setting: str = DEFAULT_GUC,
+) -> str:
+    """:func:`set_tenant_guc` for an :class:`~sqlalchemy.ext.asyncio.AsyncConnection`
+    or :class:`~sqlalchemy.ext.asyncio.AsyncSession`; same rules, same errors."""
+    from sqlalchemy.ext.asyncio import AsyncSession  # noqa: PLC0415 (needs greenlet)
+
+    name, tenant = _resolve(tenant_id, setting)
+    conn = await target.connection() if isinstance(target, AsyncSession) else target
+    if conn.sync_connection is None:  # not even connected yet
+        raise TransactionRequired
+    _check_transaction(conn.sync_connection)
+    await conn.execute(_SET_CONFIG, {"name": name, "value": tenant})
+    return tenant
+
+
+@contextmanager
+def tenant_session(
+    session_factory: Callable[[], Session],
+    tenant_id: object | None = None,
+    *,
+    setting: str = DEFAULT_GUC,
+) -> Iterator[Session]:
+    """One transaction for one tenant: a session with the tenant setting made.
+
+    The tenant (``tenant_id``, else the current context) is checked before a
+    session is opened, and is the current tenant inside the block.  On a clean
+    exit the transaction commits; on an exception it rolls back and the
+    exception propagates.  The session is closed either way.
+
+    Raises:
+        ConfigurationError, TenantContextMissing, InvalidTenantId: as
+            :func:`set_tenant_guc`, before any session is opened.
+    """
+    name, tenant = _resolve(tenant_id, setting)
+    with tenant_context(tenant), session_factory() as session, session.begin():
+        set_tenant_guc(session, tenant, setting=name)
+        yield session
+
+
+@asynccontextmanager
+async def async_tenant_session(
+    session_factory: Callable[[], AsyncSession],
+    tenant_id: object | None = None,
+    *,
+    setting: str = DEFAULT_GUC,
+) -> AsyncIterator[AsyncSession]:
+    """:func:`tenant_session` for :class:`~sqlalchemy.ext.asyncio.AsyncSession`."""
+    name, tenant = _resolve(tenant_id, setting)
+    with tenant_context(tenant):
+        async with session_factory() as session, session.begin():
+            await async_set_tenant_guc(session, tenant, setting=name)
+            yield session
+
+
+# --- the automatic hook ------------------------------------------------------
+
+# target -> (setting, strict) it is bound with; weak so engines can be collected
+_bound: weakref.WeakKeyDictionary[Any, tuple[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def _hook(name: str, strict: bool) -> Callable[[Connection], None]:
+    def set_for_transaction(conn: Connection) -> None:
+        tenant = current_tenant()
+        if tenant is None:
+            if strict:
+                raise TenantContextMissing(
+                    "a transaction began outside any tenant on a strict bind_tenant_guc "
+                    "target; begin it inside tenant_context(...)"
+                )
+            return  # RLS then shows no tenant rows and accepts no writes
+        conn.execute(_SET_CONFIG, {"name": name, "value": tenant})
+
+    return set_for_transaction
+
+
+def bind_tenant_guc(
+    target: Engine | AsyncEngine | sessionmaker[Any] | async_sessionmaker[Any],
+    *,
+    setting: str = DEFAULT_GUC,
+    strict: bool = False,
+) -> Callable[[], None]:
+    """Set the tenant setting at the start of every transaction begun in a tenant context.
+
+    ``target`` is an :class:`~sqlalchemy.engine.Engine`,
+    :class:`~sqlalchemy.ext.asyncio.AsyncEngine`,
+    :class:`~sqlalchemy.orm.sessionmaker` or
+    :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`.  Each transaction
+    begun inside :func:`~tenant_celery.tenant_context` (a tenant task's body
+    included) runs exactly one extra statement, first; queries add none.
+
+    Outside any tenant nothing is set, so RLS shows no tenant rows; with
+    ``strict=True`` beginning such a transaction raises
+    :class:`~tenant_celery.TenantContextMissing` instead.  The tenant is read
+    when the transaction begins: entering another tenant mid-transaction does
+    not change it.
+
+    Binding the same target again with the same options does nothing; with
+    other options it raises :class:`~tenant_celery.ConfigurationError`.
+
+    Returns:
+        A function that removes the hook.
+    """
+    name = validate_guc_name(setting)
+    is_engine = isinstance(target, Engine) or _is_async(target, "AsyncEngine")
+    if not (
+        is_engine or isinstance(target, sessionmaker) or _is_async(target, "async_sessionmaker")
+    ):
+        raise TypeError(
+            "bind_tenant_guc() takes an Engine, AsyncEngine, sessionmaker or "
+            f"async_sessionmaker, got {type(target).__name__}"
+        )
+    previous = _bound.get(target)
+    if previous is not None:
+        if previous != (name, strict):
+            raise ConfigurationError(
+                f"this target is already bound with setting={previous[0]!r}, "
+                f"strict={previous[1]}; unbind it before binding it differently"
+            )
+        return lambda: None
+    on_begin = _hook(name, strict)
+    unbind: Callable[[], None]
+    if is_engine:
+        engine = target if isinstance(target, Engine) else cast("AsyncEngine", target).sync_engine
+        event.listen(engine, "begin", on_begin)
+
+        def unbind() -> None:
+            event.remove(engine, "begin", on_begin)
+            _bound.pop(target, None)
+
+    else:
+        listened = _session_class(cast("sessionmaker[Any] | async_sessionmaker[Any]", target))
+
+        def after_begin(
+            session: Session, transaction: SessionTransaction, conn: Connection
+        ) -> None:
+            on_begin(conn)
+
+        event.listen(listened, "after_begin", after_begin)
+
+        def unbind() -> None:
+            event.remove(listened, "after_begin", after_begin)
+            _bound.pop(target, None)
+
+    _bound[target] = (name, strict)
+    return unbind
+
+
+def _is_async(target: object, name: str) -> bool:
+    """Whether ``target`` is an instance of ``sqlalchemy.ext.asyncio.<name>``,
+    without importing that module (it needs greenlet) unless it is in use."""
+    module = sys.modules.get("sqlalchemy.ext.asyncio")
+    return module is not None and isinstance(target, getattr(module, name))
+
+
+def _session_class(maker: sessionmaker[Any] | async_sessionmaker[Any]) -> Any:
+    """What to listen on for ``maker``'s sessions only.
+
+    A sessionmaker is an event target itself.  An async_sessionmaker is not: its
+    sessions wrap a sync Session class, so give it a subclass of its own.
+    """
+    if isinstance(maker, sessionmaker):
+        return maker
+    base: type[Session] = maker.kw.get("sync_session_class") or Session
+    own = type(f"TenantGUC{base.__name__}", (base,), {})
+    maker.configure(sync_session_class=own)
+    return own
