@@ -33,7 +33,9 @@ from tenant_celery import (
     tenant_context,
     tenant_session,
 )
-from tests._rig.postgres import APP_ROLE, Database
+from tests._rig.postgres import Database
+
+from .notes import count_all, create_notes
 
 A = str(uuid.uuid4())
 B = str(uuid.uuid4())
@@ -45,28 +47,8 @@ READ_GUC = text("SELECT current_setting('app.current_tenant_id', true)")
 @pytest.fixture
 def notes(admin_engine: Engine) -> Engine:
     """Table ``notes`` under a tenant policy, owned by the superuser: A has 3 rows, B 2."""
+    create_notes(admin_engine)
     with admin_engine.begin() as conn:
-        conn.execute(
-            text(
-                """
-                CREATE TABLE notes (
-                    id bigserial PRIMARY KEY,
-                    tenant_id uuid NOT NULL,
-                    body text NOT NULL
-                );
-                CREATE INDEX notes_tenant ON notes (tenant_id);
-                ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
-                ALTER TABLE notes FORCE ROW LEVEL SECURITY;
-                CREATE POLICY tenant_isolation ON notes
-                    USING (tenant_id = (SELECT NULLIF(
-                        current_setting('app.current_tenant_id', true), '')::uuid))
-                    WITH CHECK (tenant_id = (SELECT NULLIF(
-                        current_setting('app.current_tenant_id', true), '')::uuid));
-                """
-            )
-        )
-        conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO {APP_ROLE}"))
-        conn.execute(text(f"GRANT USAGE ON SEQUENCE notes_id_seq TO {APP_ROLE}"))
         conn.execute(
             text(
                 "INSERT INTO notes (tenant_id, body)"
@@ -75,11 +57,6 @@ def notes(admin_engine: Engine) -> Engine:
             {"a": A, "b": B},
         )
     return admin_engine
-
-
-def total_rows(admin_engine: Engine) -> int:
-    with admin_engine.connect() as conn:
-        return int(conn.execute(COUNT).scalar_one())
 
 
 @pytest.fixture
@@ -140,7 +117,7 @@ def test_bad_setting_name_raises_before_sql(
     with app_engine.begin() as conn, pytest.raises(ConfigurationError, match=r"prefix\.name"):
         set_tenant_guc(conn, A, setting=setting)
     assert statements == []  # not even BEGIN reached the server: nothing ran
-    assert total_rows(notes) == 5
+    assert count_all(notes) == 5
 
 
 def test_bad_tenant_raises_before_sql(
@@ -166,7 +143,7 @@ def test_with_check_refuses_other_tenants_rows(notes: Engine, app_engine: Engine
     with app_engine.begin() as conn:  # and B's rows cannot be reached from A
         set_tenant_guc(conn, A)
         assert conn.execute(text("DELETE FROM notes WHERE tenant_id = :b"), {"b": B}).rowcount == 0
-    assert total_rows(notes) == 5
+    assert count_all(notes) == 5
 
 
 # --- tenant_session ----------------------------------------------------------
@@ -177,7 +154,7 @@ def test_tenant_session_commits(notes: Engine, app_engine: Engine) -> None:
     with tenant_session(factory, A) as session:
         session.execute(text("INSERT INTO notes (tenant_id, body) VALUES (:a, 'new')"), {"a": A})
         assert current_tenant() == A
-    assert total_rows(notes) == 6
+    assert count_all(notes) == 6
     assert not session.in_transaction()
 
 
@@ -186,7 +163,7 @@ def test_tenant_session_rolls_back_on_error(notes: Engine, app_engine: Engine) -
     with pytest.raises(RuntimeError), tenant_session(factory, B) as session:
         session.execute(text("INSERT INTO notes (tenant_id, body) VALUES (:b, 'gone')"), {"b": B})
         raise RuntimeError("boom")
-    assert total_rows(notes) == 5
+    assert count_all(notes) == 5
 
 
 def test_tenant_session_refuses_missing_tenant_before_opening(app_engine: Engine) -> None:
@@ -239,7 +216,7 @@ def test_bind_outside_tenant_sets_nothing_or_refuses(
             conn.execute(text("INSERT INTO notes (tenant_id, body) VALUES (:a, 'x')"), {"a": A})
     finally:
         unbind()
-    assert total_rows(notes) == 5
+    assert count_all(notes) == 5
 
 
 def test_bind_sessionmaker(notes: Engine, app_engine: Engine) -> None:
@@ -345,7 +322,7 @@ def test_async_helpers(notes: Engine, database: Database) -> None:
             await engine.dispose()
 
     asyncio.run(main())
-    assert total_rows(notes) == 6
+    assert count_all(notes) == 6
 
 
 def test_async_bind(notes: Engine, database: Database) -> None:
