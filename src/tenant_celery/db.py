@@ -26,11 +26,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
+from celery import current_app
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from .config import DEFAULT_GUC, validate_guc_name
+from .config import guc_name
 from .context import current_tenant, parse_tenant_id, require_tenant, tenant_context
 from .errors import ConfigurationError, TenantContextMissing, TransactionRequired
 
@@ -53,11 +54,17 @@ __all__ = [
 _SET_CONFIG = text("SELECT set_config(:name, :value, true)")
 
 
-def _resolve(tenant_id: object | None, setting: str) -> tuple[str, str]:
+def _resolve(tenant_id: object | None, setting: str | None) -> tuple[str, str]:
     """Validate the setting name, then the tenant (the context's when None)."""
-    name = validate_guc_name(setting)
+    name = _setting(setting)
     tenant = require_tenant() if tenant_id is None else parse_tenant_id(tenant_id)
     return name, tenant
+
+
+def _setting(explicit: str | None) -> str:
+    """``explicit``, else the current app's ``tenant_celery_guc``, else the
+    environment's ``TENANT_CELERY_GUC``, else :data:`~tenant_celery.DEFAULT_GUC`."""
+    return guc_name(current_app, explicit)
 
 
 def _check_transaction(conn: Connection) -> None:
@@ -73,13 +80,15 @@ def _check_transaction(conn: Connection) -> None:
 
 
 def set_tenant_guc(
-    target: Connection | Session, tenant_id: object | None = None, *, setting: str = DEFAULT_GUC
+    target: Connection | Session, tenant_id: object | None = None, *, setting: str | None = None
 ) -> str:
     """Set the tenant setting for the rest of the current transaction; return the tenant.
 
     ``target`` is a :class:`~sqlalchemy.engine.Connection` inside a
     transaction, or a :class:`~sqlalchemy.orm.Session` (its autobegin counts).
-    ``tenant_id`` defaults to the current tenant context.
+    ``tenant_id`` defaults to the current tenant context.  ``setting`` defaults
+    to the ``tenant_celery_guc`` setting of the current Celery app, then the
+    ``TENANT_CELERY_GUC`` environment variable, then ``app.current_tenant_id``.
 
     Raises:
         ConfigurationError: ``setting`` is not a ``prefix.name`` setting name
@@ -100,7 +109,7 @@ async def async_set_tenant_guc(
     target: AsyncConnection | AsyncSession,
     tenant_id: object | None = None,
     *,
-    setting: str = DEFAULT_GUC,
+    setting: str | None = None,
 ) -> str:
     """:func:`set_tenant_guc` for an :class:`~sqlalchemy.ext.asyncio.AsyncConnection`
     or :class:`~sqlalchemy.ext.asyncio.AsyncSession`; same rules, same errors."""
@@ -120,7 +129,7 @@ def tenant_session(
     session_factory: Callable[[], Session],
     tenant_id: object | None = None,
     *,
-    setting: str = DEFAULT_GUC,
+    setting: str | None = None,
 ) -> Iterator[Session]:
     """One transaction for one tenant: a session with the tenant setting made.
 
@@ -144,7 +153,7 @@ async def async_tenant_session(
     session_factory: Callable[[], AsyncSession],
     tenant_id: object | None = None,
     *,
-    setting: str = DEFAULT_GUC,
+    setting: str | None = None,
 ) -> AsyncIterator[AsyncSession]:
     """:func:`tenant_session` for :class:`~sqlalchemy.ext.asyncio.AsyncSession`."""
     name, tenant = _resolve(tenant_id, setting)
@@ -178,7 +187,7 @@ def _hook(name: str, strict: bool) -> Callable[[Connection], None]:
 def bind_tenant_guc(
     target: Engine | AsyncEngine | sessionmaker[Any] | async_sessionmaker[Any],
     *,
-    setting: str = DEFAULT_GUC,
+    setting: str | None = None,
     strict: bool = False,
 ) -> Callable[[], None]:
     """Set the tenant setting at the start of every transaction begun in a tenant context.
@@ -202,7 +211,7 @@ def bind_tenant_guc(
     Returns:
         A function that removes the hook.
     """
-    name = validate_guc_name(setting)
+    name = _setting(setting)
     is_engine = isinstance(target, Engine) or _is_async(target, "AsyncEngine")
     if not (
         is_engine or isinstance(target, sessionmaker) or _is_async(target, "async_sessionmaker")

@@ -120,6 +120,18 @@ def test_bad_setting_name_raises_before_sql(
     assert count_all(notes) == 5
 
 
+def test_setting_name_from_the_environment(
+    app_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TENANT_CELERY_GUC", "custom.tenant")
+    with app_engine.begin() as conn:
+        set_tenant_guc(conn, A)
+        assert conn.execute(text("SELECT current_setting('custom.tenant')")).scalar_one() == A
+        assert conn.execute(READ_GUC).scalar_one() is None
+        set_tenant_guc(conn, B, setting="other.tenant")  # an argument beats the environment
+        assert conn.execute(text("SELECT current_setting('other.tenant')")).scalar_one() == B
+
+
 def test_bad_tenant_raises_before_sql(
     notes: Engine, app_engine: Engine, statements: list[str]
 ) -> None:
