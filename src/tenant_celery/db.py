@@ -85,7 +85,8 @@ def set_tenant_guc(
     """Set the tenant setting for the rest of the current transaction; return the tenant.
 
     ``target`` is a :class:`~sqlalchemy.engine.Connection` inside a
-    transaction, or a :class:`~sqlalchemy.orm.Session` (its autobegin counts).
+    transaction, or a :class:`~sqlalchemy.orm.Session` (its autobegin counts;
+    one created with ``autobegin=False`` must have begun).
     ``tenant_id`` defaults to the current tenant context.  ``setting`` defaults
     to the ``tenant_celery_guc`` setting of the current Celery app, then the
     ``TENANT_CELERY_GUC`` environment variable, then ``app.current_tenant_id``.
@@ -95,8 +96,8 @@ def set_tenant_guc(
             (raised before any SQL).
         TenantContextMissing: no ``tenant_id`` and no tenant context.
         InvalidTenantId: ``tenant_id`` is malformed.
-        TransactionRequired: ``target`` is a Connection with no transaction
-            open, or in AUTOCOMMIT mode.
+        TransactionRequired: ``target`` has no transaction open, or its
+            connection is in AUTOCOMMIT mode (a Session's included).
     """
     name, tenant = _resolve(tenant_id, setting)
     conn = target.connection() if isinstance(target, Session) else target
@@ -111,8 +112,12 @@ async def async_set_tenant_guc(
     *,
     setting: str | None = None,
 ) -> str:
-    """:func:`set_tenant_guc` for an :class:`~sqlalchemy.ext.asyncio.AsyncConnection`
-    or :class:`~sqlalchemy.ext.asyncio.AsyncSession`; same rules, same errors."""
+    """Async :func:`set_tenant_guc`: same rules, same errors.
+
+    ``target`` is an :class:`~sqlalchemy.ext.asyncio.AsyncConnection` inside a
+    transaction or an :class:`~sqlalchemy.ext.asyncio.AsyncSession`.  Needs the
+    ``asyncio`` extra.
+    """
     from sqlalchemy.ext.asyncio import AsyncSession  # noqa: PLC0415 (needs greenlet)
 
     name, tenant = _resolve(tenant_id, setting)
@@ -139,8 +144,13 @@ def tenant_session(
     exception propagates.  The session is closed either way.
 
     Raises:
-        ConfigurationError, TenantContextMissing, InvalidTenantId: as
-            :func:`set_tenant_guc`, before any session is opened.
+        ConfigurationError: the setting name is not ``prefix.name``; before any
+            session is opened.
+        TenantContextMissing: no ``tenant_id`` and no tenant context; before
+            any session is opened.
+        InvalidTenantId: ``tenant_id`` is malformed; before any session is opened.
+        TransactionRequired: the factory's sessions use an AUTOCOMMIT
+            connection; nothing is committed.
     """
     name, tenant = _resolve(tenant_id, setting)
     with tenant_context(tenant), session_factory() as session, session.begin():
@@ -202,8 +212,13 @@ def bind_tenant_guc(
     Outside any tenant nothing is set, so RLS shows no tenant rows; with
     ``strict=True`` beginning such a transaction raises
     :class:`~tenant_celery.TenantContextMissing` instead.  The tenant is read
-    when the transaction begins: entering another tenant mid-transaction does
-    not change it.
+    when the transaction begins: entering another tenant mid-transaction, or
+    opening a SAVEPOINT there, does not change it.  On a session, a strict
+    refusal leaves the transaction open without a tenant until the session
+    is rolled back or closed.
+
+    ``setting`` is chosen as in :func:`set_tenant_guc`, once, when this is
+    called: create and configure the Celery app first.
 
     Binding the same target again with the same options does nothing; with
     other options it raises :class:`~tenant_celery.ConfigurationError`.
@@ -244,6 +259,8 @@ def bind_tenant_guc(
         def after_begin(
             session: Session, transaction: SessionTransaction, conn: Connection
         ) -> None:
+            if transaction.nested:
+                return  # a SAVEPOINT keeps the tenant its transaction began with
             on_begin(conn)
 
         event.listen(listened, "after_begin", after_begin)

@@ -25,8 +25,9 @@ _engine: Engine | None = None
 def engine() -> Engine:
     global _engine  # noqa: PLW0603 (one engine per worker process)
     if _engine is None:
-        _engine = sa.create_engine(database_url(app_role=True), pool_size=2, max_overflow=0)
-        bind_tenant_guc(_engine)
+        engine = sa.create_engine(database_url(app_role=True), pool_size=2, max_overflow=0)
+        bind_tenant_guc(engine)  # before publishing it: a thread must never see it unbound
+        _engine = engine
     return _engine
 
 

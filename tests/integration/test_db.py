@@ -243,6 +243,22 @@ def test_bind_sessionmaker(notes: Engine, app_engine: Engine) -> None:
         unbind()
 
 
+def test_savepoint_keeps_its_transactions_tenant(
+    notes: Engine, app_engine: Engine, statements: list[str]
+) -> None:
+    factory = sessionmaker(app_engine)
+    unbind = bind_tenant_guc(factory)
+    try:
+        with tenant_context(A), factory() as session:
+            assert session.execute(COUNT).scalar_one() == 3
+            with tenant_context(B), session.begin_nested():
+                assert session.execute(COUNT).scalar_one() == 3
+            assert session.execute(COUNT).scalar_one() == 3
+    finally:
+        unbind()
+    assert len([s for s in statements if "set_config" in s]) == 1
+
+
 def test_bind_twice(app_engine: Engine) -> None:
     unbind = bind_tenant_guc(app_engine)
     try:
