@@ -1,6 +1,9 @@
 """Tenant-isolated Celery tasks on a shared PostgreSQL database.
 
-The whole public API is importable from here; :data:`__all__` lists it.
+The task, context and session API is importable from here; :data:`__all__`
+lists it.  Two public submodules import Alembic and are imported on demand:
+:mod:`tenant_celery.rls` (RLS policy operations, app-role provisioning) and
+:mod:`tenant_celery.audit` (the inspection behind ``tenant-celery check``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from .db import (
 from .errors import (
     ConfigurationError,
     InvalidTenantId,
+    MigrationError,
+    RLSSetupError,
     TenantCeleryError,
     TenantConflict,
     TenantContextMissing,
@@ -45,6 +50,8 @@ __all__ = [
     "TENANT_ARG",
     "ConfigurationError",
     "InvalidTenantId",
+    "MigrationError",
+    "RLSSetupError",
     "TenantCeleryError",
     "TenantConflict",
     "TenantContextMissing",

@@ -8,7 +8,9 @@ can catch them all with a single ``except``::
     ├── TenantConflict           two sources name different tenants
     ├── InvalidTenantId          a tenant id failed validation (also a ValueError)
     ├── ConfigurationError       a setting has an unusable value (also a ValueError)
-    └── TransactionRequired      a transaction-local setting outside a transaction
+    ├── TransactionRequired      a transaction-local setting outside a transaction
+    ├── MigrationError           the bundled migration could not be applied or read
+    └── RLSSetupError            the database is not fit for tenant RLS as asked
 
 Each class's docstring is its default message.  Messages say what was wrong
 and what to do next; they never echo a tenant id that failed validation, since
@@ -20,6 +22,8 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "InvalidTenantId",
+    "MigrationError",
+    "RLSSetupError",
     "TenantCeleryError",
     "TenantConflict",
     "TenantContextMissing",
@@ -53,3 +57,13 @@ class ConfigurationError(TenantCeleryError, ValueError):
 class TransactionRequired(TenantCeleryError):
     """the tenant setting is transaction-local and no transaction is open: begin one
     first (``with conn.begin(): ...``) or use tenant_session()"""
+
+
+class RLSSetupError(TenantCeleryError):
+    """the database is not in a state where tenant row-level security can be set up
+    safely; nothing was changed"""
+
+
+class MigrationError(TenantCeleryError):
+    """the bundled migration failed; nothing was changed, since each call runs in one
+    transaction: fix the cause named here and run it again"""

@@ -1,4 +1,4 @@
-"""The ``notes`` table the database tests share: tenant rows under an RLS policy.
+"""The ``notes`` table the database tests share: tenant rows under the package's RLS policy.
 
 It is owned by the superuser and only granted to ``app_user``, so reads and
 writes through ``app_user`` are filtered by the policy.
@@ -9,30 +9,26 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from tenant_celery.rls import enable_tenant_rls, grant_tenant_tables
 from tests._rig.postgres import APP_ROLE
 
-TENANT = "(SELECT NULLIF(current_setting('app.current_tenant_id', true), '')::uuid)"
-
-DDL = f"""
+DDL = """
 CREATE TABLE notes (
     id bigserial PRIMARY KEY,
     tenant_id uuid NOT NULL,
     body text NOT NULL
 );
 CREATE INDEX notes_tenant ON notes (tenant_id);
-ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
-ALTER TABLE notes FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON notes
-    USING (tenant_id = {TENANT})
-    WITH CHECK (tenant_id = {TENANT});
 """
 
 
 def create_notes(admin_engine: Engine) -> None:
-    """Create ``notes`` with its policy and grant it (and its sequence) to ``app_user``."""
+    """Create ``notes`` under the package's tenant policy and grant it (and its
+    sequence) to ``app_user``."""
     with admin_engine.begin() as conn:
         conn.execute(text(DDL))
-        conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO {APP_ROLE}"))
+        enable_tenant_rls(conn, "notes")
+        grant_tenant_tables(conn, APP_ROLE, ["notes"])
         conn.execute(text(f"GRANT USAGE ON SEQUENCE notes_id_seq TO {APP_ROLE}"))
 
 

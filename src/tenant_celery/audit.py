@@ -1,0 +1,452 @@
+"""Inspect a live database for holes in its tenant isolation.
+
+:func:`audit_database` reads the catalogs (nothing is changed) and returns an
+:class:`AuditReport`: one :class:`TableReport` per table that has the tenant
+column, one :class:`RoleReport` for the role the workers connect as, and the
+:class:`Problem` list found.  ``tenant-celery check`` prints it.
+
+A table is clean when row-level security is enabled and forced, one permissive
+policy ``FOR ALL`` that applies to the role reads the tenant setting in both
+``USING`` and ``WITH CHECK``, no other permissive policy that applies to the
+role leaves the setting out (permissive policies are OR-ed, so such a policy
+widens access), an index leads with the tenant column, the role does not own
+it and cannot ``TRUNCATE`` it.  The role is clean when it exists and is
+neither a superuser nor ``BYPASSRLS``.
+
+Policies are judged by their text as PostgreSQL prints it.  An expression
+pins rows to the tenant when it is ``<column> = <value>``, alone or AND-ed
+with other terms but never OR-ed, where ``<value>`` calls
+``current_setting('<setting>'...)`` and does not name the column.  That
+recognises the policy :func:`~tenant_celery.rls.enable_tenant_rls` writes and
+hand-written equivalents, and flags any other permissive policy, including
+``USING (true)``, ``... OR <anything>`` and ``COALESCE(<setting>, <column>)``.
+It reads text; it does not prove an arbitrary expression safe.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from . import _catalog
+from .config import DEFAULT_GUC, validate_guc_name
+
+__all__ = [
+    "NO_TENANT_INDEX",
+    "NO_TENANT_POLICY",
+    "NO_TENANT_TABLES",
+    "POLICY_WITHOUT_CHECK",
+    "RLS_DISABLED",
+    "RLS_NOT_FORCED",
+    "ROLE_BYPASSRLS",
+    "ROLE_MISSING",
+    "ROLE_OWNS_TABLE",
+    "ROLE_SUPERUSER",
+    "TRUNCATE_GRANTED",
+    "WIDENING_POLICY",
+    "AuditReport",
+    "Problem",
+    "RoleReport",
+    "TableReport",
+    "audit_database",
+]
+
+# Problem codes: stable strings, listed in one table in docs/reference/cli.md.
+RLS_DISABLED = "rls_disabled"
+"""Row-level security is not enabled on the table: every row is visible."""
+RLS_NOT_FORCED = "rls_not_forced"
+"""Row-level security is not forced: the table's owner bypasses it."""
+NO_TENANT_POLICY = "no_tenant_policy"
+"""No permissive ``FOR ALL`` policy applying to the role reads the tenant setting."""
+POLICY_WITHOUT_CHECK = "policy_without_check"
+"""The tenant policy has no ``WITH CHECK`` expression of its own."""
+WIDENING_POLICY = "widening_policy"
+"""Another permissive policy applies to the role without reading the setting."""
+NO_TENANT_INDEX = "no_tenant_index"
+"""No valid index has the tenant column as its leading key."""
+ROLE_OWNS_TABLE = "role_owns_table"
+"""The role owns the table (or is a member of its owner) and can turn RLS off."""
+TRUNCATE_GRANTED = "truncate_granted"
+"""The role may ``TRUNCATE`` the table, which ignores row-level security."""
+ROLE_MISSING = "role_missing"
+"""The role does not exist."""
+ROLE_SUPERUSER = "role_superuser"
+"""The role is a superuser: it bypasses row-level security."""
+ROLE_BYPASSRLS = "role_bypassrls"
+"""The role has ``BYPASSRLS``: it bypasses row-level security."""
+NO_TENANT_TABLES = "no_tenant_tables"
+"""No table has the tenant column: wrong ``column`` or ``schema``, or nothing migrated."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One hole: a stable ``code``, the table it concerns (``None`` for the role or
+    the database) and a message saying what to do."""
+
+    code: str
+    table: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class TableReport:
+    """What the audit found on one table with the tenant column."""
+
+    #: ``schema.table``, each part quoted where SQL needs it.
+    name: str
+    schema: str
+    table: str
+    column_type: str
+    owner: str
+    rls_enabled: bool
+    rls_forced: bool
+    #: The permissive ``FOR ALL`` policy reading the setting in ``USING``, if any.
+    tenant_policy: str | None
+    #: Whether that policy has its own ``WITH CHECK`` reading the setting.
+    tenant_policy_checks: bool
+    #: Other permissive policies applying to the role that do not read the setting.
+    widening_policies: tuple[str, ...]
+    #: Valid indexes whose leading key is the tenant column.
+    tenant_indexes: tuple[str, ...]
+    role_owns: bool
+    #: The role's privileges on the table (``SELECT``, ``INSERT``, ...).
+    privileges: tuple[str, ...]
+    problems: tuple[Problem, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class RoleReport:
+    """The role whose view of the tables the audit checked."""
+
+    name: str
+    exists: bool
+    superuser: bool
+    bypassrls: bool
+    #: Tenant tables it owns (or whose owner it is a member of).
+    owned_tables: tuple[str, ...]
+    problems: tuple[Problem, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The result of :func:`audit_database`; ``clean`` when it found no problem."""
+
+    setting: str
+    column: str
+    schema: str | None
+    role: RoleReport
+    tables: tuple[TableReport, ...]
+    #: Problems not tied to a table or the role (e.g. no tenant table at all).
+    database_problems: tuple[Problem, ...] = field(default=())
+
+    @property
+    def problems(self) -> tuple[Problem, ...]:
+        """Every problem: the database's, the role's, then each table's in order."""
+        found = list(self.database_problems) + list(self.role.problems)
+        for table in self.tables:
+            found.extend(table.problems)
+        return tuple(found)
+
+    @property
+    def clean(self) -> bool:
+        """Whether no problem was found."""
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (the ``tenant-celery check --json`` document).
+
+        Keys: ``clean``, ``setting``, ``column``, ``schema``, ``role`` (``name``,
+        ``exists``, ``superuser``, ``bypassrls``, ``owned_tables``), ``tables`` (one
+        object per :class:`TableReport` field except ``problems``) and
+        ``problems`` (``code``, ``table``, ``message``; ``table`` is ``null`` for
+        the role's and the database's).
+        """
+        role = asdict(self.role)
+        del role["problems"]
+        tables = []
+        for table in self.tables:
+            data = asdict(table)
+            del data["problems"]
+            tables.append(data)
+        return {
+            "clean": self.clean,
+            "setting": self.setting,
+            "column": self.column,
+            "schema": self.schema,
+            "role": role,
+            "tables": tables,
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def audit_database(
+    conn: Connection,
+    *,
+    role: str | None = None,
+    column: str = "tenant_id",
+    setting: str = DEFAULT_GUC,
+    schema: str | None = None,
+) -> AuditReport:
+    """Inspect the database ``conn`` is connected to; change nothing.
+
+    Every table (or partitioned table) outside PostgreSQL's own schemas, or in
+    ``schema`` only, that has a column named ``column`` is checked for the
+    policy on ``setting`` and for ``role``'s rights (default: the role ``conn``
+    is connected as).  Any role may run it: the catalogs it reads are readable
+    by every role.  It runs plain ``SELECT`` statements in the caller's
+    transaction.
+
+    Raises:
+        ConfigurationError: ``setting`` is not a valid setting name.
+        sqlalchemy.exc.DBAPIError: a catalog query failed.
+    """
+    setting = validate_guc_name(setting)
+    role_name = role if role is not None else _catalog.current_user(conn)
+    found_role = _catalog.role(conn, role_name)
+    tables = _catalog.tenant_tables(conn, column, schema, found_role)
+    oids = [t.oid for t in tables]
+    policies = _catalog.policies(conn, oids, found_role) if oids else []
+    indexes = _catalog.leading_indexes(conn, oids, column) if oids else {}
+
+    reports = tuple(
+        _table_report(
+            t,
+            [p for p in policies if p.table_oid == t.oid],
+            indexes.get(t.oid, []),
+            setting,
+            role_name,
+            found_role,
+        )
+        for t in tables
+    )
+    database_problems: tuple[Problem, ...] = ()
+    if not reports:
+        where = f"in schema {schema!r}" if schema is not None else "outside system schemas"
+        database_problems = (
+            Problem(
+                NO_TENANT_TABLES,
+                None,
+                f"no table {where} has a column {column!r}; check --column and --schema",
+            ),
+        )
+    return AuditReport(
+        setting=setting,
+        column=column,
+        schema=schema,
+        role=_role_report(role_name, found_role, reports),
+        tables=reports,
+        database_problems=database_problems,
+    )
+
+
+def _bound(expression: str | None, setting: str, quoted_column: str) -> bool:
+    """Whether a policy expression, as PostgreSQL prints it, pins rows to the tenant.
+
+    It must be ``column = <right>`` (alone or AND-ed with other terms, never
+    OR-ed) where ``<right>`` reads the setting and does not name the column
+    (``COALESCE(<setting>, tenant_id)`` would match every row when unset).
+    """
+    if expression is None:
+        return False
+    whole = _unwrap(expression)
+    if len(_split_top_level(whole, "OR")) > 1:
+        return False
+    reads = f"current_setting('{setting}'"
+    for term in _split_top_level(whole, "AND"):
+        left, equals, right = _unwrap(term).partition(" = ")
+        if (
+            equals
+            and _unwrap(left) == quoted_column
+            and reads in right
+            and not re.search(rf"(?<![\w\"$.]){re.escape(quoted_column)}(?![\w\"$])", right)
+        ):
+            return True
+    return False
+
+
+def _outside_quotes(expression: str) -> Iterator[tuple[int, int]]:
+    """Yield ``(index, depth)`` for each character outside string literals and quoted
+    names, ``depth`` counting the parentheses open before it."""
+    depth, quote = 0, ""
+    for index, char in enumerate(expression):
+        if quote:
+            quote = "" if char == quote else quote  # a doubled quote closes and reopens
+            continue
+        if char in "'\"":
+            quote = char
+            continue
+        if char == ")":
+            depth -= 1
+        yield index, depth
+        if char == "(":
+            depth += 1
+
+
+def _split_top_level(expression: str, keyword: str) -> list[str]:
+    """Split at `` keyword `` where no parenthesis is open."""
+    separator = f" {keyword} "
+    cuts = [
+        i
+        for i, depth in _outside_quotes(expression)
+        if depth == 0 and expression.startswith(separator, i)
+    ]
+    bounds = [0, *(c + len(separator) for c in cuts)]
+    ends = [*cuts, len(expression)]
+    return [expression[b:e] for b, e in zip(bounds, ends, strict=True)]
+
+
+def _unwrap(expression: str) -> str:
+    """Strip whitespace and the parentheses that enclose the whole expression."""
+    expression = expression.strip()
+    while expression.startswith("("):
+        closing = next(
+            (i for i, depth in _outside_quotes(expression) if depth == 0 and i > 0), None
+        )
+        if closing != len(expression) - 1:
+            break
+        expression = expression[1:-1].strip()
+    return expression
+
+
+def _table_report(
+    table: _catalog.TenantTable,
+    policies: list[_catalog.Policy],
+    indexes: list[str],
+    setting: str,
+    role_name: str,
+    role: _catalog.Role | None,
+) -> TableReport:
+    name = table.qualified
+    problems: list[Problem] = []
+
+    def hole(code: str, message: str) -> None:
+        problems.append(Problem(code, name, message))
+
+    if not table.rls_enabled:
+        hole(
+            RLS_DISABLED,
+            f"row-level security is off: ALTER TABLE {name} ENABLE ROW LEVEL SECURITY",
+        )
+    if not table.rls_forced:
+        hole(
+            RLS_NOT_FORCED,
+            f"row-level security is not forced, so the owner {table.owner!r} bypasses it: "
+            f"ALTER TABLE {name} FORCE ROW LEVEL SECURITY",
+        )
+
+    column = table.quoted_column
+    applying = [p for p in policies if p.permissive and p.applies]
+    tenant = next(
+        (p for p in applying if p.command == "ALL" and _bound(p.using, setting, column)),
+        None,
+    )
+    checks = tenant is not None and _bound(tenant.check, setting, column)
+    # Every expression a policy has must be bound (INSERT has only WITH CHECK,
+    # SELECT and DELETE only USING; ALL and UPDATE reuse USING when WITH CHECK is absent).
+    widening = tuple(
+        p.name
+        for p in applying
+        if p is not tenant
+        and not all(_bound(e, setting, column) for e in (p.using, p.check) if e is not None)
+    )
+    if tenant is None:
+        hole(
+            NO_TENANT_POLICY,
+            f"no permissive FOR ALL policy applying to {role_name!r} compares {column} "
+            f"with current_setting('{setting}'): add one with enable_tenant_rls()",
+        )
+    elif tenant.check is None:
+        hole(
+            POLICY_WITHOUT_CHECK,
+            f"policy {tenant.name!r} has no WITH CHECK of its own: recreate it with "
+            f"WITH CHECK on the same expression",
+        )
+    elif not checks:
+        widening = (*widening, tenant.name)
+    for policy in widening:
+        hole(
+            WIDENING_POLICY,
+            f"permissive policy {policy!r} applies to {role_name!r} without reading "
+            f"'{setting}' and is OR-ed with the tenant policy: drop it or make it RESTRICTIVE",
+        )
+    if not indexes:
+        hole(
+            NO_TENANT_INDEX,
+            f"no index leads with {column}: every tenant query scans the whole table; "
+            f"CREATE INDEX ON {name} ({column}, ...)",
+        )
+    if role is None or role.superuser:
+        pass  # reported once for the role; its rights on each table add nothing
+    elif table.role_owns:
+        how = (
+            "owns the table"
+            if table.owner == role.name
+            else f"is a member of its owner {table.owner!r}"
+        )
+        hole(
+            ROLE_OWNS_TABLE,
+            f"{role_name!r} {how} and can turn row-level security off: "
+            f"ALTER TABLE {name} OWNER TO <another role>",
+        )
+    elif "TRUNCATE" in table.privileges:  # an owner's TRUNCATE goes without saying
+        hole(
+            TRUNCATE_GRANTED,
+            f"{role_name!r} may TRUNCATE, which ignores row-level security: "
+            f"REVOKE TRUNCATE ON {name} FROM {role.quoted}",
+        )
+    return TableReport(
+        name=name,
+        schema=table.schema,
+        table=table.name,
+        column_type=table.column_type,
+        owner=table.owner,
+        rls_enabled=table.rls_enabled,
+        rls_forced=table.rls_forced,
+        tenant_policy=tenant.name if tenant else None,
+        tenant_policy_checks=checks,
+        widening_policies=widening,
+        tenant_indexes=tuple(indexes),
+        role_owns=table.role_owns,
+        privileges=table.privileges,
+        problems=tuple(problems),
+    )
+
+
+def _role_report(
+    name: str, role: _catalog.Role | None, tables: tuple[TableReport, ...]
+) -> RoleReport:
+    if role is None:
+        return RoleReport(
+            name,
+            exists=False,
+            superuser=False,
+            bypassrls=False,
+            owned_tables=(),
+            problems=(Problem(ROLE_MISSING, None, f"role {name!r} does not exist; check --role"),),
+        )
+    problems = []
+    if role.superuser:
+        problems.append(
+            Problem(ROLE_SUPERUSER, None, f"role {name!r} is a superuser and bypasses every policy")
+        )
+    if role.bypassrls:
+        problems.append(
+            Problem(
+                ROLE_BYPASSRLS,
+                None,
+                f"role {name!r} has BYPASSRLS and ignores every policy: "
+                f"ALTER ROLE {role.quoted} NOBYPASSRLS",
+            )
+        )
+    return RoleReport(
+        name,
+        exists=True,
+        superuser=role.superuser,
+        bypassrls=role.bypassrls,
+        owned_tables=tuple(t.name for t in tables if t.role_owns),
+        problems=tuple(problems),
+    )

@@ -1,0 +1,224 @@
+"""The ``tenant-celery`` command line.
+
+``tenant-celery check`` inspects a live database with
+:func:`~tenant_celery.audit.audit_database` and prints the report.  Each
+subcommand is one ``_add_<name>`` function that builds its parser and names
+the function that runs it; :data:`_SUBCOMMANDS` lists them.
+
+Exit codes: ``0`` clean, ``1`` a hole was found, ``2`` a usage or connection
+error (one line on standard error, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from .audit import AuditReport, audit_database
+from .config import guc_name
+from .errors import ConfigurationError
+
+__all__ = ["DATABASE_URL_ENV", "EXIT_CLEAN", "EXIT_HOLES", "EXIT_USAGE", "main"]
+
+PROG = "tenant-celery"
+
+DATABASE_URL_ENV = "TENANT_CELERY_DATABASE_URL"
+"""Environment variable ``--url`` falls back to."""
+
+EXIT_CLEAN = 0
+"""Exit code: the check found nothing wrong."""
+EXIT_HOLES = 1
+"""Exit code: the check found at least one problem."""
+EXIT_USAGE = 2
+"""Exit code: bad arguments, or the database could not be reached or read."""
+
+_CONNECT_TIMEOUT = 10
+
+
+class _UsageError(Exception):
+    """A one-line message for standard error; the command exits with :data:`EXIT_USAGE`."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tenant-celery`` command with ``argv`` (default ``sys.argv[1:]``);
+    return its exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed --help or a usage error
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except _UsageError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Tenant isolation tools for Celery on PostgreSQL."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    raise _UsageError(message)
+
+
+# ------------------------------------------------------------------------- check
+
+
+def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = subparsers.add_parser(
+        "check",
+        help="report holes in a database's tenant isolation",
+        description=(
+            "Inspect every table that has the tenant column: row-level security enabled "
+            "and forced, a tenant policy with USING and WITH CHECK and no permissive policy "
+            "widening it, an index leading with the column, and the role's rights. "
+            "Exit 0 when clean, 1 when a hole is found, 2 on a usage or connection error."
+        ),
+    )
+    check.add_argument(
+        "--url",
+        help=f"SQLAlchemy or libpq URL of the database (default: ${DATABASE_URL_ENV})",
+    )
+    check.add_argument(
+        "--role", help="role the workers connect as (default: the role the URL connects as)"
+    )
+    check.add_argument(
+        "--column", default="tenant_id", help="tenant column name (default: tenant_id)"
+    )
+    check.add_argument(
+        "--setting",
+        help="setting the policies read (default: $TENANT_CELERY_GUC, else app.current_tenant_id)",
+    )
+    check.add_argument("--schema", help="only check this schema (default: all but system schemas)")
+    check.add_argument("--json", action="store_true", help="print a JSON document")
+    check.set_defaults(run=_run_check)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    raw_url: str | None = args.url or os.environ.get(DATABASE_URL_ENV) or None
+    if raw_url is None:
+        _fail(f"no database URL: pass --url or set {DATABASE_URL_ENV}")
+    try:
+        setting = guc_name(None, args.setting)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    url = _database_url(raw_url)
+    shown = url.render_as_string(hide_password=True)
+    connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": _CONNECT_TIMEOUT}
+    try:
+        engine = sa.create_engine(url, poolclass=sa.NullPool, connect_args=connect_args)
+    except (ArgumentError, ImportError) as exc:  # unknown dialect, driver not installed
+        _fail(f"cannot use database URL {shown}: {_one_line(exc)}")
+    try:
+        with engine.connect() as conn:
+            report = audit_database(
+                conn, role=args.role, column=args.column, setting=setting, schema=args.schema
+            )
+    except SQLAlchemyError as exc:
+        _fail(f"cannot inspect {shown}: {_one_line(exc)}")
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(_format_report(report, shown))
+    return EXIT_CLEAN if report.clean else EXIT_HOLES
+
+
+def _database_url(raw: str) -> URL:
+    try:
+        url = sa.make_url(raw)
+    except ArgumentError:
+        # The message would not help, and the text may hold a password: say what is expected.
+        _fail("cannot parse the database URL; expected postgresql://user:password@host/database")
+    if url.drivername in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() != "postgresql":
+        _fail(f"not a PostgreSQL URL: {url.render_as_string(hide_password=True)}")
+    return url
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    return " ".join(str(cause).split()) or type(cause).__name__
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "NO"
+
+
+def _format_report(report: AuditReport, url: str) -> str:
+    lines = [
+        f"database {url}",
+        f"role {report.role.name}, setting {report.setting}, column {report.column}"
+        + (f", schema {report.schema}" if report.schema is not None else ""),
+        "",
+    ]
+    header = ("table", "type", "rls", "forced", "policy", "check", "index", "owner", "privileges")
+    rows = [
+        (
+            t.name,
+            t.column_type,
+            _yes(t.rls_enabled),
+            _yes(t.rls_forced),
+            t.tenant_policy or "NONE",
+            _yes(t.tenant_policy_checks),
+            _yes(bool(t.tenant_indexes)),
+            t.owner + (" (the role)" if t.role_owns else ""),
+            ",".join(t.privileges) or "-",
+        )
+        for t in report.tables
+    ]
+    if rows:
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            lines.append(
+                "  ".join(
+                    cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+                ).rstrip()
+            )
+        lines.append("")
+    role = report.role
+    if role.exists:
+        lines.append(
+            f"role {role.name}: superuser {'YES' if role.superuser else 'no'}, "
+            f"bypassrls {'YES' if role.bypassrls else 'no'}, "
+            f"owns {', '.join(role.owned_tables) or 'no tenant table'}"
+        )
+    else:
+        lines.append(f"role {role.name}: does not exist")
+    located = [("database", p) for p in report.database_problems]
+    located += [(f"role {role.name}", p) for p in role.problems]
+    located += [(t.name, p) for t in report.tables for p in t.problems]
+    lines.append("")
+    if not located:
+        lines.append("no problems found")
+    else:
+        lines.append(f"{len(located)} problem{'s' if len(located) > 1 else ''}:")
+        width = max(len(where) for where, _ in located)
+        lines.extend(f"  {where.ljust(width)}  {p.code}: {p.message}" for where, p in located)
+    return "\n".join(lines)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
+    _add_check,
+)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""``tenant-celery check`` run as a user runs it: a subprocess against a live database."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Connection, Engine
+
+from tenant_celery.rls import enable_tenant_rls, grant_tenant_tables
+from tests._rig.postgres import APP_ROLE, Database, DatabaseFactory, render
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m tenant_celery.cli check ARGS`` with a clean tenant-celery environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TENANT_CELERY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "tenant_celery.cli", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**base, **(env or {})},
+        check=False,
+    )
+
+
+def tenant_table(conn: Connection, name: str, role: str, *, index: bool = True) -> None:
+    """A table set up the way the how-to says: RLS on and forced, tenant index, grants."""
+    conn.exec_driver_sql(
+        f"CREATE TABLE {name} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+        " tenant_id uuid NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
+    )
+    if index:
+        conn.exec_driver_sql(f"CREATE INDEX ON {name} (tenant_id, created_at)")
+    enable_tenant_rls(conn, name)
+    grant_tenant_tables(conn, role, [name])
+
+
+@pytest.fixture
+def bypass_role(database: Database, pg_databases: DatabaseFactory) -> Iterator[str]:
+    """A BYPASSRLS role unique to this test, dropped (with what it owns) afterwards."""
+    name = f"tc_check_{secrets.token_hex(4)}"
+    with pg_databases.cluster.connect() as conn:
+        conn.execute(f'CREATE ROLE "{name}" BYPASSRLS')
+    yield name
+    with pg_databases.cluster.connect(database.name) as conn:
+        conn.execute(f'REASSIGN OWNED BY "{name}" TO CURRENT_USER')
+        conn.execute(f'DROP OWNED BY "{name}"')
+    with pg_databases.cluster.connect() as conn:
+        conn.execute(f'DROP ROLE "{name}"')
+
+
+EXPECTED_HOLES = {
+    ("public.rls_off", "rls_disabled"),
+    ("public.not_forced", "rls_not_forced"),
+    ("public.no_policy", "no_tenant_policy"),
+    ("public.no_check", "policy_without_check"),
+    ("public.widened", "widening_policy"),
+    ("public.owned", "role_owns_table"),
+    ("public.no_index", "no_tenant_index"),
+    ("public.truncatable", "truncate_granted"),
+    (None, "role_bypassrls"),
+}
+
+
+def seed_holes(conn: Connection, role: str) -> None:
+    for name in (
+        "clean",
+        "rls_off",
+        "not_forced",
+        "no_policy",
+        "no_check",
+        "widened",
+        "owned",
+        "truncatable",
+    ):
+        tenant_table(conn, name, role)
+    tenant_table(conn, "no_index", role, index=False)
+    conn.exec_driver_sql("CREATE TABLE not_a_tenant_table (id int)")  # ignored
+    conn.exec_driver_sql("ALTER TABLE rls_off DISABLE ROW LEVEL SECURITY")
+    conn.exec_driver_sql("ALTER TABLE not_forced NO FORCE ROW LEVEL SECURITY")
+    conn.exec_driver_sql("DROP POLICY tenant_isolation_policy ON no_policy")
+    conn.exec_driver_sql(
+        "DROP POLICY tenant_isolation_policy ON no_check;"
+        " CREATE POLICY using_only ON no_check FOR ALL"
+        " USING (tenant_id = (SELECT NULLIF(current_setting('app.current_tenant_id', true),"
+        " '')::uuid))"
+    )
+    conn.exec_driver_sql("CREATE POLICY everyone_reads ON widened FOR SELECT USING (true)")
+    conn.exec_driver_sql(f'ALTER TABLE owned OWNER TO "{role}"')
+    conn.exec_driver_sql(f'GRANT TRUNCATE ON truncatable TO "{role}"')
+
+
+def test_every_kind_of_hole_is_reported(
+    database: Database, admin_engine: Engine, bypass_role: str
+) -> None:
+    with admin_engine.begin() as conn:
+        seed_holes(conn, bypass_role)
+    url = render(database.url)
+
+    result = check("--url", url, "--role", bypass_role, "--json")
+    assert result.returncode == 1, result.stderr
+    document = json.loads(result.stdout)
+    found = {(p["table"], p["code"]) for p in document["problems"]}
+    assert found == EXPECTED_HOLES
+    tables = {t["name"]: t for t in document["tables"]}
+    assert set(tables) == {
+        "public.clean",
+        "public.rls_off",
+        "public.not_forced",
+        "public.no_policy",
+        "public.no_check",
+        "public.widened",
+        "public.owned",
+        "public.no_index",
+        "public.truncatable",
+    }
+    assert tables["public.widened"]["widening_policies"] == ["everyone_reads"]
+    assert tables["public.owned"]["role_owns"] is True
+    assert document["role"]["owned_tables"] == ["public.owned"]
+    assert tables["public.truncatable"]["privileges"] == [
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "TRUNCATE",
+    ]
+
+    text = check("--url", url, "--role", bypass_role)
+    assert text.returncode == 1, text.stderr
+    assert "9 problems:" in text.stdout
+    for table, code in EXPECTED_HOLES:
+        where = table or f"role {bypass_role}"
+        assert any(where in line and f"{code}:" in line for line in text.stdout.splitlines()), (
+            table,
+            code,
+            text.stdout,
+        )
+
+
+def test_clean_database_passes(database: Database, admin_engine: Engine) -> None:
+    with admin_engine.begin() as conn:
+        tenant_table(conn, "invoices", APP_ROLE)
+        tenant_table(conn, "orders", APP_ROLE)
+        conn.exec_driver_sql("CREATE TABLE countries (code text PRIMARY KEY)")
+
+    result = check("--url", render(database.url), "--role", APP_ROLE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no problems found" in result.stdout
+    assert "public.invoices" in result.stdout
+    assert "countries" not in result.stdout
+
+    # The role defaults to the one the URL connects as; the URL may come from the environment.
+    from_env = check(env={"TENANT_CELERY_DATABASE_URL": render(database.app_url)})
+    assert from_env.returncode == 0, from_env.stdout + from_env.stderr
+    assert f"role {APP_ROLE}," in from_env.stdout
+
+
+def test_json_document_shape(database: Database, admin_engine: Engine) -> None:
+    with admin_engine.begin() as conn:
+        tenant_table(conn, "invoices", APP_ROLE)
+
+    result = check("--url", render(database.url), "--role", APP_ROLE, "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document == {
+        "clean": True,
+        "setting": "app.current_tenant_id",
+        "column": "tenant_id",
+        "schema": None,
+        "role": {
+            "name": APP_ROLE,
+            "exists": True,
+            "superuser": False,
+            "bypassrls": False,
+            "owned_tables": [],
+        },
+        "tables": [
+            {
+                "name": "public.invoices",
+                "schema": "public",
+                "table": "invoices",
+                "column_type": "uuid",
+                "owner": document["tables"][0]["owner"],
+                "rls_enabled": True,
+                "rls_forced": True,
+                "tenant_policy": "tenant_isolation_policy",
+                "tenant_policy_checks": True,
+                "widening_policies": [],
+                "tenant_indexes": ["invoices_tenant_id_created_at_idx"],
+                "role_owns": False,
+                "privileges": ["SELECT", "INSERT", "UPDATE", "DELETE"],
+            }
+        ],
+        "problems": [],
+    }
+
+
+def test_other_setting_column_and_schema(database: Database, admin_engine: Engine) -> None:
+    with admin_engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA crm")
+        conn.exec_driver_sql("CREATE TABLE crm.leads (org_id bigint NOT NULL)")
+        conn.exec_driver_sql("CREATE INDEX ON crm.leads (org_id)")
+        enable_tenant_rls(conn, "leads", schema="crm", column="org_id", setting="crm.org")
+        tenant_table(conn, "invoices", APP_ROLE)  # other schema, other column: not looked at
+
+    url = render(database.url)
+    args = ["--url", url, "--role", APP_ROLE, "--schema", "crm", "--column", "org_id"]
+    assert check(*args, "--setting", "crm.org").returncode == 0
+    # Policies on another setting are no tenant policy for this one; the env names the default.
+    wrong = check(*args, env={"TENANT_CELERY_GUC": "crm.other"})
+    assert wrong.returncode == 1
+    assert "no_tenant_policy" in wrong.stdout
+    # A column no table has is a failure too: a typo must not pass.
+    typo = check("--url", url, "--column", "tenant")
+    assert typo.returncode == 1
+    assert "no_tenant_tables" in typo.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--url", "postgresql://someone:s3cret-pw@127.0.0.1:1/nowhere"],
+            "cannot inspect postgresql+psycopg://someone:***@127.0.0.1:1/nowhere: ",
+        ),
+        (["--url", "not a url s3cret-pw"], "cannot parse the database URL"),
+        (["--url", "mysql://u:s3cret-pw@localhost/x"], "not a PostgreSQL URL"),
+        (["--url", "postgresql+nosuch://u:s3cret-pw@localhost/x"], "cannot use database URL"),
+        ([], "no database URL: pass --url or set TENANT_CELERY_DATABASE_URL"),
+        (["--url", "postgresql:///x", "--setting", "bad-name"], "must look like 'prefix.name'"),
+    ],
+)
+def test_usage_and_connection_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
+    result = check(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tenant-celery check: error: ")
+    assert message in lines[0]
+    assert "s3cret-pw" not in result.stderr
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "tenant-celery"
+    if not script.exists():
+        pytest.fail(f"{script} missing: reinstall the package (pip install -e .)")
+    result = subprocess.run(
+        [str(script), "check", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0
+    for option in ("--url", "--role", "--column", "--setting", "--schema", "--json"):
+        assert option in result.stdout
