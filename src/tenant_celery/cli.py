@@ -1,7 +1,9 @@
 """The ``tenant-celery`` command line.
 
 ``tenant-celery check`` inspects a live database with
-:func:`~tenant_celery.audit.audit_database` and prints the report.  Each
+:func:`~tenant_celery.audit.audit_database` and prints the report;
+``tenant-celery migrate`` applies the bundled migration
+(:mod:`tenant_celery.migrations`).  Each
 subcommand is one ``_add_<name>`` function that builds its parser and names
 the function that runs it; :data:`_SUBCOMMANDS` lists them.
 
@@ -25,6 +27,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from .audit import AuditReport, audit_database
 from .config import guc_name
 from .errors import ConfigurationError
+from .migrations import add_migrate_parser
 
 __all__ = ["DATABASE_URL_ENV", "EXIT_CLEAN", "EXIT_HOLES", "EXIT_USAGE", "main"]
 
@@ -218,6 +221,7 @@ def _format_report(report: AuditReport, url: str) -> str:
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_check,
+    add_migrate_parser,
 )
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any, Literal, get_args
 import kombu.pools
 import pytest
 from celery import Celery
+from sqlalchemy.engine import URL
 
 from tests._rig import appconf
 from tests._rig.postgres import Database, render
@@ -36,6 +37,8 @@ from tests._rig.services import Services, delete_amqp_queue, purge_redis_queue
 Broker = Literal["redis", "rabbitmq", "postgres"]
 Backend = Literal["redis", "postgres"]
 Pool = Literal["prefork", "threads", "solo"]
+#: Who the PostgreSQL broker and result backend connect as: the superuser, or ``app_user``.
+DatabaseRole = Literal["superuser", "app"]
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Backend used when ``start_worker`` gets none.
@@ -322,6 +325,7 @@ class WorkerFactory:
         extra_env: Mapping[str, str | None] | None = None,
         extra_args: Sequence[str] = (),
         database: Database | None = None,
+        database_role: DatabaseRole = "superuser",
         loglevel: str = "INFO",
         ready_timeout: float = READY_TIMEOUT,
     ) -> WorkerHandle:
@@ -329,6 +333,8 @@ class WorkerFactory:
 
         *extra_env* entries override the worker's environment (``None`` removes a variable).
         *extra_args* are appended to the ``celery worker`` command line.
+        *database_role* ``"app"`` connects a PostgreSQL broker and result backend as
+        ``app_user`` (no CREATE right: their tables must exist) instead of the superuser.
         """
         if broker not in get_args(Broker):
             raise ValueError(f"unknown broker {broker!r}")
@@ -337,13 +343,15 @@ class WorkerFactory:
             raise ValueError(f"unknown backend {backend!r}")
         if pool not in get_args(Pool):
             raise ValueError(f"unknown pool {pool!r}")
+        if database_role not in get_args(DatabaseRole):
+            raise ValueError(f"unknown database role {database_role!r}")
         database = database or self.database
         token = uuid.uuid4().hex[:10]
         name = f"tc-{broker}-{pool}-{token}"
         queue = f"tc.{token}"
 
-        broker_url = self._broker_url(broker, database)
-        backend_url = self._backend_url(backend, database)
+        broker_url = self._broker_url(broker, database, database_role)
+        backend_url = self._backend_url(backend, database, database_role)
         worker_env = self._environment(broker_url, backend_url, queue, database, extra_env)
         log_path = self.log_dir / f"{name}.log"
         command = [
@@ -412,17 +420,18 @@ class WorkerFactory:
             raise ValueError(f"a PostgreSQL {what} needs a database (none given to the factory)")
         return database
 
-    def _broker_url(self, broker: Broker, database: Database | None) -> str:
+    def _broker_url(self, broker: Broker, database: Database | None, role: DatabaseRole) -> str:
         if broker == "redis":
             return self.services.redis()
         if broker == "rabbitmq":
             return self.services.amqp()
-        return "sqla+" + render(self._require_database("broker", database).url)
+        return "sqla+" + render(_role_url(self._require_database("broker", database), role))
 
-    def _backend_url(self, backend: Backend, database: Database | None) -> str:
+    def _backend_url(self, backend: Backend, database: Database | None, role: DatabaseRole) -> str:
         if backend == "redis":
             return self.services.redis()
-        return "db+" + render(self._require_database("result backend", database).url)
+        database = self._require_database("result backend", database)
+        return "db+" + render(_role_url(database, role))
 
     def _environment(
         self,
@@ -455,6 +464,10 @@ class WorkerFactory:
             else:
                 environ[key] = value
         return environ
+
+
+def _role_url(database: Database, role: DatabaseRole) -> URL:
+    return database.app_url if role == "app" else database.url
 
 
 def worker_fixture(

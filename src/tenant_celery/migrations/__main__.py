@@ -1,0 +1,7 @@
+"""``python -m tenant_celery.migrations migrate ...``: the ``migrate`` command on its own."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""What the bundled migration creates, and how its names are written in SQL.
+
+Shared by the public API, the Alembic environment and the revision scripts
+(which may run inside a host's own Alembic environment, so they read their
+options from the Alembic configuration, never from this package's callers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from alembic.config import Config
+from sqlalchemy.dialects.postgresql.base import PGDialect
+
+from ..errors import ConfigurationError
+
+BRANCH = "tenant_celery"
+"""Alembic branch label of the bundled revisions (``alembic upgrade tenant_celery@head``)."""
+
+VERSION_TABLE = "tenant_celery_alembic_version"
+"""Version table :func:`~tenant_celery.migrations.upgrade` records its revision in."""
+
+TABLES = ("kombu_queue", "kombu_message", "celery_taskmeta", "celery_tasksetmeta")
+"""The tables the migration creates: kombu's SQLAlchemy broker, then Celery's result backend."""
+
+SEQUENCES = ("queue_id_sequence", "message_id_sequence", "task_id_sequence", "taskset_id_sequence")
+"""The sequences the migration creates, one per table of :data:`TABLES`, in the same order."""
+
+TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+"""Privileges ``grant_to`` roles get on each of :data:`TABLES`."""
+
+LOCK_ID = 0x7463_6D69_6772_6174  # "tcmigrat"
+"""Key of the transaction-level advisory lock every online run holds (one database)."""
+
+SCHEMA_OPTION = "tenant_celery_schema"
+"""Alembic main option (``[alembic]`` key of an ini file) naming the schema of the tables."""
+
+_MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently cut
+_PREPARER = PGDialect().identifier_preparer  # type: ignore[no-untyped-call]
+
+
+def identifier(value: object, what: str) -> str:
+    """Return ``value`` if PostgreSQL can use it as a name without cutting it.
+
+    Raises:
+        ConfigurationError: ``value`` is not a non-empty string of at most 63 bytes
+            without NUL characters.
+    """
+    if (
+        isinstance(value, str)
+        and value
+        and "\x00" not in value
+        and len(value.encode()) <= _MAX_IDENTIFIER_BYTES
+    ):
+        return value
+    shown = repr(value) if isinstance(value, str) and len(value) <= 100 else type(value).__name__
+    raise ConfigurationError(
+        f"{what} must be a PostgreSQL name of 1 to {_MAX_IDENTIFIER_BYTES} bytes, got {shown}"
+    )
+
+
+def quote(name: str) -> str:
+    """``name`` as SQLAlchemy writes it in DDL: bare when it can be, else double-quoted."""
+    return _PREPARER.quote(name)
+
+
+def qualified(name: str, schema: str | None) -> str:
+    """``schema.name`` (quoted as needed), or ``name`` alone when ``schema`` is ``None``."""
+    return quote(name) if schema is None else f"{quote(schema)}.{quote(name)}"
+
+
+def configured_schema(config: Config) -> str | None:
+    """The schema the revisions put the tables in: the :data:`SCHEMA_OPTION` main option.
+
+    ``None`` (the connection's default, normally ``public``) when the option is unset.
+    """
+    value = config.get_main_option(SCHEMA_OPTION)
+    return identifier(value, SCHEMA_OPTION) if value else None
+
+
+def grant_statements(roles: Iterable[str], *, schema: str | None = None) -> list[str]:
+    """The ``GRANT`` statements that let each role in ``roles`` use the tables.
+
+    Each role gets ``SELECT, INSERT, UPDATE, DELETE`` on the four tables, ``USAGE`` on
+    the four sequences and, when ``schema`` is given, ``USAGE`` on the schema: what
+    kombu's SQLAlchemy transport and Celery's database backend need, and no more (no
+    ``CREATE``, ``TRUNCATE`` or ownership). Run them after the tables exist, for
+    example from a host revision whose ``depends_on`` names the bundled revision::
+
+        for statement in grant_statements(["app_user"]):
+            op.execute(statement)
+
+    ``GRANT`` is idempotent, so running them again changes nothing.
+
+    Raises:
+        ConfigurationError: a role or schema name PostgreSQL cannot use as written.
+    """
+    if isinstance(roles, str):
+        raise ConfigurationError(
+            f"roles must be a list of role names, not the string {roles!r}; "
+            f"write [{roles!r}] for one role"
+        )
+    names = [identifier(role, "a role to grant to") for role in roles]
+    if schema is not None:
+        identifier(schema, "schema")
+    tables = ", ".join(qualified(table, schema) for table in TABLES)
+    sequences = ", ".join(qualified(sequence, schema) for sequence in SEQUENCES)
+    statements = []
+    for role in dict.fromkeys(names):
+        grantee = quote(role)
+        if schema is not None:
+            statements.append(f"GRANT USAGE ON SCHEMA {quote(schema)} TO {grantee}")
+        statements.append(f"GRANT {', '.join(TABLE_PRIVILEGES)} ON TABLE {tables} TO {grantee}")
+        statements.append(f"GRANT USAGE ON SEQUENCE {sequences} TO {grantee}")
+    return statements

@@ -1,0 +1,195 @@
+"""The bundled migration beside a host's own Alembic project in one database: each
+history moves on its own, and the documented recipe that runs our revisions from the
+host's environment (``alembic upgrade tenant_celery@head``) works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.util import CommandError
+
+from tenant_celery.migrations import TABLES, VERSION_TABLE, current, downgrade, upgrade
+from tests._rig.postgres import APP_ROLE, Database, render
+
+HOST_ENV = """\
+import sqlalchemy as sa
+from alembic import context
+
+config = context.config
+if context.is_offline_mode():
+    context.configure(url=config.get_main_option("sqlalchemy.url"), literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    engine = sa.create_engine(config.get_main_option("sqlalchemy.url"), poolclass=sa.NullPool)
+    with engine.connect() as connection:
+        context.configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+"""
+
+HOST_WIDGETS = '''\
+"""widgets"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "h001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_table("widgets", sa.Column("id", sa.Integer, primary_key=True))
+
+
+def downgrade():
+    op.drop_table("widgets")
+'''
+
+# The recipe's grant revision: the host's role may use the Celery tables.
+HOST_GRANTS = '''\
+"""let app_user use the Celery tables"""
+from alembic import op
+
+from tenant_celery.migrations import grant_statements
+
+revision = "h002"
+down_revision = "h001"
+branch_labels = None
+depends_on = "tc0001"
+
+
+def upgrade():
+    for statement in grant_statements(["app_user"]):
+        op.execute(statement)
+
+
+def downgrade():
+    pass
+'''
+
+
+def host_project(root: Path, database: Database, *, include_ours: bool, **options: str) -> Config:
+    """Write a host Alembic project under ``root`` and return its configuration."""
+    versions = root / "migrations" / "versions"
+    versions.mkdir(parents=True)
+    (root / "migrations" / "env.py").write_text(HOST_ENV)
+    (versions / "h001_widgets.py").write_text(HOST_WIDGETS)
+    locations = ["%(here)s/migrations/versions"]
+    if include_ours:
+        (versions / "h002_grants.py").write_text(HOST_GRANTS)
+        # One location a line: the ":" of the package resource would split under
+        # path_separator = os.
+        locations.append("tenant_celery.migrations:versions")
+    lines = [
+        "[alembic]",
+        "script_location = %(here)s/migrations",
+        "path_separator = newline",
+        "version_locations =",
+        *(f"    {location}" for location in locations),
+        *(f"{key} = {value}" for key, value in options.items()),
+    ]
+    ini = root / "alembic.ini"
+    ini.write_text("\n".join(lines) + "\n")
+    config = Config(str(ini))
+    config.set_main_option("sqlalchemy.url", render(database.url).replace("%", "%%"))
+    return config
+
+
+def host_heads(database: Database) -> set[str]:
+    with database.admin_engine().connect() as conn:
+        return set(MigrationContext.configure(conn).get_current_heads())
+
+
+def tables(database: Database, schema: str = "public") -> set[str]:
+    with database.admin_engine().connect() as conn:
+        return set(sa.inspect(conn).get_table_names(schema=schema))
+
+
+def test_host_history_and_ours_move_independently(tmp_path: Path, database: Database) -> None:
+    host = host_project(tmp_path, database, include_ours=False)
+    upgrade(database.url)
+    command.upgrade(host, "head")
+    assert host_heads(database) == {"h001"}
+    assert current(database.url) == "tc0001"
+    assert tables(database) == {*TABLES, "widgets", "alembic_version", VERSION_TABLE}
+
+    command.downgrade(host, "base")
+    assert host_heads(database) == set()
+    assert current(database.url) == "tc0001"
+    assert set(TABLES) <= tables(database)
+
+    command.upgrade(host, "head")
+    downgrade(database.url, "base")
+    assert current(database.url) is None
+    assert host_heads(database) == {"h001"}
+    assert tables(database) == {"widgets", "alembic_version", VERSION_TABLE}
+
+
+def test_recipe_runs_our_revisions_in_the_host_environment(
+    tmp_path: Path, database: Database
+) -> None:
+    host = host_project(tmp_path, database, include_ours=True)
+    with pytest.raises(CommandError, match="Multiple head revisions"):
+        command.upgrade(host, "head")  # two heads now: "heads" or a branch
+    command.upgrade(host, "tenant_celery@head")
+    assert host_heads(database) == {"tc0001"}
+    assert tables(database) == {*TABLES, "alembic_version"}  # no second version table
+
+    command.upgrade(host, "heads")
+    assert "h002" in host_heads(database)
+    assert tables(database) == {*TABLES, "widgets", "alembic_version"}
+    with database.admin_engine().connect() as conn:
+        grants = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM information_schema.role_table_grants"
+                " WHERE grantee = :role AND table_name = ANY(:tables)"
+            ),
+            {"role": APP_ROLE, "tables": list(TABLES)},
+        ).scalar_one()
+    assert grants == 16
+
+    # Our base takes the host revision that depends on it along, and nothing else.
+    command.downgrade(host, "tenant_celery@base")
+    assert host_heads(database) == {"h001"}
+    assert tables(database) == {"widgets", "alembic_version"}
+
+
+def test_recipe_with_a_schema(tmp_path: Path, database: Database) -> None:
+    host = host_project(tmp_path, database, include_ours=True, tenant_celery_schema="celery")
+    with database.admin_engine().begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA celery"))  # the revision does not create it
+    command.upgrade(host, "tenant_celery@head")
+    assert tables(database, "celery") == set(TABLES)
+    assert tables(database) == {"alembic_version"}
+    command.downgrade(host, "tenant_celery@base")
+    assert tables(database, "celery") == set()
+
+
+def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+    """The filter the how-to gives hosts for autogenerate (``context.configure``)."""
+    if type_ == "table":
+        return name not in (*TABLES, VERSION_TABLE)
+    return True
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_autogenerate_filter_hides_our_tables(database: Database, filtered: bool) -> None:
+    upgrade(database.url)
+    host_metadata = sa.MetaData()
+    sa.Table("widgets", host_metadata, sa.Column("id", sa.Integer, primary_key=True))
+    with database.admin_engine().begin() as conn:
+        host_metadata.create_all(conn)
+        opts = {"include_name": include_name} if filtered else {}
+        ops = compare_metadata(MigrationContext.configure(conn, opts=opts), host_metadata)
+    dropped = {op[1].name for op in ops if op[0] == "remove_table"}
+    assert dropped == (set() if filtered else {*TABLES, VERSION_TABLE})
