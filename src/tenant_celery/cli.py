@@ -21,20 +21,17 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import sqlalchemy as sa
-from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from ._pg import database_url
 from .audit import AuditReport, audit_database
-from .config import guc_name
+from .config import DATABASE_URL_ENV, guc_name
 from .errors import ConfigurationError
 from .migrations import add_migrate_parser
 
 __all__ = ["DATABASE_URL_ENV", "EXIT_CLEAN", "EXIT_HOLES", "EXIT_USAGE", "main"]
 
 PROG = "tenant-celery"
-
-DATABASE_URL_ENV = "TENANT_CELERY_DATABASE_URL"
-"""Environment variable ``--url`` falls back to."""
 
 EXIT_CLEAN = 0
 """Exit code: the check found nothing wrong."""
@@ -119,9 +116,9 @@ def _run_check(args: argparse.Namespace) -> int:
         _fail(f"no database URL: pass --url or set {DATABASE_URL_ENV}")
     try:
         setting = guc_name(None, args.setting)
+        url = database_url(raw_url)
     except ConfigurationError as exc:
         _fail(str(exc))
-    url = _database_url(raw_url)
     shown = url.render_as_string(hide_password=True)
     connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": _CONNECT_TIMEOUT}
     try:
@@ -142,19 +139,6 @@ def _run_check(args: argparse.Namespace) -> int:
     else:
         print(_format_report(report, shown))
     return EXIT_CLEAN if report.clean else EXIT_HOLES
-
-
-def _database_url(raw: str) -> URL:
-    try:
-        url = sa.make_url(raw)
-    except ArgumentError:
-        # The message would not help, and the text may hold a password: say what is expected.
-        _fail("cannot parse the database URL; expected postgresql://user:password@host/database")
-    if url.drivername in ("postgresql", "postgres"):
-        return url.set(drivername="postgresql+psycopg")
-    if url.get_backend_name() != "postgresql":
-        _fail(f"not a PostgreSQL URL: {url.render_as_string(hide_password=True)}")
-    return url
 
 
 def _one_line(exc: BaseException) -> str:

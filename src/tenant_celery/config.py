@@ -16,6 +16,7 @@ from celery import Celery
 from .errors import ConfigurationError
 
 __all__ = [
+    "DATABASE_URL_ENV",
     "DEFAULT_GUC",
     "DEFAULT_HEADER",
     "guc_name",
@@ -26,6 +27,10 @@ __all__ = [
 
 DEFAULT_HEADER = "tenant_id"
 """Message header that carries the tenant unless ``tenant_celery_header`` says otherwise."""
+
+DATABASE_URL_ENV = "TENANT_CELERY_DATABASE_URL"
+"""Environment variable of the ``database_url`` setting; the command line's
+``--url`` falls back to it."""
 
 DEFAULT_GUC = "app.current_tenant_id"
 """PostgreSQL setting that RLS policies read unless ``tenant_celery_guc`` says otherwise."""

@@ -42,10 +42,10 @@ from alembic.autogenerate import renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
-from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.engine import Connection
 
 from . import _catalog
+from ._pg import identifier, qualified, quote
 from .config import DEFAULT_GUC, validate_guc_name
 from .errors import ConfigurationError, RLSSetupError
 
@@ -79,28 +79,6 @@ row-level security policies.
 """
 
 _COLUMN_TYPES: tuple[str, ...] = get_args(ColumnType)
-_MAX_IDENTIFIER_BYTES = 63
-# paramstyle "named": a pyformat dialect's preparer would double '%' in names, which
-# is right only for text sent with parameters; these statements are sent verbatim.
-_PREPARER = PGDialect(paramstyle="named").identifier_preparer  # type: ignore[no-untyped-call]
-
-
-# ------------------------------------------------------------------ validation
-
-
-def _identifier(kind: str, value: object) -> str:
-    if (
-        isinstance(value, str)
-        and value
-        and "\x00" not in value
-        and len(value.encode()) <= _MAX_IDENTIFIER_BYTES
-    ):
-        return value
-    shown = repr(value) if isinstance(value, str) and len(value) <= 100 else type(value).__name__
-    raise ConfigurationError(
-        f"{kind} must be a non-empty name of at most {_MAX_IDENTIFIER_BYTES} bytes without NUL "
-        f"characters, got {shown}"
-    )
 
 
 def _column_type(value: object) -> ColumnType:
@@ -118,15 +96,10 @@ def _names(kind: str, values: object) -> tuple[str, ...]:
             if isinstance(values, str)
             else f"{kind} must be a list of names, got {type(values).__name__}"
         )
-    names = tuple(_identifier(f"each of {kind}", value) for value in values)
+    names = tuple(identifier(value, f"each of {kind}") for value in values)
     if not names:
         raise ConfigurationError(f"{kind} must name at least one, got an empty list")
     return names
-
-
-def _qualified(table: str, schema: str | None) -> str:
-    name = _PREPARER.quote(table)
-    return f"{_PREPARER.quote_schema(schema)}.{name}" if schema is not None else name
 
 
 @dataclass(frozen=True)
@@ -153,36 +126,36 @@ class _Target:
         column_type: object,
     ) -> _Target:
         return cls(
-            table=_identifier("table", table),
-            column=_identifier("column", column),
+            table=identifier(table, "table"),
+            column=identifier(column, "column"),
             setting=validate_guc_name(setting),
-            policy_name=_identifier("policy_name", policy_name),
+            policy_name=identifier(policy_name, "policy_name"),
             roles=None if roles is None else _names("roles", roles),
-            schema=None if schema is None else _identifier("schema", schema),
+            schema=None if schema is None else identifier(schema, "schema"),
             column_type=None if column_type is None else _column_type(column_type),
         )
 
     @property
     def qualified(self) -> str:
-        return _qualified(self.table, self.schema)
+        return qualified(self.table, self.schema)
 
     def enable_sql(self, column_type: ColumnType) -> list[str]:
         table = self.qualified
         # The setting was validated as word.word: it cannot contain a quote.
         value = f"(SELECT NULLIF(current_setting('{self.setting}', true), '')::{column_type})"
-        predicate = f"{_PREPARER.quote(self.column)} = {value}"
-        to = f" TO {', '.join(_PREPARER.quote(r) for r in self.roles)}" if self.roles else ""
+        predicate = f"{quote(self.column)} = {value}"
+        to = f" TO {', '.join(quote(r) for r in self.roles)}" if self.roles else ""
         return [
             f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY",
             f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY",
-            f"CREATE POLICY {_PREPARER.quote(self.policy_name)} ON {table} AS PERMISSIVE FOR ALL"
+            f"CREATE POLICY {quote(self.policy_name)} ON {table} AS PERMISSIVE FOR ALL"
             f"{to} USING ({predicate}) WITH CHECK ({predicate})",
         ]
 
     def disable_sql(self) -> list[str]:
         table = self.qualified
         return [
-            f"DROP POLICY {_PREPARER.quote(self.policy_name)} ON {table}",
+            f"DROP POLICY {quote(self.policy_name)} ON {table}",
             f"ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY",
             f"ALTER TABLE {table} DISABLE ROW LEVEL SECURITY",
         ]
@@ -532,7 +505,7 @@ def create_app_role(
         RLSSetupError: the role exists and is privileged or owns tables;
             nothing was changed.
     """
-    _identifier("role name", name)
+    identifier(name, "role name")
     if name.lower() in _RESERVED_ROLES or name.startswith("pg_"):
         raise ConfigurationError(
             f"role name {name!r} is reserved by PostgreSQL; choose another name"
@@ -553,7 +526,7 @@ def create_app_role(
                 f"(postgresql+psycopg://), got driver {conn.dialect.driver!r}"
             )
 
-    quoted = _PREPARER.quote(name)
+    quoted = quote(name)
     existing = _catalog.role(conn, name)
     login_attribute = "LOGIN" if login else "NOLOGIN"
     if existing is None:
@@ -626,10 +599,10 @@ def grant_tenant_tables(
         sqlalchemy.exc.DBAPIError: the server refused, e.g. a table or the role
             does not exist.
     """
-    _identifier("role", role)
+    identifier(role, "role")
     names = _names("tables", tables)
     if schema is not None:
-        _identifier("schema", schema)
+        identifier(schema, "schema")
     if isinstance(privileges, str) or not isinstance(privileges, Iterable):
         raise ConfigurationError(f"privileges must be a list, got {privileges!r}")
     wanted = tuple(dict.fromkeys(str(p).upper() for p in privileges))
@@ -640,12 +613,12 @@ def grant_tenant_tables(
             f"{', '.join(refused) or 'none'}"
             + ("; TRUNCATE bypasses row-level security" if "TRUNCATE" in refused else "")
         )
-    grantee = _PREPARER.quote(role)
+    grantee = quote(role)
     statements = [
         f"GRANT {', '.join(wanted)} ON TABLE "
-        f"{', '.join(_qualified(t, schema) for t in names)} TO {grantee}"
+        f"{', '.join(qualified(t, schema) for t in names)} TO {grantee}"
     ]
     if schema is not None:
-        statements.insert(0, f"GRANT USAGE ON SCHEMA {_PREPARER.quote_schema(schema)} TO {grantee}")
+        statements.insert(0, f"GRANT USAGE ON SCHEMA {quote(schema)} TO {grantee}")
     _execute(conn, statements)
     _log.info("granted %s on %d table(s) to %s", ", ".join(wanted), len(names), grantee)

@@ -234,7 +234,7 @@ def test_other_setting_column_and_schema(database: Database, admin_engine: Engin
             "cannot inspect postgresql+psycopg://someone:***@127.0.0.1:1/nowhere: ",
         ),
         (["--url", "not a url s3cret-pw"], "cannot parse the database URL"),
-        (["--url", "mysql://u:s3cret-pw@localhost/x"], "not a PostgreSQL URL"),
+        (["--url", "mysql://u:s3cret-pw@localhost/x"], "expected a PostgreSQL URL"),
         (["--url", "postgresql+nosuch://u:s3cret-pw@localhost/x"], "cannot use database URL"),
         ([], "no database URL: pass --url or set TENANT_CELERY_DATABASE_URL"),
         (["--url", "postgresql:///x", "--setting", "bad-name"], "must look like 'prefix.name'"),

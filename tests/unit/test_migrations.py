@@ -17,7 +17,7 @@ from tenant_celery.migrations import (
     sql,
     upgrade,
 )
-from tenant_celery.migrations._api import database_url
+from tenant_celery._pg import database_url
 from tenant_celery.migrations._cli import main
 
 UNREACHABLE = "postgresql://nobody:pw@127.0.0.1:1/nothing"
@@ -71,7 +71,7 @@ def test_database_urls(given: str, expected: str) -> None:
 
 @pytest.mark.parametrize("given", ["mysql://u:secret@h/db", "sqlite:///x.db"])
 def test_other_databases_are_refused(given: str) -> None:
-    with pytest.raises(ConfigurationError, match="live in PostgreSQL") as caught:
+    with pytest.raises(ConfigurationError, match="expected a PostgreSQL URL") as caught:
         database_url(given)
     assert "secret" not in str(caught.value)
 
@@ -127,4 +127,4 @@ def test_command_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["migrate"]) == 2
     assert main(["migrate", "upgrade", "--grant-to"]) == 2
     assert main(["migrate", "current", "--schema", "x" * 64, "--url", UNREACHABLE]) == 2
-    assert "schema must be a PostgreSQL name" in capsys.readouterr().err
+    assert "schema must be a non-empty name" in capsys.readouterr().err

@@ -17,11 +17,12 @@ from alembic.script import ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
+from .._pg import database_url, identifier
 from ..errors import ConfigurationError, MigrationError
 from . import _env
-from ._objects import SCHEMA_OPTION, VERSION_TABLE, identifier
+from ._objects import SCHEMA_OPTION, VERSION_TABLE
 
 _SCRIPT_LOCATION = Path(__file__).resolve().parent
 _CONNECT_TIMEOUT = 10
@@ -29,10 +30,9 @@ _DUPLICATE_TABLE = "42P07"
 # Alembic keeps the running environment in module globals (alembic.context, alembic.op):
 # two commands running at once in one process would share them.
 _ALEMBIC = threading.Lock()
+
+
 # Prefixes Celery and kombu put before a SQLAlchemy URL (result backend, broker).
-_CELERY_PREFIXES = ("db+", "sqla+", "sqlalchemy+")
-
-
 def upgrade(
     url_or_engine: str | URL | Engine,
     revision: str = "head",
@@ -257,40 +257,6 @@ def _engine(url_or_engine: str | URL | Engine) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
-
-
-def database_url(value: str | URL) -> URL:
-    """``value`` as a SQLAlchemy URL for psycopg 3.
-
-    Accepts libpq-style ``postgresql://`` and ``postgres://`` URLs (psycopg 3 is
-    chosen) and the ``db+`` / ``sqla+`` prefixes of Celery and kombu URLs.
-
-    Raises:
-        ConfigurationError: the text is not a URL, or not a PostgreSQL one.
-    """
-    if isinstance(value, str):
-        for prefix in _CELERY_PREFIXES:
-            if value.startswith(prefix):
-                value = value[len(prefix) :]
-                break
-        try:
-            url = sa.make_url(value)
-        except (ArgumentError, ValueError) as exc:
-            # The text may hold a password: say what was expected, never echo it.
-            raise ConfigurationError(
-                "cannot parse the database URL; expected "
-                "postgresql://user:password@host:port/database"
-            ) from exc
-    else:
-        url = value
-    if url.drivername in ("postgresql", "postgres"):
-        return url.set(drivername="postgresql+psycopg")
-    if url.get_backend_name() != "postgresql":
-        raise ConfigurationError(
-            f"the Celery tables live in PostgreSQL; got a {url.get_backend_name()!r} URL: "
-            f"{url.render_as_string(hide_password=True)}"
-        )
-    return url
 
 
 def _unknown_revision_hint(config: Config, engine: Engine, schema: str | None) -> str:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import setting
+from ..config import DATABASE_URL_ENV, setting
 from ..errors import ConfigurationError, MigrationError
 from . import _api
 from ._objects import SEQUENCES, TABLE_PRIVILEGES, TABLES
@@ -30,9 +30,6 @@ EXIT_FAILED = 1
 """Exit code: the database refused; nothing was changed."""
 EXIT_USAGE = 2
 """Exit code: bad arguments, or no usable database URL."""
-
-URL_ENV = "TENANT_CELERY_DATABASE_URL"
-"""Environment variable ``--url`` falls back to (the ``database_url`` setting)."""
 
 _PROG = "tenant-celery"
 
@@ -111,7 +108,7 @@ def _add_url(parser: argparse.ArgumentParser) -> None:
         "--url",
         help=(
             f"SQLAlchemy or libpq URL of the database, as a role that may create tables "
-            f"(default: ${URL_ENV})"
+            f"(default: ${DATABASE_URL_ENV})"
         ),
     )
 
@@ -150,7 +147,7 @@ def run_migrate(args: argparse.Namespace) -> int:
             return EXIT_OK
         url = args.url or setting(None, "database_url")
         if not url:
-            raise ConfigurationError(f"no database URL: pass --url or set {URL_ENV}")
+            raise ConfigurationError(f"no database URL: pass --url or set {DATABASE_URL_ENV}")
         if action == "current":
             print(_describe(_api.current(url, schema=args.schema)))
             return EXIT_OK

@@ -17,13 +17,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from .._pg import quote
 from ..errors import MigrationError
 from ._objects import (
     LOCK_ID,
     VERSION_TABLE,
     configured_schema,
     grant_statements,
-    quote,
 )
 
 # Keys of ``Config.attributes`` the public API and this module share.

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from alembic.config import Config
-from sqlalchemy.dialects.postgresql.base import PGDialect
 
+from .._pg import identifier, qualified, quote
 from ..errors import ConfigurationError
 
 BRANCH = "tenant_celery"
@@ -34,39 +34,6 @@ LOCK_ID = 0x7463_6D69_6772_6174  # "tcmigrat"
 
 SCHEMA_OPTION = "tenant_celery_schema"
 """Alembic main option (``[alembic]`` key of an ini file) naming the schema of the tables."""
-
-_MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently cut
-_PREPARER = PGDialect().identifier_preparer  # type: ignore[no-untyped-call]
-
-
-def identifier(value: object, what: str) -> str:
-    """Return ``value`` if PostgreSQL can use it as a name without cutting it.
-
-    Raises:
-        ConfigurationError: ``value`` is not a non-empty string of at most 63 bytes
-            without NUL characters.
-    """
-    if (
-        isinstance(value, str)
-        and value
-        and "\x00" not in value
-        and len(value.encode()) <= _MAX_IDENTIFIER_BYTES
-    ):
-        return value
-    shown = repr(value) if isinstance(value, str) and len(value) <= 100 else type(value).__name__
-    raise ConfigurationError(
-        f"{what} must be a PostgreSQL name of 1 to {_MAX_IDENTIFIER_BYTES} bytes, got {shown}"
-    )
-
-
-def quote(name: str) -> str:
-    """``name`` as SQLAlchemy writes it in DDL: bare when it can be, else double-quoted."""
-    return _PREPARER.quote(name)
-
-
-def qualified(name: str, schema: str | None) -> str:
-    """``schema.name`` (quoted as needed), or ``name`` alone when ``schema`` is ``None``."""
-    return quote(name) if schema is None else f"{quote(schema)}.{quote(name)}"
 
 
 def configured_schema(config: Config) -> str | None:
