@@ -32,15 +32,15 @@ from .config import header_name
 from .context import _enter, _exit, current_tenant, parse_tenant_id
 from .errors import InvalidTenantId
 
-__all__ = ["tenant_from_request"]
+__all__ = ["header_from_request", "tenant_from_request"]
 
 logger = logging.getLogger("tenant_celery")
 
 _TOKEN_ATTR = "_tenant_celery_token"
 
 
-def tenant_from_request(request: Context, header: str) -> object | None:
-    """The raw tenant named by a task request's ``header``, or ``None``.
+def header_from_request(request: Context, header: str) -> object | None:
+    """The raw value of the custom message header ``header`` on a task request, or ``None``.
 
     Where a custom header lands depends on the path: eager ``apply()`` puts it
     in ``request.headers`` only; a worker makes it a request attribute, and
@@ -53,6 +53,14 @@ def tenant_from_request(request: Context, header: str) -> object | None:
             return value
     attribute: object = getattr(request, header, None)
     return attribute
+
+
+def tenant_from_request(request: Context, header: str) -> object | None:
+    """The raw tenant named by a task request's tenant ``header``, or ``None``.
+
+    The value is not validated; see :func:`header_from_request`.
+    """
+    return header_from_request(request, header)
 
 
 def _remember(request: Context, token: Token[str | None]) -> None:

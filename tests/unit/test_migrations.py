@@ -7,6 +7,7 @@ import pytest
 from alembic import command
 from alembic.config import Config
 
+from tenant_celery._pg import database_url
 from tenant_celery.errors import ConfigurationError, MigrationError
 from tenant_celery.migrations import (
     BRANCH,
@@ -17,7 +18,6 @@ from tenant_celery.migrations import (
     sql,
     upgrade,
 )
-from tenant_celery._pg import database_url
 from tenant_celery.migrations._cli import main
 
 UNREACHABLE = "postgresql://nobody:pw@127.0.0.1:1/nothing"
