@@ -65,6 +65,10 @@ class TenantTask(Task[_P, _R]):
     is sent and a warning is logged.
     """
 
+    #: Handles, in the worker's main process, the failures that never reach the
+    #: pool (hard time limit, lost process, revoke, expiry) inside the tenant.
+    Request = "tenant_celery.request:TenantRequest"
+
     @cached_property
     def tenant_required(self) -> bool:
         """Whether this task refuses to run without a tenant.

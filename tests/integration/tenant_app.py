@@ -80,3 +80,13 @@ def autoretrying(self: Task[Any, Any]) -> dict[str, Any]:
 @app.task
 def plain_observe() -> dict[str, Any]:
     return {"tenant": current_tenant(), "pid": os.getpid()}
+
+
+@tenant_task(app=app, time_limit=1)
+def overrun(seconds: float) -> None:
+    time.sleep(seconds)  # killed by the hard time limit
+
+
+@tenant_task(app=app)
+def errback(failed_task_id: str) -> dict[str, Any]:
+    return {"tenant": current_tenant(), "failed": failed_task_id}
