@@ -21,6 +21,7 @@ from .context import (
     tenant_context,
     uuid_tenant_id,
 )
+from .correlation import CORRELATION_HEADER, correlation_context, current_correlation_id
 from .db import (
     async_set_tenant_guc,
     async_tenant_session,
@@ -39,17 +40,22 @@ from .errors import (
     TransactionRequired,
 )
 from .fanout import every_tenant, fan_out
+from .logging import JsonFormatter, configure_logging
+from .metrics import install_metrics
+from .monitor import WorkerMonitor
 from .signals import tenant_entered, tenant_rejected
 from .task import TENANT_ARG, TenantTask, tenant_task
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CORRELATION_HEADER",
     "DEFAULT_GUC",
     "DEFAULT_HEADER",
     "TENANT_ARG",
     "ConfigurationError",
     "InvalidTenantId",
+    "JsonFormatter",
     "MigrationError",
     "RLSSetupError",
     "TenantCeleryError",
@@ -58,13 +64,18 @@ __all__ = [
     "TenantIdParser",
     "TenantTask",
     "TransactionRequired",
+    "WorkerMonitor",
     "__version__",
     "async_set_tenant_guc",
     "async_tenant_session",
     "bind_tenant_guc",
+    "configure_logging",
+    "correlation_context",
+    "current_correlation_id",
     "current_tenant",
     "every_tenant",
     "fan_out",
+    "install_metrics",
     "integer_tenant_id",
     "parse_tenant_id",
     "require_tenant",

@@ -23,6 +23,7 @@ from celery.worker.request import Request
 
 from .config import header_name
 from .context import _enter, _exit, parse_tenant_id
+from .correlation import CORRELATION_HEADER, message_correlation
 from .errors import InvalidTenantId
 
 __all__ = ["TenantRequest"]
@@ -45,7 +46,8 @@ class TenantRequest(Request):
             tenant = None
         token = _enter(tenant)
         try:
-            yield
+            with message_correlation(self.request_dict.get(CORRELATION_HEADER)):
+                yield
         finally:
             _exit(token)
 

@@ -6,8 +6,10 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from celery import Celery
+from celery.signals import before_task_publish
 from sqlalchemy.engine import Engine
 
+from tenant_celery.correlation import _stamp_correlation
 from tests._rig.appconf import apply_test_config
 from tests._rig.postgres import APP_ROLE, Database, DatabaseFactory, libpq_kwargs
 from tests._rig.worker import WorkerFactory, WorkerHandle, worker_fixture
@@ -114,7 +116,13 @@ def test_custom_header_reaches_the_worker(worker: WorkerHandle) -> None:
     assert info["attribute"] == "abc"
     assert info["in_headers"] == "abc"
     # Without custom headers, request.headers is None (not {}) on every broker.
-    bare = rig_app.request_info.delay("x_probe").get(timeout=20)
+    # tenant_celery stamps a correlation id on every publish: switch that off here.
+    uid = "tenant_celery.stamp_correlation"
+    assert before_task_publish.disconnect(dispatch_uid=uid)
+    try:
+        bare = rig_app.request_info.delay("x_probe").get(timeout=20)
+    finally:
+        before_task_publish.connect(_stamp_correlation, weak=False, dispatch_uid=uid)
     assert (bare["attribute"], bare["headers_type"]) == (None, "NoneType")
 
 

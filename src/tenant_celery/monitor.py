@@ -1,0 +1,615 @@
+"""The worker monitor: ``GET /metrics`` and ``GET /health``, served once per worker.
+
+Set ``tenant_celery_monitor_port`` (or ``TENANT_CELERY_MONITOR_PORT``) and
+every ``celery worker`` of the app starts one small HTTP server in its main
+process, never in a pool child, bound to ``tenant_celery_monitor_host``
+(default ``127.0.0.1``).  Port ``0`` picks a free port; the worker logs the
+address once it is ready.  A port already in use is logged as an error and
+the worker runs on without its monitor.
+
+``GET /metrics``
+    Prometheus text exposition of the task metrics (see
+    :func:`~tenant_celery.metrics.install_metrics`), added up over the prefork
+    pool's children, and :data:`~tenant_celery.metrics.QUEUE_LENGTH` when the
+    broker is PostgreSQL.  Without the prefork pool, everything in the
+    registry the metrics were installed in is served (prometheus-client's
+    default registry unless another was given); under it, everything the
+    worker's processes counted in its multiprocess directory.
+
+``GET /health``
+    ``{"status": "ok"|"degraded", "broker": "ok"|"<error>", "database":
+    "ok"|"<error>"|"not configured"}``; HTTP 200 when nothing failed, 503
+    otherwise.  Each check opens a new connection with a short timeout, so a
+    dead server is seen even where a pooled connection would look fine, and
+    the result is reused for a couple of seconds so that probes cannot flood
+    the database.  The database is ``tenant_celery_database_url``, else the
+    result backend's when that is a database.
+
+Any other path answers 404.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+from celery import Celery
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+from . import metrics
+from .config import setting
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector
+
+__all__ = ["DEFAULT_MONITOR_HOST", "WorkerMonitor"]
+
+logger = logging.getLogger("tenant_celery.monitor")
+
+DEFAULT_MONITOR_HOST = "127.0.0.1"
+"""Address the worker monitor binds to unless ``tenant_celery_monitor_host`` says otherwise."""
+
+#: Seconds a check may take: connect timeout, statement timeout, and the
+#: deadline after which ``/health`` reports the check as timed out.
+CHECK_TIMEOUT = 2.0
+#: Seconds a ``/health`` result is reused.
+HEALTH_CACHE_SECONDS = 2.0
+
+_OK = "ok"
+_NOT_CONFIGURED = "not configured"
+_MAX_ERROR = 300
+
+
+def _monitor_port(app: Celery | None) -> int | None:
+    """The configured monitor port of ``app``, or ``None`` when the monitor is off.
+
+    Raises:
+        ConfigurationError: the setting is not an integer from 0 to 65535.
+    """
+    raw: object = setting(app, "monitor_port")
+    return None if raw is None else _valid_port(raw)
+
+
+def _valid_port(raw: object) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ConfigurationError(
+            f"tenant_celery_monitor_port must be an integer 0-65535, got {raw!r}"
+        )
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"tenant_celery_monitor_port must be an integer 0-65535, got {raw!r}"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise ConfigurationError(f"tenant_celery_monitor_port must be 0-65535, got {port}")
+    return port
+
+
+def _database_url(app: Celery | None) -> str | None:
+    """The database ``/health`` checks: ``tenant_celery_database_url``, else the
+    result backend's URL when it is a database (``db+...``), else ``None``."""
+    configured: object = setting(app, "database_url")
+    if configured:
+        return str(configured)
+    if app is None:
+        return None
+    backend: object = app.conf.get("result_backend")
+    if isinstance(backend, str) and backend.startswith("db+"):
+        return backend[len("db+") :]
+    if backend == "database":
+        url: object = app.conf.get("database_url")
+        return str(url) if url else None
+    return None
+
+
+def _broker_url(app: Celery) -> str:
+    url: object = app.conf.get("broker_write_url") or app.conf.get("broker_url") or ""
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else ""
+    return str(url).split(";")[0].strip()
+
+
+def _sqlalchemy_broker(url: str) -> str | None:
+    """The SQLAlchemy URL of a kombu SQLAlchemy broker URL, else ``None``."""
+    for prefix in ("sqla+", "sqlalchemy+"):
+        if url.startswith(prefix):
+            return url[len(prefix) :]
+    return None
+
+
+def _engine(what: str, url: str, timeout: float) -> Engine:
+    """An engine that opens a new connection for every use, with a connect timeout.
+
+    Raises:
+        ConfigurationError: SQLAlchemy cannot use ``url``; the message names
+            ``what`` and never shows the URL, which may hold a password.
+    """
+    try:
+        parsed = make_url(url)
+        connect_args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql":
+            connect_args["connect_timeout"] = max(1, round(timeout))
+        return sa.create_engine(parsed, poolclass=sa.NullPool, connect_args=connect_args)
+    except Exception as exc:  # ArgumentError, NoSuchModuleError, a missing driver
+        detail = "it does not parse" if isinstance(exc, ArgumentError) else str(exc)
+        raise ConfigurationError(
+            f"the {what} URL cannot be used by SQLAlchemy ({type(exc).__name__}: {detail}); "
+            "it must look like dialect+driver://user:password@host/database"
+        ) from None
+
+
+def _describe(exc: BaseException, secret: str | None) -> str:
+    """A one-line description of a failed check, without the URL's password."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = " ".join(f"{type(cause).__name__}: {cause}".split())
+    if secret:
+        text = text.replace(secret, "***")
+    return text[:_MAX_ERROR]
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+class _Checks:
+    """The broker and database checks, run together, at most every few seconds."""
+
+    def __init__(self, app: Celery, database: str | None, timeout: float, ttl: float) -> None:
+        self.app = app
+        self.timeout = timeout
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._result: tuple[float, dict[str, str]] | None = None
+        broker = _broker_url(app)
+        self._broker_secret = _password(broker)
+        broker_database = _sqlalchemy_broker(broker)
+        self._broker_engine = (
+            None if broker_database is None else _engine("broker", broker_database, timeout)
+        )
+        self._database_secret = _password(database)
+        self._database_engine = None if database is None else _engine("database", database, timeout)
+
+    def report(self) -> dict[str, str]:
+        # One check at a time; concurrent probes wait for it and share its result.
+        with self._lock:
+            now = time.monotonic()
+            if self._result is not None and now - self._result[0] < self.ttl:
+                return self._result[1]
+            report = self._run()
+            self._result = (time.monotonic(), report)
+            return report
+
+    def _run(self) -> dict[str, str]:
+        checks: dict[str, Callable[[], None]] = {"broker": self._broker}
+        if self._database_engine is not None:
+            checks["database"] = self._database
+        results = _run_with_deadline(checks, self.timeout + 1.0)
+        report = {
+            "broker": _outcome(results["broker"], self._broker_secret),
+            "database": (
+                _outcome(results["database"], self._database_secret)
+                if "database" in results
+                else _NOT_CONFIGURED
+            ),
+        }
+        healthy = all(value in (_OK, _NOT_CONFIGURED) for value in report.values())
+        return {"status": "ok" if healthy else "degraded", **report}
+
+    def _broker(self) -> None:
+        if self._broker_engine is not None:
+            _select_one(self._broker_engine)
+            return
+        # A new connection, not one from the app's pool: a pooled one can hold a
+        # socket the server has long closed and still look connected.
+        with self.app.connection_for_write(connect_timeout=self.timeout) as conn:
+            conn.ensure_connection(max_retries=0, timeout=max(1, round(self.timeout)))
+
+    def _database(self) -> None:
+        assert self._database_engine is not None
+        _select_one(self._database_engine)
+
+
+def _password(url: str | None) -> str | None:
+    if not url:
+        return None
+    with contextlib.suppress(Exception):
+        return urlsplit(url).password
+    return None
+
+
+def _select_one(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+
+
+class _TimedOut:
+    """A check still running at its deadline."""
+
+
+def _outcome(result: BaseException | _TimedOut | None, secret: str | None) -> str:
+    if result is None:
+        return _OK
+    if isinstance(result, _TimedOut):
+        return "timed out"
+    return _describe(result, secret)
+
+
+def _run_with_deadline(
+    checks: dict[str, Callable[[], None]], deadline: float
+) -> dict[str, BaseException | _TimedOut | None]:
+    """Run each check on its own thread: ``None`` for success, else the exception,
+    or :class:`_TimedOut` when it was still running at the deadline (its thread is
+    left to finish on its own; a daemon thread cannot be killed)."""
+    results: dict[str, BaseException | None] = {}
+
+    def run(name: str, check: Callable[[], None]) -> None:
+        try:
+            check()
+        except Exception as exc:
+            results[name] = exc
+        else:
+            results[name] = None
+
+    threads = [
+        threading.Thread(target=run, args=item, name=f"tenant-celery-check-{item[0]}", daemon=True)
+        for item in checks.items()
+    ]
+    end = time.monotonic() + deadline
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, end - time.monotonic()))
+    return {name: results[name] if name in results else _TimedOut() for name in checks}
+
+
+# ----------------------------------------------------------------------- queue length
+
+_VISIBLE_MESSAGES = (
+    "SELECT q.name, count(m.id) FROM {queue} AS q"
+    " LEFT JOIN {message} AS m ON m.queue_id = q.id AND m.visible"
+    " GROUP BY q.name ORDER BY q.name"
+)
+_STATEMENT_TIMEOUT = sa.text("SELECT set_config('statement_timeout', :ms, true)")
+
+
+class _QueueLengths:
+    """:data:`~tenant_celery.metrics.QUEUE_LENGTH` read from the kombu SQLAlchemy tables."""
+
+    def __init__(self, app: Celery, url: str, timeout: float) -> None:
+        self.timeout = timeout
+        self.engine = _engine("broker", url, timeout)
+        options = app.conf.get("broker_transport_options") or {}
+        preparer = self.engine.dialect.identifier_preparer
+        self.query = sa.text(
+            _VISIBLE_MESSAGES.format(
+                queue=preparer.quote(str(options.get("queue_tablename", "kombu_queue"))),
+                message=preparer.quote(str(options.get("message_tablename", "kombu_message"))),
+            )
+        )
+
+    def read(self) -> list[tuple[str, int]]:
+        """Visible messages per queue.  Raises the database's error, or its
+        statement timeout's after :attr:`timeout` seconds."""
+        with self.engine.begin() as conn:
+            conn.execute(_STATEMENT_TIMEOUT, {"ms": str(max(1, int(self.timeout * 1000)))})
+            return [(str(name), int(count)) for name, count in conn.execute(self.query)]
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
+
+        family = GaugeMetricFamily(
+            metrics.QUEUE_LENGTH,
+            "Messages waiting in each queue of the PostgreSQL broker.",
+            labels=[metrics.QUEUE_LABEL],
+        )
+        try:
+            rows = self.read()
+        except Exception as exc:
+            # A scrape without the gauge beats a failed scrape.
+            logger.warning("could not read the queue lengths: %s", _describe(exc, None))
+            rows = []
+        for name, count in rows:
+            family.add_metric([name], count)
+        yield family
+
+
+# A process creates its file empty, then sizes it: a file read in between has
+# no header yet, and prometheus-client's collector fails on it.
+_HEADER_BYTES = 8
+
+
+def _multiprocess_metrics(directory: str) -> Iterable[Metric]:
+    """The metrics counted in ``directory``, added up over the processes' files."""
+    prometheus = metrics._prometheus()
+    for attempt in range(3):
+        files = []
+        for entry in os.scandir(directory):
+            if entry.name.endswith(".db"):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_size >= _HEADER_BYTES:
+                        files.append(entry.path)
+        try:
+            merged: Iterable[Metric] = prometheus.multiprocess.MultiProcessCollector.merge(
+                files, accumulate=True
+            )
+        except (FileNotFoundError, struct.error):
+            if attempt == 2:
+                raise
+            continue
+        return merged
+    raise AssertionError("unreachable")
+
+
+class _Scrape:
+    """Every collector ``/metrics`` serves, gathered anew at each scrape."""
+
+    def __init__(self, app: Celery, queues: _QueueLengths | None) -> None:
+        self.app = app
+        self.queues = queues
+
+    def collect(self) -> Iterable[Metric]:
+        directory = metrics.multiprocess_directory()
+        if directory is not None:
+            yield from _multiprocess_metrics(directory)
+        else:
+            registry: Collector = metrics._registry(self.app) or metrics._prometheus().REGISTRY
+            yield from registry.collect()
+        if self.queues is not None:
+            yield from self.queues.collect()
+
+
+# ------------------------------------------------------------------------------ server
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    monitor: WorkerMonitor
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "tenant-celery-monitor"
+    timeout = 10.0  # seconds a client may take to send its request
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        monitor = self.server.monitor
+        try:
+            if path == "/metrics":
+                status, content_type, body = monitor.metrics(self.headers.get("Accept", ""))
+            elif path == "/health":
+                code, report = monitor.health()
+                status, content_type, body = code, "application/json", _json(report)
+            else:
+                status, content_type = 404, "application/json"
+                body = _json({"error": f"no such path: {path[:100]}; try /metrics or /health"})
+        except Exception:
+            logger.exception("worker monitor failed to answer GET %s", path[:100])
+            status, content_type, body = 500, "application/json", _json({"error": "internal"})
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # http.server writes every request to stderr; keep it in logging instead.
+        logger.debug("%s %s", self.address_string(), format % args)
+
+
+def _json(value: object) -> bytes:
+    return (json.dumps(value) + "\n").encode()
+
+
+class WorkerMonitor:
+    """An HTTP server answering ``GET /metrics`` and ``GET /health`` for ``app``.
+
+    Workers start one themselves when ``tenant_celery_monitor_port`` is set;
+    create one directly only to serve a worker you run in your own process.
+    Each argument left ``None`` comes from the app's configuration, then the
+    environment (see the module docs).
+
+    :meth:`start` serves on daemon threads; every request runs on its own
+    thread, and checks and scrapes are thread-safe.  Start it in the process
+    that should answer, after any ``fork``: a forked child does not inherit
+    the server thread.
+
+    Args:
+        check_timeout: seconds each check (and the queue-length query) may take.
+        cache_seconds: seconds a ``/health`` result is reused.
+
+    Raises:
+        ConfigurationError: no port is given or configured, or it is not an
+            integer from 0 to 65535; or SQLAlchemy cannot use the database (or
+            PostgreSQL broker) URL.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        database_url: str | None = None,
+        check_timeout: float = CHECK_TIMEOUT,
+        cache_seconds: float = HEALTH_CACHE_SECONDS,
+    ) -> None:
+        self.app = app
+        self.host = host or str(setting(app, "monitor_host", DEFAULT_MONITOR_HOST))
+        resolved = _monitor_port(app) if port is None else _valid_port(port)
+        if resolved is None:
+            raise ConfigurationError(
+                "the worker monitor needs a port: pass port=... or set "
+                "tenant_celery_monitor_port (TENANT_CELERY_MONITOR_PORT)"
+            )
+        self.port = resolved
+        database = database_url if database_url is not None else _database_url(app)
+        self._checks = _Checks(app, database, check_timeout, cache_seconds)
+        broker_database = _sqlalchemy_broker(_broker_url(app))
+        queues = None
+        if broker_database is not None and broker_database.startswith("postgresql"):
+            queues = _QueueLengths(app, broker_database, check_timeout)
+        self._scrape = _Scrape(app, queues)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)``; the real port when ``0`` was asked for."""
+        if self._server is None:
+            return self.host, self.port
+        bound = self._server.server_address
+        return str(bound[0]), int(bound[1])
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the server."""
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self) -> None:
+        """Bind and serve on a daemon thread.
+
+        Raises:
+            OSError: the address cannot be bound (``errno.EADDRINUSE`` when the
+                port is taken); nothing is left running.
+        """
+        if self._server is not None:
+            return
+        server_class = _Server6 if ":" in self.host else _Server
+        server = server_class((self.host, self.port), _Handler)
+        server.monitor = self
+        self._server = server
+        self._pid = os.getpid()
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="tenant-celery-monitor",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; waits for the serving loop to end."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _forget_after_fork(self) -> None:
+        # A forked child has the listening socket but not the thread serving it.
+        server, self._server = self._server, None
+        if server is not None:
+            with contextlib.suppress(OSError):
+                server.socket.close()
+
+    def health(self) -> tuple[int, dict[str, str]]:
+        """``(HTTP status, report)`` of the broker and database checks.
+
+        Runs the checks, which take ``check_timeout`` plus one second at
+        most, unless a result younger than ``cache_seconds`` exists; callers
+        arriving meanwhile wait for that run and share its result.
+        """
+        report = self._checks.report()
+        return (200 if report["status"] == "ok" else 503), report
+
+    def metrics(self, accept: str = "") -> tuple[int, str, bytes]:
+        """``(HTTP status, content type, body)`` of a scrape, in the format ``accept`` asks."""
+        try:
+            prometheus = metrics._prometheus()
+        except ModuleNotFoundError as exc:
+            return 501, "text/plain; charset=utf-8", f"{exc}\n".encode()
+        encoder, content_type = prometheus.exposition.choose_encoder(accept)
+        return 200, content_type, encoder(self._scrape)
+
+
+# ---------------------------------------------------------------- the worker's monitor
+
+
+class _WorkerSlot:
+    """The monitor this worker process started, if any."""
+
+    monitor: WorkerMonitor | None = None
+
+
+_worker = _WorkerSlot()
+
+
+@worker_init.connect(weak=False, dispatch_uid="tenant_celery.monitor.start")
+def _start_for_worker(sender: Any = None, **_: Any) -> None:
+    """Start the monitor in the worker's main process, before the pool forks.
+
+    ``worker_init`` comes before the broker connection, so ``/health`` answers
+    (with the broker's error) while a worker waits for its broker."""
+    app: Celery | None = getattr(sender, "app", None)
+    if app is None or _worker.monitor is not None:
+        return
+    try:
+        port = _monitor_port(app)
+        if port is None:
+            return
+        monitor = WorkerMonitor(app, port=port)
+    except ConfigurationError as exc:
+        logger.error("worker monitor not started: %s", exc)
+        return
+    try:
+        monitor.start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        logger.error(
+            "worker monitor cannot listen on %s:%d: %s (errno %s); the worker runs on "
+            "without /metrics and /health: free the port or set tenant_celery_monitor_port "
+            "to another one",
+            monitor.host, port, reason.lower(), exc.errno,
+        )  # fmt: skip
+        return
+    _worker.monitor = monitor
+
+
+@worker_ready.connect(weak=False, dispatch_uid="tenant_celery.monitor.ready")
+def _announce(**_: Any) -> None:
+    # Logged here rather than at start: Celery sets up its logging in between.
+    if _worker.monitor is not None:
+        logger.info(
+            "worker monitor listening on %s (GET /metrics, GET /health)", _worker.monitor.url
+        )
+
+
+@worker_process_init.connect(weak=False, dispatch_uid="tenant_celery.monitor.child")
+def _forget_in_child(**_: Any) -> None:
+    # Sent in each prefork child, and by the solo pool in the main process itself.
+    monitor = _worker.monitor
+    if monitor is not None and monitor._pid != os.getpid():
+        monitor._forget_after_fork()
+        _worker.monitor = None
+
+
+@worker_shutdown.connect(weak=False, dispatch_uid="tenant_celery.monitor.stop")
+def _stop_for_worker(**_: Any) -> None:
+    monitor, _worker.monitor = _worker.monitor, None
+    if monitor is not None:
+        monitor.stop()

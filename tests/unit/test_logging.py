@@ -1,0 +1,188 @@
+"""The JSON formatter and ``configure_logging`` in one process (no worker).
+
+A real prefork worker's log is checked line by line in
+tests/integration/test_logging_worker.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger, celeryd_after_setup
+
+from tenant_celery import tenant_context, tenant_task
+from tenant_celery.correlation import correlation_context
+from tenant_celery.logging import JsonFormatter, configure_logging
+
+A = "6f1c1b2e-8c1e-4b8e-9a57-1d3b1a0c000a"
+KEYS = ["timestamp", "level", "logger", "message", "task_name", "task_id", "tenant_id"]
+KEYS += ["correlation_id"]
+
+
+def _record(message: str = "hello %s", *args: Any, **extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord("app.module", logging.INFO, __file__, 1, message, args, None)
+    record.__dict__.update(extra)
+    return record
+
+
+def _format(record: logging.LogRecord) -> dict[str, Any]:
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    parsed: dict[str, Any] = json.loads(line)
+    return parsed
+
+
+def test_keys_outside_any_task_or_tenant() -> None:
+    line = _format(_record("hello %s", "world"))
+    assert list(line) == KEYS
+    assert line["message"] == "hello world"
+    assert line["level"] == "INFO"
+    assert line["logger"] == "app.module"
+    assert line["timestamp"].endswith("+00:00")
+    assert [line[key] for key in KEYS[4:]] == [None, None, None, None]
+
+
+def test_tenant_and_correlation_of_the_logging_code() -> None:
+    with tenant_context(A), correlation_context("req-1"):
+        line = _format(_record())
+    assert (line["tenant_id"], line["correlation_id"]) == (A, "req-1")
+
+
+def test_multi_line_message_stays_one_line() -> None:
+    line = _format(_record("first\nsecond \u00e9"))
+    assert line["message"] == "first\nsecond \u00e9"
+
+
+def test_exception_is_formatted() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = _record()
+        record.exc_info = sys.exc_info()
+    line = _format(record)
+    assert line["exception"].startswith("Traceback")
+    assert "ValueError: boom" in line["exception"]
+
+
+def test_unformattable_message_still_makes_a_line() -> None:
+    line = _format(_record("%d items", "not a number"))
+    assert "could not be formatted" in line["message"]
+
+
+def test_values_json_cannot_encode_are_written_as_text() -> None:
+    class Formatter(JsonFormatter):
+        def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+            return {**super().fields(record), "when": object}
+
+    line = json.loads(Formatter().format(_record()))
+    assert line["when"] == "<class 'object'>"
+
+
+def test_task_name_and_id_inside_an_eager_task() -> None:
+    app = Celery("logging", set_as_current=False)
+    lines: list[dict[str, Any]] = []
+
+    @tenant_task(app=app, shared=False, bind=True)
+    def logs(self: Any) -> str:
+        lines.append(_format(_record("inside")))
+        return str(self.request.id)
+
+    with tenant_context(A):
+        task_id = logs.apply().get()
+    assert lines[0]["task_name"] == logs.name
+    assert lines[0]["task_id"] == task_id
+    assert lines[0]["tenant_id"] == A
+    assert lines[0]["correlation_id"]  # an eager task gets an id too
+
+
+def test_celery_worker_lines_about_other_tasks() -> None:
+    # The worker's main process logs "received" with the task in ``data``.
+    record = _record("received", data={"id": "abc", "name": "shop.invoice"})
+    line = _format(record)
+    assert (line["task_name"], line["task_id"]) == ("shop.invoice", "abc")
+
+
+@pytest.fixture
+def clean_logging() -> Iterator[None]:
+    """Restore the root logger (pytest's capture included) and warnings after the test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+@pytest.mark.usefixtures("clean_logging")
+def test_configure_logging_is_idempotent() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging(stream=first)
+    configure_logging("WARNING", stream=second)
+    root = logging.getLogger()
+    assert len(root.handlers) == 1
+    assert root.level == logging.WARNING
+    logging.getLogger("app").warning("once")
+    assert first.getvalue() == ""
+    assert [json.loads(line)["message"] for line in second.getvalue().splitlines()] == ["once"]
+
+
+@pytest.mark.usefixtures("clean_logging")
+def test_warnings_become_json_lines() -> None:
+    stream = io.StringIO()
+    configure_logging(stream=stream)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("careful", UserWarning, stacklevel=1)
+    line = json.loads(stream.getvalue().splitlines()[-1])
+    assert line["logger"] == "py.warnings"
+    assert "UserWarning: careful" in line["message"]
+
+
+@pytest.mark.usefixtures("clean_logging")
+def test_handlers_celery_sets_up_get_the_formatter() -> None:
+    configure_logging(stream=io.StringIO())
+    root_handler = logging.StreamHandler(io.StringIO())
+    task_logger = logging.getLogger("tests.celery.task")
+    task_handler = logging.StreamHandler(io.StringIO())
+    task_logger.addHandler(task_handler)
+    try:
+        after_setup_logger.send(sender=None, logger=SimpleNamespace(handlers=[root_handler]))
+        after_setup_task_logger.send(sender=None, logger=task_logger)
+    finally:
+        task_logger.removeHandler(task_handler)
+    assert isinstance(root_handler.formatter, JsonFormatter)
+    assert isinstance(task_handler.formatter, JsonFormatter)
+
+
+@pytest.mark.usefixtures("clean_logging")
+def test_worker_banner_becomes_one_record() -> None:
+    stream = io.StringIO()
+    configure_logging(stream=stream)
+
+    class Worker:
+        quiet = False
+
+        def startup_info(self, artlines: bool = True) -> str:
+            return "[config]\n.> app: shop\n"
+
+        def extra_info(self) -> str:
+            return "[tasks]\n  . shop.invoice\n"
+
+    worker = Worker()
+    celeryd_after_setup.send(sender="w1@host", instance=worker, conf=None)
+    assert worker.quiet is True  # Celery prints no banner after this signal
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["message"].startswith("celery worker w1@host starting\n[config]")
+    assert "shop.invoice" in line["message"]
