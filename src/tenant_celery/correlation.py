@@ -24,13 +24,13 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from typing import Any
 
 from celery import Task
 from celery.signals import before_task_publish, task_postrun, task_prerun
 
-from .propagation import header_from_request
+from .propagation import header_from_request, restore_after_task
 
 __all__ = [
     "CORRELATION_HEADER",
@@ -135,13 +135,4 @@ def _enter_correlation(task: Task[Any, Any] | None = None, **_: Any) -> None:
 def _leave_correlation(task: Task[Any, Any] | None = None, **_: Any) -> None:
     if task is None:
         return
-    request = task.request
-    token: Token[str | None] | None = getattr(request, _TOKEN_ATTR, None)
-    if token is None:
-        return
-    setattr(request, _TOKEN_ATTR, None)
-    try:
-        _current.reset(token)
-    except ValueError:
-        # The token belongs to another context: drop the id rather than keep it.
-        _current.set(None)
+    restore_after_task(task.request, _TOKEN_ATTR, _current)

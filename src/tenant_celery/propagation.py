@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from contextvars import Token
+from contextvars import ContextVar, Token
 from typing import Any
 
 from celery import Task, current_app
@@ -29,10 +29,10 @@ from celery.app.task import Context
 from celery.signals import before_task_publish, task_postrun, task_prerun
 
 from .config import header_name
-from .context import _enter, _exit, current_tenant, parse_tenant_id
+from .context import _current, _enter, current_tenant, parse_tenant_id
 from .errors import InvalidTenantId
 
-__all__ = ["header_from_request", "tenant_from_request"]
+__all__ = ["header_from_request", "restore_after_task", "tenant_from_request"]
 
 logger = logging.getLogger("tenant_celery")
 
@@ -65,6 +65,25 @@ def tenant_from_request(request: Context, header: str) -> object | None:
 
 def _remember(request: Context, token: Token[str | None]) -> None:
     setattr(request, _TOKEN_ATTR, token)
+
+
+def restore_after_task(request: Context, attr: str, var: ContextVar[str | None]) -> bool:
+    """Reset ``var`` with the token a task kept on its ``request`` under ``attr``.
+
+    Returns False when the token belongs to another context (a pool that
+    switched contexts under the task): ``var`` is then cleared rather than
+    left holding the task's value.  A request without a token is left alone.
+    """
+    token: Token[str | None] | None = getattr(request, attr, None)
+    if token is None:
+        return True
+    setattr(request, attr, None)
+    try:
+        var.reset(token)
+    except ValueError:
+        var.set(None)
+        return False
+    return True
 
 
 @before_task_publish.connect(weak=False, dispatch_uid="tenant_celery.stamp_header")
@@ -104,14 +123,5 @@ def _leave_tenant(task: Task[Any, Any] | None = None, **_: Any) -> None:
     if task is None:
         return
     request = task.request
-    token: Token[str | None] | None = getattr(request, _TOKEN_ATTR, None)
-    if token is None:
-        return
-    setattr(request, _TOKEN_ATTR, None)
-    try:
-        _exit(token)
-    except ValueError:
-        # The token belongs to another context (a pool that switched contexts
-        # under us): fail closed rather than keep the tenant.
-        _enter(None)
+    if not restore_after_task(request, _TOKEN_ATTR, _current):
         logger.error("task %s[%s]: tenant context reset out of order", task.name, request.id)
