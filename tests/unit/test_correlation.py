@@ -6,12 +6,10 @@ id to child tasks are covered by tests/integration/test_logging_worker.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery import Celery
-from celery.signals import before_task_publish
 
 from tenant_celery.config import _RESERVED_HEADERS
 from tenant_celery.correlation import (
@@ -47,27 +45,6 @@ def test_unusable_incoming_id_is_replaced(bad: object) -> None:
 
 def test_new_ids_differ() -> None:
     assert new_correlation_id() != new_correlation_id()
-
-
-@pytest.fixture
-def app() -> Iterator[Celery]:
-    """A current app on the in-memory broker."""
-    app = Celery("correlation", broker="memory://", set_as_current=True)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def published() -> Iterator[list[dict[str, Any]]]:
-    """The headers of every message published during the test (read after stamping)."""
-    seen: list[dict[str, Any]] = []
-
-    def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
-        seen.append(headers or {})
-
-    before_task_publish.connect(record)
-    yield seen
-    before_task_publish.disconnect(record)
 
 
 def test_publish_carries_the_context_id(app: Celery, published: list[dict[str, Any]]) -> None:

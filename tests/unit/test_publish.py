@@ -6,13 +6,11 @@ tests look at the headers a message leaves with.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import pytest
 from celery import Celery
-from celery.signals import before_task_publish
 
 from tenant_celery import (
     ConfigurationError,
@@ -26,27 +24,6 @@ from tenant_celery.config import header_name
 A = "6f1c1b2e-8c1e-4b8e-9a57-1d3b1a0c000a"
 B = "6f1c1b2e-8c1e-4b8e-9a57-1d3b1a0c000b"
 C = "6f1c1b2e-8c1e-4b8e-9a57-1d3b1a0c000c"
-
-
-@pytest.fixture
-def app() -> Iterator[Celery]:
-    """A current app on the in-memory broker."""
-    app = Celery("publish", broker="memory://", set_as_current=True)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def published() -> Iterator[list[dict[str, Any]]]:
-    """The headers of every message published during the test."""
-    seen: list[dict[str, Any]] = []
-
-    def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
-        seen.append(dict(headers or {}))
-
-    before_task_publish.connect(record)
-    yield seen
-    before_task_publish.disconnect(record)
 
 
 def test_send_task_by_name_is_stamped(app: Celery, published: list[dict[str, Any]]) -> None:

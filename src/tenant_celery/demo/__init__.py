@@ -233,34 +233,32 @@ def _create_role(server: Engine, names: _Names, stack: contextlib.ExitStack) -> 
     if exists:
         raise DemoError(f"role {names.role} exists already; run the demo again")
 
-    def drop() -> None:
-        try:
-            with server.connect() as conn:
-                conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
-                    f"DROP ROLE IF EXISTS {quote(names.role)}"
-                )
-        except SQLAlchemyError as exc:
-            _warn_cleanup(f"role {names.role}", exc)
-
-    stack.callback(drop)
+    stack.callback(
+        _drop, server, f"DROP ROLE IF EXISTS {quote(names.role)}", f"role {names.role}"
+    )
     with server.begin() as conn:
         create_app_role(conn, names.role, login=True, password=names.password)
 
 
-def _create_database(server: Engine, names: _Names, stack: contextlib.ExitStack) -> None:
-    def drop() -> None:
-        try:
-            with server.connect() as conn:
-                conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
-                    f"DROP DATABASE IF EXISTS {quote(names.database)} WITH (FORCE)"
-                )
-        except SQLAlchemyError as exc:
-            _warn_cleanup(f"database {names.database}", exc)
+def _drop(server: Engine, statement: str, what: str) -> None:
+    """Run a DROP outside any transaction; a failure is reported, not raised."""
+    try:
+        with server.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(statement)
+    except SQLAlchemyError as exc:
+        _warn_cleanup(what, exc)
 
+
+def _create_database(server: Engine, names: _Names, stack: contextlib.ExitStack) -> None:
     with server.connect() as conn:
         autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
         autocommit.exec_driver_sql(f"CREATE DATABASE {quote(names.database)}")
-        stack.callback(drop)
+        stack.callback(
+            _drop,
+            server,
+            f"DROP DATABASE IF EXISTS {quote(names.database)} WITH (FORCE)",
+            f"database {names.database}",
+        )
         autocommit.exec_driver_sql(
             f"GRANT CONNECT ON DATABASE {quote(names.database)} TO {quote(names.role)}"
         )
