@@ -1,0 +1,8 @@
+"""Celery settings for RabbitMQ as broker, with results in PostgreSQL."""
+
+broker_url = "amqp://guest:guest@localhost:5672//"
+result_backend = "db+postgresql+psycopg://app_user:secret@localhost/shop"
+
+# A worker reserves this many messages per process. Tasks with a countdown or
+# ETA wait inside the worker, unacknowledged, and do not count against it.
+worker_prefetch_multiplier = 4
