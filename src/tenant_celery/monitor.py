@@ -101,9 +101,20 @@ def _valid_port(raw: object) -> int:
     return port
 
 
+#: ``result_backend`` values that take their database from ``database_url``.
+_DATABASE_URL_BACKENDS = frozenset(
+    {
+        "database",
+        "tenant_celery.results:PooledDatabaseBackend",
+        "tenant_celery.results.PooledDatabaseBackend",
+    }
+)
+
+
 def _database_url(app: Celery | None) -> str | None:
     """The database ``/health`` checks: ``tenant_celery_database_url``, else the
-    result backend's URL when it is a database (``db+...``), else ``None``."""
+    result backend's database (``db+...``, or ``database_url`` for Celery's
+    ``database`` backend and the pooled one), else ``None``."""
     configured: object = setting(app, "database_url")
     if configured:
         return str(configured)
@@ -112,7 +123,7 @@ def _database_url(app: Celery | None) -> str | None:
     backend: object = app.conf.get("result_backend")
     if isinstance(backend, str) and backend.startswith("db+"):
         return backend[len("db+") :]
-    if backend == "database":
+    if backend in _DATABASE_URL_BACKENDS:
         url: object = app.conf.get("database_url")
         return str(url) if url else None
     return None

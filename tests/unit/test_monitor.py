@@ -215,6 +215,10 @@ def test_database_defaults_to_a_database_result_backend(
     assert monitor_module._database_url(app) is None
     app.conf.result_backend = "db+postgresql+psycopg://u@db/results"
     assert monitor_module._database_url(app) == "postgresql+psycopg://u@db/results"
+    app.conf.database_url = "postgresql+psycopg://u@db/pooled"
+    for pooled in ("database", "tenant_celery.results:PooledDatabaseBackend"):
+        app.conf.result_backend = pooled
+        assert monitor_module._database_url(app) == "postgresql+psycopg://u@db/pooled"
     monkeypatch.setenv("TENANT_CELERY_DATABASE_URL", "postgresql+psycopg://u@db/app")
     assert monitor_module._database_url(app) == "postgresql+psycopg://u@db/app"
 
