@@ -12,6 +12,9 @@ can catch them all with a single ``except``::
     ├── MigrationError           the bundled migration could not be applied or read
     └── RLSSetupError            the database is not fit for tenant RLS as asked
 
+The pytest plugin's assertion errors (``tenant_celery.testing.TenantLeak`` and
+``IsolationNotProvable``) derive from the same root.
+
 Each class's docstring is its default message.  Messages say what was wrong
 and what to do next; they never echo a tenant id that failed validation, since
 a malformed id may be a secret pasted into the wrong field.
