@@ -1,0 +1,219 @@
+"""The Celery app the benchmark workers run, and the tasks they time.
+
+Workers start it as ``celery -A benchmarks.bench_app worker`` with the
+``TC_BENCH_*`` variables below set; the runner builds its own client copy with
+:func:`make_app`, which registers the same tasks under the same names.
+
+The P1 body is one indexed ``SELECT`` and one ``INSERT`` on the RLS-protected
+:data:`~benchmarks._common.ITEMS_TABLE`, in one transaction:
+
+* :func:`plain_rw` is what a host writes without tenant-celery: a plain task
+  given its tenant as an argument, filtering by it itself, connected as a role
+  that row-level security does not apply to (``BYPASSRLS``);
+* :func:`tenant_rw` is a tenant task on an engine bound with
+  :func:`~tenant_celery.bind_tenant_guc`, connected as the app role (RLS
+  applies): the tenant travels in the message header and the GUC is set by
+  the hook, one statement per transaction.
+
+Both return the wall-clock time the body finished, how long the body took
+(the transaction, ``set_config`` included) and the number of statements
+their engine ran during the call, counted by a ``before_cursor_execute``
+listener: a real count, not a constant.
+
+P3 and P4 time :func:`tenant_noop`, a tenant task with no body, so the
+broker, the result backend and the per-task overhead are all there is.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from tenant_celery import bind_tenant_guc, current_tenant, tenant_task
+
+BROKER_URL_ENV = "TC_BENCH_BROKER_URL"
+BACKEND_URL_ENV = "TC_BENCH_BACKEND_URL"
+QUEUE_ENV = "TC_BENCH_QUEUE"
+APP_DB_URL_ENV = "TC_BENCH_APP_DB_URL"
+"""The scratch database as the app role (RLS applies): the tenant task's engine."""
+PLAIN_DB_URL_ENV = "TC_BENCH_PLAIN_DB_URL"
+"""The scratch database as the BYPASSRLS role: the plain task's engine."""
+OBSERVABILITY_ENV = "TC_BENCH_OBSERVABILITY"
+"""``1``: the worker logs JSON (:func:`~tenant_celery.logging.configure_logging`)
+and counts tasks (:func:`~tenant_celery.metrics.install_metrics`)."""
+
+PLAIN_RW = "bench.plain_rw"
+TENANT_RW = "bench.tenant_rw"
+TENANT_NOOP = "bench.tenant_noop"
+
+SELECT_LAST = text(
+    "SELECT id, payload FROM bench_items WHERE tenant_id = CAST(:tenant AS uuid) "
+    "ORDER BY id DESC LIMIT 1"
+)
+INSERT_ITEM = text(
+    "INSERT INTO bench_items (tenant_id, payload) VALUES (CAST(:tenant AS uuid), :payload)"
+)
+
+
+class _Counted:
+    """An engine per process, and the statements it has run (``before_cursor_execute``)."""
+
+    def __init__(self, url: str, *, tenant_guc: bool) -> None:
+        self.url = url
+        self.tenant_guc = tenant_guc
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._engine: Engine | None = None
+        self._sessions: sessionmaker[Session] | None = None
+        self.statements = 0
+
+    def sessions(self) -> sessionmaker[Session]:
+        # Built lazily in the process that runs tasks: a prefork child must not
+        # reuse connections its parent opened before the fork.
+        with self._lock:
+            if self._sessions is None or self._pid != os.getpid():
+                engine = create_engine(self.url, pool_size=2, max_overflow=0)
+                event.listen(engine, "before_cursor_execute", self._count)
+                if self.tenant_guc:
+                    bind_tenant_guc(engine)
+                self._pid, self._engine = os.getpid(), engine
+                self._sessions = sessionmaker(engine)
+            return self._sessions
+
+    def _count(self, *_: Any) -> None:
+        self.statements += 1
+
+    def dispose(self) -> None:
+        with self._lock:
+            if self._engine is not None:
+                self._engine.dispose()
+            self._engine = self._sessions = None
+
+
+class Engines:
+    """The P1 tasks' engines: ``plain`` as the BYPASSRLS role, ``tenant`` as the app
+    role, bound with :func:`~tenant_celery.bind_tenant_guc`.  Each is created
+    lazily, once per process."""
+
+    def __init__(self, *, app_url: str, plain_url: str) -> None:
+        self.plain = _Counted(plain_url, tenant_guc=False)
+        self.tenant = _Counted(app_url, tenant_guc=True)
+
+    def dispose(self) -> None:
+        self.plain.dispose()
+        self.tenant.dispose()
+
+
+def _body(sessions: sessionmaker[Session], tenant: str) -> None:
+    """The P1 body: read the tenant's newest item, then add one."""
+    with sessions() as session, session.begin():
+        session.execute(SELECT_LAST, {"tenant": tenant}).first()
+        session.execute(INSERT_ITEM, {"tenant": tenant, "payload": "benchmark"})
+
+
+POOLED_PREFIX = "pooled+"
+"""A backend URL ``pooled+<SQLAlchemy URL>`` selects
+:class:`tenant_celery.results.PooledDatabaseBackend` on that database."""
+
+
+def _backend(url: str | None) -> str | None:
+    if url and url.startswith(POOLED_PREFIX):
+        return "tenant_celery.results:PooledDatabaseBackend"
+    return url
+
+
+def make_app(
+    broker_url: str,
+    backend_url: str | None,
+    queue: str,
+    engines: Engines | None = None,
+) -> Celery:
+    """A Celery app with the benchmark tasks, for a worker or a client.
+
+    ``engines`` is needed only where the P1 tasks run: a worker, or the runner
+    for ``apply()``; the caller disposes of them.
+    """
+    app = Celery("bench", broker=broker_url, backend=_backend(backend_url))
+    if backend_url and backend_url.startswith(POOLED_PREFIX):
+        app.conf.database_url = backend_url[len(POOLED_PREFIX) :]
+    app.conf.update(
+        task_default_queue=queue,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=True,
+    )
+
+    def counted(which: str, tenant_id: str) -> dict[str, Any]:
+        if engines is None:
+            raise RuntimeError(
+                f"the P1 tasks need databases: set {APP_DB_URL_ENV} and {PLAIN_DB_URL_ENV}"
+            )
+        engine = engines.plain if which == "plain" else engines.tenant
+        sessions = engine.sessions()
+        before, started = engine.statements, time.perf_counter()
+        _body(sessions, tenant_id)
+        return {
+            "done": time.time(),
+            "body_s": time.perf_counter() - started,
+            "statements": engine.statements - before,
+        }
+
+    @app.task(name=PLAIN_RW, shared=False)
+    def plain_rw(tenant: str) -> dict[str, Any]:
+        return counted("plain", tenant)
+
+    @tenant_task(app=app, name=TENANT_RW, shared=False)
+    def tenant_rw() -> dict[str, Any]:
+        found = current_tenant()
+        if found is None:  # cannot happen: a tenant task's body runs inside its tenant
+            raise RuntimeError("tenant_rw ran without a tenant")
+        return counted("tenant", found)
+
+    @tenant_task(app=app, name=TENANT_NOOP, shared=False)
+    def tenant_noop() -> dict[str, Any]:
+        return {"done": time.time()}
+
+    return app
+
+
+def _worker_app() -> Celery:
+    engines = None
+    if os.environ.get(APP_DB_URL_ENV) and os.environ.get(PLAIN_DB_URL_ENV):
+        engines = Engines(
+            app_url=os.environ[APP_DB_URL_ENV], plain_url=os.environ[PLAIN_DB_URL_ENV]
+        )
+    broker = os.environ.get(BROKER_URL_ENV)
+    if not broker:
+        raise RuntimeError(f"{BROKER_URL_ENV} is not set: the runner starts these workers")
+    built = make_app(
+        broker, os.environ.get(BACKEND_URL_ENV) or None, os.environ.get(QUEUE_ENV) or "celery",
+        engines,
+    )  # fmt: skip
+    if os.environ.get(OBSERVABILITY_ENV) == "1":
+        from tenant_celery.logging import configure_logging  # noqa: PLC0415
+        from tenant_celery.metrics import install_metrics  # noqa: PLC0415
+
+        configure_logging()
+        install_metrics(built)
+    return built
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A benchmarks.bench_app`` looks up ``app``; build it only then, so
+    # the runner can import this module for make_app() without a broker set.
+    if name in ("app", "celery"):
+        built = _worker_app()
+        globals()["app"] = globals()["celery"] = built
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

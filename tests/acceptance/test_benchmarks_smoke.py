@@ -1,0 +1,94 @@
+"""The benchmark suite, run at its smoke size as a user runs it: ``python -m benchmarks``.
+
+Nothing is asserted about time: only that every benchmark ran against the real
+services, wrote numbers, and that what the numbers rest on holds (the tenant
+task runs exactly one statement more than the plain one, the observability
+worker really logged JSON, every broker and pool was measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests._rig.postgres import PgCluster, render
+
+ROOT = Path(__file__).resolve().parents[2]
+SECTIONS = {"p1", "p2", "p3", "p4", "results"}
+
+pytestmark = pytest.mark.worker
+
+
+def numbers(table: dict[str, Any]) -> list[float]:
+    return [
+        cell
+        for row in table["rows"]
+        for cell in row
+        if isinstance(cell, int | float) and not isinstance(cell, bool)
+    ]
+
+
+@pytest.mark.timeout(900)
+def test_benchmarks_run_at_smoke_size(
+    pg_cluster: PgCluster, redis_url: str, amqp_url: str, tmp_path: Path
+) -> None:
+    json_path, markdown_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    environ = {
+        **os.environ,
+        "TENANT_CELERY_BENCH_DSN": render(pg_cluster.admin_url),
+        "TENANT_CELERY_BENCH_REDIS_URL": redis_url,
+        "TENANT_CELERY_BENCH_AMQP_URL": amqp_url,
+    }
+    command = [sys.executable, "-m", "benchmarks", "--size", "smoke"]
+    command += ["--json", str(json_path), "--markdown", str(markdown_path)]
+    done = subprocess.run(
+        command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=840, check=False
+    )
+    output = f"stdout:\n{done.stdout[-6000:]}\nstderr:\n{done.stderr[-6000:]}"
+    assert done.returncode == 0, output
+
+    report = json.loads(json_path.read_text())
+    sections = report["sections"]
+    assert set(sections) == SECTIONS, output
+    for key, section in sections.items():
+        assert "tables" in section, f"{key}: {section}"
+        assert section["tables"], key
+        for table in section["tables"]:
+            assert table["rows"], f"{key}: {table['title']} has no rows"
+            assert any(n > 0 for n in numbers(table)), f"{key}: {table['title']} has no numbers"
+            assert f"**{table['title']}**" in markdown_path.read_text(), table["title"]
+
+    machine = report["machine"]
+    assert machine["cpu_count"] >= 1
+    assert machine["postgresql"]
+    assert machine["packages"]["celery"]
+
+    p1 = sections["p1"]["data"]
+    assert p1["extra_statements"] == {"apply": 1, "worker": 1}
+    for path in ("apply", "worker"):
+        assert p1[path]["statements_per_task"] == {"plain": 2, "tenant": 3}, path
+        for variant in ("plain", "tenant"):
+            assert all(r > 0 for r in p1[path]["per_second"][variant]), (path, variant)
+            assert p1[path]["body_us_median"][variant] > 0, (path, variant)
+
+    p3 = sections["p3"]["data"]["results"]
+    assert set(p3) == {
+        "redis+redis",
+        "redis+postgres",
+        "redis+pooled",
+        "postgres+postgres",
+        "rabbitmq+postgres",
+    }
+    for transport, pools in p3.items():
+        assert set(pools) == {"prefork", "solo"}, transport
+        assert all(found["tasks_per_second"] > 0 for found in pools.values()), transport
+
+    p4 = sections["p4"]["data"]
+    assert all(r > 0 for runs in p4["tasks_per_second"].values() for r in runs)
+    assert p4["json_log_lines"] > 0, "the observability worker did not log JSON"
