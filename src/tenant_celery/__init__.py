@@ -37,6 +37,7 @@ from .errors import (
     TenantCeleryError,
     TenantConflict,
     TenantContextMissing,
+    TenantSignatureError,
     TransactionRequired,
 )
 from .fanout import every_tenant, fan_out
@@ -61,6 +62,7 @@ __all__ = [
     "TenantCeleryError",
     "TenantConflict",
     "TenantContextMissing",
+    "TenantSignatureError",
     "TenantIdParser",
     "TenantTask",
     "TransactionRequired",

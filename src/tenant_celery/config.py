@@ -47,6 +47,8 @@ _RESERVED_HEADERS = frozenset(
         "stamped_headers", "stamps", "task", "taskset", "timelimit", "utc",
     }
 )  # fmt: skip
+# Headers the package writes itself: the correlation id and the tenant header's signature.
+_PACKAGE_HEADERS = frozenset({"tenant_signature", "x_correlation_id"})
 
 
 def setting(app: Celery | None, name: str, default: Any = None) -> Any:
@@ -66,15 +68,21 @@ def header_name(app: Celery | None) -> str:
     """The message header that carries the tenant for ``app``.
 
     Raises:
-        ConfigurationError: the configured name is empty or one Celery uses itself.
+        ConfigurationError: the configured name is not an ASCII identifier, or is
+            one Celery or this package uses itself.
     """
     name: object = setting(app, "header", DEFAULT_HEADER)
     if name == DEFAULT_HEADER:
         return DEFAULT_HEADER
-    if not isinstance(name, str) or not name.isidentifier() or name in _RESERVED_HEADERS:
+    if (
+        not isinstance(name, str)
+        or not (name.isascii() and name.isidentifier())
+        or name in _RESERVED_HEADERS
+        or name in _PACKAGE_HEADERS
+    ):
         raise ConfigurationError(
-            f"tenant_celery_header must be an identifier that Celery does not use itself, "
-            f"got {name!r}; the default is {DEFAULT_HEADER!r}"
+            f"tenant_celery_header must be an ASCII identifier that neither Celery nor "
+            f"tenant-celery uses itself, got {_shown(name)}; the default is {DEFAULT_HEADER!r}"
         )
     return name
 
@@ -93,11 +101,18 @@ def validate_guc_name(name: object) -> str:
     """
     if isinstance(name, str) and len(name) <= _MAX_GUC_LENGTH and _GUC.match(name):
         return name
-    shown = repr(name) if isinstance(name, str) and len(name) <= 100 else type(name).__name__
     raise ConfigurationError(
         f"the tenant setting must look like 'prefix.name' (letters, digits, '_'; "
-        f"at most {_MAX_GUC_LENGTH} characters), got {shown}; the default is {DEFAULT_GUC!r}"
+        f"at most {_MAX_GUC_LENGTH} characters), got {_shown(name)}; the default is {DEFAULT_GUC!r}"
     )
+
+
+def _shown(name: object) -> str:
+    """A refused name as an error message shows it: its repr when short, else its type."""
+    if not isinstance(name, str):
+        return f"a value of type {type(name).__name__}"
+    shown = repr(name)  # escapes control characters: one printable line
+    return shown if len(shown) <= 100 else f"a str of {len(name):,} characters"
 
 
 def guc_name(app: Celery | None = None, explicit: str | None = None) -> str:

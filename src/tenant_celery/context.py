@@ -38,6 +38,12 @@ It raises :class:`~tenant_celery.InvalidTenantId` (or :class:`ValueError`,
 
 _current: ContextVar[str | None] = ContextVar("tenant_celery.current_tenant", default=None)
 
+# The text forms of a UUID, in ASCII only: hyphenated or 32 hex digits, bare, in
+# braces or as a URN.  ``uuid.UUID`` alone also takes other scripts' digits,
+# surrounding spaces, a sign, a "0x" prefix and one unbalanced brace.
+_UUID_TEXT = re.compile(
+    r"(?:urn:uuid:)?(\{)?[0-9A-Fa-f]{8}(-?)(?:[0-9A-Fa-f]{4}\2){3}[0-9A-Fa-f]{12}(?(1)\})\Z"
+)
 _SLUG = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,62})\Z")
 _DIGITS = re.compile(r"[0-9]{1,19}\Z")
 _MAX_BIGINT = 2**63 - 1
@@ -52,16 +58,14 @@ def _refuse(kind: str, value: object) -> InvalidTenantId:
 
 
 def uuid_tenant_id(value: object) -> str:
-    """Parse a UUID (or its string form) to its canonical lowercase hyphenated text.
+    """Parse a UUID (or its text: hyphenated or 32 hex digits, optionally in braces or
+    as a ``urn:uuid:``) to its canonical lowercase hyphenated text.
 
     This is the default parser."""
     if isinstance(value, uuid.UUID):
         return str(value)
-    if isinstance(value, str) and len(value) <= 45:
-        try:
-            return str(uuid.UUID(value))
-        except ValueError:
-            pass
+    if isinstance(value, str) and len(value) <= 45 and _UUID_TEXT.match(value):
+        return str(uuid.UUID(value))
     raise _refuse("a UUID", value)
 
 

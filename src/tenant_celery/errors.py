@@ -5,6 +5,7 @@ can catch them all with a single ``except``::
 
     TenantCeleryError
     ├── TenantContextMissing     no tenant where one is required
+    │   └── TenantSignatureError a tenant header without a valid signature
     ├── TenantConflict           two sources name different tenants
     ├── InvalidTenantId          a tenant id failed validation (also a ValueError)
     ├── ConfigurationError       a setting has an unusable value (also a ValueError)
@@ -30,6 +31,7 @@ __all__ = [
     "TenantCeleryError",
     "TenantConflict",
     "TenantContextMissing",
+    "TenantSignatureError",
     "TransactionRequired",
 ]
 
@@ -60,6 +62,20 @@ class ConfigurationError(TenantCeleryError, ValueError):
 class TransactionRequired(TenantCeleryError):
     """the tenant setting is transaction-local and no transaction is open: begin one
     first (``with conn.begin(): ...``) or use tenant_session()"""
+
+
+class TenantSignatureError(TenantContextMissing):
+    """the message's tenant header is not signed with an accepted key, so the message
+    counts as naming no tenant; publish it from a process configured with the same
+    tenant_celery_header_signing_keys"""
+
+    #: ``"unsigned"`` or ``"bad-signature"``: the ``reason`` of ``tenant_rejected``.
+    reason: str = "bad-signature"
+
+    def __init__(self, message: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class RLSSetupError(TenantCeleryError):

@@ -43,10 +43,11 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from . import signing
 from .config import header_name
 from .context import current_tenant, parse_tenant_id
 from .errors import ConfigurationError, TenantCeleryError
-from .propagation import tenant_from_request
+from .propagation import header_from_request, tenant_from_request
 from .signals import tenant_rejected
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ TASK_FAILURE_TOTAL = "celery_task_failure_total"
 TASK_RETRY_TOTAL = "celery_task_retry_total"
 """Counter: executions that ended in a retry (Celery's ``task_retry``)."""
 TASK_REJECTED_TOTAL = "celery_task_rejected_total"
-"""Counter: tenant tasks refused for a missing, invalid or conflicting tenant."""
+"""Counter: tenant tasks refused for a missing, invalid, conflicting or unsigned tenant."""
 TASK_DURATION_SECONDS = "celery_task_duration_seconds"
 """Histogram: seconds from the start of an execution to its success or failure."""
 QUEUE_LENGTH = "celery_queue_length"
@@ -224,7 +225,7 @@ class _Installation:
             self.retry = counter(TASK_RETRY_TOTAL, "Task executions that ended in a retry.")
             self.rejected = counter(
                 TASK_REJECTED_TOTAL,
-                "Tenant tasks refused for a missing, invalid or conflicting tenant.",
+                "Tenant tasks refused for a missing, invalid, conflicting or unsigned tenant.",
             )
             self.duration: Histogram = prometheus.Histogram(
                 TASK_DURATION_SECONDS,
@@ -341,10 +342,12 @@ def _installation(task: object) -> _Installation | None:
 
 
 def _tenant_of(task: Task[Any, Any], request: Context) -> str | None:
-    """The tenant an execution runs in: its header's (validated), else the context's.
+    """The tenant an execution runs in: its header's (validated, and verified when
+    signing is on), else the context's.
 
     Tenant tasks enter their tenant after ``task_prerun``, so the header is
-    read rather than the context."""
+    read rather than the context.  An unverified header gets no label of its
+    own: forged messages must not use up the tenant label budget."""
     try:
         raw = tenant_from_request(request, header_name(task.app))
     except TenantCeleryError:
@@ -352,9 +355,13 @@ def _tenant_of(task: Task[Any, Any], request: Context) -> str | None:
     if raw is None:
         return current_tenant()
     try:
-        return parse_tenant_id(raw)
+        tenant = parse_tenant_id(raw)
+        if not request.is_eager:
+            signature = header_from_request(request, signing.SIGNATURE_HEADER)
+            signing.check_signature(task.app, tenant, signature, request.id, task.name)
     except TenantCeleryError:
         return None
+    return tenant
 
 
 def _execution_of(request: object) -> _Attempt | None:

@@ -5,10 +5,12 @@ Three signal receivers, connected when this module is imported (importing
 
 * ``before_task_publish`` stamps the current tenant on every outgoing message
   that does not name one already, whatever sent it (``send_task``, a plain
-  task, chord unlock, a retry);
+  task, chord unlock, a retry), and signs the tenant header when signing is on
+  (:mod:`tenant_celery.signing`);
 * ``task_prerun`` enters the tenant named by an incoming message for tasks that
   are *not* tenant tasks, so that whatever they publish carries it on; tenant
-  tasks enter their tenant themselves, with validation;
+  tasks enter their tenant themselves, with validation.  With signing on, a
+  header whose signature does not verify is not entered;
 * ``task_postrun`` restores the context a task started with.  It runs after
   chain and link callbacks have been published, which is why a task's tenant
   is not reset when its body returns.
@@ -24,19 +26,31 @@ from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from typing import Any
 
-from celery import Task, current_app
+from celery import Celery, Task, current_app
 from celery.app.task import Context
 from celery.signals import before_task_publish, task_postrun, task_prerun
 
+from . import signing
 from .config import header_name
 from .context import _current, _enter, current_tenant, parse_tenant_id
-from .errors import InvalidTenantId
+from .errors import ConfigurationError, InvalidTenantId, TenantCeleryError
 
 __all__ = ["header_from_request", "restore_after_task", "tenant_from_request"]
 
 logger = logging.getLogger("tenant_celery")
 
 _TOKEN_ATTR = "_tenant_celery_token"
+
+# The app whose task is being published, set by TenantTask.apply_async: the publish
+# hook is told the task's name only, and the current app may be another one.
+_publishing_app: ContextVar[Celery | None] = ContextVar(
+    "tenant_celery.publishing_app", default=None
+)
+
+
+def _app() -> Celery:
+    """The app a message is being published for: the tenant task's, else the current one."""
+    return _publishing_app.get() or current_app
 
 
 def header_from_request(request: Context, header: str) -> object | None:
@@ -87,13 +101,54 @@ def restore_after_task(request: Context, attr: str, var: ContextVar[str | None])
 
 
 @before_task_publish.connect(weak=False, dispatch_uid="tenant_celery.stamp_header")
-def _stamp_header(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    tenant = current_tenant()
-    if tenant is None or headers is None:
+def _stamp_header(headers: dict[str, Any] | None = None, body: object = None, **_: Any) -> None:
+    if headers is None:
         return
-    # ``headers`` is the message's own dict, built by Celery for this publish;
-    # an explicit tenant header (or one a retry carries over) is kept.
-    headers.setdefault(header_name(current_app), tenant)
+    app = _app()
+    tenant = current_tenant()
+    if tenant is not None:
+        # ``headers`` is the message's own dict, built by Celery for this publish;
+        # an explicit tenant header (or one a retry carries over) is kept.
+        headers.setdefault(header_name(app), tenant)
+    _sign_header(app, headers, tenant, body)
+
+
+def _sign_header(app: Celery, headers: dict[str, Any], tenant: str | None, body: object) -> None:
+    """Sign the message's tenant header when signing is on and this process named it.
+
+    The header is signed only when it names the tenant context the message is
+    published in: a header carried over from another message (a plain task's
+    retry copies its request's headers) or written by hand for another tenant
+    is never vouched for with this process's key.
+    """
+    try:
+        keys = signing.signing_keys(app)
+    except ConfigurationError:
+        headers.pop(signing.SIGNATURE_HEADER, None)  # never forward a stale one
+        raise
+    if not keys:
+        return
+    # A signature is only ever made here, for this message: drop a carried-over one.
+    headers.pop(signing.SIGNATURE_HEADER, None)
+    raw = headers.get(header_name(app))
+    if raw is None:
+        return
+    task_id, task_name = headers.get("id"), headers.get("task")
+    if isinstance(body, dict):  # task message protocol 1
+        task_id, task_name = body.get("id", task_id), body.get("task", task_name)
+    try:
+        named = parse_tenant_id(raw)
+    except InvalidTenantId:
+        return  # refused by the worker as invalid
+    if named != tenant or not isinstance(task_id, str) or not isinstance(task_name, str):
+        logger.warning(
+            "task %s[%s]: tenant header left unsigned, since it does not name the tenant "
+            "context it is published in; the worker will refuse it (publish it inside "
+            "tenant_context(...) of its tenant)",
+            task_name, task_id,
+        )  # fmt: skip
+        return
+    headers[signing.SIGNATURE_HEADER] = signing.sign_tenant(keys[0], named, task_id, task_name)
 
 
 @task_prerun.connect(weak=False, dispatch_uid="tenant_celery.carry_tenant")
@@ -101,20 +156,23 @@ def _carry_tenant(task: Task[Any, Any] | None = None, **_: Any) -> None:
     if task is None or getattr(task, "tenant_required", False):
         return
     request = task.request
-    raw = tenant_from_request(request, header_name(task.app))
-    if raw is None:
-        if request.is_eager:
+    tenant: str | None = None  # never inherit whatever a previous task left behind
+    try:
+        raw = tenant_from_request(request, header_name(task.app))
+        if raw is None and request.is_eager:
             return  # an eager task runs inside its caller's context already
-        tenant = None  # never inherit whatever a previous task left behind
-    else:
-        try:
+        if raw is not None:
             tenant = parse_tenant_id(raw)
-        except InvalidTenantId as exc:
-            logger.warning(
-                "task %s[%s] carries an invalid tenant header, not propagating it: %s",
-                task.name, request.id, exc,
-            )  # fmt: skip
-            tenant = None
+            if not request.is_eager:  # an eager caller is this process: nothing to verify
+                signature = header_from_request(request, signing.SIGNATURE_HEADER)
+                signing.check_signature(task.app, tenant, signature, request.id, task.name)
+    except TenantCeleryError as exc:
+        logger.warning(
+            "task %s[%s] carries a tenant header that is invalid or not signed, not "
+            "propagating it: %s",
+            task.name, request.id, exc,
+        )  # fmt: skip
+        tenant = None
     _remember(request, _enter(tenant))
 
 

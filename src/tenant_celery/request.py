@@ -21,10 +21,11 @@ from typing import Any
 from celery.concurrency.base import BasePool
 from celery.worker.request import Request
 
+from . import signing
 from .config import header_name
 from .context import _enter, _exit, parse_tenant_id
 from .correlation import CORRELATION_HEADER, message_correlation
-from .errors import InvalidTenantId
+from .errors import TenantCeleryError
 
 __all__ = ["TenantRequest"]
 
@@ -32,17 +33,25 @@ __all__ = ["TenantRequest"]
 class TenantRequest(Request):
     """Run the main process's handling of a message inside the message's tenant.
 
-    The tenant is read from the message header; a missing or invalid one
-    enters no tenant (never whatever the thread had).  A task class that sets
-    its own ``Request`` must derive it from this class.
+    The tenant is read from the message header; a missing or invalid one, or
+    with signing on one whose signature does not verify, enters no tenant
+    (never whatever the thread had).  A task class that sets its own
+    ``Request`` must derive it from this class.
     """
 
     @contextmanager
     def _message_tenant(self) -> Iterator[None]:
-        raw = self.request_dict.get(header_name(self.app))
+        message = self.request_dict
+        tenant: str | None = None
         try:
-            tenant = None if raw is None else parse_tenant_id(raw)
-        except InvalidTenantId:
+            raw = message.get(header_name(self.app))
+            if raw is not None:
+                tenant = parse_tenant_id(raw)
+                signature = message.get(signing.SIGNATURE_HEADER)
+                signing.check_signature(
+                    self.app, tenant, signature, message.get("id"), message.get("task")
+                )
+        except TenantCeleryError:
             tenant = None
         token = _enter(tenant)
         try:

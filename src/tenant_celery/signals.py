@@ -33,5 +33,6 @@ tenant_rejected = Signal(
     providing_args=["reason", "exc", "request"],
 )
 """Sent when a tenant task is refused before its body runs.  ``sender`` is the
-task; ``reason`` is ``"missing"``, ``"invalid"`` or ``"conflict"``; ``exc`` the
+task; ``reason`` is ``"missing"``, ``"invalid"`` or ``"conflict"``, and with
+signed tenant headers on, ``"unsigned"`` or ``"bad-signature"``; ``exc`` the
 exception the task fails with; ``request`` the task's request."""

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar,
 
 from celery import Celery, Task, shared_task
 from celery.app.task import Context
+from celery.utils import uuid
 
-from . import propagation
+from . import propagation, signing
 from .config import header_name
-from .context import _enter, current_tenant, parse_tenant_id, tenant_context
+from .context import _enter, _exit, current_tenant, parse_tenant_id, tenant_context
 from .errors import (
     ConfigurationError,
     InvalidTenantId,
@@ -62,7 +63,9 @@ class TenantTask(Task[_P, _R]):
     and sends nothing.  In the worker, a message with no tenant, an invalid
     one, or a header and argument that disagree, is refused before the body
     runs: the task fails (it is not retried), :data:`~tenant_celery.signals.tenant_rejected`
-    is sent and a warning is logged.
+    is sent and a warning is logged.  With signed tenant headers on
+    (:mod:`tenant_celery.signing`), so is a message whose tenant header is not
+    signed for it with an accepted key.
     """
 
     #: Handles, in the worker's main process, the failures that never reach the
@@ -147,8 +150,8 @@ class TenantTask(Task[_P, _R]):
         args: Sequence[Any] | None,
         kwargs: Mapping[str, Any] | None,
         headers: Mapping[str, Any] | None,
-    ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
-        """Resolve the tenant to publish with; return new args, kwargs and headers."""
+    ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any], str]:
+        """Resolve the tenant to publish with; return new args, kwargs, headers and it."""
         args = tuple(args or ())
         kwargs = kwargs or {}
         header = header_name(self.app)
@@ -164,6 +167,7 @@ class TenantTask(Task[_P, _R]):
             args,
             self._shape_kwargs(kwargs, tenant, positional),
             {**(headers or {}), header: tenant},
+            tenant,
         )
 
     def apply_async(
@@ -186,15 +190,30 @@ class TenantTask(Task[_P, _R]):
             TenantContextMissing: no explicit tenant and no tenant context.
             TenantConflict: explicit tenants disagree.
             InvalidTenantId: an explicit tenant is malformed.
+            ConfigurationError: the signing keys setting is unusable.
         """
-        if not self.tenant_required:
-            return super().apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow, **options
+        # The publish hook reads this task's app's settings, whichever app is current.
+        app_token = propagation._publishing_app.set(self.app)
+        try:
+            if not self.tenant_required:
+                return super().apply_async(
+                    args, kwargs, task_id, producer, link, link_error, shadow, **options
+                )
+            args, kwargs, options["headers"], tenant = self._prepare(
+                args, kwargs, options.get("headers")
             )
-        args, kwargs, options["headers"] = self._prepare(args, kwargs, options.get("headers"))
-        return super().apply_async(
-            args, kwargs, task_id, producer, link, link_error, shadow, **options
-        )
+            signing.signing_keys(self.app)  # refuse unusable keys here, not in the hook
+            # Publish inside the task's tenant: the hook signs the tenant header only
+            # when it names the context, and a tenant named here is the caller's choice.
+            token = _enter(tenant)
+            try:
+                return super().apply_async(
+                    args, kwargs, task_id, producer, link, link_error, shadow, **options
+                )
+            finally:
+                _exit(token)
+        finally:
+            propagation._publishing_app.reset(app_token)
 
     def apply(
         self,
@@ -213,10 +232,18 @@ class TenantTask(Task[_P, _R]):
         """Run the task in this process (eager), inside its tenant.
 
         The tenant is resolved as for :meth:`apply_async`, and the same errors
-        are raised before anything runs.
+        are raised before anything runs.  With signing on, the tenant header is
+        signed here (this process is the producer) and verified by the task as
+        a worker verifies it.
         """
         if self.tenant_required:
-            args, kwargs, headers = self._prepare(args, kwargs, headers)
+            args, kwargs, headers, tenant = self._prepare(args, kwargs, headers)
+            keys = signing.signing_keys(self.app)
+            if keys:
+                task_id = task_id or uuid()
+                headers[signing.SIGNATURE_HEADER] = signing.sign_tenant(
+                    keys[0], tenant, task_id, self.name
+                )
         return super().apply(
             args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
             headers, **options,
@@ -254,6 +281,15 @@ class TenantTask(Task[_P, _R]):
                     f"tenant task {self.name!r} received a message without a tenant; "
                     "publish it inside tenant_context(...) or pass tenant_id=..."
                 )
+            # With signing on, only a signed header names a tenant: one named by the
+            # arguments alone counts as unsigned.
+            signature = propagation.header_from_request(request, signing.SIGNATURE_HEADER)
+            signing.check_signature(
+                self.app, tenant, None if raw is None else signature, request.id, self.name
+            )
+        except signing.TenantSignatureError as exc:
+            self._refuse(request, exc, exc.reason)
+            raise
         except TenantContextMissing as exc:
             self._refuse(request, exc, "missing")
             raise

@@ -34,5 +34,5 @@ def test_every_exception_is_in_the_exceptions_reference() -> None:
     assert sorted(documented) == sorted(errors.__all__)
     assert ".. automodule:: tenant_celery.errors" in page  # the hierarchy, from errors.py
     for name in errors.__all__:
-        drawn = re.search(rf"^\s+(?:[├└]── )?{name}\b", errors.__doc__ or "", re.M)
+        drawn = re.search(rf"^\s+(?:[│ ]*[├└]── )?{name}\b", errors.__doc__ or "", re.M)
         assert drawn, f"{name} is missing from the hierarchy drawn in errors.py"
