@@ -1,0 +1,31 @@
+"""tenant-celery's reliability suite: ``python -m reliability [--size smoke|default|full]``.
+
+It proves the package's promises with figures, against real services, and
+exits non-zero when one is broken:
+
+``load`` (:mod:`reliability.load`)
+    isolation under load: at least 20 tenants and 20,000 tasks (reads,
+    writes, child tasks, chains, retries) through real workers on the
+    prefork, threads and solo pools, over Redis and the PostgreSQL broker;
+    every task records the tenant it ran as and the tenants whose rows it
+    could see.  Cross-tenant observations, lost writes and tasks unaccounted
+    for must all be 0;
+``leaks`` (:mod:`reliability.leaks`)
+    after the load, every pooled connection of every worker process reads
+    the tenant setting as empty between transactions;
+``faults`` (:mod:`reliability.faults`)
+    a killed database connection, a killed worker, a restarted Redis and an
+    unreachable database are survived, each task completing in its tenant;
+``hostile`` (:mod:`reliability.hostile`)
+    generated hostile tenant ids and headers are refused: a clear error,
+    nothing written, nothing seen.
+
+The runner (:mod:`reliability.runner`) creates a scratch database and roles
+with the benchmark suite's helpers (:mod:`benchmarks._scratch`), starts real
+``celery worker`` processes with :func:`benchmarks._workers.start_worker`,
+prints a summary table and one table per part, and writes
+``reliability/results/latest.json`` and ``latest.md`` (the Reliability page
+of the docs includes the latter).  A part is written against
+:mod:`reliability._common`, whose docstring is the parts' interface.  This
+package is not part of the wheel.
+"""

@@ -1,0 +1,994 @@
+"""Faults injected into real workers, and what survived them.
+
+Four faults, each one scenario function that starts real ``celery worker``
+processes (the app is :mod:`tests.integration.faults_app`), injects the fault
+while tasks are running, and reads back what every task did from the
+``fault_runs`` table:
+
+:func:`connection_killed`
+    (a) the task's database connection is terminated (``pg_terminate_backend``)
+    while it sleeps in a statement.  The task retries on ``OperationalError``
+    (``autoretry_for``) and must complete on a new connection, reading its own
+    tenant in the retried transaction; later tasks in the same worker process
+    must succeed on the recovered pool.
+:func:`worker_killed`
+    (b) a prefork worker (main process and children) is SIGKILLed while its
+    late-acknowledged tasks run.  A fresh worker on the same queue must run
+    every task to completion in its tenant: RabbitMQ gives the unacknowledged
+    messages back when the connection drops, Redis once their
+    ``visibility_timeout`` has passed.
+:func:`redis_restarted`
+    (c) a private Redis (append-only file, ``appendfsync always``) is killed
+    and restarted while a worker drains a batch.  The worker must reconnect
+    and every message published before the restart, and one batch after,
+    must complete.  Without persistence a restarted Redis is empty, by
+    design: the claim is about what Redis acknowledged.
+:func:`database_unreachable`
+    (d) the database sits behind a TCP proxy that is down when the worker
+    starts.  The worker's ``/health`` must answer 503 naming the database
+    while the worker stays up, then 200 once the proxy is back, and a task
+    published meanwhile must complete.
+
+A scenario takes a :class:`Setup` (the database), brokers, and a ``launch``
+callable that starts a worker for a :class:`WorkerSpec` and returns a handle
+with ``pid`` (also its process group), ``alive``, ``log_text()`` and
+``stop()``.  The pytest tests (``tests/integration/test_faults.py``) launch
+through the test rig's worker factory, :func:`run` through
+:func:`benchmarks._workers.start_worker`.  A scenario returns a
+:class:`FaultResult` whose ``problems`` name every broken promise (empty: the
+fault was survived) and raises only when it cannot run at all.  Tasks that
+completed more than once (a redelivered message whose first run had already
+finished) are reported as duplicates, not problems: late acknowledgement
+promises at least once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import kombu
+import redis
+import sqlalchemy as sa
+from celery import Celery
+from sqlalchemy.engine import URL, Engine
+from tests._rig import appconf
+from tests._rig.redis_server import RedisServer, RedisServerUnavailable, private_redis
+from tests._rig.tcp_proxy import TcpProxy
+from tests.integration import faults_app
+
+from tenant_celery import tenant_context
+
+if TYPE_CHECKING:
+    from reliability._common import ReliabilityContext, Section
+
+__all__ = [
+    "FaultResult",
+    "Launch",
+    "RunningWorker",
+    "Setup",
+    "WorkerSpec",
+    "connection_killed",
+    "database_unreachable",
+    "prepare",
+    "redis_restarted",
+    "run",
+    "worker_killed",
+]
+
+APP_MODULE = faults_app.__name__
+MONITOR_PORT_ENV = "TENANT_CELERY_MONITOR_PORT"
+DATABASE_URL_ENV = "TENANT_CELERY_DATABASE_URL"
+_LISTENING = re.compile(r"worker monitor listening on (http://[0-9.]+:\d+)")
+_POLL = 0.2
+
+
+class RunningWorker(Protocol):
+    """What a scenario needs of a started worker."""
+
+    @property
+    def pid(self) -> int:
+        """The main process, also the id of its process group."""
+        ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def log_text(self) -> str: ...
+
+    def stop(self) -> object:
+        """Stop it (if still running) and reap the whole process group."""
+        ...
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """A worker to start: broker, result backend, queue, database, pool and extras."""
+
+    broker_url: str
+    backend_url: str
+    queue: str
+    database_url: str
+    """The tasks' database as the app role (SQLAlchemy URL)."""
+    pool: str = "prefork"
+    concurrency: int = 2
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+    def environment(self) -> dict[str, str]:
+        """Variables the worker needs besides the inherited ones."""
+        return {
+            appconf.BROKER_URL_ENV: self.broker_url,
+            appconf.BACKEND_URL_ENV: self.backend_url,
+            appconf.QUEUE_ENV: self.queue,
+            appconf.APP_DATABASE_URL_ENV: self.database_url,
+            **self.environ,
+        }
+
+    def arguments(self) -> list[str]:
+        """Command-line options, after any the launcher adds (``-Q``: the last one counts)."""
+        return ["-Q", self.queue, "--prefetch-multiplier=1"]
+
+
+Launch = Callable[[WorkerSpec], RunningWorker]
+"""Start a worker for a :class:`WorkerSpec` and return once it is ready."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The database a scenario runs against."""
+
+    admin_url: URL
+    """Superuser: creates ``fault_runs``, reads it past RLS, terminates backends."""
+    app_url: URL
+    """The same database as the app role the tasks connect as."""
+    app_role: str
+
+
+@dataclass
+class FaultResult:
+    """What one injected fault did, and what survived it."""
+
+    fault: str
+    broker: str
+    pool: str
+    injected: int = 0
+    survived: int = 0
+    published: int = 0
+    executions: int = 0
+    """Runs of a task body: ``started`` rows, and each run of a held connection's task."""
+    cross_tenant: int = 0
+    """Rows recorded under a tenant other than the one the task was published for."""
+    unaccounted: int = 0
+    """Published tasks with no completed run."""
+    duplicates: int = 0
+    """Tasks that completed more than once."""
+    tenants: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.injected > 0 and self.survived == self.injected
+
+    def require(self, condition: bool, problem: str) -> bool:
+        if not condition:
+            self.problems.append(problem)
+        return condition
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+class FaultError(RuntimeError):
+    """A fault scenario could not run (not: a fault was not survived)."""
+
+
+# ------------------------------------------------------------------ the runs table
+
+
+def render(url: URL) -> str:
+    return url.render_as_string(hide_password=False)
+
+
+def prepare(setup: Setup) -> None:
+    """Create ``fault_runs`` (RLS on, granted to the app role) if it is missing."""
+    engine = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    try:
+        with engine.begin() as conn:
+            faults_app.create_runs_table(conn, setup.app_role)
+    finally:
+        engine.dispose()
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of ``fault_runs``."""
+
+    task_id: str
+    tenant_id: str
+    phase: str
+    attempt: int
+    worker_pid: int
+    backend_pid: int
+    guc_tenant: str | None
+    recorded_at: float
+    """Seconds since the epoch (the database's clock: the same machine's)."""
+
+
+_SELECT_RUNS = sa.text(
+    "SELECT task_id, tenant_id::text, phase, attempt, worker_pid, backend_pid, guc_tenant,"
+    f" extract(epoch FROM recorded_at)::float8 FROM {faults_app.RUNS_TABLE}"
+    " WHERE task_id = ANY(:ids) ORDER BY id"
+)
+
+
+def read_runs(engine: Engine, task_ids: Sequence[str]) -> list[Run]:
+    with engine.connect() as conn:
+        return [Run(*row) for row in conn.execute(_SELECT_RUNS, {"ids": list(task_ids)})]
+
+
+def done_ids(runs: Sequence[Run]) -> set[str]:
+    return {run.task_id for run in runs if run.phase == "done"}
+
+
+def wait_done(
+    engine: Engine, expected: Mapping[str, str], timeout: float, worker: RunningWorker | None = None
+) -> list[Run]:
+    """Poll until every task of ``expected`` has a ``done`` row, or ``timeout`` passes
+    (or ``worker`` dies); return the rows read last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = read_runs(engine, list(expected))
+        if done_ids(runs) >= set(expected) or time.monotonic() > deadline:
+            return runs
+        if worker is not None and not worker.alive:
+            return runs
+        time.sleep(_POLL)
+
+
+def account(result: FaultResult, expected: Mapping[str, str], runs: Sequence[Run]) -> None:
+    """Count executions, completions, wrong tenants and duplicates into ``result``."""
+    result.published += len(expected)
+    result.tenants = max(result.tenants, len(set(expected.values())))
+    result.executions += sum(1 for run in runs if run.phase == "started")
+    done = Counter(run.task_id for run in runs if run.phase == "done")
+    wrong = [
+        run
+        for run in runs
+        if run.tenant_id != expected[run.task_id] or run.guc_tenant != expected[run.task_id]
+    ]
+    result.cross_tenant += len(wrong)
+    missing = [task_id for task_id in expected if not done[task_id]]
+    result.unaccounted += len(missing)
+    duplicates = {task_id: count for task_id, count in done.items() if count > 1}
+    result.duplicates += len(duplicates)
+    result.require(not wrong, f"{len(wrong)} rows recorded under another tenant")
+    result.require(
+        not missing, f"{len(missing)} of {len(expected)} tasks never completed: {missing[:3]}"
+    )
+    if duplicates:
+        result.details.setdefault("completed_twice", []).extend(sorted(duplicates))
+
+
+# ---------------------------------------------------------------------- publishing
+
+
+def new_tenants(count: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(count)]
+
+
+def publish(
+    app: Celery, name: str, tenants: Sequence[str], count: int, **kwargs: Any
+) -> dict[str, str]:
+    """Send ``count`` tasks ``name`` round-robin over ``tenants``; ``{task id: tenant}``."""
+    sent = {}
+    for index in range(count):
+        tenant = tenants[index % len(tenants)]
+        with tenant_context(tenant):
+            sent[app.send_task(name, kwargs=kwargs).id] = tenant
+    return sent
+
+
+@contextlib.contextmanager
+def publisher(broker_url: str, queue: str) -> Iterator[Celery]:
+    app = faults_app.client(broker_url, queue)
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+def drop_queue(broker_url: str, queue: str) -> None:
+    """Delete ``queue`` (and what a worker declared for it) from Redis or RabbitMQ."""
+    with contextlib.suppress(Exception):
+        if broker_url.startswith("redis"):
+            client = redis.Redis.from_url(broker_url, socket_connect_timeout=3)
+            try:
+                client.delete(queue, f"_kombu.binding.{queue}")
+            finally:
+                client.close()
+        elif broker_url.startswith("amqp"):
+            with kombu.Connection(broker_url, connect_timeout=3) as conn:
+                channel: Any = conn.default_channel
+                channel.queue_delete(queue)
+                channel.exchange_delete(queue)
+
+
+def new_queue(kind: str) -> str:
+    return f"tc.faults.{kind}.{uuid.uuid4().hex[:10]}"
+
+
+@contextlib.contextmanager
+def workers(launch: Launch) -> Iterator[Callable[[WorkerSpec], RunningWorker]]:
+    """A ``launch`` whose workers are all stopped when the block ends."""
+    started: list[RunningWorker] = []
+
+    def start(spec: WorkerSpec) -> RunningWorker:
+        worker = launch(spec)
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in reversed(started):
+            worker.stop()
+
+
+def kill_worker(worker: RunningWorker) -> None:
+    """SIGKILL the worker's whole process group (main process and pool children) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGKILL)
+    worker.stop()
+
+
+# ------------------------------------------------------- (a) connection killed mid-task
+
+_SLEEPING_BACKEND = sa.text(
+    "SELECT pid FROM pg_stat_activity"
+    " WHERE application_name = :name AND datname = current_database()"
+    " AND wait_event = 'PgSleep'"
+)
+_TERMINATE = sa.text("SELECT pg_terminate_backend(:pid)")
+_ALIVE_BACKENDS = sa.text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(:pids)")
+
+
+def _sleeping_backend(engine: Engine, marker: str, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            pid = conn.execute(_SLEEPING_BACKEND, {"name": marker}).scalar()
+        if pid is not None:
+            return int(pid)
+        time.sleep(0.05)
+    return None
+
+
+def connection_killed(
+    setup: Setup,
+    launch: Launch,
+    *,
+    broker_url: str,
+    backend_url: str,
+    kills: int = 1,
+    later: int = 4,
+    timeout: float = 60.0,
+) -> FaultResult:
+    """(a) Terminate the database connection of ``kills`` tasks mid-statement, one after
+    another, in one prefork worker process; then run ``later`` tasks in it.
+
+    Survived when each killed task completed once, retried, on another backend,
+    with the tenant setting it was published for read in the retried
+    transaction; and when every later task completed, in its tenant, on a
+    live backend of the same process.
+    """
+    result = FaultResult("connection killed mid-task", _label(broker_url), "prefork 1")
+    queue = new_queue("connection")
+    tenants = new_tenants(2)
+    spec = WorkerSpec(broker_url, backend_url, queue, render(setup.app_url), concurrency=1)
+    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    killed: dict[str, int] = {}
+    expected: dict[str, str] = {}
+    after: dict[str, str] = {}
+    try:
+        with workers(launch) as start, publisher(broker_url, queue) as app:
+            worker = start(spec)
+            for index in range(kills):
+                marker = f"tcfault-{uuid.uuid4().hex[:12]}"
+                sent = publish(
+                    app, faults_app.HOLD_CONNECTION, [tenants[index % 2]], 1,
+                    marker=marker, hold=timeout,
+                )  # fmt: skip
+                expected.update(sent)
+                backend = _sleeping_backend(admin, marker, timeout)
+                if backend is None:
+                    result.problems.append(f"a task never held its connection within {timeout}s")
+                    break
+                with admin.connect() as conn:
+                    terminated = conn.execute(_TERMINATE, {"pid": backend}).scalar()
+                    conn.commit()
+                if result.require(bool(terminated), f"backend {backend} was not terminated"):
+                    killed.update(dict.fromkeys(sent, backend))
+                    result.injected += 1
+                wait_done(admin, sent, timeout, worker)
+            after = publish(app, faults_app.RECORD, tenants, later)
+            expected.update(after)
+            runs = wait_done(admin, expected, timeout, worker)
+            result.require(worker.alive, "the worker died")
+        with admin.connect() as conn:
+            still = list(conn.execute(_ALIVE_BACKENDS, {"pids": list(killed.values())}).scalars())
+    finally:
+        admin.dispose()
+        drop_queue(broker_url, queue)
+    _judge_connection_killed(result, expected, runs, killed, set(after), still)
+    return result
+
+
+def _judge_connection_killed(
+    result: FaultResult,
+    expected: Mapping[str, str],
+    runs: Sequence[Run],
+    killed: Mapping[str, int],
+    after: set[str],
+    still: Sequence[int],
+) -> None:
+    account(result, expected, runs)
+    done = [run for run in runs if run.phase == "done"]
+    retried = {run.task_id: run for run in done if run.task_id in killed}
+    # The held task records only its last run: the killed attempt rolled back.
+    result.executions += len(killed) + len(retried)
+    for task_id, backend in killed.items():
+        run = retried.get(task_id)
+        if run is None:
+            continue  # counted by account()
+        fine = result.require(run.attempt >= 1, f"task {task_id} completed without a retry")
+        fine &= result.require(
+            run.backend_pid != backend, f"task {task_id} completed on the killed backend {backend}"
+        )
+        if fine and run.guc_tenant == expected[task_id]:
+            result.survived += 1
+    later_runs = [run for run in done if run.task_id in after]
+    pids = {run.worker_pid for run in done}
+    result.require(
+        not set(killed.values()) & {run.backend_pid for run in later_runs},
+        "a later task ran on a killed backend",
+    )
+    result.require(len(pids) == 1, f"tasks ran in {len(pids)} processes, expected one: {pids}")
+    result.require(not still, f"killed backends still connected: {still}")
+    result.details.update(
+        killed=[
+            {
+                "task_id": task_id,
+                "killed_backend": backend,
+                "retried_on_backend": retried[task_id].backend_pid if task_id in retried else None,
+                "attempt": retried[task_id].attempt if task_id in retried else None,
+                "tenant_read_in_retry": (
+                    task_id in retried and retried[task_id].guc_tenant == expected[task_id]
+                ),
+            }
+            for task_id, backend in killed.items()
+        ],
+        later_tasks=len(after),
+        later_completed=len({run.task_id for run in later_runs}),
+        later_backends=sorted({run.backend_pid for run in later_runs}),
+        worker_processes=sorted(pids),
+    )
+
+
+# ------------------------------------------------------------ (b) worker SIGKILLed
+
+
+def worker_killed(
+    setup: Setup,
+    launch: Launch,
+    *,
+    broker_url: str,
+    backend_url: str,
+    tasks: int = 4,
+    hold: float = 2.0,
+    visibility_timeout: float = 8.0,
+    timeout: float = 90.0,
+) -> FaultResult:
+    """(b) SIGKILL a prefork worker (concurrency 2, late acks, prefetch 1) while two
+    tasks run, start a fresh worker on the same queue, and wait for every task.
+
+    On Redis the fresh worker restores the unacknowledged messages once
+    ``visibility_timeout`` seconds have passed since their delivery; keep
+    ``hold`` well under it, or a task still running is handed out twice.
+
+    Survived when the tasks that were running when the worker died ran again
+    and completed, and every task completed in its tenant.
+    """
+    result = FaultResult("worker SIGKILLed mid-task", _label(broker_url), "prefork 2")
+    queue = new_queue("sigkill")
+    tenants = new_tenants(2)
+    spec = WorkerSpec(
+        broker_url,
+        backend_url,
+        queue,
+        render(setup.app_url),
+        environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+    )
+    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    try:
+        with workers(launch) as start, publisher(broker_url, queue) as app:
+            first = start(spec)
+            expected = publish(app, faults_app.RECORD, tenants, tasks, hold=hold)
+            deadline = time.monotonic() + timeout
+            while True:
+                runs = read_runs(admin, list(expected))
+                running = {r.task_id for r in runs if r.phase == "started"} - done_ids(runs)
+                if len(running) >= spec.concurrency or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            killed_at = time.time()
+            kill_worker(first)
+            result.injected = 1
+            before = read_runs(admin, list(expected))
+            in_flight = {r.task_id for r in before if r.phase == "started"} - done_ids(before)
+            result.require(bool(in_flight), "no task was running when the worker was killed")
+            second = start(spec)
+            second_ready = time.time() - killed_at
+            runs = wait_done(admin, expected, timeout, second)
+            result.require(second.alive, "the second worker died")
+    finally:
+        admin.dispose()
+        drop_queue(broker_url, queue)
+    account(result, expected, runs)
+    again = [r for r in runs if r.task_id in in_flight and r.phase == "started"]
+    redelivered = {r.task_id for r in again if r.recorded_at > killed_at}
+    first_rerun = min((r.recorded_at for r in again if r.recorded_at > killed_at), default=None)
+    result.require(
+        redelivered >= in_flight,
+        f"tasks running at the kill never ran again: {sorted(in_flight - redelivered)}",
+    )
+    if not result.problems:
+        result.survived = 1
+    result.details.update(
+        published=len(expected),
+        in_flight_at_kill=sorted(in_flight),
+        redelivered=sorted(redelivered),
+        seconds_to_new_worker=round(second_ready, 2),
+        seconds_to_redelivery=None if first_rerun is None else round(first_rerun - killed_at, 2),
+        visibility_timeout=visibility_timeout if broker_url.startswith("redis") else None,
+    )
+    return result
+
+
+# ------------------------------------------------------------ (c) Redis restarted
+
+
+def _redis_counts(url: str, queue: str) -> dict[str, int]:
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        return {"queued": int(client.llen(queue)), "unacked": int(client.hlen("unacked"))}
+    finally:
+        client.close()
+
+
+def redis_restarted(
+    setup: Setup,
+    launch: Launch,
+    server: RedisServer,
+    *,
+    backend_url: str,
+    tasks: int = 30,
+    after: int = 10,
+    hold: float = 0.2,
+    down: float = 1.0,
+    visibility_timeout: float = 6.0,
+    timeout: float = 120.0,
+) -> FaultResult:
+    """(c) Kill ``server`` (SIGKILL) while a worker drains ``tasks`` late-acknowledged
+    tasks, start it again ``down`` seconds later on the same port and data, publish
+    ``after`` more, and wait for all of them.
+
+    ``server`` must persist every write (append-only file, ``appendfsync
+    always``): what Redis acknowledged before the kill is what must survive.
+
+    Survived when the worker reconnected on its own, and every task published
+    before and after the restart completed in its tenant.
+    """
+    result = FaultResult("Redis restarted under load", "redis", "prefork 2")
+    if not server.appendonly:
+        raise FaultError("the Redis restart needs a server with appendonly=True")
+    queue = new_queue("restart")
+    tenants = new_tenants(3)
+    spec = WorkerSpec(
+        server.url,
+        backend_url,
+        queue,
+        render(setup.app_url),
+        environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+    )
+    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    try:
+        with workers(launch) as start, publisher(server.url, queue) as app:
+            worker = start(spec)
+            expected = publish(app, faults_app.RECORD, tenants, tasks, hold=hold)
+            deadline = time.monotonic() + timeout
+            while len(done_ids(read_runs(admin, list(expected)))) < max(1, tasks // 5):
+                if time.monotonic() > deadline or not worker.alive:
+                    raise FaultError(f"no task completed before the restart:\n{_tail(worker)}")
+                time.sleep(0.05)
+            killed_at = time.time()
+            server.kill(signal.SIGKILL)
+            result.injected = 1
+            before = read_runs(admin, list(expected))
+            started_before = {r.task_id for r in before if r.phase == "started"}
+            pending = set(expected) - done_ids(before)
+            time.sleep(down)
+            server.start()
+            up_at = time.time()
+            stored = _redis_counts(server.url, queue)
+            later = publish(app, faults_app.RECORD, tenants, after, hold=hold)
+            expected.update(later)
+            runs = wait_done(admin, expected, timeout, worker)
+            result.require(worker.alive, "the worker died")
+    finally:
+        admin.dispose()
+    account(result, expected, runs)
+    fresh = [
+        r.recorded_at
+        for r in runs
+        if r.phase == "started" and r.task_id not in started_before and r.recorded_at > up_at
+    ]
+    result.require(bool(pending), "every task had completed before Redis was killed")
+    result.require(bool(fresh), "the worker took no message from the restarted Redis")
+    if not result.problems:
+        result.survived = 1
+    result.details.update(
+        published_before=tasks,
+        published_after=after,
+        pending_at_kill=len(pending),
+        in_redis_after_restart=stored,
+        redis_down_seconds=round(up_at - killed_at, 2),
+        reconnect_seconds=round(min(fresh) - up_at, 2) if fresh else None,
+    )
+    return result
+
+
+# ------------------------------------------------------- (d) database unreachable
+
+
+@dataclass(frozen=True)
+class Health:
+    status: int
+    body: dict[str, Any]
+
+
+def get_health(base_url: str, timeout: float = 10.0) -> Health:
+    """``GET <base_url>/health``; an HTTP error status is returned, not raised."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=timeout) as reply:
+            return Health(reply.status, json.loads(reply.read()))
+    except urllib.error.HTTPError as error:
+        with error:
+            return Health(error.code, json.loads(error.read()))
+
+
+def wait_health(base_url: str, status: int, timeout: float) -> Health:
+    """Poll ``/health`` (its answer is cached for a moment) until it answers ``status``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = get_health(base_url)
+        if health.status == status or time.monotonic() > deadline:
+            return health
+        time.sleep(0.25)
+
+
+def monitor_url(worker: RunningWorker, timeout: float = 20.0) -> str:
+    """The monitor's base URL, from the line the worker logs when it is ready."""
+    deadline = time.monotonic() + timeout
+    while True:
+        match = _LISTENING.search(worker.log_text())
+        if match:
+            return match.group(1)
+        if time.monotonic() > deadline:
+            raise FaultError(f"the worker monitor never said where it listens:\n{_tail(worker)}")
+        time.sleep(0.1)
+
+
+def database_target(url: URL) -> tuple[str, int] | str:
+    """Where ``url``'s server listens: ``(host, port)``, or a Unix socket path."""
+    host = url.query.get("host") or url.host or "127.0.0.1"
+    host = host if isinstance(host, str) else host[-1]
+    port = url.port or int(str(url.query.get("port") or 5432))
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{port}"
+    return host, port
+
+
+def through(url: URL, proxy: TcpProxy) -> URL:
+    """``url`` with its server replaced by ``proxy``."""
+    query = {key: value for key, value in url.query.items() if key not in {"host", "port"}}
+    return url.set(host="127.0.0.1", port=proxy.port, query=query)
+
+
+def database_unreachable(
+    setup: Setup,
+    launch: Launch,
+    *,
+    broker_url: str,
+    backend_url: str,
+    down: float = 3.0,
+    timeout: float = 60.0,
+) -> FaultResult:
+    """(d) Start a worker whose database (its tasks' and ``/health``'s) is behind a
+    stopped proxy; publish a task; bring the proxy up after ``down`` seconds.
+
+    ``backend_url`` must not be the database (use the broker's Redis).
+
+    Survived when ``/health`` answered 503 naming the database while it was
+    away, the worker stayed up, ``/health`` answered 200 once it was back, and
+    the task published meanwhile completed in its tenant.
+    """
+    result = FaultResult("database unreachable at start", _label(broker_url), "prefork 2")
+    queue = new_queue("nodb")
+    tenants = new_tenants(1)
+    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    try:
+        with (
+            TcpProxy(database_target(setup.admin_url)) as proxy,
+            workers(launch) as start,
+            publisher(broker_url, queue) as app,
+        ):
+            proxied = render(through(setup.app_url, proxy))
+            spec = WorkerSpec(
+                broker_url,
+                backend_url,
+                queue,
+                proxied,
+                environ={MONITOR_PORT_ENV: "0", DATABASE_URL_ENV: proxied},
+            )
+            worker = start(spec)
+            result.injected = 1
+            base = monitor_url(worker)
+            away = get_health(base)
+            expected = publish(app, faults_app.RECORD, tenants, 1)
+            time.sleep(down)
+            still = get_health(base)
+            alive_while_away = worker.alive
+            proxy.start()
+            back_at = time.monotonic()
+            back = wait_health(base, 200, timeout)
+            recovered = round(time.monotonic() - back_at, 2)
+            runs = wait_done(admin, expected, timeout, worker)
+            result.require(worker.alive, "the worker died after the database came back")
+    finally:
+        admin.dispose()
+        drop_queue(broker_url, queue)
+    account(result, expected, runs)
+    database = str(away.body.get("database", ""))
+    result.require(away.status == 503, f"/health answered {away.status} with the database away")
+    result.require(
+        database not in {"", "ok", "not configured"} and str(proxy.port) in database,
+        f"/health does not name the unreachable database: {away.body}",
+    )
+    result.require(away.body.get("broker") == "ok", f"/health blames the broker: {away.body}")
+    result.require(still.status == 503, f"/health answered {still.status} {down}s later")
+    result.require(alive_while_away, "the worker exited while the database was away")
+    result.require(back.status == 200, f"/health still {back.status} after the database came back")
+    attempts = [r.attempt for r in runs if r.phase == "done"]
+    if not result.problems:
+        result.survived = 1
+    result.details.update(
+        health_while_away={"status": away.status, "body": away.body},
+        health_after={"status": back.status, "body": back.body},
+        seconds_to_healthy=recovered,
+        task_retries_while_away=attempts[0] if attempts else None,
+    )
+    return result
+
+
+# ---------------------------------------------------------------------- the suite
+
+
+def _label(broker_url: str) -> str:
+    return broker_url.split(":", 1)[0].replace("amqp", "rabbitmq")
+
+
+def _tail(worker: RunningWorker, lines: int = 30) -> str:
+    return "\n".join(worker.log_text().splitlines()[-lines:])
+
+
+def _failed(fault: str, broker: str, pool: str, exc: BaseException) -> FaultResult:
+    result = FaultResult(fault, broker, pool, injected=1)
+    result.problems.append(f"could not run: {type(exc).__name__}: {exc}"[:2000])
+    return result
+
+
+def _summary(result: FaultResult) -> str:
+    details = result.details
+    if result.problems:
+        return "; ".join(result.problems)[:300]
+    if "killed" in details:
+        return (
+            f"connections killed: {len(details['killed'])}; each task retried on a new one "
+            f"in its tenant; later tasks on the recovered pool: "
+            f"{details['later_completed']}/{details['later_tasks']}"
+        )
+    if "in_flight_at_kill" in details:
+        return (
+            f"running at the kill: {len(details['in_flight_at_kill'])}, all run again "
+            f"{details['seconds_to_redelivery']} s later"
+        )
+    if "reconnect_seconds" in details:
+        return (
+            f"pending at the kill: {details['pending_at_kill']}, none lost; reconnected "
+            f"{details['reconnect_seconds']} s after Redis was back"
+        )
+    return (
+        f"503 naming the database while away, worker up; 200 "
+        f"{details['seconds_to_healthy']} s after it came back; its task retried "
+        f"{details['task_retries_while_away']} times, then completed"
+    )
+
+
+@dataclass
+class _SuiteWorker:
+    """A :class:`benchmarks._workers.Worker` seen as a :class:`RunningWorker`."""
+
+    worker: Any
+
+    @property
+    def pid(self) -> int:
+        return int(self.worker.process.pid)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.worker.process.poll() is None)
+
+    def log_text(self) -> str:
+        try:
+            return str(self.worker.log_path.read_text(errors="replace"))
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+
+def _suite_launcher(ctx: ReliabilityContext) -> Launch:
+    from benchmarks._workers import Transport, start_worker  # noqa: PLC0415
+
+    def launch(spec: WorkerSpec) -> RunningWorker:
+        transport = Transport(
+            f"faults-{_label(spec.broker_url)}", spec.broker_url, spec.backend_url
+        )
+        worker = start_worker(
+            ctx,
+            transport,
+            pool=spec.pool,
+            concurrency=spec.concurrency,
+            app_module=APP_MODULE,
+            client=lambda broker, _backend, queue: faults_app.client(broker, queue),
+            environ=spec.environment(),
+            options=spec.arguments(),
+        )
+        return _SuiteWorker(worker)
+
+    return launch
+
+
+def run(ctx: ReliabilityContext) -> Section:
+    """Inject every fault (connection kills: 1, 2 or 3 by size) and report what survived."""
+    from reliability._common import Section, Tally  # noqa: PLC0415
+
+    setup = Setup(admin_url=ctx.admin_url, app_url=ctx.app_url, app_role=ctx.app_role)
+    prepare(setup)
+    launch = _suite_launcher(ctx)
+    pg_backend = "db+" + render(ctx.app_url)
+    redis_url = ctx.redis_db(15)
+    results: list[FaultResult] = []
+
+    def attempt(fault: str, broker: str, scenario: Callable[[], FaultResult]) -> None:
+        ctx.say(f"faults: {fault} ({broker})")
+        try:
+            outcome = scenario()
+        except Exception as exc:  # a scenario that cannot run is a fault not survived
+            outcome = _failed(fault, broker, "prefork 2", exc)
+        results.append(outcome)
+
+    attempt(
+        "connection killed mid-task",
+        "redis",
+        lambda: connection_killed(
+            setup,
+            launch,
+            broker_url=redis_url,
+            backend_url=redis_url,
+            kills=ctx.pick(smoke=1, default=2, full=3),
+        ),
+    )
+    with contextlib.ExitStack() as stack:
+        server: RedisServer | None = None
+        unavailable: Exception | None = None
+        try:
+            server = stack.enter_context(private_redis())
+        except RedisServerUnavailable as exc:
+            unavailable = exc
+
+        def own_redis() -> RedisServer:
+            if server is None:
+                raise unavailable or FaultError("no private redis-server")
+            return server
+
+        attempt(
+            "worker SIGKILLed mid-task",
+            "redis",
+            lambda: worker_killed(
+                setup, launch, broker_url=own_redis().url, backend_url=pg_backend
+            ),
+        )
+        attempt(
+            "worker SIGKILLed mid-task",
+            "rabbitmq",
+            lambda: worker_killed(setup, launch, broker_url=ctx.amqp_url, backend_url=pg_backend),
+        )
+        attempt(
+            "Redis restarted under load",
+            "redis",
+            lambda: redis_restarted(
+                setup,
+                launch,
+                own_redis(),
+                backend_url=pg_backend,
+                tasks=ctx.pick(smoke=20, default=40, full=100),
+            ),
+        )
+    attempt(
+        "database unreachable at start",
+        "redis",
+        lambda: database_unreachable(setup, launch, broker_url=redis_url, backend_url=redis_url),
+    )
+
+    table = ctx.report(
+        "Faults injected and survived",
+        ["fault", "broker", "pool", "injected", "survived", "tasks", "duplicates", "evidence"],
+        [
+            [
+                r.fault,
+                r.broker,
+                r.pool,
+                r.injected,
+                r.survived,
+                r.published,
+                r.duplicates,
+                _summary(r),
+            ]
+            for r in results
+        ],
+        notes=[
+            "tasks: published in the scenario; every one must complete in its tenant, "
+            "read back from an RLS table past RLS.",
+            "duplicates: tasks that completed twice (late acknowledgement is at least once).",
+        ],
+    )
+    section = Section(key="faults", title="Faults injected and survived")
+    section.tables.append(table)
+    section.data = {"faults": [r.to_json() for r in results]}
+    section.tally = Tally(
+        tasks_run=sum(r.executions for r in results),
+        tenants=max((r.tenants for r in results), default=0),
+        pools=sorted({r.pool for r in results}),
+        brokers=sorted({r.broker for r in results}),
+        cross_tenant_observations=sum(r.cross_tenant for r in results),
+        tasks_unaccounted=sum(r.unaccounted for r in results),
+        faults_injected=sum(r.injected for r in results),
+        faults_survived=sum(r.survived for r in results),
+    )
+    for r in results:
+        section.violations.extend(f"{r.fault} ({r.broker}): {problem}" for problem in r.problems)
+    return section

@@ -1,0 +1,148 @@
+"""Faults injected into real workers, and survived: the scenarios of :mod:`reliability.faults`.
+
+Each test runs one scenario -- the same code the reliability suite runs --
+through the rig's worker factory, then checks its verdict and the evidence
+behind it.  Tasks record every run in an RLS-protected table as ``app_user``
+(:mod:`tests.integration.faults_app`); the scenarios read it back as the
+superuser.  Redis is killed and restarted only as a private ``redis-server``
+of the test's own, never the shared one; the database "goes away" behind a
+TCP proxy the test owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+from reliability import faults
+
+from tests._rig import env
+from tests._rig.postgres import APP_ROLE, Database, render
+from tests._rig.redis_server import RedisServer, RedisServerUnavailable, private_redis
+from tests._rig.worker import Pool, WorkerFactory, WorkerHandle
+
+from . import faults_app
+
+pytestmark = pytest.mark.worker
+
+
+@pytest.fixture
+def setup(database: Database) -> faults.Setup:
+    """The test's database, with ``fault_runs`` created and granted to ``app_user``."""
+    prepared = faults.Setup(admin_url=database.url, app_url=database.app_url, app_role=APP_ROLE)
+    faults.prepare(prepared)
+    return prepared
+
+
+@pytest.fixture
+def pg_backend(database: Database) -> str:
+    """Celery's database result backend on the test's database."""
+    return "db+" + render(database.url)
+
+
+@pytest.fixture
+def launch(start_worker: WorkerFactory) -> faults.Launch:
+    """Start ``faults_app`` workers for a scenario through the rig (stopped after the test)."""
+
+    def start(spec: faults.WorkerSpec) -> WorkerHandle:
+        return start_worker(
+            faults_app.__name__,
+            broker="rabbitmq" if spec.broker_url.startswith("amqp") else "redis",
+            backend="redis" if spec.backend_url.startswith("redis") else "postgres",
+            pool=cast(Pool, spec.pool),
+            concurrency=spec.concurrency,
+            extra_env=spec.environment(),
+            extra_args=spec.arguments(),
+        )
+
+    return start
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A private ``redis-server`` with an fsynced append-only file, killed afterwards."""
+    try:
+        with private_redis(appendonly=True) as server:
+            yield server
+    except RedisServerUnavailable as exc:
+        env.unavailable("redis-server", str(exc))
+
+
+def explain(result: faults.FaultResult) -> str:
+    return f"{result.problems}; details: {result.details}"
+
+
+def test_a_killed_connection_is_retried_in_its_tenant_and_the_pool_recovers(
+    setup: faults.Setup, launch: faults.Launch, redis_url: str
+) -> None:
+    result = faults.connection_killed(
+        setup, launch, broker_url=redis_url, backend_url=redis_url, kills=2, later=4
+    )
+    assert result.ok, explain(result)
+    assert result.injected == result.survived == 2
+    details = result.details
+    assert len(details["killed"]) == 2
+    for killed in details["killed"]:
+        assert killed["attempt"] == 1, killed
+        assert killed["retried_on_backend"] not in (None, killed["killed_backend"]), killed
+        assert killed["tenant_read_in_retry"] is True, killed
+    assert details["later_completed"] == details["later_tasks"] == 4
+    assert len(details["worker_processes"]) == 1
+    assert result.cross_tenant == result.unaccounted == 0
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_b_a_sigkilled_worker_s_tasks_are_redelivered_and_complete_in_their_tenant(
+    broker: str,
+    setup: faults.Setup,
+    launch: faults.Launch,
+    pg_backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    if broker == "redis":
+        # A private Redis: the short visibility timeout sweeps a whole Redis
+        # database's unacknowledged messages, so never the shared one's.
+        broker_url = request.getfixturevalue("own_redis").url
+    else:
+        broker_url = request.getfixturevalue("amqp_url")
+    result = faults.worker_killed(setup, launch, broker_url=broker_url, backend_url=pg_backend)
+    assert result.ok, explain(result)
+    details = result.details
+    assert len(details["in_flight_at_kill"]) == 2, details
+    assert set(details["redelivered"]) >= set(details["in_flight_at_kill"])
+    assert result.executions > result.published  # the in-flight tasks ran twice
+    assert result.cross_tenant == result.unaccounted == 0
+
+
+def test_c_a_restarted_redis_loses_no_late_acknowledged_message(
+    setup: faults.Setup, launch: faults.Launch, pg_backend: str, own_redis: RedisServer
+) -> None:
+    result = faults.redis_restarted(setup, launch, own_redis, backend_url=pg_backend)
+    assert result.ok, explain(result)
+    details = result.details
+    assert own_redis.starts == 2
+    assert details["pending_at_kill"] > 0
+    stored = details["in_redis_after_restart"]
+    assert stored["queued"] + stored["unacked"] > 0, "nothing survived in Redis to prove"
+    assert details["reconnect_seconds"] is not None
+    assert result.published == 40
+    assert result.cross_tenant == result.unaccounted == 0
+
+
+def test_d_unreachable_database_at_start_is_503_then_200_and_the_worker_stays_up(
+    setup: faults.Setup, launch: faults.Launch, redis_url: str
+) -> None:
+    result = faults.database_unreachable(setup, launch, broker_url=redis_url, backend_url=redis_url)
+    assert result.ok, explain(result)
+    away = result.details["health_while_away"]
+    assert away["status"] == 503
+    assert away["body"]["status"] == "degraded"
+    assert away["body"]["broker"] == "ok"
+    assert "refused" in away["body"]["database"].lower()
+    assert result.details["health_after"] == {
+        "status": 200,
+        "body": {"status": "ok", "broker": "ok", "database": "ok"},
+    }
+    assert result.details["task_retries_while_away"] >= 1
+    assert result.cross_tenant == result.unaccounted == 0

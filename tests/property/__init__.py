@@ -1,0 +1,1 @@
+"""Property-based tests: generated hostile input, refused everywhere it can enter."""
