@@ -1,4 +1,7 @@
-"""docs/howto/configuration.md: the settings table, the header rename, its reserved names."""
+"""docs/howto/configuration.md: the header rename and its reserved names.
+
+The settings table is the reference page's, checked by tests/unit/test_reference_docs.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import pytest
 from celery import Celery
 
 from tenant_celery import config
-from tests.docs.blocks import DOCS, ROOT, Block
+from tests.docs.blocks import DOCS, Block
 from tests.docs.harness import PageRun
 
 PAGE = "howto/configuration.md"
@@ -31,16 +34,6 @@ def test_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert config.header_name(Celery("other", set_as_current=False)) == "acme_tenant"
 
     run.run()
-
-
-def test_settings_table_names_settings_the_package_reads() -> None:
-    text = (DOCS / PAGE).read_text()
-    rows = re.findall(r"^\| `tenant_celery_(\w+)` \| `TENANT_CELERY_(\w+)` \|", text, re.M)
-    assert len(rows) >= 5, "the settings table lost its rows"
-    source = "\n".join(p.read_text() for p in (ROOT / "src" / "tenant_celery").rglob("*.py"))
-    for name, env_name in rows:
-        assert env_name == name.upper()
-        assert re.search(rf"setting\(\s*\w+,\s*\"{name}\"", source), f"nothing reads {name}"
 
 
 def test_reserved_header_names_are_the_ones_refused() -> None:
