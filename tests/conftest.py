@@ -31,6 +31,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from celery import _state as celery_state
 from pytest_postgresql import factories
 from sqlalchemy.engine import URL, Engine
 
@@ -90,6 +91,21 @@ def _tc_reap_workers() -> Iterator[None]:
     yield
     kill_all_workers()
     release_client_connections()
+
+
+@pytest.fixture(autouse=True)
+def _tc_forget_shared_tasks() -> Iterator[None]:
+    """Forget the shared tasks a test registered by importing an app module.
+
+    ``@app.task`` (and so ``@tenant_task``) also registers the task with every
+    app finalized later in the process.  A test that imports an example's app
+    module afresh would otherwise leave its tasks behind for every later app,
+    and a second import of the same module, a second callable under the same
+    name, which Celery refuses when that app finalizes.
+    """
+    before = set(celery_state._on_app_finalizers)
+    yield
+    celery_state._on_app_finalizers.intersection_update(before)
 
 
 @pytest.fixture(scope="session")
