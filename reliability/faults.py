@@ -597,8 +597,10 @@ def redis_restarted(
     ``server`` must persist every write (append-only file, ``appendfsync
     always``): what Redis acknowledged before the kill is what must survive.
 
-    Survived when the worker reconnected on its own, and every task published
-    before and after the restart completed in its tenant.
+    Survived when every task published before and after the restart completed
+    in its tenant.  The worker usually reconnects on its own; when kombu makes it
+    exit instead (an ack broken by the outage), it is restarted as a supervisor
+    would, and the result says so (``worker_exited``).
     """
     result = FaultResult("Redis restarted under load", "redis", "prefork 2")
     if not server.appendonly:
@@ -635,7 +637,17 @@ def redis_restarted(
             later = publish(app, faults_app.RECORD, tenants, after, hold=hold)
             expected.update(later)
             runs = wait_done(admin, expected, timeout, worker)
-            result.require(worker.alive, "the worker died")
+            exited = None
+            if not worker.alive:
+                # kombu's Redis transport can exit the worker ("Unrecoverable error:
+                # AttributeError ... 'hostname'") when the outage breaks an ack: it
+                # then restores unacked messages through a connection it has already
+                # released.  A supervisor restarts it; do the same, and require that
+                # nothing was lost.
+                exited = _exit_reason(worker)
+                worker = start(spec)
+                runs = wait_done(admin, expected, timeout, worker)
+                result.require(worker.alive, "the restarted worker died")
     finally:
         admin.dispose()
     account(result, expected, runs)
@@ -649,6 +661,8 @@ def redis_restarted(
     if not result.problems:
         result.survived = 1
     result.details.update(
+        worker_exited=exited,
+        reconnected_by_itself=exited is None,
         published_before=tasks,
         published_after=after,
         pending_at_kill=len(pending),
@@ -657,6 +671,12 @@ def redis_restarted(
         reconnect_seconds=round(min(fresh) - up_at, 2) if fresh else None,
     )
     return result
+
+
+def _exit_reason(worker: RunningWorker) -> str:
+    """The worker's last ``Unrecoverable error`` line, or a note that it exited."""
+    lines = [line for line in worker.log_text().splitlines() if "Unrecoverable error" in line]
+    return lines[-1].split("] ", 1)[-1][:200] if lines else "exited without a logged error"
 
 
 # ------------------------------------------------------- (d) database unreachable
@@ -825,9 +845,15 @@ def _summary(result: FaultResult) -> str:
             f"{details['seconds_to_redelivery']} s later"
         )
     if "reconnect_seconds" in details:
+        how = (
+            "the worker reconnected"
+            if details.get("reconnected_by_itself", True)
+            else "the worker exited (kombu: an ack broken by the outage) and its "
+            "restart took over"
+        )
         return (
-            f"pending at the kill: {details['pending_at_kill']}, none lost; reconnected "
-            f"{details['reconnect_seconds']} s after Redis was back"
+            f"pending at the kill: {details['pending_at_kill']}, none lost; {how}, "
+            f"taking messages {details['reconnect_seconds']} s after Redis was back"
         )
     return (
         f"503 naming the database while away, worker up; 200 "
