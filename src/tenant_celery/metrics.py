@@ -43,11 +43,9 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from . import signing
-from .config import header_name
-from .context import current_tenant, parse_tenant_id
+from .context import current_tenant
 from .errors import ConfigurationError, TenantCeleryError
-from .propagation import header_from_request, tenant_from_request
+from .propagation import message_tenant
 from .signals import tenant_rejected
 
 if TYPE_CHECKING:
@@ -349,19 +347,10 @@ def _tenant_of(task: Task[Any, Any], request: Context) -> str | None:
     read rather than the context.  An unverified header gets no label of its
     own: forged messages must not use up the tenant label budget."""
     try:
-        raw = tenant_from_request(request, header_name(task.app))
+        tenant = message_tenant(task, request)
     except TenantCeleryError:
         return None
-    if raw is None:
-        return current_tenant()
-    try:
-        tenant = parse_tenant_id(raw)
-        if not request.is_eager:
-            signature = header_from_request(request, signing.SIGNATURE_HEADER)
-            signing.check_signature(task.app, tenant, signature, request.id, task.name)
-    except TenantCeleryError:
-        return None
-    return tenant
+    return current_tenant() if tenant is None else tenant
 
 
 def _execution_of(request: object) -> _Attempt | None:

@@ -35,7 +35,7 @@ from .config import header_name
 from .context import _current, _enter, current_tenant, parse_tenant_id
 from .errors import ConfigurationError, InvalidTenantId, TenantCeleryError
 
-__all__ = ["header_from_request", "restore_after_task", "tenant_from_request"]
+__all__ = ["header_from_request", "message_tenant", "restore_after_task", "tenant_from_request"]
 
 logger = logging.getLogger("tenant_celery")
 
@@ -75,6 +75,27 @@ def tenant_from_request(request: Context, header: str) -> object | None:
     The value is not validated; see :func:`header_from_request`.
     """
     return header_from_request(request, header)
+
+
+def message_tenant(task: Task[Any, Any], request: Context) -> str | None:
+    """The tenant ``task``'s message names: its tenant header, validated and, with
+    signing on, verified; ``None`` when the message names none.
+
+    An eager call was published by this process, so its header is not verified.
+
+    Raises:
+        TenantCeleryError: the header is invalid (:class:`InvalidTenantId`), its
+            signature does not verify (``TenantSignatureError``), or a setting
+            is unusable (:class:`ConfigurationError`).
+    """
+    raw = tenant_from_request(request, header_name(task.app))
+    if raw is None:
+        return None
+    tenant = parse_tenant_id(raw)
+    if not request.is_eager:
+        signature = header_from_request(request, signing.SIGNATURE_HEADER)
+        signing.check_signature(task.app, tenant, signature, request.id, task.name)
+    return tenant
 
 
 def _remember(request: Context, token: Token[str | None]) -> None:
@@ -156,16 +177,10 @@ def _carry_tenant(task: Task[Any, Any] | None = None, **_: Any) -> None:
     if task is None or getattr(task, "tenant_required", False):
         return
     request = task.request
-    tenant: str | None = None  # never inherit whatever a previous task left behind
     try:
-        raw = tenant_from_request(request, header_name(task.app))
-        if raw is None and request.is_eager:
+        tenant = message_tenant(task, request)
+        if tenant is None and request.is_eager:
             return  # an eager task runs inside its caller's context already
-        if raw is not None:
-            tenant = parse_tenant_id(raw)
-            if not request.is_eager:  # an eager caller is this process: nothing to verify
-                signature = header_from_request(request, signing.SIGNATURE_HEADER)
-                signing.check_signature(task.app, tenant, signature, request.id, task.name)
     except TenantCeleryError as exc:
         logger.warning(
             "task %s[%s] carries a tenant header that is invalid or not signed, not "
