@@ -26,12 +26,12 @@ import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import URL
+from tests._rig.postgres import is_local, libpq_kwargs, pid_alive
 
 from tenant_celery._pg import database_url
 from tenant_celery.migrations import upgrade
@@ -41,7 +41,6 @@ from ._common import ITEMS_TABLE
 
 PREFIX = "tcbench_"
 _STALE = re.compile(rf"^{PREFIX}(\d+)_[0-9a-f]{{6}}(_app|_plain)?$")
-_LOOPBACK = {"127.0.0.1", "localhost", "::1", ""}
 ROLE_PASSWORD = "tcbench"  # local scratch roles, dropped after the run
 
 SEED_TENANTS = 50
@@ -77,35 +76,9 @@ def seed_tenants() -> list[str]:
     ]
 
 
-def connect(url: URL) -> psycopg.Connection[tuple[object, ...]]:
-    """An autocommit psycopg connection to ``url`` (a SQLAlchemy URL)."""
-    params: dict[str, Any] = {
-        "host": url.host,
-        "port": url.port,
-        "user": url.username,
-        "password": url.password,
-        "dbname": url.database,
-        "connect_timeout": 5,
-    }
-    for key, value in url.query.items():
-        params[key] = value if isinstance(value, str) else value[-1]
-    return psycopg.connect(**{k: v for k, v in params.items() if v is not None}, autocommit=True)
-
-
-def _is_local(url: URL) -> bool:
-    host = url.query.get("host") or url.host or ""
-    host = host if isinstance(host, str) else host[-1]
-    return host in _LOOPBACK or host.startswith("/")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def connect(url: URL, *, autocommit: bool = True) -> psycopg.Connection[tuple[object, ...]]:
+    """A psycopg connection to ``url`` (a SQLAlchemy URL), autocommit by default."""
+    return psycopg.connect(**libpq_kwargs(url), autocommit=autocommit)
 
 
 def _drop(conn: psycopg.Connection[tuple[object, ...]], database: str, roles: list[str]) -> None:
@@ -122,11 +95,11 @@ def _drop_stale(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     roles = [r[0] for r in conn.execute("SELECT rolname FROM pg_roles").fetchall()]
     for name in databases:
         match = _STALE.match(str(name))
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             _drop(conn, str(name), [str(r) for r in roles if str(r).startswith(f"{name}_")])
     for role in roles:
         match = _STALE.match(str(role))
-        if match and match.group(2) and not _alive(int(match.group(1))):
+        if match and match.group(2) and not pid_alive(int(match.group(1))):
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(str(role))))
 
 
@@ -194,7 +167,7 @@ def scratch(server_dsn: str, *, rows_per_tenant: int) -> Iterator[Scratch]:
                     f"{server_url.render_as_string(hide_password=True)}: the benchmark needs a "
                     "superuser DSN (it creates a database and roles, one with BYPASSRLS)"
                 )
-            if _is_local(server_url):
+            if is_local(server_url):
                 _drop_stale(conn)
     except psycopg.Error as exc:
         raise RuntimeError(

@@ -42,12 +42,12 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from sqlalchemy.engine import URL
 
 from tenant_celery.config import DEFAULT_GUC
 from tenant_celery.rls import enable_tenant_rls_sql
 
 from ._common import BenchContext, Section, median, ratio, stopwatch
+from ._scratch import connect
 
 TABLE = "p2_items"
 INDEX = "p2_items_tenant_created"
@@ -103,26 +103,10 @@ def tenant_ids(count: int) -> list[str]:
     return [str(uuid.uuid5(uuid.NAMESPACE_URL, f"tenant-celery-p2-{n}")) for n in range(count)]
 
 
-def _connect(url: URL, *, autocommit: bool) -> psycopg.Connection[tuple[Any, ...]]:
-    params: dict[str, Any] = {
-        "host": url.host,
-        "port": url.port,
-        "user": url.username,
-        "password": url.password,
-        "dbname": url.database,
-        "connect_timeout": 10,
-    }
-    for key, value in url.query.items():
-        params[key] = value if isinstance(value, str) else value[-1]
-    return psycopg.connect(
-        **{k: v for k, v in params.items() if v is not None}, autocommit=autocommit
-    )
-
-
 def _build(ctx: BenchContext, rows: int, tenants: int, naive_role: str) -> dict[str, Any]:
     """Create and fill the table, its index and both policies; return what was built."""
     plain_role = ctx.plain_url.username
-    with _connect(ctx.admin_url, autocommit=True) as conn, stopwatch() as elapsed:
+    with connect(ctx.admin_url, autocommit=True) as conn, stopwatch() as elapsed:
         conn.execute(
             sql.SQL("CREATE ROLE {} NOLOGIN NOSUPERUSER NOBYPASSRLS").format(
                 sql.Identifier(naive_role)
@@ -186,7 +170,7 @@ def _build(ctx: BenchContext, rows: int, tenants: int, naive_role: str) -> dict[
 
 
 def _drop(ctx: BenchContext, naive_role: str) -> None:
-    with _connect(ctx.admin_url, autocommit=True) as conn:
+    with connect(ctx.admin_url, autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (naive_role,))
         if exists.fetchone():
@@ -321,9 +305,9 @@ def _measure(
     naive_role: str,
 ) -> dict[str, Any]:
     conns = {
-        "explicit": _connect(ctx.plain_url, autocommit=True),
-        "package": _connect(ctx.app_url, autocommit=True),
-        "naive": _connect(ctx.admin_url, autocommit=True),
+        "explicit": connect(ctx.plain_url, autocommit=True),
+        "package": connect(ctx.app_url, autocommit=True),
+        "naive": connect(ctx.admin_url, autocommit=True),
     }
     try:
         # The naive policy's role cannot log in: the superuser session becomes it, and

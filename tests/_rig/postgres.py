@@ -49,7 +49,7 @@ PGSERVER_DIR_PREFIX = "tc-pg-"
 CONNECT_TIMEOUT = 5
 
 _STALE_DB = re.compile(r"^tc_(\d+)_[0-9a-f]{4}_\w+$")
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", ""}  # "": libpq's default socket
 
 
 # --------------------------------------------------------------------------- URLs
@@ -81,13 +81,15 @@ def render(url: URL) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def _is_local(url: URL) -> bool:
+def is_local(url: URL) -> bool:
+    """Whether ``url`` names a server on this machine (loopback, a Unix socket, no host)."""
     host = url.query.get("host") or url.host or ""
     host = host if isinstance(host, str) else host[-1]
     return host in _LOOPBACK or host.startswith("/")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (perhaps another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -112,7 +114,7 @@ class PgCluster:
     @property
     def local(self) -> bool:
         """Whether the server runs on this machine (loopback or Unix socket)."""
-        return _is_local(self.admin_url)
+        return is_local(self.admin_url)
 
     def url(self, database: str, *, app_role: bool = False) -> URL:
         """URL of *database* as the superuser, or as :data:`APP_ROLE` when *app_role*."""
@@ -162,14 +164,14 @@ def _reap_stale_pgserver_dirs() -> None:
     """Stop and delete throwaway pgserver clusters whose pytest process died."""
     for path in Path(tempfile.gettempdir()).glob(f"{PGSERVER_DIR_PREFIX}*"):
         match = re.match(rf"{PGSERVER_DIR_PREFIX}(\d+)-", path.name)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match or pid_alive(int(match.group(1))):
             continue
         pid_file = path / "data" / "postmaster.pid"
         with contextlib.suppress(OSError, ValueError, IndexError):
             postmaster = int(pid_file.read_text().splitlines()[0])
             os.kill(postmaster, signal.SIGINT)  # fast shutdown
             for _ in range(50):
-                if not _pid_alive(postmaster):
+                if not pid_alive(postmaster):
                     break
                 time.sleep(0.1)
         shutil.rmtree(path, ignore_errors=True)
@@ -407,7 +409,7 @@ class DatabaseFactory:
         ).fetchall()
         for (name,) in rows:
             match = _STALE_DB.match(name)
-            if match and not _pid_alive(int(match.group(1))):
+            if match and not pid_alive(int(match.group(1))):
                 with contextlib.suppress(psycopg.Error):
                     _drop_database(conn, name, template=name.endswith("_tpl"))
 
