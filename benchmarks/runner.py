@@ -104,15 +104,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _selected(value: str) -> list[str]:
+def select(value: str, registry: dict[str, Any], noun: str) -> list[str]:
+    """The keys of ``registry`` that ``--only`` names, in the registry's order.
+
+    Raises:
+        ValueError: a name is not in ``registry``, or none is given.
+    """
     keys = [key.strip().lower() for key in value.split(",") if key.strip()]
-    unknown = [key for key in keys if key not in BENCHMARKS]
+    unknown = [key for key in keys if key not in registry]
     if unknown or not keys:
         raise ValueError(
-            f"--only: unknown benchmark {', '.join(unknown) or '(none given)'}; "
-            f"choose among {', '.join(BENCHMARKS)}"
+            f"--only: unknown {noun} {', '.join(unknown) or '(none given)'}; "
+            f"choose among {', '.join(registry)}"
         )
-    return [key for key in BENCHMARKS if key in keys]  # always in order
+    return [key for key in registry if key in keys]  # always in order
+
+
+def _selected(value: str) -> list[str]:
+    return select(value, BENCHMARKS, "benchmark")
 
 
 def _redis_base(url: str) -> str:
@@ -121,8 +130,13 @@ def _redis_base(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "", parts.query, ""))
 
 
-def _probe(keys: Sequence[str], redis_url: str, amqp_url: str) -> list[str]:
-    needed = {service for key in keys for service in BENCHMARKS[key][2]}
+def probe_services(
+    needed: set[str], redis_url: str, amqp_url: str, *, redis_env: str, amqp_env: str
+) -> list[str]:
+    """What is wrong with the ``needed`` services (``"redis"``, ``"amqp"``); empty: nothing.
+
+    ``redis_env`` and ``amqp_env`` name the variables that set the URLs, for the messages.
+    """
     problems = []
     if "redis" in needed:
         try:
@@ -132,15 +146,22 @@ def _probe(keys: Sequence[str], redis_url: str, amqp_url: str) -> list[str]:
             finally:
                 client.close()
         except Exception as exc:  # any failure means it cannot be used
-            problems.append(f"Redis at {redis_url} ({REDIS_URL_ENV}): {type(exc).__name__}: {exc}")
+            problems.append(f"Redis at {redis_url} ({redis_env}): {type(exc).__name__}: {exc}")
     if "amqp" in needed:
         try:
             with kombu.Connection(amqp_url, connect_timeout=3) as conn:
                 conn.ensure_connection(max_retries=1)
         except Exception as exc:  # any failure means it cannot be used
             shown = maybe_sanitize_url(amqp_url)
-            problems.append(f"RabbitMQ at {shown} ({AMQP_URL_ENV}): {type(exc).__name__}: {exc}")
+            problems.append(f"RabbitMQ at {shown} ({amqp_env}): {type(exc).__name__}: {exc}")
     return problems
+
+
+def _probe(keys: Sequence[str], redis_url: str, amqp_url: str) -> list[str]:
+    needed = {service for key in keys for service in BENCHMARKS[key][2]}
+    return probe_services(
+        needed, redis_url, amqp_url, redis_env=REDIS_URL_ENV, amqp_env=AMQP_URL_ENV
+    )
 
 
 @contextlib.contextmanager

@@ -32,8 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import kombu
-import redis
 from benchmarks import _machine
 from benchmarks._scratch import scratch
 from benchmarks.runner import (
@@ -44,8 +42,9 @@ from benchmarks.runner import (
     _redis_base,
     _release_transport_engines,
     _terminate_as_interrupt,
+    probe_services,
+    select,
 )
-from kombu.utils.url import maybe_sanitize_url
 
 from ._common import SIZES, ReliabilityContext, Section, Table, Tally
 
@@ -103,37 +102,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _selected(value: str) -> list[str]:
-    keys = [key.strip().lower() for key in value.split(",") if key.strip()]
-    unknown = [key for key in keys if key not in PARTS]
-    if unknown or not keys:
-        raise ValueError(
-            f"--only: unknown part {', '.join(unknown) or '(none given)'}; "
-            f"choose among {', '.join(PARTS)}"
-        )
-    return [key for key in PARTS if key in keys]  # always in order
+    return select(value, PARTS, "part")
 
 
 def _probe(keys: Sequence[str], redis_url: str, amqp_url: str) -> list[str]:
     """What is wrong with the services the selected parts need (empty: nothing)."""
     needed = {service for key in keys for service in PARTS[key][2]}
-    problems = []
-    if "redis" in needed:
-        try:
-            client = redis.Redis.from_url(redis_url, socket_connect_timeout=3, socket_timeout=3)
-            try:
-                client.ping()
-            finally:
-                client.close()
-        except Exception as exc:  # any failure means it cannot be used
-            problems.append(f"Redis at {redis_url} ({REDIS_URL_ENV}): {type(exc).__name__}: {exc}")
-    if "amqp" in needed:
-        try:
-            with kombu.Connection(amqp_url, connect_timeout=3) as conn:
-                conn.ensure_connection(max_retries=1)
-        except Exception as exc:  # any failure means it cannot be used
-            shown = maybe_sanitize_url(amqp_url)
-            problems.append(f"RabbitMQ at {shown} ({AMQP_URL_ENV}): {type(exc).__name__}: {exc}")
-    return problems
+    return probe_services(
+        needed, redis_url, amqp_url, redis_env=REDIS_URL_ENV, amqp_env=AMQP_URL_ENV
+    )
 
 
 def _not_run(title: str, reason: str) -> dict[str, Any]:
