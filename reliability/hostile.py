@@ -316,7 +316,9 @@ def json_hostile_header_values() -> st.SearchStrategy[object]:
 
 def hostile_setting_names() -> st.SearchStrategy[object]:
     """PostgreSQL setting names to refuse (``None``, meaning the default, excluded)."""
-    poison = _POISON.replace("_", "")
+    # '_' and '.' both belong in a valid name ("then.then" is one): the dotted
+    # shapes a name must not have are listed below instead.
+    poison = _POISON.replace("_", "").replace(".", "")
     return st.one_of(
         _poisoned(DEFAULT_GUC, poison),
         _with_poison(poison),
@@ -327,6 +329,8 @@ def hostile_setting_names() -> st.SearchStrategy[object]:
                 "app.",
                 ".current",
                 "a.b.c",
+                "app..current_tenant_id",
+                "app.current_tenant_id.",
                 "1app.tenant",
                 "app.1tenant",
                 "app.current_tenant_id'; DROP TABLE hostile_items; --",
@@ -763,17 +767,22 @@ class HostileProbe:
                     may_echo=True,
                 )
                 self._read(conn, outcome)
-            self._refused(
-                outcome,
-                expected,
-                lambda: bind_tenant_guc(self.app_engine, setting=value),  # type: ignore[arg-type]
-                may_echo=True,
-            )
-            self._refused(outcome, expected, open_session, may_echo=True)
-            self._refused(outcome, expected, configured, may_echo=True)
-            # A binding that slipped through would set the tenant here: it must not.
-            with tenant_context(tenant), self.app_engine.connect() as conn, conn.begin():
-                self._read(conn, outcome)
+            unbind: list[Callable[[], None]] = []
+
+            def bind() -> None:
+                unbind.append(bind_tenant_guc(self.app_engine, setting=value))  # type: ignore[arg-type]
+
+            try:
+                self._refused(outcome, expected, bind, may_echo=True)
+                self._refused(outcome, expected, open_session, may_echo=True)
+                self._refused(outcome, expected, configured, may_echo=True)
+                # A binding that slipped through would set the tenant here: it must not.
+                with tenant_context(tenant), self.app_engine.connect() as conn, conn.begin():
+                    self._read(conn, outcome)
+            finally:
+                # ... and must not go on to fail the cases after this one.
+                for undo in unbind:
+                    undo()
         return outcome
 
     def check_header_name(self, value: object) -> Outcome:
