@@ -8,6 +8,8 @@ lists it.  Two public submodules import Alembic and are imported on demand:
 
 from __future__ import annotations
 
+from kombu import transport as _kombu_transport
+
 from . import propagation as _propagation  # noqa: F401 (connects the signal receivers)
 from .config import DEFAULT_GUC, DEFAULT_HEADER
 from .context import (
@@ -48,6 +50,10 @@ from .signals import tenant_entered, tenant_rejected
 from .task import TENANT_ARG, TenantTask, tenant_task
 
 __version__ = "0.1.0.dev0"
+
+# ``tcpg+postgresql://...`` broker URLs select the package's transport (imported
+# by kombu when a connection first needs it).
+_kombu_transport.TRANSPORT_ALIASES.setdefault("tcpg", "tenant_celery.transport:Transport")
 
 __all__ = [
     "CORRELATION_HEADER",

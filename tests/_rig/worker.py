@@ -31,10 +31,10 @@ from celery import Celery
 from sqlalchemy.engine import URL
 
 from tests._rig import appconf
-from tests._rig.postgres import Database, render
+from tests._rig.postgres import APP_ROLE, Database, render
 from tests._rig.services import Services, delete_amqp_queue, purge_redis_queue
 
-Broker = Literal["redis", "rabbitmq", "postgres"]
+Broker = Literal["redis", "rabbitmq", "postgres", "tcpg"]
 Backend = Literal["redis", "postgres"]
 Pool = Literal["prefork", "threads", "solo"]
 #: Who the PostgreSQL broker and result backend connect as: the superuser, or ``app_user``.
@@ -46,11 +46,22 @@ DEFAULT_BACKEND: dict[Broker, Backend] = {
     "redis": "redis",
     "rabbitmq": "postgres",
     "postgres": "postgres",
+    "tcpg": "postgres",
 }
+#: Schema of the tables a ``tcpg`` broker (the package's own transport) uses: the
+#: bundled migration puts them there, away from the kombu tables that the
+#: ``postgres`` broker's workers create in ``public`` on first use.
+TRANSPORT_SCHEMA = "tcpg"
+_MIGRATED: set[str] = set()
 #: (broker, pool) pairs the worker tests cover; each param carries the ``worker`` mark.
 WORKER_MATRIX = [
     pytest.param((broker, pool), id=f"{broker}-{pool}", marks=pytest.mark.worker)
     for broker in ("redis", "rabbitmq", "postgres")
+    for pool in ("prefork", "threads")
+]
+#: The package's own PostgreSQL transport under the same pools.
+TRANSPORT_MATRIX = [
+    pytest.param(("tcpg", pool), id=f"tcpg-{pool}", marks=pytest.mark.worker)
     for pool in ("prefork", "threads")
 ]
 READY_TIMEOUT = 30.0
@@ -425,7 +436,10 @@ class WorkerFactory:
             return self.services.redis()
         if broker == "rabbitmq":
             return self.services.amqp()
-        return "sqla+" + render(_role_url(self._require_database("broker", database), role))
+        database = self._require_database("broker", database)
+        if broker == "tcpg":
+            return transport_url(database, role)
+        return "sqla+" + render(_role_url(database, role))
 
     def _backend_url(self, backend: Backend, database: Database | None, role: DatabaseRole) -> str:
         if backend == "redis":
@@ -464,6 +478,20 @@ class WorkerFactory:
             else:
                 environ[key] = value
         return environ
+
+
+def transport_url(database: Database, role: DatabaseRole = "app") -> str:
+    """A ``tcpg+`` broker URL of *database* for the package's transport, its tables
+    created (once per database) in :data:`TRANSPORT_SCHEMA` by the bundled migration."""
+    if database.name not in _MIGRATED:
+        from tenant_celery import migrations  # noqa: PLC0415
+
+        migrations.upgrade(database.url, schema=TRANSPORT_SCHEMA, grant_to=[APP_ROLE])
+        _MIGRATED.add(database.name)
+    url = _role_url(database, role).update_query_dict(
+        {"options": f"-csearch_path={TRANSPORT_SCHEMA}"}
+    )
+    return "tcpg+" + render(url)
 
 
 def _role_url(database: Database, role: DatabaseRole) -> URL:

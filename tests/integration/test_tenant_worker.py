@@ -2,7 +2,8 @@
 
 One worker per (broker, pool) combination serves every test of this module:
 Redis broker with Redis results, RabbitMQ with PostgreSQL results, and
-PostgreSQL (kombu's SQLAlchemy transport) with PostgreSQL results; each under
+PostgreSQL (kombu's SQLAlchemy transport, and the package's own transport) with
+PostgreSQL results; each under
 the prefork and threads pools with concurrency 2.  The PostgreSQL result
 backend has no native chord join, so its chords go through ``chord_unlock``.
 """
@@ -25,13 +26,15 @@ from tenant_celery import (
     fan_out,
     tenant_context,
 )
-from tests._rig.worker import worker_fixture
+from tests._rig.worker import TRANSPORT_MATRIX, WORKER_MATRIX, worker_fixture
 
 from . import tenant_app as tasks
 
 pytestmark = pytest.mark.worker
 
-tenant_worker = worker_fixture(tasks.__name__, name="tenant_worker")
+tenant_worker = worker_fixture(
+    tasks.__name__, name="tenant_worker", matrix=[*WORKER_MATRIX, *TRANSPORT_MATRIX]
+)
 
 A = str(uuid.uuid4())
 B = str(uuid.uuid4())

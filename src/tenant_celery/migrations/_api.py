@@ -44,7 +44,9 @@ def upgrade(
 
     Creates ``kombu_queue``, ``kombu_message``, ``celery_taskmeta`` and
     ``celery_tasksetmeta`` with their sequences, exactly as kombu's SQLAlchemy
-    transport and Celery's database result backend would, and records the revision
+    transport and Celery's database result backend would (revision ``tc0001``), then
+    the tables of the package's own transport, :mod:`tenant_celery.transport`
+    (``tc0002``), and records the revision
     in ``tenant_celery_alembic_version`` (beside, never inside, the host's own
     Alembic version table). Connect as a role that may create tables: the owner of
     the schema, not the role workers run as.
@@ -89,7 +91,7 @@ def downgrade(
 ) -> str | None:
     """Take the Celery tables down to ``revision`` and return the revision now current.
 
-    ``"base"`` drops the four tables and their sequences, with every queued message
+    ``"base"`` drops every table of :data:`TABLES` and their sequences, with every queued message
     and stored result in them; the version table, the schema and grants on the
     schema stay. Same transaction, lock and errors as :func:`upgrade`.
     """
@@ -277,7 +279,7 @@ def _hint(exc: SQLAlchemyError) -> str:
     if getattr(getattr(exc, "orig", None), "sqlstate", None) == _DUPLICATE_TABLE:
         return (
             "; if kombu or Celery created these tables on first use, stop the workers, drain "
-            "the queues, drop the four tables and their sequences, then upgrade again"
+            "the queues, drop the tables and their sequences, then upgrade again"
         )
     return ""
 

@@ -68,7 +68,10 @@ def add_migrate_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     downgrade = actions.add_parser(
         "downgrade",
         help="undo revisions; 'base' drops the tables and their contents",
-        description="Downgrade to REVISION; 'base' drops the four tables and their sequences.",
+        description=(
+            "Downgrade to REVISION; 'base' drops the Celery and transport tables and their "
+            "sequences."
+        ),
     )
     downgrade.add_argument("revision", metavar="REVISION", help="target, for example base")
     _add_url(downgrade)

@@ -20,11 +20,21 @@ BRANCH = "tenant_celery"
 VERSION_TABLE = "tenant_celery_alembic_version"
 """Version table :func:`~tenant_celery.migrations.upgrade` records its revision in."""
 
-TABLES = ("kombu_queue", "kombu_message", "celery_taskmeta", "celery_tasksetmeta")
-"""The tables the migration creates: kombu's SQLAlchemy broker, then Celery's result backend."""
+TABLES = (
+    "kombu_queue",
+    "kombu_message",
+    "celery_taskmeta",
+    "celery_tasksetmeta",
+    "tenant_celery_queue",
+    "tenant_celery_binding",
+    "tenant_celery_message",
+)
+"""The tables the migration creates: kombu's SQLAlchemy broker, Celery's result
+backend, then the package's own transport (:mod:`tenant_celery.transport`)."""
 
 SEQUENCES = ("queue_id_sequence", "message_id_sequence", "task_id_sequence", "taskset_id_sequence")
-"""The sequences the migration creates, one per table of :data:`TABLES`, in the same order."""
+"""The sequences the migration creates for the first four :data:`TABLES`, in the same
+order (the transport's message table numbers its rows with an identity column)."""
 
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 """Privileges ``grant_to`` roles get on each of :data:`TABLES`."""
@@ -48,8 +58,8 @@ def configured_schema(config: Config) -> str | None:
 def grant_statements(roles: Iterable[str], *, schema: str | None = None) -> list[str]:
     """The ``GRANT`` statements that let each role in ``roles`` use the tables.
 
-    Each role gets ``SELECT, INSERT, UPDATE, DELETE`` on the four tables, ``USAGE`` on
-    the four sequences and, when ``schema`` is given, ``USAGE`` on the schema: what
+    Each role gets ``SELECT, INSERT, UPDATE, DELETE`` on the :data:`TABLES`, ``USAGE`` on
+    the :data:`SEQUENCES` and, when ``schema`` is given, ``USAGE`` on the schema: what
     kombu's SQLAlchemy transport and Celery's database backend need, and no more (no
     ``CREATE``, ``TRUNCATE`` or ownership). Run them after the tables exist, for
     example from a host revision whose ``depends_on`` names the bundled revision::

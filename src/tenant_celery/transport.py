@@ -1,0 +1,811 @@
+"""A kombu transport that keeps Celery's messages in PostgreSQL, built on psycopg 3.
+
+Select it with ``broker_transport = "tenant_celery.transport:Transport"`` and a
+libpq URL (``broker_url = "postgresql://user@host/db"``), or with the URL alone,
+``broker_url = "tcpg+postgresql://user@host/db"`` (the ``tcpg`` scheme is
+registered with kombu when :mod:`tenant_celery` is imported).  Its tables come
+from the bundled migration (revision ``tc0002``).
+
+How it works:
+
+* **Claims.** A consumer claims up to its free prefetch in one statement, with
+  ``FOR UPDATE SKIP LOCKED`` (consumers never wait on each other's locks),
+  taking the ready messages round-robin over the tenants that have any (the
+  tenant comes from the message's tenant header): one tenant with 10,000 queued
+  tasks cannot hold back another tenant's single task.  ``tenant_inflight_limit``
+  caps the messages one tenant may have claimed and not yet acknowledged.
+* **Leases.**  A claim sets the message's ``visible_at`` to now plus
+  ``visibility_timeout``; the consumer renews the leases of the messages it
+  holds (ETA tasks included) every third of that.  A consumer that dies stops
+  renewing, and its messages are claimed again when their leases run out.
+* **Acknowledgement deletes the row.**  Rejection with requeue, and the
+  restore at shutdown, end the lease at once.  Nothing is kept after an ack,
+  so the table holds only waiting and in-flight messages.
+* **Wake-ups.**  Publishing sends ``NOTIFY``; an idle consumer waits on
+  ``LISTEN`` and also polls every ``polling_interval`` seconds, so it keeps
+  working where notifications do not arrive (``listen: False``, for example
+  behind PgBouncer in transaction mode).
+* **Bindings** (exchange to queue) live in a table, so fanout exchanges reach
+  every bound queue across processes: broadcast control commands such as
+  ``revoke`` work.
+
+Transport options (``broker_transport_options``):
+
+===========================  ===========  =========================================
+option                       default      meaning
+===========================  ===========  =========================================
+``visibility_timeout``       ``60``       seconds a claim lasts unless renewed
+``polling_interval``         ``1.0``      seconds between polls when idle
+``listen``                   ``True``     wait on ``LISTEN``/``NOTIFY`` between polls
+``prepare``                  ``True``     let psycopg prepare repeated statements
+``tenant_inflight_limit``    ``None``     most claimed, unacknowledged messages per tenant
+``tenant_header``            app setting  message header naming the tenant
+``schema``                   ``None``     schema of the tables (the connection's default)
+``connect_timeout``          ``10``       seconds to wait for a connection
+===========================  ===========  =========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from queue import Empty
+from typing import Any
+
+import psycopg
+from kombu.transport import virtual
+from psycopg import sql
+
+from ._pg import identifier
+from .config import DEFAULT_HEADER
+from .errors import ConfigurationError
+
+__all__ = [
+    "BINDING_TABLE",
+    "MESSAGE_TABLE",
+    "NOTIFY_CHANNEL",
+    "QUEUE_TABLE",
+    "SCHEME",
+    "Channel",
+    "QoS",
+    "Transport",
+    "queue_lengths",
+]
+
+SCHEME = "tcpg"
+"""URL scheme prefix that selects this transport: ``tcpg+postgresql://...``."""
+
+MESSAGE_TABLE = "tenant_celery_message"
+"""Messages waiting or claimed; a row is deleted when its message is acknowledged."""
+QUEUE_TABLE = "tenant_celery_queue"
+"""Declared queues with their message time-to-live and auto-delete flag."""
+BINDING_TABLE = "tenant_celery_binding"
+"""Exchange-to-queue bindings, shared by every process on the database."""
+NOTIFY_CHANNEL = "tenant_celery_message"
+"""``NOTIFY`` channel a publish wakes idle consumers on (the payload is the queue name)."""
+
+logger = logging.getLogger("tenant_celery.transport")
+
+_DEFAULT_BATCH = 10  # claim size when the consumer sets no prefetch limit
+_TABLE_TTL = 2.0  # seconds a direct or topic exchange's bindings are cached
+_SWEEP_EVERY = 30.0  # seconds between deletions of expired messages
+_MAX_TENANT = 200  # longest tenant value kept for fair claiming
+
+
+def _seconds(options: dict[str, Any], name: str, default: float, *, minimum: float) -> float:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ConfigurationError(
+            f"broker_transport_options[{name!r}] must be a number of seconds of at least "
+            f"{minimum}, not {value!r}"
+        )
+    return float(value)
+
+
+class _Settings:
+    """The transport options, checked once per connection."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.visibility_timeout = _seconds(options, "visibility_timeout", 60.0, minimum=1.0)
+        self.polling_interval = _seconds(options, "polling_interval", 1.0, minimum=0.01)
+        self.connect_timeout = _seconds(options, "connect_timeout", 10.0, minimum=1.0)
+        self.listen = bool(options.get("listen", True))
+        self.prepare = bool(options.get("prepare", True))
+        limit = options.get("tenant_inflight_limit")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise ConfigurationError(
+                "broker_transport_options['tenant_inflight_limit'] must be a positive "
+                f"integer or None, not {limit!r}"
+            )
+        self.tenant_inflight_limit: int | None = limit
+        schema = options.get("schema")
+        self.schema = None if schema is None else identifier(schema, "schema")
+        header = options.get("tenant_header")
+        self.tenant_header = header if isinstance(header, str) and header else _app_header()
+
+    def table(self, name: str) -> sql.Composable:
+        if self.schema is None:
+            return sql.Identifier(name)
+        return sql.Identifier(self.schema, name)
+
+
+def _app_header() -> str:
+    """The tenant header of the current Celery app (the package default without one)."""
+    try:
+        from celery import current_app  # noqa: PLC0415
+
+        from .config import header_name  # noqa: PLC0415
+
+        return header_name(current_app._get_current_object())  # type: ignore[attr-defined]
+    except Exception:
+        return DEFAULT_HEADER
+
+
+def _sql(template: str, settings: _Settings) -> sql.Composed:
+    return sql.SQL(template).format(
+        message=settings.table(MESSAGE_TABLE),
+        queue_table=settings.table(QUEUE_TABLE),
+        binding=settings.table(BINDING_TABLE),
+    )
+
+
+# --------------------------------------------------------------------------- statements
+
+# Each expires_at: the earliest of the message's own expiration and its queue's TTL.
+_EXPIRES = (
+    "LEAST(now() + %(expiration)s::float8 * interval '1 millisecond',"
+    " now() + (SELECT q.message_ttl FROM {queue_table} AS q WHERE q.name = %(queue)s)"
+    " * interval '1 millisecond')"
+)
+_PUT = (
+    "WITH m AS (INSERT INTO {message} (queue, tenant, priority, expires_at, payload)"
+    " VALUES (%(queue)s, %(tenant)s, %(priority)s, " + _EXPIRES + ", %(payload)s)"
+    " RETURNING queue)"
+    " SELECT pg_notify(%(channel)s, m.queue) FROM m"
+)
+_PUT_QUIET = (
+    "INSERT INTO {message} (queue, tenant, priority, expires_at, payload)"
+    " VALUES (%(queue)s, %(tenant)s, %(priority)s, " + _EXPIRES + ", %(payload)s)"
+)
+_PUT_FANOUT = (
+    "WITH m AS (INSERT INTO {message} (queue, tenant, priority, expires_at, payload)"
+    " SELECT DISTINCT b.queue, %(tenant)s, %(priority)s,"
+    " LEAST(now() + %(expiration)s::float8 * interval '1 millisecond',"
+    " now() + q.message_ttl * interval '1 millisecond'), %(payload)s"
+    " FROM {binding} AS b LEFT JOIN {queue_table} AS q ON q.name = b.queue"
+    " WHERE b.exchange = %(exchange)s"
+    " RETURNING queue)"
+    " SELECT pg_notify(%(channel)s, q) FROM (SELECT DISTINCT queue AS q FROM m) AS d"
+)
+
+# Tenants with ready messages in `queue`, after the cursor then from the start
+# (a loose index scan over (queue, tenant, ...): one probe per tenant).
+_READY = (
+    "m.queue = %(queue)s AND m.visible_at <= now()"
+    " AND (m.expires_at IS NULL OR m.expires_at > now())"
+)
+_TENANT_SCAN = (
+    "WITH RECURSIVE after_cursor(t, pos) AS ("
+    " SELECT (SELECT min(m.tenant) FROM {message} AS m WHERE "
+    + _READY
+    + " AND m.tenant > %(cursor)s), 1"
+    " UNION ALL"
+    " SELECT (SELECT min(m.tenant) FROM {message} AS m WHERE "
+    + _READY
+    + " AND m.tenant > a.t), a.pos + 1"
+    " FROM after_cursor AS a WHERE a.t IS NOT NULL AND a.pos < %(n)s"
+    "), from_start(t, pos) AS ("
+    " SELECT (SELECT min(m.tenant) FROM {message} AS m WHERE "
+    + _READY
+    + " AND m.tenant <= %(cursor)s), %(n)s + 1"
+    " UNION ALL"
+    " SELECT (SELECT min(m.tenant) FROM {message} AS m WHERE "
+    + _READY
+    + " AND m.tenant > s.t AND m.tenant <= %(cursor)s), s.pos + 1"
+    " FROM from_start AS s WHERE s.t IS NOT NULL AND s.pos < 2 * %(n)s"
+    "), tenants AS ("
+    " SELECT t, pos FROM after_cursor WHERE t IS NOT NULL"
+    " UNION ALL SELECT t, pos FROM from_start WHERE t IS NOT NULL"
+    " ORDER BY pos LIMIT %(n)s"
+    ")"
+)
+# Per tenant, its first `n` ready messages by priority then age, locked without
+# waiting; then the first `n` of them taking each tenant's first message first.
+_CANDIDATES = (
+    ", candidates AS ("
+    " SELECT c.id, c.tenant, c.priority, tenants.pos FROM tenants CROSS JOIN LATERAL ("
+    "  SELECT m.id, m.tenant, m.priority FROM {message} AS m"
+    "  WHERE " + _READY + " AND m.tenant = tenants.t"
+    "  ORDER BY m.priority, m.id LIMIT {per_tenant} FOR UPDATE SKIP LOCKED) AS c"
+    "), ranked AS ("
+    " SELECT id, tenant, pos,"
+    " row_number() OVER (PARTITION BY tenant ORDER BY priority, id) AS turn FROM candidates"
+    "), chosen AS (SELECT id, pos FROM ranked ORDER BY turn, pos LIMIT %(n)s)"
+)
+# With tenant_inflight_limit: a tenant may take only what its claimed messages leave.
+_PER_TENANT = "%(n)s"
+_PER_TENANT_CAPPED = (
+    "GREATEST(0, LEAST(%(n)s, %(cap)s - (SELECT count(*) FROM ("
+    " SELECT 1 FROM {message} AS f WHERE f.queue = %(queue)s AND f.tenant = tenants.t"
+    " AND f.lease IS NOT NULL AND f.visible_at > now() LIMIT %(cap)s) AS busy)))"
+)
+_RETURNING = " RETURNING m.id, m.tenant, m.deliveries, m.payload, chosen.pos"
+_CLAIM = (
+    " UPDATE {message} AS m"
+    " SET visible_at = now() + %(lease_seconds)s::float8 * interval '1 second',"
+    " lease = %(lease)s, deliveries = m.deliveries + 1"
+    " FROM chosen WHERE m.id = chosen.id" + _RETURNING
+)
+# For consumers that do not acknowledge (no_ack): taking the message removes it.
+_TAKE = " DELETE FROM {message} AS m USING chosen WHERE m.id = chosen.id" + _RETURNING
+
+_ACK = "DELETE FROM {message} WHERE id = %(id)s AND lease = %(lease)s"
+_RELEASE = (
+    "UPDATE {message} SET visible_at = now(), lease = NULL"
+    " WHERE id = ANY(%(ids)s) AND lease = %(lease)s"
+)
+_RENEW = (
+    "UPDATE {message} SET visible_at = now() + %(lease_seconds)s::float8 * interval '1 second'"
+    " WHERE id = ANY(%(ids)s) AND lease = %(lease)s"
+)
+_SIZE = "SELECT count(*) FROM {message} AS m WHERE " + _READY
+_PURGE = (
+    "WITH d AS (DELETE FROM {message} AS m WHERE m.queue = %(queue)s"
+    " AND (m.lease IS NULL OR m.visible_at <= now()) RETURNING 1) SELECT count(*) FROM d"
+)
+_SWEEP = (
+    "DELETE FROM {message} WHERE id IN (SELECT id FROM {message}"
+    " WHERE expires_at <= now() LIMIT 1000 FOR UPDATE SKIP LOCKED)"
+)
+_DECLARE = (
+    "INSERT INTO {queue_table} (name, message_ttl, auto_delete) VALUES"
+    " (%(queue)s, %(ttl)s, %(auto_delete)s) ON CONFLICT (name) DO UPDATE SET"
+    " message_ttl = EXCLUDED.message_ttl, auto_delete = EXCLUDED.auto_delete,"
+    " declared_at = now()"
+)
+_HAS_QUEUE = "SELECT EXISTS (SELECT 1 FROM {queue_table} WHERE name = %(queue)s)"
+_BIND = (
+    "INSERT INTO {binding} (exchange, routing_key, pattern, queue)"
+    " VALUES (%(exchange)s, %(routing_key)s, %(pattern)s, %(queue)s) ON CONFLICT DO NOTHING"
+)
+_UNBIND = (
+    "DELETE FROM {binding} WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s"
+    " AND queue = %(queue)s"
+)
+_TABLE = "SELECT routing_key, pattern, queue FROM {binding} WHERE exchange = %(exchange)s"
+_DELETE_QUEUE = (
+    "WITH b AS (DELETE FROM {binding} WHERE queue = %(queue)s),"
+    " m AS (DELETE FROM {message} WHERE queue = %(queue)s)"
+    " DELETE FROM {queue_table} WHERE name = %(queue)s"
+)
+_LISTEN = "LISTEN {channel}"
+_QUEUE_LENGTHS = (
+    "SELECT q.name, count(m.id) FROM {queue_table} AS q"
+    " LEFT JOIN {message} AS m ON m.queue = q.name AND m.visible_at <= now()"
+    " AND (m.expires_at IS NULL OR m.expires_at > now())"
+    " GROUP BY q.name ORDER BY q.name"
+)
+
+
+def queue_lengths(
+    conn: psycopg.Connection[Any], schema: str | None = None
+) -> list[tuple[str, int]]:
+    """Ready messages per declared queue (claimed and expired ones not counted)."""
+    settings = _Settings({"schema": schema, "tenant_header": DEFAULT_HEADER})
+    rows = conn.execute(_sql(_QUEUE_LENGTHS, settings)).fetchall()
+    return [(str(name), int(count)) for name, count in rows]
+
+
+def _claim_statement(settings: _Settings, *, take: bool) -> str:
+    per_tenant = _PER_TENANT if settings.tenant_inflight_limit is None else _PER_TENANT_CAPPED
+    text = _TENANT_SCAN + _CANDIDATES.replace("{per_tenant}", per_tenant)
+    return text + (_TAKE if take else _CLAIM)
+
+
+# ------------------------------------------------------------------------------- QoS
+
+
+class QoS(virtual.QoS):
+    """Acknowledgement deletes the message; a reject with requeue or a restore ends its lease."""
+
+    channel: Channel
+
+    def ack(self, delivery_tag: str) -> None:
+        self.channel._ack(delivery_tag)
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            self.channel._release([delivery_tag])
+        else:
+            self.channel._ack(delivery_tag)
+        super().ack(delivery_tag)
+
+    def restore_unacked(self) -> list[tuple[BaseException, str]]:  # type: ignore[override]
+        """End the lease of every message this channel holds: they are ready again."""
+        state: Any = self
+        state._flush()
+        tags = list(state._delivered)
+        state._delivered.clear()
+        if not tags:
+            return []
+        try:
+            self.channel._release(tags)
+        except Exception as exc:
+            # Their leases run out instead: nothing is lost, only delayed.
+            return [(exc, tag) for tag in tags]
+        return []
+
+    def restore_unacked_once(self, stderr: Any = None) -> None:
+        state: Any = self
+        state._on_collect.cancel()
+        state._flush()
+        if not self.restore_at_shutdown or not self.channel.do_restore:
+            return
+        if getattr(state._delivered, "restored", None):
+            return
+        try:
+            errors = self.restore_unacked()
+            if errors:
+                logger.warning(
+                    "could not release %d claimed message(s) (%s); they are delivered "
+                    "again when their leases run out",
+                    len(errors),
+                    errors[0][0],
+                )
+        finally:
+            state._delivered.restored = True
+
+    def held(self) -> list[str]:
+        """Delivery tags claimed through this channel and not yet acknowledged."""
+        state: Any = self
+        dirty = state._dirty
+        return [tag for tag in list(state._delivered) if tag not in dirty]
+
+
+# --------------------------------------------------------------------------- channel
+
+
+def _tag(row_id: int, deliveries: int) -> str:
+    return f"{row_id}.{deliveries}"
+
+
+def _row_id(delivery_tag: str) -> int:
+    return int(str(delivery_tag).split(".", 1)[0])
+
+
+def _expiration(message: dict[str, Any]) -> float | None:
+    value = message.get("properties", {}).get("expiration")
+    try:
+        return None if value is None else max(0.0, float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+class Channel(virtual.Channel):
+    """A channel over the transport's PostgreSQL connection."""
+
+    QoS = QoS
+    supports_fanout = True
+    do_restore = True
+    connection: Transport
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self.settings = connection.settings
+        self.lease = uuid.uuid4()
+        self._no_ack_queues: set[str] = set()
+        self._auto_delete_queues: set[str] = set()
+        self._cursors: dict[str, str] = {}
+        self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
+        self._queue_turn = 0
+        self._statements = {
+            False: _claim_statement(self.settings, take=False),
+            True: _claim_statement(self.settings, take=True),
+        }
+
+    # --- publishing ---------------------------------------------------------------
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        params = self._message_params(message)
+        params["queue"] = queue
+        template = _PUT if self.settings.listen else _PUT_QUIET
+        self.connection.execute(template, params)
+
+    def _put_fanout(
+        self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
+    ) -> None:
+        params = self._message_params(message)
+        params["exchange"] = exchange
+        self.connection.execute(_PUT_FANOUT, params)
+
+    def _message_params(self, message: dict[str, Any]) -> dict[str, Any]:
+        tenant = (message.get("headers") or {}).get(self.settings.tenant_header)
+        if not isinstance(tenant, str) or len(tenant) > _MAX_TENANT:
+            tenant = ""
+        return {
+            "tenant": tenant,
+            "priority": self._get_message_priority(message, reverse=True),
+            "expiration": _expiration(message),
+            "payload": json.dumps(message, separators=(",", ":")),
+            "channel": NOTIFY_CHANNEL,
+        }
+
+    # --- queues and bindings -------------------------------------------------------
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        arguments = kwargs.get("arguments") or {}
+        ttl = arguments.get("x-message-ttl")
+        auto_delete = bool(kwargs.get("auto_delete"))
+        if auto_delete:
+            self._auto_delete_queues.add(queue)
+        self.connection.execute(
+            _DECLARE,
+            {
+                "queue": queue,
+                "ttl": int(ttl) if isinstance(ttl, (int, float)) else None,
+                "auto_delete": auto_delete,
+            },
+        )
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        row = self.connection.execute(_HAS_QUEUE, {"queue": queue}, fetch=True)
+        return bool(row and row[0][0])
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        self.connection.execute(
+            _BIND,
+            {
+                "exchange": exchange,
+                "routing_key": routing_key or "",
+                "pattern": pattern or "",
+                "queue": queue,
+            },
+        )
+        self._tables.pop(exchange, None)
+
+    def queue_unbind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.state.binding_delete(queue, exchange or "", routing_key)
+        self.connection.execute(
+            _UNBIND,
+            {"exchange": exchange or "", "routing_key": routing_key or "", "queue": queue},
+        )
+        self._tables.pop(exchange or "", None)
+
+    def get_table(self, exchange: str) -> list[tuple[str, str, str]]:
+        """The bindings of ``exchange``, read from the database (briefly cached,
+        except for fanout exchanges, which must reach queues bound a moment ago)."""
+        fanout = self.typeof(exchange).type == "fanout"
+        cached = self._tables.get(exchange)
+        now = time.monotonic()
+        if cached is not None and not fanout and now - cached[0] < _TABLE_TTL:
+            return cached[1]
+        rows = self.connection.execute(_TABLE, {"exchange": exchange}, fetch=True)
+        table = [(str(rk), str(pattern), str(queue)) for rk, pattern, queue in rows]
+        self._tables[exchange] = (now, table)
+        return table
+
+    def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
+        queues = super()._lookup(exchange, routing_key, default)
+        if not queues and exchange:
+            # Bound a moment ago by another process: look again, uncached.
+            self._tables.pop(exchange, None)
+            queues = super()._lookup(exchange, routing_key, default)
+        return list(queues)
+
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> None:
+        if if_empty and self._size(queue):
+            return
+        self.connection.execute(_DELETE_QUEUE, {"queue": queue})
+        self.state.queue_bindings_delete(queue)
+        self._auto_delete_queues.discard(queue)
+        self._tables.clear()
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        self.connection.execute(_DELETE_QUEUE, {"queue": queue})
+
+    def _size(self, queue: str) -> int:
+        rows = self.connection.execute(_SIZE, {"queue": queue}, fetch=True)
+        return int(rows[0][0])
+
+    def _purge(self, queue: str) -> int:
+        rows = self.connection.execute(_PURGE, {"queue": queue}, fetch=True)
+        return int(rows[0][0])
+
+    # --- consuming -----------------------------------------------------------------
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str | None, **kwargs: Any
+    ) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+
+    def _claim(self, queue: str, n: int, *, take: bool) -> list[dict[str, Any]]:
+        cursor = self._cursors.get(queue, "")
+        params: dict[str, Any] = {
+            "queue": queue,
+            "n": n,
+            "cursor": cursor,
+            "lease": self.lease,
+            "lease_seconds": self.settings.visibility_timeout,
+        }
+        if self.settings.tenant_inflight_limit is not None:
+            params["cap"] = self.settings.tenant_inflight_limit
+        rows = self.connection.execute(self._statements[take], params, fetch=True)
+        if not rows:
+            return []
+        rows.sort(key=lambda row: row[0])
+        messages = []
+        for row_id, _tenant, deliveries, payload, _pos in rows:
+            message = json.loads(payload)
+            properties = message.setdefault("properties", {})
+            properties["delivery_tag"] = _tag(row_id, deliveries)
+            info = properties.setdefault("delivery_info", {})
+            info["redelivered"] = deliveries > 1
+            messages.append(message)
+        # The next claim starts after the last tenant served in this one.
+        self._cursors[queue] = str(max(rows, key=lambda row: row[4])[1])
+        return messages
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        messages = self._claim(queue, 1, take=queue in self._no_ack_queues)
+        if not messages:
+            raise Empty()
+        return messages[0]
+
+    def _get_many(self, queues: Sequence[str], timeout: float | None = None) -> None:
+        """Claim up to the free prefetch from the first of ``queues`` (taken in turn)
+        that has ready messages, and deliver them."""
+        free = self.qos.can_consume_max_estimate()
+        n = _DEFAULT_BATCH if free is None else free
+        if n <= 0 or not queues:
+            raise Empty()
+        count = len(queues)
+        start = self._queue_turn % count
+        self._queue_turn += 1
+        for offset in range(count):
+            queue = queues[(start + offset) % count]
+            messages = self._claim(queue, n, take=queue in self._no_ack_queues)
+            if messages:
+                deliver = self.connection._deliver
+                for message in messages:
+                    deliver(message, queue)
+                return
+        raise Empty()
+
+    def _ack(self, delivery_tag: str) -> None:
+        self.connection.execute(_ACK, {"id": _row_id(delivery_tag), "lease": self.lease})
+
+    def _release(self, delivery_tags: Iterable[str]) -> None:
+        ids = [_row_id(tag) for tag in delivery_tags]
+        if ids:
+            self.connection.execute(_RELEASE, {"ids": ids, "lease": self.lease})
+
+    def _renew(self) -> None:
+        qos: Any = self._qos
+        ids = [_row_id(tag) for tag in qos.held()] if qos is not None else []
+        if ids:
+            self.connection.execute(
+                _RENEW,
+                {
+                    "ids": ids,
+                    "lease": self.lease,
+                    "lease_seconds": self.settings.visibility_timeout,
+                },
+            )
+
+    def close(self) -> None:
+        if not self.closed and self.connection is not None:
+            transport = self.connection
+            try:
+                for queue in list(self._auto_delete_queues):
+                    self.queue_delete(queue)
+            except transport.connection_errors:
+                pass
+        super().close()
+
+
+# ------------------------------------------------------------------------- transport
+
+
+class Transport(virtual.Transport):
+    """The kombu transport: one psycopg connection for claims and acknowledgements,
+    another, when ``listen`` is on, that waits for ``NOTIFY``."""
+
+    Channel = Channel
+    can_parse_url = True
+    default_port = 5432
+    driver_type = "sql"
+    driver_name = "psycopg"
+    connection_errors = (
+        *virtual.Transport.connection_errors,
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+    )
+    implements = virtual.Transport.implements.extend(
+        asynchronous=False, exchange_type=frozenset(["direct", "topic", "fanout"])
+    )
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        self.settings = _Settings(dict(client.transport_options or {}))
+        super().__init__(client, **kwargs)
+        self.polling_interval = self.settings.polling_interval
+        self._lock = threading.RLock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._listener: psycopg.Connection[Any] | None = None
+        self._pid = os.getpid()
+        self._rendered: dict[str, str] = {}
+        self._renewed_at = time.monotonic()
+        self._swept_at = 0.0
+
+    # --- connections ---------------------------------------------------------------
+
+    def _conninfo(self) -> str:
+        client: Any = self.client
+        url = str(client.hostname or "")
+        if "://" not in url:
+            raise ConfigurationError(
+                "the PostgreSQL transport needs a libpq URL as broker_url, such as "
+                "postgresql://user@host:5432/dbname (or tcpg+postgresql://...)"
+            )
+        scheme, rest = url.split("://", 1)
+        base = scheme.rsplit("+", 1)[0] if "+" in scheme else scheme
+        if base not in {"postgresql", "postgres"}:
+            raise ConfigurationError(
+                f"the PostgreSQL transport needs a postgresql:// broker URL, not {base}://"
+            )
+        return f"postgresql://{rest}"
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(
+            self._conninfo(),
+            autocommit=True,
+            connect_timeout=round(self.settings.connect_timeout),
+            application_name="tenant-celery broker",
+        )
+        if not self.settings.prepare:
+            conn.prepare_threshold = None
+        return conn
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._pid != os.getpid():
+            # Inherited across fork: never use the parent's socket.
+            self._conn = self._listener = None
+            self._pid = os.getpid()
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = self._conn = self._connect()
+        return conn
+
+    def execute(
+        self, template: str, params: dict[str, Any], *, fetch: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """Run one of this module's statements (autocommit); its rows when ``fetch``."""
+        with self._lock:
+            conn = self._connection()
+            statement = self._rendered.get(template)
+            if statement is None:
+                # Table names quoted once per connection settings, not per call.
+                statement = _sql(template, self.settings).as_string(conn)
+                self._rendered[template] = statement
+            try:
+                cur = conn.execute(statement.encode(), params)
+                return cur.fetchall() if fetch else []
+            except psycopg.errors.UndefinedTable:
+                raise ConfigurationError(
+                    "the PostgreSQL transport's tables do not exist in this database"
+                    + ("" if self.settings.schema is None else f" (schema {self.settings.schema})")
+                    + "; create them with tenant_celery.migrations.upgrade(url) or "
+                    "`tenant-celery migrate` as the tables' owner"
+                ) from None
+            except psycopg.OperationalError:
+                self._discard()
+                raise
+
+    def _discard(self) -> None:
+        for conn in (self._conn, self._listener):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self._conn = self._listener = None
+
+    def establish_connection(self) -> Transport:
+        with self._lock:
+            self._connection()
+        return super().establish_connection()
+
+    def close_connection(self, connection: Any) -> None:
+        try:
+            super().close_connection(connection)
+        finally:
+            with self._lock:
+                self._discard()
+
+    # --- waiting -------------------------------------------------------------------
+
+    def _listening(self) -> psycopg.Connection[Any] | None:
+        if not self.settings.listen:
+            return None
+        listener = self._listener
+        if listener is None or listener.closed:
+            listener = self._listener = self._connect()
+            listener.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(NOTIFY_CHANNEL)))
+        return listener
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, returning early when a message is published."""
+        listener = self._listening()
+        if listener is None:
+            time.sleep(seconds)
+            return
+        pgconn = listener.pgconn
+        if pgconn.notifies() is not None:
+            while pgconn.notifies() is not None:
+                pass
+            return
+        ready, _, _ = select.select([listener.fileno()], [], [], seconds)
+        if ready:
+            pgconn.consume_input()
+            if pgconn.status != psycopg.pq.ConnStatus.OK:
+                self._listener = None
+                raise psycopg.OperationalError("the broker's LISTEN connection was lost")
+            while pgconn.notifies() is not None:
+                pass
+
+    def _maintain(self) -> None:
+        """Renew the leases of held messages; now and then delete expired ones."""
+        now = time.monotonic()
+        if now - self._renewed_at >= self.settings.visibility_timeout / 3:
+            self._renewed_at = now
+            channels: list[Any] = list(self.channels or ())
+            for channel in channels:
+                channel._renew()
+        if now - self._swept_at >= _SWEEP_EVERY and self.channels:
+            self._swept_at = now
+            self.execute(_SWEEP, {})
+
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
+        """Deliver ready messages; between empty polls wait for ``NOTIFY`` (or sleep)
+        up to ``polling_interval``; raise :class:`TimeoutError` after ``timeout``."""
+        cycle: Any = self.cycle
+        start = time.monotonic()
+        while True:
+            self._maintain()
+            try:
+                cycle.get(self._deliver, timeout=timeout)
+            except Empty:
+                pass
+            else:
+                return
+            remaining = None if timeout is None else timeout - (time.monotonic() - start)
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError()
+            wait = self.settings.polling_interval
+            if remaining is not None:
+                wait = min(wait, remaining)
+            self._wait(wait)
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        return {"port": self.default_port, "hostname": "localhost"}
