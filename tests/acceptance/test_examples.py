@@ -296,7 +296,7 @@ def storefront(processes: Processes) -> Storefront:
     checked(processes.run([*alembic, "check"], cwd=ROOT))
     migrated = checked(processes.run([sys.executable, "-m", "storefront", "migrate"], cwd=HOST))
     assert migrated.strip() == (
-        f"Celery broker and result tables at revision tc0001, granted to {APP_ROLE}"
+        f"Celery broker and result tables at revision tc0002, granted to {APP_ROLE}"
     )
     celery = [sys.executable, "-m", "celery", "-A", "storefront"]
     worker = processes.start(

@@ -173,7 +173,7 @@ def run_page(
     @run.on("python", "assert current(url) in heads()")
     def where_it_is(block: Block) -> None:
         run.exec(block)
-        assert ns["current"](ns["url"]) == "tc0001"
+        assert ns["current"](ns["url"]) == "tc0002"
 
     @run.on("console", "tenant-celery migrate upgrade --grant-to app_user")
     def from_the_command_line(block: Block) -> None:
@@ -200,13 +200,13 @@ def run_page(
         assert host_heads(alembic_db) == {"7d1e0c2a9b41"}
         assert public_tables(alembic_db) >= set(TABLES)
         assert "tenant_celery_alembic_version" not in public_tables(alembic_db)
-        assert granted(alembic_db, app_role) == 16
+        assert granted(alembic_db, app_role) == 4 * len(TABLES)
         # "downgrades this revision too, before ours"
         command.downgrade(config, "tenant_celery@base")
         assert host_heads(alembic_db) == {BASE_REVISION}
         # ours alone: recorded beside the host's head
         command.upgrade(config, "tenant_celery@head")
-        assert host_heads(alembic_db) == {BASE_REVISION, "tc0001"}
+        assert host_heads(alembic_db) == {BASE_REVISION, "tc0002"}
         command.upgrade(config, "heads")
 
     @run.on("console", "tenant-celery migrate sql --grant-to app_user")

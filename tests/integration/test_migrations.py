@@ -37,7 +37,9 @@ from tests._rig.postgres import APP_ROLE, Database, DatabaseFactory, libpq_kwarg
 from .schema_catalog import create_with_libraries, differences, snapshot
 
 VERSIONS = f"kombu-{kombu.__version__}-celery-{celery.__version__}"
-HEAD = "tc0001"
+HEAD = "tc0002"
+#: The revision that builds exactly what kombu's SQLAlchemy transport and Celery build.
+LIBRARY_TABLES = "tc0001"
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def test_upgrade_builds_what_kombu_and_celery_build(
 ) -> None:
     """Column by column, constraint, index and sequence: no difference (the test id
     names the kombu and Celery versions compared)."""
-    upgrade(database.url, schema=schema)
+    upgrade(database.url, LIBRARY_TABLES, schema=schema)
     if schema is not None:  # kombu and Celery expect the schema to exist
         with other_database.admin_engine().begin() as conn:
             conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
@@ -82,7 +84,7 @@ def test_upgrade_builds_what_kombu_and_celery_build(
     found = differences(reference, migrated)
     assert not found, f"migrated schema vs {used}:\n" + "\n".join(found)
     # Not an empty comparison: all four tables, their columns and sequences are there.
-    assert sorted(row[0] for row in reference["relations"]) == sorted(TABLES + SEQUENCES)
+    assert sorted(row[0] for row in reference["relations"]) == sorted(TABLES[:4] + SEQUENCES)
     assert len(reference["columns"]) == 2 + 6 + 14 + 4
     assert len(reference["indexes"]) == 2 + 4 + 3 + 3
 
@@ -205,7 +207,7 @@ def test_current_and_heads(database: Database) -> None:
 
 
 def test_current_needs_a_role_that_may_read_the_version_table(database: Database) -> None:
-    upgrade(database.url, grant_to=[APP_ROLE])  # grants cover the four tables, not the version
+    upgrade(database.url, grant_to=[APP_ROLE])  # grants cover the tables, not the version
     with pytest.raises(MigrationError, match=f"cannot read .*permission denied .*{VERSION_TABLE}"):
         current(database.app_url)
 
@@ -242,7 +244,7 @@ def test_failing_revision_is_named_and_nothing_changes(database: Database) -> No
     assert "running revision tc0001 (Celery's PostgreSQL broker and result tables)" in message
     assert 'relation "kombu_queue" already exists' in message
     assert "nothing was changed" in message
-    assert "drop the four tables" in message
+    assert "drop the tables" in message
     assert isinstance(caught.value, TenantCeleryError)
     assert isinstance(caught.value.__cause__, sa.exc.SQLAlchemyError)
     left = schema_of(database.admin_engine())
@@ -314,8 +316,8 @@ def test_gate3_queries_pass(database: Database, schema: str | None) -> None:
     with database.admin_engine().connect() as conn:
         versions = conn.execute(sa.text(GATE3_VERSION.format(schema=name))).scalars().all()
         assert versions == [HEAD]
-        assert conn.execute(sa.text(GATE3_TABLES), params).scalar_one() == 4
-        assert conn.execute(sa.text(GATE3_PRIVILEGES), params).scalar_one() == 16
+        assert conn.execute(sa.text(GATE3_TABLES), params).scalar_one() == len(TABLES)
+        assert conn.execute(sa.text(GATE3_PRIVILEGES), params).scalar_one() == len(TABLES) * 4  # SELECT, INSERT, UPDATE, DELETE
         privileges = conn.execute(
             sa.text(
                 "SELECT table_name, privilege_type FROM information_schema.role_table_grants"
@@ -331,7 +333,7 @@ def test_gate3_queries_pass(database: Database, schema: str | None) -> None:
             ),
             {**params, "sequences": list(SEQUENCES)},
         ).scalar_one()
-        assert usable == 4
+        assert usable == len(SEQUENCES)
         assert conn.execute(
             sa.text(
                 "SELECT has_schema_privilege(:role, :schema, 'USAGE'),"
@@ -347,9 +349,9 @@ def test_grants_are_reapplied_by_a_no_op_upgrade(database: Database) -> None:
     params = {"schema": "public", "tables": list(TABLES), "role": APP_ROLE}
     assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == 0
     upgrade(database.url, grant_to=[APP_ROLE])
-    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == 16
+    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == len(TABLES) * 4  # SELECT, INSERT, UPDATE, DELETE
     upgrade(database.url, grant_to=[APP_ROLE])
-    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == 16
+    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == len(TABLES) * 4  # SELECT, INSERT, UPDATE, DELETE
 
 
 # -------------------------------------------------------------------------- offline SQL
@@ -372,10 +374,27 @@ def test_sql_script_builds_what_upgrade_builds(
     )
     assert current(other_database.url, schema=schema) == HEAD
     params = {"schema": name, "tables": list(TABLES), "role": APP_ROLE}
-    assert scalar(other_database.admin_engine(), GATE3_PRIVILEGES, **params) == 16
+    assert scalar(other_database.admin_engine(), GATE3_PRIVILEGES, **params) == len(TABLES) * 4  # SELECT, INSERT, UPDATE, DELETE
 
 
 def test_sql_from_head_to_head_is_empty_of_ddl() -> None:
     script = sql(from_revision=HEAD)
     assert "CREATE TABLE" not in script
     assert "pg_advisory_xact_lock" in script
+
+
+@pytest.mark.parametrize("schema", [None, "celery"])
+def test_a_database_at_tc0001_upgrades_and_its_grantees_get_the_transport_tables(
+    database: Database, schema: str | None
+) -> None:
+    """A grant made at tc0001 (``grant_to``, or a host's revision that ran before
+    tc0002) carries over to the transport's tables when tc0002 runs."""
+    assert upgrade(database.url, LIBRARY_TABLES, schema=schema, grant_to=[APP_ROLE]) == "tc0001"
+    params = {"schema": schema or "public", "tables": list(TABLES), "role": APP_ROLE}
+    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == 4 * 4
+    assert upgrade(database.url, schema=schema) == HEAD  # no grant_to this time
+    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == len(TABLES) * 4
+    with database.app_engine().begin() as conn:
+        table = f"{schema}.tenant_celery_message" if schema else "tenant_celery_message"
+        conn.execute(sa.text(f"INSERT INTO {table} (queue, payload) VALUES ('q', '{{}}')"))
+        assert conn.execute(sa.text(f"DELETE FROM {table} WHERE queue = 'q'")).rowcount == 1

@@ -24,15 +24,17 @@ UNREACHABLE = "postgresql://nobody:pw@127.0.0.1:1/nothing"
 
 
 def test_heads_and_branch() -> None:
-    assert heads() == ("tc0001",)
+    assert heads() == ("tc0002",)
     assert BRANCH == "tenant_celery"
-    assert len(TABLES) == len(SEQUENCES) == 4
+    assert len(TABLES) == 7
+    assert len(SEQUENCES) == 4  # the transport's message table numbers rows by identity
 
 
 def test_grant_statements() -> None:
     assert grant_statements(["app_user", "app_user"]) == [
         "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE kombu_queue, kombu_message,"
-        " celery_taskmeta, celery_tasksetmeta TO app_user",
+        " celery_taskmeta, celery_tasksetmeta, tenant_celery_queue, tenant_celery_binding,"
+        " tenant_celery_message TO app_user",
         "GRANT USAGE ON SEQUENCE queue_id_sequence, message_id_sequence, task_id_sequence,"
         " taskset_id_sequence TO app_user",
     ]
@@ -93,7 +95,9 @@ def test_sql_is_one_locked_transaction() -> None:
     assert statements[-1] == "COMMIT"
     assert statements[-3].startswith("GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE")
     assert "SERIAL" not in script  # ids come from the named sequences, never a default
-    assert "DEFAULT" not in script
+    library_tables = script.split("tc0002")[0]  # tc0001: what kombu and Celery create
+    assert "DEFAULT" not in library_tables
+    assert "GENERATED ALWAYS AS IDENTITY" in script  # the transport's own message ids
 
 
 def test_sql_with_a_schema_creates_it() -> None:
@@ -128,3 +132,18 @@ def test_command_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["migrate", "upgrade", "--grant-to"]) == 2
     assert main(["migrate", "current", "--schema", "x" * 64, "--url", UNREACHABLE]) == 2
     assert "schema must be a non-empty name" in capsys.readouterr().err
+
+
+def test_grant_statements_for_a_database_at_an_older_revision() -> None:
+    older = grant_statements(["app_user"], tables=TABLES[:4])
+    assert older == [
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE kombu_queue, kombu_message,"
+        " celery_taskmeta, celery_tasksetmeta TO app_user",
+        "GRANT USAGE ON SEQUENCE queue_id_sequence, message_id_sequence, task_id_sequence,"
+        " taskset_id_sequence TO app_user",
+    ]
+    transport_only = grant_statements(["app_user"], tables=["tenant_celery_message", "other"])
+    assert transport_only == [
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE tenant_celery_message TO app_user"
+    ]
+    assert grant_statements(["app_user"], tables=[]) == []

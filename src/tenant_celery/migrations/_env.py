@@ -21,6 +21,7 @@ from .._pg import quote
 from ..errors import MigrationError
 from ._objects import (
     LOCK_ID,
+    TABLES,
     VERSION_TABLE,
     configured_schema,
     grant_statements,
@@ -94,7 +95,7 @@ def run() -> None:
                     context.script, config.attributes.get(DIRECTION, "upgrade"), start, applied
                 )
                 raise
-            for role, statement in _per_role(grant_to, schema):
+            for role, statement in _per_role(grant_to, schema, _existing(connection, schema)):
                 config.attributes[STEP] = f"granting privileges to role {role!r}"
                 context.execute(statement)
             config.attributes[STEP] = "committing"
@@ -107,11 +108,27 @@ def _schema_exists(connection: Connection, schema: str) -> bool:
     return row is not None
 
 
-def _per_role(roles: Sequence[str], schema: str | None) -> list[tuple[str, str]]:
+def _existing(connection: Connection, schema: str | None) -> list[str]:
+    """The tables of :data:`TABLES` the revision now current has created."""
+    rows = connection.execute(
+        sa.text(
+            "SELECT c.relname FROM pg_catalog.pg_class AS c"
+            " JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace"
+            " WHERE c.relkind = 'r' AND c.relname = ANY(:names)"
+            " AND n.nspname = coalesce(:schema, current_schema())"
+        ),
+        {"names": list(TABLES), "schema": schema},
+    )
+    return [str(name) for (name,) in rows]
+
+
+def _per_role(
+    roles: Sequence[str], schema: str | None, tables: Sequence[str]
+) -> list[tuple[str, str]]:
     return [
         (role, statement)
         for role in dict.fromkeys(roles)
-        for statement in grant_statements([role], schema=schema)
+        for statement in grant_statements([role], schema=schema, tables=tables)
     ]
 
 

@@ -55,7 +55,9 @@ def configured_schema(config: Config) -> str | None:
     return identifier(value, SCHEMA_OPTION) if value else None
 
 
-def grant_statements(roles: Iterable[str], *, schema: str | None = None) -> list[str]:
+def grant_statements(
+    roles: Iterable[str], *, schema: str | None = None, tables: Iterable[str] | None = None
+) -> list[str]:
     """The ``GRANT`` statements that let each role in ``roles`` use the tables.
 
     Each role gets ``SELECT, INSERT, UPDATE, DELETE`` on the :data:`TABLES`, ``USAGE`` on
@@ -69,6 +71,10 @@ def grant_statements(roles: Iterable[str], *, schema: str | None = None) -> list
 
     ``GRANT`` is idempotent, so running them again changes nothing.
 
+    ``tables`` limits the grants to those of :data:`TABLES` (for a database at an
+    older revision, which lacks the newer tables); the sequences are granted with
+    the first four tables, whose ids they number.
+
     Raises:
         ConfigurationError: a role or schema name PostgreSQL cannot use as written.
     """
@@ -80,13 +86,17 @@ def grant_statements(roles: Iterable[str], *, schema: str | None = None) -> list
     names = [identifier(role, "a role to grant to") for role in roles]
     if schema is not None:
         identifier(schema, "schema")
-    tables = ", ".join(qualified(table, schema) for table in TABLES)
+    chosen = TABLES if tables is None else tuple(name for name in TABLES if name in set(tables))
+    table_list = ", ".join(qualified(table, schema) for table in chosen)
     sequences = ", ".join(qualified(sequence, schema) for sequence in SEQUENCES)
     statements = []
     for role in dict.fromkeys(names):
         grantee = quote(role)
         if schema is not None:
             statements.append(f"GRANT USAGE ON SCHEMA {quote(schema)} TO {grantee}")
-        statements.append(f"GRANT {', '.join(TABLE_PRIVILEGES)} ON TABLE {tables} TO {grantee}")
-        statements.append(f"GRANT USAGE ON SEQUENCE {sequences} TO {grantee}")
+        if chosen:
+            privileges = ", ".join(TABLE_PRIVILEGES)
+            statements.append(f"GRANT {privileges} ON TABLE {table_list} TO {grantee}")
+        if TABLES[0] in chosen:
+            statements.append(f"GRANT USAGE ON SEQUENCE {sequences} TO {grantee}")
     return statements
