@@ -229,7 +229,7 @@ _CANDIDATES = (
     "), ranked AS ("
     " SELECT id, tenant, pos,"
     " row_number() OVER (PARTITION BY tenant ORDER BY priority, id) AS turn FROM candidates"
-    "), chosen AS (SELECT id, pos FROM ranked ORDER BY turn, pos LIMIT %(n)s)"
+    "), chosen AS (SELECT id, turn, pos FROM ranked ORDER BY turn, pos LIMIT %(n)s)"
 )
 # With tenant_inflight_limit: a tenant may take only what its claimed messages leave.
 _PER_TENANT = "%(n)s"
@@ -238,7 +238,7 @@ _PER_TENANT_CAPPED = (
     " SELECT 1 FROM {message} AS f WHERE f.queue = %(queue)s AND f.tenant = tenants.t"
     " AND f.lease IS NOT NULL AND f.visible_at > now() LIMIT %(cap)s) AS busy)))"
 )
-_RETURNING = " RETURNING m.id, m.tenant, m.deliveries, m.payload, chosen.pos"
+_RETURNING = " RETURNING m.id, m.tenant, m.deliveries, m.payload, chosen.pos, chosen.turn"
 _CLAIM = (
     " UPDATE {message} AS m"
     " SET visible_at = now() + %(lease_seconds)s::float8 * interval '1 second',"
@@ -368,8 +368,13 @@ class QoS(virtual.QoS):
     def held(self) -> list[str]:
         """Delivery tags claimed through this channel and not yet acknowledged."""
         state: Any = self
-        dirty = state._dirty
-        return [tag for tag in list(state._delivered) if tag not in dirty]
+        for _ in range(5):
+            try:  # the consuming thread may change them meanwhile: copy, retry
+                dirty = set(state._dirty)
+                return [tag for tag in list(state._delivered) if tag not in dirty]
+            except RuntimeError:
+                continue
+        return []
 
 
 # --------------------------------------------------------------------------- channel
@@ -419,14 +424,14 @@ class Channel(virtual.Channel):
         params = self._message_params(message)
         params["queue"] = queue
         template = _PUT if self.settings.listen else _PUT_QUIET
-        self.connection.execute(template, params)
+        self.connection.execute(template, params, publish=True)
 
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
     ) -> None:
         params = self._message_params(message)
         params["exchange"] = exchange
-        self.connection.execute(_PUT_FANOUT, params)
+        self.connection.execute(_PUT_FANOUT, params, publish=True)
 
     def _message_params(self, message: dict[str, Any]) -> dict[str, Any]:
         tenant = (message.get("headers") or {}).get(self.settings.tenant_header)
@@ -455,10 +460,11 @@ class Channel(virtual.Channel):
                 "ttl": int(ttl) if isinstance(ttl, (int, float)) else None,
                 "auto_delete": auto_delete,
             },
+            publish=True,
         )
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
-        row = self.connection.execute(_HAS_QUEUE, {"queue": queue}, fetch=True)
+        row = self.connection.execute(_HAS_QUEUE, {"queue": queue}, fetch=True, publish=True)
         return bool(row and row[0][0])
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
@@ -470,6 +476,7 @@ class Channel(virtual.Channel):
                 "pattern": pattern or "",
                 "queue": queue,
             },
+            publish=True,
         )
         self._tables.pop(exchange, None)
 
@@ -485,6 +492,7 @@ class Channel(virtual.Channel):
         self.connection.execute(
             _UNBIND,
             {"exchange": exchange or "", "routing_key": routing_key or "", "queue": queue},
+            publish=True,
         )
         self._tables.pop(exchange or "", None)
 
@@ -496,7 +504,7 @@ class Channel(virtual.Channel):
         now = time.monotonic()
         if cached is not None and not fanout and now - cached[0] < _TABLE_TTL:
             return cached[1]
-        rows = self.connection.execute(_TABLE, {"exchange": exchange}, fetch=True)
+        rows = self.connection.execute(_TABLE, {"exchange": exchange}, fetch=True, publish=True)
         table = [(str(rk), str(pattern), str(queue)) for rk, pattern, queue in rows]
         self._tables[exchange] = (now, table)
         return table
@@ -514,20 +522,20 @@ class Channel(virtual.Channel):
     ) -> None:
         if if_empty and self._size(queue):
             return
-        self.connection.execute(_DELETE_QUEUE, {"queue": queue})
+        self.connection.execute(_DELETE_QUEUE, {"queue": queue}, publish=True)
         self.state.queue_bindings_delete(queue)
         self._auto_delete_queues.discard(queue)
         self._tables.clear()
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
-        self.connection.execute(_DELETE_QUEUE, {"queue": queue})
+        self.connection.execute(_DELETE_QUEUE, {"queue": queue}, publish=True)
 
     def _size(self, queue: str) -> int:
         rows = self.connection.execute(_SIZE, {"queue": queue}, fetch=True)
         return int(rows[0][0])
 
     def _purge(self, queue: str) -> int:
-        rows = self.connection.execute(_PURGE, {"queue": queue}, fetch=True)
+        rows = self.connection.execute(_PURGE, {"queue": queue}, fetch=True, publish=True)
         return int(rows[0][0])
 
     # --- consuming -----------------------------------------------------------------
@@ -555,9 +563,9 @@ class Channel(virtual.Channel):
         rows = self.connection.execute(self._statements[take], params, fetch=True)
         if not rows:
             return []
-        rows.sort(key=lambda row: row[0])
+        rows.sort(key=lambda row: (row[5], row[4]))  # each tenant's first, in turn
         messages = []
-        for row_id, _tenant, deliveries, payload, _pos in rows:
+        for row_id, _tenant, deliveries, payload, _pos, _turn in rows:
             message = json.loads(payload)
             properties = message.setdefault("properties", {})
             properties["delivery_tag"] = _tag(row_id, deliveries)
@@ -652,12 +660,14 @@ class Transport(virtual.Transport):
         super().__init__(client, **kwargs)
         self.polling_interval = self.settings.polling_interval
         self._lock = threading.RLock()
-        self._conn: psycopg.Connection[Any] | None = None
+        self._conns: dict[bool, psycopg.Connection[Any]] = {}
         self._listener: psycopg.Connection[Any] | None = None
         self._pid = os.getpid()
         self._rendered: dict[str, str] = {}
-        self._renewed_at = time.monotonic()
         self._swept_at = 0.0
+        self._stopping = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._renewer_pid = 0
 
     # --- connections ---------------------------------------------------------------
 
@@ -688,22 +698,33 @@ class Transport(virtual.Transport):
             conn.prepare_threshold = None
         return conn
 
-    def _connection(self) -> psycopg.Connection[Any]:
+    def _connection(self, publish: bool) -> psycopg.Connection[Any]:
         if self._pid != os.getpid():
-            # Inherited across fork: never use the parent's socket.
-            self._conn = self._listener = None
+            # Inherited across fork: never use the parent's sockets.
+            self._conns = {}
+            self._listener = None
             self._pid = os.getpid()
-        conn = self._conn
+        conn = self._conns.get(publish)
         if conn is None or conn.closed:
-            conn = self._conn = self._connect()
+            conn = self._connect()
+            if not publish:
+                # Claims, acks and leases need no durable commit: one lost in a
+                # server crash only delivers a message again (at least once).
+                # Publishes keep the server's durable default.
+                conn.execute("SET synchronous_commit TO off")
+            self._conns[publish] = conn
         return conn
 
     def execute(
-        self, template: str, params: dict[str, Any], *, fetch: bool = False
+        self, template: str, params: dict[str, Any], *, fetch: bool = False, publish: bool = False
     ) -> list[tuple[Any, ...]]:
-        """Run one of this module's statements (autocommit); its rows when ``fetch``."""
+        """Run one of this module's statements (autocommit); its rows when ``fetch``.
+
+        ``publish`` statements (messages, queues, bindings) run on a connection
+        with durable commits; the consumer's on one without.
+        """
         with self._lock:
-            conn = self._connection()
+            conn = self._connection(publish)
             statement = self._rendered.get(template)
             if statement is None:
                 # Table names quoted once per connection settings, not per call.
@@ -724,18 +745,20 @@ class Transport(virtual.Transport):
                 raise
 
     def _discard(self) -> None:
-        for conn in (self._conn, self._listener):
+        for conn in (*self._conns.values(), self._listener):
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.close()
-        self._conn = self._listener = None
+        self._conns = {}
+        self._listener = None
 
     def establish_connection(self) -> Transport:
         with self._lock:
-            self._connection()
+            self._connection(publish=False)
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
+        self._stopping.set()
         try:
             super().close_connection(connection)
         finally:
@@ -773,14 +796,35 @@ class Transport(virtual.Transport):
             while pgconn.notifies() is not None:
                 pass
 
-    def _maintain(self) -> None:
-        """Renew the leases of held messages; now and then delete expired ones."""
-        now = time.monotonic()
-        if now - self._renewed_at >= self.settings.visibility_timeout / 3:
-            self._renewed_at = now
+    def _renew_leases(self) -> None:
+        """Renew the leases of every message the channels hold, every third of the
+        visibility timeout, in a thread of its own: a task that runs in the
+        consuming thread (the solo pool) or for long keeps its message."""
+        period = self.settings.visibility_timeout / 3
+        while not self._stopping.wait(period):
+            if self._pid != os.getpid():
+                return
             channels: list[Any] = list(self.channels or ())
             for channel in channels:
-                channel._renew()
+                try:
+                    channel._renew()
+                except Exception as exc:  # the consuming thread reconnects; try again later
+                    logger.warning("could not renew the broker leases: %s", exc)
+
+    def _start_renewing(self) -> None:
+        thread = self._renewer
+        if thread is None or not thread.is_alive() or self._renewer_pid != os.getpid():
+            self._stopping = threading.Event()
+            self._renewer_pid = os.getpid()
+            self._renewer = threading.Thread(
+                target=self._renew_leases, name="tenant-celery-leases", daemon=True
+            )
+            self._renewer.start()
+
+    def _maintain(self) -> None:
+        """Keep the lease renewer running; now and then delete expired messages."""
+        self._start_renewing()
+        now = time.monotonic()
         if now - self._swept_at >= _SWEEP_EVERY and self.channels:
             self._swept_at = now
             self.execute(_SWEEP, {})

@@ -71,11 +71,15 @@ def create_runs_table(conn: Connection, app_role: str) -> None:
 
 
 def broker_options(broker_url: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """``broker_transport_options`` for ``broker_url``: Redis only (the kombu
-    SQLAlchemy transport would pass them to ``create_engine``)."""
+    """``broker_transport_options`` for ``broker_url``: Redis and the package's
+    transport only (the kombu SQLAlchemy transport would pass them to ``create_engine``)."""
     environ = dict(os.environ) if environ is None else environ
     visibility = environ.get(VISIBILITY_TIMEOUT_ENV)
-    if not broker_url.startswith("redis") or not visibility:
+    if not visibility:
+        return {}
+    if broker_url.startswith("tcpg+"):
+        return {"visibility_timeout": float(visibility)}
+    if not broker_url.startswith("redis"):
         return {}
     return {
         "visibility_timeout": float(visibility),

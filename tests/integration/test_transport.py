@@ -1,0 +1,348 @@
+"""The package's PostgreSQL transport (:mod:`tenant_celery.transport`), for real.
+
+Workers are real ``celery worker`` processes over the transport; the claims,
+leases and fairness tests drive kombu directly against a migrated database.
+Everything connects as ``app_user`` (no superuser, no table owner) unless a
+test says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections import Counter
+from typing import cast
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.message import Message
+from reliability import faults
+
+from tenant_celery import tenant_context
+from tenant_celery.errors import ConfigurationError
+from tests._rig.postgres import APP_ROLE, Database, render
+from tests._rig.worker import TRANSPORT_SCHEMA, Pool, WorkerFactory, WorkerHandle, transport_url
+
+from . import faults_app
+
+pytestmark = pytest.mark.worker
+
+TIMEOUT = 120.0
+
+
+@pytest.fixture
+def setup(database: Database) -> faults.Setup:
+    """The test's database, with ``fault_runs`` created and granted to ``app_user``."""
+    prepared = faults.Setup(admin_url=database.url, app_url=database.app_url, app_role=APP_ROLE)
+    faults.prepare(prepared)
+    return prepared
+
+
+@pytest.fixture
+def broker(database: Database) -> str:
+    """The transport's URL on the test's database (tables in ``tcpg``), as the superuser
+    the rig's workers connect as."""
+    return transport_url(database, "superuser")
+
+
+@pytest.fixture
+def backend(database: Database) -> str:
+    return "db+" + render(database.url)
+
+
+@pytest.fixture
+def launch(start_worker: WorkerFactory) -> faults.Launch:
+    """Start ``faults_app`` workers over the transport (stopped after the test)."""
+
+    def start(spec: faults.WorkerSpec) -> WorkerHandle:
+        return start_worker(
+            faults_app.__name__,
+            broker="tcpg",
+            backend="postgres",
+            pool=cast(Pool, spec.pool),
+            concurrency=spec.concurrency,
+            extra_env=spec.environment(),
+            extra_args=spec.arguments(),
+        )
+
+    return start
+
+
+@pytest.fixture
+def app_broker(database: Database) -> str:
+    """The transport's URL as ``app_user``, for kombu-level tests."""
+    return transport_url(database, "app")
+
+
+def runs_of(setup: faults.Setup, expected: dict[str, str]) -> list[faults.Run]:
+    engine = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    try:
+        return faults.read_runs(engine, list(expected))
+    finally:
+        engine.dispose()
+
+
+def started_counts(runs: list[faults.Run]) -> Counter[str]:
+    return Counter(run.task_id for run in runs if run.phase == "started")
+
+
+# ------------------------------------------------------------------ real workers
+
+
+def test_sigkilled_worker_messages_come_back_when_their_leases_run_out(
+    setup: faults.Setup, launch: faults.Launch, broker: str, backend: str
+) -> None:
+    result = faults.worker_killed(
+        setup, launch, broker_url=broker, backend_url=backend, visibility_timeout=4.0
+    )
+    assert result.ok, f"{result.problems}; details: {result.details}"
+    details = result.details
+    assert len(details["in_flight_at_kill"]) == 2
+    assert set(details["redelivered"]) >= set(details["in_flight_at_kill"])
+    assert result.executions > result.published  # the in-flight tasks ran twice
+    assert result.cross_tenant == result.unaccounted == 0
+
+
+def test_two_workers_on_one_queue_run_every_message_once(
+    setup: faults.Setup, launch: faults.Launch, broker: str, backend: str
+) -> None:
+    queue = faults.new_queue("pair")
+    spec = faults.WorkerSpec(broker, backend, queue, render(setup.app_url))
+    tenants = faults.new_tenants(4)
+    with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
+        first, second = start(spec), start(spec)
+        expected = faults.publish(app, faults_app.RECORD, tenants, 300)
+        admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+        try:
+            runs = faults.wait_done(admin, expected, TIMEOUT)
+        finally:
+            admin.dispose()
+        assert first.alive
+        assert second.alive
+    assert faults.done_ids(runs) == set(expected)
+    counts = started_counts(runs)
+    assert max(counts.values()) == 1, [t for t, n in counts.items() if n > 1]
+    # Two prefork workers of two children each: more than two processes ran tasks.
+    processes = {run.worker_pid for run in runs if run.phase == "started"}
+    assert len(processes) > 2, "one worker took everything: nothing shared the queue"
+    assert all(expected[run.task_id] == run.tenant_id for run in runs)
+
+
+def test_warm_shutdown_releases_prefetched_messages_and_loses_nothing(
+    setup: faults.Setup, launch: faults.Launch, broker: str, backend: str
+) -> None:
+    queue = faults.new_queue("warm")
+    # A long lease: a message that were merely left to expire would not come back in time.
+    spec = faults.WorkerSpec(
+        broker,
+        backend,
+        queue,
+        render(setup.app_url),
+        environ={faults_app.VISIBILITY_TIMEOUT_ENV: "600"},
+    )
+    tenants = faults.new_tenants(2)
+    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    try:
+        with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
+            worker = start(spec)
+            expected = faults.publish(app, faults_app.RECORD, tenants, 12, hold=0.5)
+            deadline = time.monotonic() + TIMEOUT
+            while not faults.done_ids(faults.read_runs(admin, list(expected))):
+                assert time.monotonic() < deadline, "no task completed"
+                time.sleep(0.05)
+            cast(WorkerHandle, worker).stop()  # SIGTERM: warm shutdown
+            before = faults.read_runs(admin, list(expected))
+            assert faults.done_ids(before) != set(expected), "all done before the shutdown"
+            start(spec)
+            runs = faults.wait_done(admin, expected, TIMEOUT)
+    finally:
+        admin.dispose()
+    assert faults.done_ids(runs) == set(expected)
+    # Warm shutdown finished what was running and released the rest: nothing ran twice.
+    assert max(started_counts(runs).values()) == 1
+
+
+def test_revoke_reaches_the_worker_through_the_fanout_exchange(
+    setup: faults.Setup, launch: faults.Launch, broker: str, backend: str
+) -> None:
+    queue = faults.new_queue("revoke")
+    spec = faults.WorkerSpec(broker, backend, queue, render(setup.app_url))
+    tenant = faults.new_tenants(1)[0]
+    with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
+        worker = cast(WorkerHandle, start(spec))
+        with tenant_context(tenant):
+            doomed = app.send_task(faults_app.RECORD, countdown=4)
+            kept = app.send_task(faults_app.RECORD, countdown=4)
+        worker.wait_for_log(rf"Task {faults_app.RECORD}\[{doomed.id}\] received", timeout=TIMEOUT)
+        app.control.revoke(doomed.id)
+        worker.wait_for_log(rf"Tasks flagged as revoked: .*{doomed.id}", timeout=TIMEOUT)
+        expected = {kept.id: tenant}
+        admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+        try:
+            runs = faults.wait_done(admin, expected, TIMEOUT)
+            time.sleep(1.0)  # the revoked task's countdown has passed by now
+            revoked_runs = faults.read_runs(admin, [doomed.id])
+        finally:
+            admin.dispose()
+    assert faults.done_ids(runs) == {kept.id}
+    assert revoked_runs == []
+
+
+def test_an_eta_longer_than_the_lease_runs_once(
+    setup: faults.Setup, launch: faults.Launch, broker: str, backend: str
+) -> None:
+    """The worker renews the leases of the ETA messages it holds."""
+    queue = faults.new_queue("eta")
+    environ = {faults_app.VISIBILITY_TIMEOUT_ENV: "1.5"}
+    spec = faults.WorkerSpec(broker, backend, queue, render(setup.app_url), environ=environ)
+    tenants = faults.new_tenants(2)
+    with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
+        start(spec)
+        start(spec)  # a second consumer that would take any message whose lease lapsed
+        expected = {}
+        for tenant in tenants:
+            with tenant_context(tenant):
+                expected[app.send_task(faults_app.RECORD, countdown=6).id] = tenant
+        admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+        try:
+            runs = faults.wait_done(admin, expected, TIMEOUT)
+            time.sleep(2.0)
+            runs = faults.read_runs(admin, list(expected))
+        finally:
+            admin.dispose()
+    assert faults.done_ids(runs) == set(expected)
+    assert max(started_counts(runs).values()) == 1
+
+
+# ------------------------------------------------------------- kombu, directly
+
+
+def _publish(conn: Connection, queue: Queue, tenant: str, count: int = 1) -> None:
+    producer = Producer(conn.default_channel)
+    for index in range(count):
+        producer.publish(
+            {"tenant": tenant, "n": index},
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+            declare=[queue],
+            headers={"tenant_id": tenant},
+        )
+
+
+def _claimed(conn: Connection, queue: Queue, prefetch: int, *, ack: bool) -> list[Message]:
+    """Let one consumer with ``prefetch`` take one batch; the messages it got."""
+    got: list[Message] = []
+    channel = conn.channel()
+    channel.basic_qos(0, prefetch, False)
+    consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
+    consumer.consume()
+    with contextlib.suppress(TimeoutError):
+        conn.drain_events(timeout=2)
+    if ack:
+        for message in got:
+            message.ack()
+    return got
+
+
+def new_queue() -> Queue:
+    name = f"tc.kombu.{uuid.uuid4().hex[:8]}"
+    return Queue(name, Exchange(name, "direct"), name)
+
+
+def test_one_tenants_backlog_does_not_hold_back_anothers_message(app_broker: str) -> None:
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        _publish(publisher, queue, "tenant-a", 500)
+        _publish(publisher, queue, "tenant-b")
+    with Connection(app_broker) as conn:
+        first = _claimed(conn, queue, prefetch=4, ack=True)
+    tenants = [message.payload["tenant"] for message in first]
+    assert len(tenants) == 4
+    assert "tenant-b" in tenants[:2], tenants  # its one message, in the first claim
+
+
+def test_tenant_inflight_limit_caps_one_tenants_claimed_messages(database: Database) -> None:
+    queue = new_queue()
+    url = transport_url(database, "app")
+    with Connection(url) as publisher:
+        _publish(publisher, queue, "tenant-a", 10)
+        _publish(publisher, queue, "tenant-b", 10)
+    options = {"tenant_inflight_limit": 2}
+    with Connection(url, transport_options=options) as conn:
+        first = _claimed(conn, queue, prefetch=10, ack=False)
+        assert Counter(m.payload["tenant"] for m in first) == {"tenant-a": 2, "tenant-b": 2}
+        with Connection(url, transport_options=options) as other:
+            # A second consumer: the cap is per tenant across consumers.
+            assert _claimed(other, queue, prefetch=10, ack=False) == []
+
+
+def test_an_acknowledged_message_is_deleted_and_a_released_one_is_ready_again(
+    database: Database, app_broker: str
+) -> None:
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        _publish(publisher, queue, "t", 3)
+    # A long lease: only an explicit release makes the unacknowledged ones ready.
+    with Connection(app_broker, transport_options={"visibility_timeout": 600}) as conn:
+        got = _claimed(conn, queue, prefetch=3, ack=False)
+        assert len(got) == 3
+        got[0].ack()
+        got[1].reject(requeue=True)
+    # Closing the connection released the third one (the restore at shutdown).
+    with psycopg.connect(render(database.url).replace("+psycopg", "")) as admin:
+        rows = admin.execute(
+            f"SELECT deliveries, lease IS NULL FROM {TRANSPORT_SCHEMA}.tenant_celery_message"
+            " WHERE queue = %s AND visible_at <= now()",
+            (queue.name,),
+        ).fetchall()
+    assert sorted(rows) == [(1, True), (1, True)]
+    with Connection(app_broker) as conn:
+        again = _claimed(conn, queue, prefetch=5, ack=True)
+    assert sorted(m.payload["n"] for m in again) == [1, 2]
+    assert all(m.delivery_info["redelivered"] for m in again)
+
+
+def test_a_lapsed_lease_lets_another_consumer_take_the_message(app_broker: str) -> None:
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        _publish(publisher, queue, "t")
+    options = {"visibility_timeout": 1}
+    holder = Connection(app_broker, transport_options=options)
+    try:
+        assert len(_claimed(holder, queue, prefetch=1, ack=False)) == 1
+        with Connection(app_broker, transport_options=options) as other:
+            assert _claimed(other, queue, prefetch=1, ack=False) == []  # leased
+            time.sleep(1.5)  # the holder renews its lease meanwhile
+            assert _claimed(other, queue, prefetch=1, ack=False) == []
+            # The holder dies: no more renewals, no release.
+            holder.transport._stopping.set()
+            holder.transport._discard()
+            time.sleep(1.5)
+            taken = _claimed(other, queue, prefetch=1, ack=True)
+        assert len(taken) == 1
+        assert taken[0].delivery_info["redelivered"]
+    finally:
+        holder.transport._stopping.set()
+        holder.transport._discard()
+
+
+def test_missing_tables_are_a_clear_error(database: Database) -> None:
+    url = "tcpg+" + render(database.app_url)
+    with Connection(url) as conn, pytest.raises(ConfigurationError) as caught:
+        _publish(conn, new_queue(), "t")
+    assert "tenant_celery.migrations.upgrade" in str(caught.value)
+
+
+def test_a_non_postgresql_url_is_refused() -> None:
+    with Connection("tcpg+mysql://u@h/db") as conn, pytest.raises(ConfigurationError) as caught:
+        conn.connect()
+    assert "postgresql://" in str(caught.value)
+
+
+def test_transport_options_are_checked() -> None:
+    for options in ({"visibility_timeout": 0}, {"tenant_inflight_limit": "2"}):
+        with pytest.raises(ConfigurationError, match=next(iter(options))):
+            Connection("tcpg+postgresql://u@h/db", transport_options=options).transport  # noqa: B018
