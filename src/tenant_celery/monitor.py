@@ -50,6 +50,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from . import metrics
+from ._pg import database_url
 from .config import setting
 from .errors import ConfigurationError
 
@@ -137,10 +138,13 @@ def _broker_url(app: Celery) -> str:
 
 
 def _sqlalchemy_broker(url: str) -> str | None:
-    """The SQLAlchemy URL of a kombu SQLAlchemy broker URL, else ``None``."""
+    """The SQLAlchemy URL of a PostgreSQL broker URL (kombu's SQLAlchemy transport
+    or the package's ``tcpg+`` transport), else ``None``."""
     for prefix in ("sqla+", "sqlalchemy+"):
         if url.startswith(prefix):
             return url[len(prefix) :]
+    if url.startswith("tcpg+"):
+        return database_url(url[len("tcpg+") :]).render_as_string(hide_password=False)
     return None
 
 
@@ -295,6 +299,12 @@ _VISIBLE_MESSAGES = (
     " LEFT JOIN {message} AS m ON m.queue_id = q.id AND m.visible"
     " GROUP BY q.name ORDER BY q.name"
 )
+_TRANSPORT_READY = (
+    "SELECT q.name, count(m.id) FROM {queue} AS q"
+    " LEFT JOIN {message} AS m ON m.queue = q.name AND m.visible_at <= now()"
+    " AND (m.expires_at IS NULL OR m.expires_at > now())"
+    " GROUP BY q.name ORDER BY q.name"
+)
 _STATEMENT_TIMEOUT = sa.text("SELECT set_config('statement_timeout', :ms, true)")
 
 
@@ -306,6 +316,16 @@ class _QueueLengths:
         self.engine = _engine("broker", url, timeout)
         options = app.conf.get("broker_transport_options") or {}
         preparer = self.engine.dialect.identifier_preparer
+        if _broker_url(app).startswith("tcpg+"):
+            # The package's transport: ready messages, neither claimed nor expired.
+            schema = options.get("schema")
+            prefix = "" if not schema else preparer.quote(str(schema)) + "."
+            self.query = sa.text(
+                _TRANSPORT_READY.format(
+                    queue=prefix + "tenant_celery_queue", message=prefix + "tenant_celery_message"
+                )
+            )
+            return
         self.query = sa.text(
             _VISIBLE_MESSAGES.format(
                 queue=preparer.quote(str(options.get("queue_tablename", "kombu_queue"))),

@@ -206,8 +206,10 @@ def test_solo_pool_counts_exactly(start_worker: WorkerFactory) -> None:
     _assert_tenant_labels(samples)
 
 
-def test_queue_length_of_the_postgresql_broker(start_worker: WorkerFactory) -> None:
-    handle, url = _start(start_worker, "threads", broker="postgres", concurrency=2)
+@pytest.mark.parametrize("broker", ["postgres", "tcpg"])
+def test_queue_length_of_the_postgresql_broker(start_worker: WorkerFactory, broker: str) -> None:
+    """kombu's SQLAlchemy transport, and the package's own (``tcpg``)."""
+    handle, url = _start(start_worker, "threads", broker=broker, concurrency=2)
     backlog = f"tc.backlog.{uuid.uuid4().hex[:8]}"
     with handle.bind(tasks.app):
         assert _get(tasks.ping.delay()) == "pong"  # the worker's own queue, drained
