@@ -48,7 +48,6 @@ option                       default      meaning
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import select
@@ -61,6 +60,7 @@ from typing import Any
 
 import psycopg
 from kombu.transport import virtual
+from kombu.utils.json import dumps, loads
 from psycopg import sql
 
 from ._pg import identifier
@@ -166,26 +166,31 @@ _EXPIRES = (
     " now() + (SELECT q.message_ttl FROM {queue_table} AS q WHERE q.name = %(queue)s)"
     " * interval '1 millisecond')"
 )
-_PUT = (
-    "WITH m AS (INSERT INTO {message} (queue, tenant, priority, expires_at, payload)"
-    " VALUES (%(queue)s, %(tenant)s, %(priority)s, " + _EXPIRES + ", %(payload)s)"
-    " RETURNING queue)"
-    " SELECT pg_notify(%(channel)s, m.queue) FROM m"
-)
-_PUT_QUIET = (
+_INSERT = (
     "INSERT INTO {message} (queue, tenant, priority, expires_at, payload)"
     " VALUES (%(queue)s, %(tenant)s, %(priority)s, " + _EXPIRES + ", %(payload)s)"
 )
-_PUT_FANOUT = (
-    "WITH m AS (INSERT INTO {message} (queue, tenant, priority, expires_at, payload)"
+_INSERT_FANOUT = (
+    "INSERT INTO {message} (queue, tenant, priority, expires_at, payload)"
     " SELECT DISTINCT b.queue, %(tenant)s, %(priority)s,"
     " LEAST(now() + %(expiration)s::float8 * interval '1 millisecond',"
     " now() + q.message_ttl * interval '1 millisecond'), %(payload)s"
     " FROM {binding} AS b LEFT JOIN {queue_table} AS q ON q.name = b.queue"
     " WHERE b.exchange = %(exchange)s"
-    " RETURNING queue)"
-    " SELECT pg_notify(%(channel)s, q) FROM (SELECT DISTINCT queue AS q FROM m) AS d"
 )
+
+
+def _notifying(insert: str) -> str:
+    """``insert``, then one ``NOTIFY`` per queue it wrote to (sent at commit)."""
+    return (
+        f"WITH m AS ({insert} RETURNING queue)"
+        " SELECT pg_notify(%(channel)s, q) FROM (SELECT DISTINCT queue AS q FROM m) AS d"
+    )
+
+
+#: (without NOTIFY, with NOTIFY) for a message to one queue, and to a fanout exchange.
+_PUT = (_INSERT, _notifying(_INSERT))
+_PUT_FANOUT = (_INSERT_FANOUT, _notifying(_INSERT_FANOUT))
 
 # Tenants with ready messages in `queue`, after the cursor then from the start
 # (a loose index scan over (queue, tenant, ...): one probe per tenant).
@@ -423,15 +428,14 @@ class Channel(virtual.Channel):
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         params = self._message_params(message)
         params["queue"] = queue
-        template = _PUT if self.settings.listen else _PUT_QUIET
-        self.connection.execute(template, params, publish=True)
+        self.connection.execute(_PUT[self.settings.listen], params, publish=True)
 
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
     ) -> None:
         params = self._message_params(message)
         params["exchange"] = exchange
-        self.connection.execute(_PUT_FANOUT, params, publish=True)
+        self.connection.execute(_PUT_FANOUT[self.settings.listen], params, publish=True)
 
     def _message_params(self, message: dict[str, Any]) -> dict[str, Any]:
         tenant = (message.get("headers") or {}).get(self.settings.tenant_header)
@@ -441,7 +445,7 @@ class Channel(virtual.Channel):
             "tenant": tenant,
             "priority": self._get_message_priority(message, reverse=True),
             "expiration": _expiration(message),
-            "payload": json.dumps(message, separators=(",", ":")),
+            "payload": dumps(message),
             "channel": NOTIFY_CHANNEL,
         }
 
@@ -566,7 +570,7 @@ class Channel(virtual.Channel):
         rows.sort(key=lambda row: (row[5], row[4]))  # each tenant's first, in turn
         messages = []
         for row_id, _tenant, deliveries, payload, _pos, _turn in rows:
-            message = json.loads(payload)
+            message = loads(payload)
             properties = message.setdefault("properties", {})
             properties["delivery_tag"] = _tag(row_id, deliveries)
             info = properties.setdefault("delivery_info", {})

@@ -302,6 +302,8 @@ GATE3_TABLES = (
     "SELECT count(*) FROM information_schema.tables"
     " WHERE table_schema = :schema AND table_name = ANY(:tables)"
 )
+#: Rows of ``role_table_grants`` a grantee has: SELECT, INSERT, UPDATE, DELETE on each table.
+GRANTS = len(TABLES) * 4
 GATE3_PRIVILEGES = (
     "SELECT count(*) FROM information_schema.role_table_grants"
     " WHERE grantee = :role AND table_schema = :schema AND table_name = ANY(:tables)"
@@ -317,7 +319,7 @@ def test_gate3_queries_pass(database: Database, schema: str | None) -> None:
         versions = conn.execute(sa.text(GATE3_VERSION.format(schema=name))).scalars().all()
         assert versions == [HEAD]
         assert conn.execute(sa.text(GATE3_TABLES), params).scalar_one() == len(TABLES)
-        assert conn.execute(sa.text(GATE3_PRIVILEGES), params).scalar_one() == len(TABLES) * 4  # SELECT, INSERT, UPDATE, DELETE
+        assert conn.execute(sa.text(GATE3_PRIVILEGES), params).scalar_one() == GRANTS
         privileges = conn.execute(
             sa.text(
                 "SELECT table_name, privilege_type FROM information_schema.role_table_grants"
@@ -349,9 +351,9 @@ def test_grants_are_reapplied_by_a_no_op_upgrade(database: Database) -> None:
     params = {"schema": "public", "tables": list(TABLES), "role": APP_ROLE}
     assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == 0
     upgrade(database.url, grant_to=[APP_ROLE])
-    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == len(TABLES) * 4  # SELECT, INSERT, UPDATE, DELETE
+    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == GRANTS
     upgrade(database.url, grant_to=[APP_ROLE])
-    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == len(TABLES) * 4  # SELECT, INSERT, UPDATE, DELETE
+    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == GRANTS
 
 
 # -------------------------------------------------------------------------- offline SQL
@@ -374,7 +376,7 @@ def test_sql_script_builds_what_upgrade_builds(
     )
     assert current(other_database.url, schema=schema) == HEAD
     params = {"schema": name, "tables": list(TABLES), "role": APP_ROLE}
-    assert scalar(other_database.admin_engine(), GATE3_PRIVILEGES, **params) == len(TABLES) * 4  # SELECT, INSERT, UPDATE, DELETE
+    assert scalar(other_database.admin_engine(), GATE3_PRIVILEGES, **params) == GRANTS
 
 
 def test_sql_from_head_to_head_is_empty_of_ddl() -> None:
@@ -393,7 +395,7 @@ def test_a_database_at_tc0001_upgrades_and_its_grantees_get_the_transport_tables
     params = {"schema": schema or "public", "tables": list(TABLES), "role": APP_ROLE}
     assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == 4 * 4
     assert upgrade(database.url, schema=schema) == HEAD  # no grant_to this time
-    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == len(TABLES) * 4
+    assert scalar(database.admin_engine(), GATE3_PRIVILEGES, **params) == GRANTS
     with database.app_engine().begin() as conn:
         table = f"{schema}.tenant_celery_message" if schema else "tenant_celery_message"
         conn.execute(sa.text(f"INSERT INTO {table} (queue, payload) VALUES ('q', '{{}}')"))

@@ -264,6 +264,23 @@ def test_one_tenants_backlog_does_not_hold_back_anothers_message(app_broker: str
     assert "tenant-b" in tenants[:2], tenants  # its one message, in the first claim
 
 
+def test_a_higher_priority_message_is_claimed_first(app_broker: str) -> None:
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        producer = Producer(publisher.default_channel)
+        for priority in (0, 3, 9, 3):
+            producer.publish(
+                {"priority": priority},
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+                priority=priority,
+            )
+    with Connection(app_broker) as conn:
+        order = [m.payload["priority"] for m in _claimed(conn, queue, prefetch=4, ack=True)]
+    assert order == [9, 3, 3, 0]
+
+
 def test_tenant_inflight_limit_caps_one_tenants_claimed_messages(database: Database) -> None:
     queue = new_queue()
     url = transport_url(database, "app")
@@ -327,6 +344,9 @@ def test_a_lapsed_lease_lets_another_consumer_take_the_message(app_broker: str) 
     finally:
         holder.transport._stopping.set()
         holder.transport._discard()
+        for channel in holder.transport.channels:
+            channel.do_restore = False  # a dead process restores nothing
+        holder.release()
 
 
 def test_missing_tables_are_a_clear_error(database: Database) -> None:
