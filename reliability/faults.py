@@ -19,9 +19,10 @@ while tasks are running, and reads back what every task did from the
     ``visibility_timeout`` has passed.
 :func:`redis_restarted`
     (c) a private Redis (append-only file, ``appendfsync always``) is killed
-    and restarted while a worker drains a batch.  The worker must reconnect
-    and every message published before the restart, and one batch after,
-    must complete.  Without persistence a restarted Redis is empty, by
+    and restarted while a worker drains a batch, or while it waits for more
+    with late-acknowledged tasks running.  The worker must reconnect by
+    itself and every message published before the restart, and one batch
+    after, must complete.  Without persistence a restarted Redis is empty, by
     design: the claim is about what Redis acknowledged.
 :func:`database_unreachable`
     (d) the database sits behind a TCP proxy that is down when the worker
@@ -56,7 +57,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import kombu
 import redis
@@ -568,6 +569,9 @@ def worker_killed(
 
 # ------------------------------------------------------------ (c) Redis restarted
 
+KillMoment = Literal["draining", "waiting"]
+"""When :func:`redis_restarted` kills Redis: see there."""
+
 
 def _redis_counts(url: str, queue: str) -> dict[str, int]:
     client = redis.Redis.from_url(url, socket_connect_timeout=3)
@@ -577,12 +581,54 @@ def _redis_counts(url: str, queue: str) -> dict[str, int]:
         client.close()
 
 
+def _settled_counts(url: str, queue: str, timeout: float = 5.0) -> dict[str, int]:
+    """:func:`_redis_counts` once nothing is unacknowledged, or after ``timeout`` s.
+
+    A task's ``done`` row is written before its message is acknowledged.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = _redis_counts(url, queue)
+        if counts["unacked"] == 0 or time.monotonic() > deadline:
+            return counts
+        time.sleep(_POLL)
+
+
+def _wait_for_moment(
+    moment: KillMoment,
+    admin: Engine,
+    worker: RunningWorker,
+    server: RedisServer,
+    queue: str,
+    expected: Mapping[str, str],
+    concurrency: int,
+    timeout: float,
+) -> None:
+    """Return once it is ``moment`` to kill Redis (see :func:`redis_restarted`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = read_runs(admin, list(expected))
+        done = done_ids(runs)
+        if moment == "draining":
+            ready = len(done) >= max(1, len(expected) // 5)
+        else:
+            running = {r.task_id for r in runs if r.phase == "started"} - done
+            stored = _redis_counts(server.url, queue)
+            ready = bool(running) and stored["queued"] == 0 and 0 < stored["unacked"] < concurrency
+        if ready:
+            return
+        if time.monotonic() > deadline or not worker.alive:
+            raise FaultError(f"the worker never got to the {moment} moment:\n{_tail(worker)}")
+        time.sleep(0.05)
+
+
 def redis_restarted(
     setup: Setup,
     launch: Launch,
     server: RedisServer,
     *,
     backend_url: str,
+    moment: KillMoment = "draining",
     tasks: int = 30,
     after: int = 10,
     hold: float = 0.2,
@@ -590,17 +636,30 @@ def redis_restarted(
     visibility_timeout: float = 6.0,
     timeout: float = 120.0,
 ) -> FaultResult:
-    """(c) Kill ``server`` (SIGKILL) while a worker drains ``tasks`` late-acknowledged
+    """(c) Kill ``server`` (SIGKILL) while a worker runs ``tasks`` late-acknowledged
     tasks, start it again ``down`` seconds later on the same port and data, publish
-    ``after`` more, and wait for all of them.
+    ``after`` more (of 0.2 s each), and wait for all of them.
+
+    ``moment`` is when Redis dies:
+
+    ``"draining"``
+        once a fifth of the tasks have completed: the worker is working through
+        a backlog, so messages are both queued and unacknowledged in Redis.
+    ``"waiting"``
+        once the queue is empty and the worker holds fewer unacknowledged
+        messages than it may prefetch, with one still running: it runs
+        late-acknowledged tasks and waits for more (a ``BRPOP`` in flight).
+        Use few tasks and a long ``hold`` (e.g. 1 and 4.0).  This is the state in
+        which Celery 5.7 workers used to exit instead of reconnecting
+        (:mod:`tenant_celery._worker_fixes`).
 
     ``server`` must persist every write (append-only file, ``appendfsync
     always``): what Redis acknowledged before the kill is what must survive.
 
-    Survived when every task published before and after the restart completed
-    in its tenant.  The worker usually reconnects on its own; when kombu makes it
-    exit instead (an ack broken by the outage), it is restarted as a supervisor
-    would, and the result says so (``worker_exited``).
+    Survived when the worker reconnected by itself and every task published
+    before and after the restart completed in its tenant.  A worker that exits
+    instead is a failure; it is then restarted as a supervisor would, so the
+    result still tells whether anything was lost (``worker_exited``).
     """
     result = FaultResult("Redis restarted under load", "redis", "prefork 2")
     if not server.appendonly:
@@ -619,11 +678,9 @@ def redis_restarted(
         with workers(launch) as start, publisher(server.url, queue) as app:
             worker = start(spec)
             expected = publish(app, faults_app.RECORD, tenants, tasks, hold=hold)
-            deadline = time.monotonic() + timeout
-            while len(done_ids(read_runs(admin, list(expected)))) < max(1, tasks // 5):
-                if time.monotonic() > deadline or not worker.alive:
-                    raise FaultError(f"no task completed before the restart:\n{_tail(worker)}")
-                time.sleep(0.05)
+            _wait_for_moment(
+                moment, admin, worker, server, queue, expected, spec.concurrency, timeout
+            )
             killed_at = time.time()
             server.kill(signal.SIGKILL)
             result.injected = 1
@@ -634,20 +691,16 @@ def redis_restarted(
             server.start()
             up_at = time.time()
             stored = _redis_counts(server.url, queue)
-            later = publish(app, faults_app.RECORD, tenants, after, hold=hold)
+            later = publish(app, faults_app.RECORD, tenants, after, hold=0.2)
             expected.update(later)
             runs = wait_done(admin, expected, timeout, worker)
             exited = None
             if not worker.alive:
-                # kombu's Redis transport can exit the worker ("Unrecoverable error:
-                # AttributeError ... 'hostname'") when the outage breaks an ack: it
-                # then restores unacked messages through a connection it has already
-                # released.  A supervisor restarts it; do the same, and require that
-                # nothing was lost.
                 exited = _exit_reason(worker)
                 worker = start(spec)
                 runs = wait_done(admin, expected, timeout, worker)
                 result.require(worker.alive, "the restarted worker died")
+            at_end = _settled_counts(server.url, queue)
     finally:
         admin.dispose()
     account(result, expected, runs)
@@ -656,17 +709,20 @@ def redis_restarted(
         for r in runs
         if r.phase == "started" and r.task_id not in started_before and r.recorded_at > up_at
     ]
+    result.require(exited is None, f"the worker exited instead of reconnecting: {exited}")
     result.require(bool(pending), "every task had completed before Redis was killed")
     result.require(bool(fresh), "the worker took no message from the restarted Redis")
     if not result.problems:
         result.survived = 1
     result.details.update(
+        moment=moment,
         worker_exited=exited,
         reconnected_by_itself=exited is None,
         published_before=tasks,
         published_after=after,
         pending_at_kill=len(pending),
         in_redis_after_restart=stored,
+        in_redis_at_end=at_end,
         redis_down_seconds=round(up_at - killed_at, 2),
         reconnect_seconds=round(min(fresh) - up_at, 2) if fresh else None,
     )
@@ -845,15 +901,10 @@ def _summary(result: FaultResult) -> str:
             f"{details['seconds_to_redelivery']} s later"
         )
     if "reconnect_seconds" in details:
-        how = (
-            "the worker reconnected"
-            if details.get("reconnected_by_itself", True)
-            else "the worker exited (kombu: an ack broken by the outage) and its "
-            "restart took over"
-        )
         return (
-            f"pending at the kill: {details['pending_at_kill']}, none lost; {how}, "
-            f"taking messages {details['reconnect_seconds']} s after Redis was back"
+            f"pending at the kill: {details['pending_at_kill']}, none lost; the worker "
+            f"reconnected by itself, taking messages {details['reconnect_seconds']} s "
+            "after Redis was back"
         )
     return (
         f"503 naming the database while away, worker up; 200 "

@@ -49,7 +49,10 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from . import metrics
+from . import (
+    _worker_fixes,  # noqa: F401 (connects its worker_init receiver)
+    metrics,
+)
 from ._pg import database_url
 from .config import setting
 from .errors import ConfigurationError

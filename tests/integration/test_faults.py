@@ -121,6 +121,7 @@ def test_c_a_restarted_redis_loses_no_late_acknowledged_message(
     result = faults.redis_restarted(setup, launch, own_redis, backend_url=pg_backend)
     assert result.ok, explain(result)
     details = result.details
+    assert details["reconnected_by_itself"] is True, details["worker_exited"]
     assert own_redis.starts == 2
     assert details["pending_at_kill"] > 0
     stored = details["in_redis_after_restart"]
@@ -128,6 +129,29 @@ def test_c_a_restarted_redis_loses_no_late_acknowledged_message(
     assert details["reconnect_seconds"] is not None
     assert result.published == 40
     assert result.cross_tenant == result.unaccounted == 0
+
+
+def test_c_a_worker_waiting_with_late_acknowledged_tasks_reconnects_by_itself(
+    setup: faults.Setup, launch: faults.Launch, pg_backend: str, own_redis: RedisServer
+) -> None:
+    # Redis dies while the worker runs a late-acknowledged task and waits on an
+    # empty queue for more (a BRPOP in flight): Celery 5.7 workers used to exit
+    # here every time (tenant_celery._worker_fixes).  The task, still running
+    # across the outage, must then be acknowledged on the old connection once
+    # Redis is back: it runs once, and nothing stays unacknowledged in Redis.
+    result = faults.redis_restarted(
+        setup, launch, own_redis, backend_url=pg_backend, moment="waiting", tasks=1, hold=4.0,
+        after=4, visibility_timeout=30.0,
+    )  # fmt: skip
+    assert result.ok, explain(result)
+    details = result.details
+    assert details["reconnected_by_itself"] is True, details["worker_exited"]
+    assert details["pending_at_kill"] == 1
+    assert details["in_redis_after_restart"] == {"queued": 0, "unacked": 1}
+    assert result.published == 5
+    assert result.executions == 5, details
+    assert details["in_redis_at_end"] == {"queued": 0, "unacked": 0}
+    assert result.cross_tenant == result.unaccounted == result.duplicates == 0
 
 
 def test_d_unreachable_database_at_start_is_503_then_200_and_the_worker_stays_up(
