@@ -59,6 +59,8 @@ from queue import Empty
 from typing import Any
 
 import psycopg
+from amqp.protocol import queue_declare_ok_t
+from kombu.exceptions import ChannelError
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 from psycopg import sql
@@ -327,6 +329,7 @@ class QoS(virtual.QoS):
     def ack(self, delivery_tag: str) -> None:
         self.channel._ack(delivery_tag)
         super().ack(delivery_tag)
+        self.channel._transport.wake()  # room in the prefetch window: claim again
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
@@ -334,6 +337,7 @@ class QoS(virtual.QoS):
         else:
             self.channel._ack(delivery_tag)
         super().ack(delivery_tag)
+        self.channel._transport.wake()
 
     def restore_unacked(self) -> list[tuple[BaseException, str]]:  # type: ignore[override]
         """End the lease of every message this channel holds: they are ready again."""
@@ -411,6 +415,9 @@ class Channel(virtual.Channel):
 
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
+        # kombu sets ``connection`` to None when the channel closes; a task that
+        # finishes later must still be able to acknowledge its message.
+        self._transport = connection
         self.settings = connection.settings
         self.lease = uuid.uuid4()
         self._no_ack_queues: set[str] = set()
@@ -428,14 +435,14 @@ class Channel(virtual.Channel):
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         params = self._message_params(message)
         params["queue"] = queue
-        self.connection.execute(_PUT[self.settings.listen], params, publish=True)
+        self._transport.execute(_PUT[self.settings.listen], params, publish=True)
 
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
     ) -> None:
         params = self._message_params(message)
         params["exchange"] = exchange
-        self.connection.execute(_PUT_FANOUT[self.settings.listen], params, publish=True)
+        self._transport.execute(_PUT_FANOUT[self.settings.listen], params, publish=True)
 
     def _message_params(self, message: dict[str, Any]) -> dict[str, Any]:
         tenant = (message.get("headers") or {}).get(self.settings.tenant_header)
@@ -451,13 +458,23 @@ class Channel(virtual.Channel):
 
     # --- queues and bindings -------------------------------------------------------
 
+    def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
+        if passive and queue:
+            # Only look: a passive declare must not reset the queue's settings.
+            if not self._has_queue(queue):
+                raise ChannelError(
+                    f"NOT_FOUND - no queue {queue!r}", (50, 10), "Channel.queue_declare", 404
+                )
+            return queue_declare_ok_t(queue, self._size(queue), 0)
+        return super().queue_declare(queue, passive, **kwargs)
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         arguments = kwargs.get("arguments") or {}
         ttl = arguments.get("x-message-ttl")
         auto_delete = bool(kwargs.get("auto_delete"))
         if auto_delete:
             self._auto_delete_queues.add(queue)
-        self.connection.execute(
+        self._transport.execute(
             _DECLARE,
             {
                 "queue": queue,
@@ -468,11 +485,11 @@ class Channel(virtual.Channel):
         )
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
-        row = self.connection.execute(_HAS_QUEUE, {"queue": queue}, fetch=True, publish=True)
+        row = self._transport.execute(_HAS_QUEUE, {"queue": queue}, fetch=True, publish=True)
         return bool(row and row[0][0])
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        self.connection.execute(
+        self._transport.execute(
             _BIND,
             {
                 "exchange": exchange,
@@ -493,7 +510,7 @@ class Channel(virtual.Channel):
         **kwargs: Any,
     ) -> None:
         self.state.binding_delete(queue, exchange or "", routing_key)
-        self.connection.execute(
+        self._transport.execute(
             _UNBIND,
             {"exchange": exchange or "", "routing_key": routing_key or "", "queue": queue},
             publish=True,
@@ -508,7 +525,7 @@ class Channel(virtual.Channel):
         now = time.monotonic()
         if cached is not None and not fanout and now - cached[0] < _TABLE_TTL:
             return cached[1]
-        rows = self.connection.execute(_TABLE, {"exchange": exchange}, fetch=True, publish=True)
+        rows = self._transport.execute(_TABLE, {"exchange": exchange}, fetch=True, publish=True)
         table = [(str(rk), str(pattern), str(queue)) for rk, pattern, queue in rows]
         self._tables[exchange] = (now, table)
         return table
@@ -526,20 +543,20 @@ class Channel(virtual.Channel):
     ) -> None:
         if if_empty and self._size(queue):
             return
-        self.connection.execute(_DELETE_QUEUE, {"queue": queue}, publish=True)
+        self._transport.execute(_DELETE_QUEUE, {"queue": queue}, publish=True)
         self.state.queue_bindings_delete(queue)
         self._auto_delete_queues.discard(queue)
         self._tables.clear()
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
-        self.connection.execute(_DELETE_QUEUE, {"queue": queue}, publish=True)
+        self._transport.execute(_DELETE_QUEUE, {"queue": queue}, publish=True)
 
     def _size(self, queue: str) -> int:
-        rows = self.connection.execute(_SIZE, {"queue": queue}, fetch=True)
+        rows = self._transport.execute(_SIZE, {"queue": queue}, fetch=True)
         return int(rows[0][0])
 
     def _purge(self, queue: str) -> int:
-        rows = self.connection.execute(_PURGE, {"queue": queue}, fetch=True, publish=True)
+        rows = self._transport.execute(_PURGE, {"queue": queue}, fetch=True, publish=True)
         return int(rows[0][0])
 
     # --- consuming -----------------------------------------------------------------
@@ -564,7 +581,7 @@ class Channel(virtual.Channel):
         }
         if self.settings.tenant_inflight_limit is not None:
             params["cap"] = self.settings.tenant_inflight_limit
-        rows = self.connection.execute(self._statements[take], params, fetch=True)
+        rows = self._transport.execute(self._statements[take], params, fetch=True)
         if not rows:
             return []
         rows.sort(key=lambda row: (row[5], row[4]))  # each tenant's first, in turn
@@ -607,18 +624,18 @@ class Channel(virtual.Channel):
         raise Empty()
 
     def _ack(self, delivery_tag: str) -> None:
-        self.connection.execute(_ACK, {"id": _row_id(delivery_tag), "lease": self.lease})
+        self._transport.execute(_ACK, {"id": _row_id(delivery_tag), "lease": self.lease})
 
     def _release(self, delivery_tags: Iterable[str]) -> None:
         ids = [_row_id(tag) for tag in delivery_tags]
         if ids:
-            self.connection.execute(_RELEASE, {"ids": ids, "lease": self.lease})
+            self._transport.execute(_RELEASE, {"ids": ids, "lease": self.lease})
 
     def _renew(self) -> None:
         qos: Any = self._qos
         ids = [_row_id(tag) for tag in qos.held()] if qos is not None else []
         if ids:
-            self.connection.execute(
+            self._transport.execute(
                 _RENEW,
                 {
                     "ids": ids,
@@ -669,6 +686,9 @@ class Transport(virtual.Transport):
         self._pid = os.getpid()
         self._rendered: dict[str, str] = {}
         self._swept_at = 0.0
+        self._closed = False
+        self._wakeup: tuple[int, int] | None = None
+        self._wakeup_pid = 0
         self._stopping = threading.Event()
         self._renewer: threading.Thread | None = None
         self._renewer_pid = 0
@@ -727,6 +747,13 @@ class Transport(virtual.Transport):
         ``publish`` statements (messages, queues, bindings) run on a connection
         with durable commits; the consumer's on one without.
         """
+        if self._closed:
+            # A late acknowledgement after the connection closed (a task that
+            # finished during a reconnection): one connection, closed at once.
+            with self._connect() as once:
+                text = _sql(template, self.settings).as_string(once)
+                cur = once.execute(text.encode(), params)
+                return cur.fetchall() if fetch else []
         with self._lock:
             conn = self._connection(publish)
             statement = self._rendered.get(template)
@@ -757,6 +784,7 @@ class Transport(virtual.Transport):
         self._listener = None
 
     def establish_connection(self) -> Transport:
+        self._closed = False
         with self._lock:
             self._connection(publish=False)
         return super().establish_connection()
@@ -766,8 +794,10 @@ class Transport(virtual.Transport):
         try:
             super().close_connection(connection)
         finally:
+            self._closed = True
             with self._lock:
                 self._discard()
+            self._close_wakeup()
 
     # --- waiting -------------------------------------------------------------------
 
@@ -780,19 +810,47 @@ class Transport(virtual.Transport):
             listener.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(NOTIFY_CHANNEL)))
         return listener
 
+    def wake(self) -> None:
+        """End a wait of the consuming thread early (called after an acknowledgement,
+        which may come from a pool thread, frees room in the prefetch window)."""
+        if self._wakeup is not None:
+            with contextlib.suppress(OSError):  # full (a wake is pending) or closed
+                os.write(self._wakeup[1], b"\0")
+
+    def _wakeup_pipe(self) -> tuple[int, int]:
+        pipe = self._wakeup
+        if pipe is None or self._wakeup_pid != os.getpid():
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            os.set_blocking(write, False)
+            pipe = self._wakeup = (read, write)
+            self._wakeup_pid = os.getpid()
+        return pipe
+
+    def _close_wakeup(self) -> None:
+        pipe, self._wakeup = self._wakeup, None
+        if pipe is not None and self._wakeup_pid == os.getpid():
+            for fd in pipe:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
     def _wait(self, seconds: float) -> None:
-        """Sleep up to ``seconds``, returning early when a message is published."""
+        """Wait up to ``seconds``; return early when a message is published
+        (``NOTIFY``) or an acknowledgement frees room in the prefetch window."""
+        wakeup = self._wakeup_pipe()[0]
         listener = self._listening()
-        if listener is None:
-            time.sleep(seconds)
-            return
-        pgconn = listener.pgconn
-        if pgconn.notifies() is not None:
-            while pgconn.notifies() is not None:
+        if listener is not None and listener.pgconn.notifies() is not None:
+            while listener.pgconn.notifies() is not None:
                 pass
             return
-        ready, _, _ = select.select([listener.fileno()], [], [], seconds)
-        if ready:
+        sockets = [wakeup] if listener is None else [wakeup, listener.fileno()]
+        ready, _, _ = select.select(sockets, [], [], seconds)
+        if wakeup in ready:
+            with contextlib.suppress(OSError):
+                while os.read(wakeup, 512):
+                    pass
+        if listener is not None and listener.fileno() in ready:
+            pgconn = listener.pgconn
             pgconn.consume_input()
             if pgconn.status != psycopg.pq.ConnStatus.OK:
                 self._listener = None

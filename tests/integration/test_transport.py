@@ -9,6 +9,7 @@ test says otherwise.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections import Counter
@@ -18,6 +19,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.exceptions import ChannelError
 from kombu.message import Message
 from reliability import faults
 
@@ -366,3 +368,43 @@ def test_transport_options_are_checked() -> None:
     for options in ({"visibility_timeout": 0}, {"tenant_inflight_limit": "2"}):
         with pytest.raises(ConfigurationError, match=next(iter(options))):
             Connection("tcpg+postgresql://u@h/db", transport_options=options).transport  # noqa: B018
+
+
+def test_a_passive_declare_keeps_the_queues_settings(database: Database, app_broker: str) -> None:
+    with Connection(app_broker) as conn:
+        channel = conn.channel()
+        channel.queue_declare(queue="tc.ttl", arguments={"x-message-ttl": 60000})
+        channel.queue_declare(queue="tc.ttl", passive=True)
+        with pytest.raises(ChannelError, match="NOT_FOUND"):
+            channel.queue_declare(queue="tc.nothing", passive=True)
+    with psycopg.connect(render(database.url).replace("+psycopg", "")) as admin:
+        ttl = admin.execute(
+            f"SELECT message_ttl FROM {TRANSPORT_SCHEMA}.tenant_celery_queue WHERE name = 'tc.ttl'"
+        ).fetchone()
+    assert ttl == (60000,)
+
+
+def test_an_acknowledgement_from_another_thread_ends_the_wait_for_room(app_broker: str) -> None:
+    """With the prefetch window full and no NOTIFY (``listen`` off), the consuming
+    thread waits; a pool thread's ack must wake it to claim the next message, not
+    leave it asleep for the whole poll interval."""
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        _publish(publisher, queue, "t", 2)
+    options = {"listen": False, "polling_interval": 60}
+    with Connection(app_broker, transport_options=options) as conn:
+        got: list[Message] = []
+        channel = conn.channel()
+        channel.basic_qos(0, 1, False)
+        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        assert len(got) == 1  # the window is full now
+        drainer = threading.Thread(target=conn.drain_events, daemon=True)  # no timeout
+        drainer.start()
+        got[0].ack()  # from this thread, as a pool thread would
+        # Asleep until the next poll, it would still be waiting well past this.
+        drainer.join(timeout=options["polling_interval"] / 4)
+        assert not drainer.is_alive(), "the ack did not wake the consuming thread"
+        assert [m.payload["n"] for m in got] == [0, 1]
+        got[1].ack()
