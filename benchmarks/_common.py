@@ -243,6 +243,15 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (0.95: the 95th percentile), the nearest
+    rank on the sorted values (``nan`` when empty)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def ratio(value: float, baseline: float) -> float:
     """``value / baseline``, rounded to 3 places (``nan`` when the baseline is 0)."""
     if not baseline or math.isnan(baseline) or math.isnan(value):

@@ -32,6 +32,8 @@ from . import bench_app
 from ._common import BenchContext, rate
 
 ROOT = Path(__file__).resolve().parents[1]
+TCPG_PREFIX = "tcpg+"
+"""Broker URL prefix of the package's own PostgreSQL transport."""
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
 
@@ -53,9 +55,13 @@ def transports(ctx: BenchContext) -> dict[str, Transport]:
     """The broker + backend pairs the benchmarks use, keyed ``redis+redis`` etc.
 
     The Redis broker uses database 12 and Redis results database 13 of the
-    configured Redis; PostgreSQL ones connect as the app role.
+    configured Redis; PostgreSQL ones connect as the app role.  ``tcpg+pooled``
+    is the package's own transport (:mod:`tenant_celery.transport`, its tables
+    from the bundled migration in the scratch database's ``public`` schema)
+    with :class:`~tenant_celery.results.PooledDatabaseBackend`.
     """
     pg = ctx.app_url.render_as_string(hide_password=False)
+    libpq = ctx.app_url.set(drivername="postgresql").render_as_string(hide_password=False)
     return {
         t.label: t
         for t in (
@@ -63,6 +69,7 @@ def transports(ctx: BenchContext) -> dict[str, Transport]:
             Transport("redis+postgres", ctx.redis_db(12), f"db+{pg}"),
             Transport("redis+pooled", ctx.redis_db(12), f"pooled+{pg}"),
             Transport("postgres+postgres", f"sqla+{pg}", f"db+{pg}"),
+            Transport("tcpg+pooled", f"{TCPG_PREFIX}{libpq}", f"pooled+{pg}"),
             Transport("rabbitmq+postgres", ctx.amqp_url, f"db+{pg}"),
         )
     }
@@ -117,7 +124,7 @@ class Worker:
                     client.delete(*keys)
                 finally:
                     client.close()
-            elif url.startswith("amqp"):
+            elif url.startswith(("amqp", TCPG_PREFIX)):
                 with kombu.Connection(url, connect_timeout=3) as conn:
                     channel: Any = conn.default_channel
                     channel.queue_delete(self.queue)
@@ -136,6 +143,7 @@ def start_worker(
     client: Callable[[str, str | None, str], Celery] | None = None,
     environ: Mapping[str, str] | None = None,
     options: Sequence[str] = (),
+    before_start: Callable[[Celery], None] | None = None,
 ) -> Worker:
     """Start a worker on a queue of its own and wait until it is ready.
 
@@ -143,7 +151,9 @@ def start_worker(
     with the ``TC_BENCH_*`` variables of :mod:`benchmarks.bench_app` set, plus
     ``environ``; ``options`` are added to its command line.  The returned
     worker's ``app`` is ``client(broker_url, backend_url or None, queue)``
-    (:func:`benchmarks.bench_app.make_app` by default).
+    (:func:`benchmarks.bench_app.make_app` by default).  ``before_start`` is
+    called with that app before the worker process starts: what it publishes
+    is queued when the worker begins consuming.
 
     Raises:
         BenchError: it exited or was not ready within :data:`READY_TIMEOUT`
@@ -174,6 +184,13 @@ def start_worker(
         "-P", pool, "-c", str(concurrency), "-Q", queue, "-n", f"{name}@%h",
         "--loglevel=INFO", "--without-gossip", "--without-mingle", *options,
     ]  # fmt: skip
+    app = (client or bench_app.make_app)(transport.broker_url, transport.backend_url or None, queue)
+    if before_start is not None:
+        try:
+            before_start(app)
+        except BaseException:
+            app.close()
+            raise
     with log_path.open("wb") as log:
         log.write(f"$ {' '.join(command)}\n".encode())
         log.flush()
@@ -194,9 +211,7 @@ def start_worker(
         queue=queue,
         log_path=log_path,
         process=process,
-        app=(client or bench_app.make_app)(
-            transport.broker_url, transport.backend_url or None, queue
-        ),
+        app=app,
         admin_url=ctx.admin_url,
     )
     ready = re.compile(rf"{re.escape(name)}@\S+ ready\.")
@@ -261,17 +276,27 @@ def run_batch(
     start = time.time()
     ids = [publish(i).id for i in range(count)]
     published = time.time()
+    results = collect(worker, ids, timeout=timeout)
+    end = max(float(r["done"]) for r in results)
+    return Batch(count, end - start, published - start, results)
+
+
+def collect(worker: Worker, ids: Sequence[str], *, timeout: float) -> list[dict[str, Any]]:
+    """Wait for the tasks ``ids`` and return what they returned, in no particular
+    order (a Redis backend's results are deleted once read).
+
+    Raises:
+        BenchError: a task failed, or they did not all finish in ``timeout`` seconds.
+    """
     metas = _collect(worker, ids, deadline=time.monotonic() + timeout)
     failed = [m for m in metas if m.get("status") != "SUCCESS"]
     if failed:
         raise BenchError(
-            f"{len(failed)} of {count} tasks did not succeed on {worker.transport.label} "
+            f"{len(failed)} of {len(ids)} tasks did not succeed on {worker.transport.label} "
             f"{worker.pool}; first: {failed[0].get('status')} {failed[0].get('result')!r}\n"
             f"{failed[0].get('traceback') or ''}worker log tail:\n{worker.log_tail()}"
         )
-    results = [m["result"] for m in metas]
-    end = max(float(r["done"]) for r in results)
-    return Batch(count, end - start, published - start, results)
+    return [m["result"] for m in metas]
 
 
 def _collect(worker: Worker, ids: Sequence[str], *, deadline: float) -> list[dict[str, Any]]:

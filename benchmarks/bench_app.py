@@ -22,6 +22,10 @@ listener: a real count, not a constant.
 
 P3 and P4 time :func:`tenant_noop`, a tenant task with no body, so the
 broker, the result backend and the per-task overhead are all there is.
+
+P5 runs :func:`tenant_sleep`, a tenant task that sleeps a few milliseconds
+and returns its tenant, the publish time it was given and the time its body
+started: its latency from publish to start, measured by the task itself.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ and counts tasks (:func:`~tenant_celery.metrics.install_metrics`)."""
 PLAIN_RW = "bench.plain_rw"
 TENANT_RW = "bench.tenant_rw"
 TENANT_NOOP = "bench.tenant_noop"
+TENANT_SLEEP = "bench.tenant_sleep"
 
 SELECT_LAST = text(
     "SELECT id, payload FROM bench_items WHERE tenant_id = CAST(:tenant AS uuid) "
@@ -183,6 +188,12 @@ def make_app(
     @tenant_task(app=app, name=TENANT_NOOP, shared=False)
     def tenant_noop() -> dict[str, Any]:
         return {"done": time.time()}
+
+    @tenant_task(app=app, name=TENANT_SLEEP, shared=False)
+    def tenant_sleep(sent: float, ms: float) -> dict[str, Any]:
+        started = time.time()
+        time.sleep(ms / 1000)
+        return {"tenant": current_tenant(), "sent": sent, "started": started, "done": time.time()}
 
     return app
 

@@ -46,7 +46,7 @@ from psycopg import sql
 from tenant_celery.config import DEFAULT_GUC
 from tenant_celery.rls import enable_tenant_rls_sql
 
-from ._common import BenchContext, Section, median, ratio, stopwatch
+from ._common import BenchContext, Section, median, percentile, ratio, stopwatch
 from ._scratch import connect
 
 TABLE = "p2_items"
@@ -259,13 +259,6 @@ def plan_summary(plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def _us(seconds: float) -> float:
     return round(seconds * 1e6, 1)
 
@@ -383,7 +376,7 @@ def _section(
     ratios: dict[str, dict[str, float]] = {"package": {}, "naive": {}}
     for query in QUERIES:
         med = {s: median(query_s[s][query.name]) for s in SETUPS}
-        p95 = {s: _percentile(query_s[s][query.name], 0.95) for s in SETUPS}
+        p95 = {s: percentile(query_s[s][query.name], 0.95) for s in SETUPS}
         txn = {s: median(txn_s[s][query.name]) for s in SETUPS}
         for s in ("package", "naive"):
             ratios[s][query.name] = ratio(med[s], med["explicit"])

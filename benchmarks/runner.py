@@ -59,6 +59,7 @@ BENCHMARKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "p2": ("benchmarks.rls_cost", "RLS cost", ()),
     "p3": ("benchmarks.throughput", "Throughput by broker and result backend", ("redis", "amqp")),
     "p4": ("benchmarks.observability", "Observability overhead", ("redis",)),
+    "p5": ("benchmarks.fairness", "Tenant fairness", ("redis",)),
     "results": (
         "benchmarks.results_backend",
         "Database result backend: NullPool against pooled",

@@ -3,7 +3,8 @@
 Nothing is asserted about time: only that every benchmark ran against the real
 services, wrote numbers, and that what the numbers rest on holds (the tenant
 task runs exactly one statement more than the plain one, the observability
-worker really logged JSON, every broker and pool was measured).
+worker really logged JSON, every broker and pool was measured, tenant B's
+fairness probes were sent while tenant A's backlog was waiting).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from tests._rig.postgres import PgCluster, render
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = {"p1", "p2", "p3", "p4", "results"}
+SECTIONS = {"p1", "p2", "p3", "p4", "p5", "results"}
 
 pytestmark = pytest.mark.worker
 
@@ -83,6 +84,7 @@ def test_benchmarks_run_at_smoke_size(
         "redis+postgres",
         "redis+pooled",
         "postgres+postgres",
+        "tcpg+pooled",
         "rabbitmq+postgres",
     }
     for transport, pools in p3.items():
@@ -92,3 +94,15 @@ def test_benchmarks_run_at_smoke_size(
     p4 = sections["p4"]["data"]
     assert all(r > 0 for runs in p4["tasks_per_second"].values() for r in runs)
     assert p4["json_log_lines"] > 0, "the observability worker did not log JSON"
+
+    p5 = sections["p5"]["data"]["results"]
+    assert set(p5) == {
+        "tcpg+pooled prefetch default",
+        "tcpg+pooled prefetch 1",
+        "redis+redis prefetch default",
+    }
+    for case, found in p5.items():
+        assert len(found["busy_ms"]) == len(found["idle_ms"]) == found["probes"] > 0, case
+        assert all(ms > 0 for ms in found["busy_ms"] + found["idle_ms"]), case
+        # The probes met a backlog: A had tasks waiting when B's first one was sent.
+        assert found["a_waiting_at_first_probe"] > 0, case
