@@ -29,11 +29,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from celery.backends.database import DatabaseBackend
 from celery.backends.database.session import SessionManager
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+
+from ._compat import DatabaseBackend
 
 __all__ = [
     "PooledDatabaseBackend",

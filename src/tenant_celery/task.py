@@ -8,11 +8,12 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
-from celery import Celery, Task, shared_task
+from celery import Celery, shared_task
 from celery.app.task import Context
 from celery.utils import uuid
 
 from . import propagation, signing
+from ._compat import GenericTask
 from .config import header_name
 from .context import _enter, _exit, current_tenant, parse_tenant_id, tenant_context
 from .errors import (
@@ -40,7 +41,7 @@ TENANT_ARG = "tenant_id"
 _NOT_GIVEN = object()
 
 
-class TenantTask(Task[_P, _R]):
+class TenantTask(GenericTask[_P, _R]):
     """Base class of tasks that always run inside exactly one tenant.
 
     Use it as ``@app.task(base=TenantTask)``, as the app's ``task_cls``, or

@@ -46,7 +46,7 @@ from celery import Celery, Task
 from sqlalchemy.engine import Connection, Engine, Transaction
 from sqlalchemy.exc import DBAPIError
 
-from . import _catalog
+from . import _catalog, _compat
 from ._pg import identifier, qualified
 from .config import header_name
 from .context import parse_tenant_id, tenant_context
@@ -410,8 +410,7 @@ def _first_line(exc: DBAPIError) -> str:
 
 
 def _rls_refused(exc: DBAPIError) -> bool:
-    sqlstate = getattr(exc.orig, "sqlstate", None)
-    return sqlstate == _RLS_VIOLATION and "row-level security" in str(exc.orig)
+    return _compat.sqlstate(exc.orig) == _RLS_VIOLATION and "row-level security" in str(exc.orig)
 
 
 class _Check:

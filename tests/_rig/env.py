@@ -12,6 +12,9 @@ import pytest
 PG_DSN_ENV = "TENANT_CELERY_TEST_DSN"
 #: Force one PostgreSQL source: ``dsn``, ``pgserver`` or ``pg_ctl`` (default: try in order).
 PG_SOURCE_ENV = "TENANT_CELERY_TEST_PG_SOURCE"
+#: Driver behind every SQLAlchemy URL the rig hands out: ``psycopg`` (default,
+#: ``postgresql+psycopg://``) or ``psycopg2`` (``postgresql+psycopg2://``).
+PG_DRIVER_ENV = "TENANT_CELERY_TEST_DRIVER"
 REDIS_URL_ENV = "TENANT_CELERY_TEST_REDIS_URL"
 AMQP_URL_ENV = "TENANT_CELERY_TEST_AMQP_URL"
 
@@ -34,6 +37,17 @@ def unavailable(what: str, reason: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"{message} (CI=true: services must be available)", pytrace=False)
     pytest.skip(message)
+
+
+def pg_drivername() -> str:
+    """SQLAlchemy drivername of the rig's URLs, from ``TENANT_CELERY_TEST_DRIVER``."""
+    driver = os.environ.get(PG_DRIVER_ENV, "").strip().lower() or "psycopg"
+    if driver == "psycopg":
+        return "postgresql+psycopg"
+    if driver == "psycopg2":
+        # Named: a plain postgresql:// means psycopg2 on SQLAlchemy 2.0, psycopg on 2.1.
+        return "postgresql+psycopg2"
+    raise ValueError(f"{PG_DRIVER_ENV}={driver!r}: expected psycopg or psycopg2")
 
 
 def redis_url() -> str:

@@ -33,12 +33,14 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from celery.backends.database import DatabaseBackend
 from psycopg import sql
 from sqlalchemy.engine import URL, Engine
 
 from tests._rig import env
 
-DRIVER = "postgresql+psycopg"
+#: ``postgresql+psycopg``, or ``postgresql+psycopg2`` with ``TENANT_CELERY_TEST_DRIVER``.
+DRIVER = env.pg_drivername()
 MAINTENANCE_DB = "postgres"
 #: The unprivileged role tasks connect as: LOGIN, no SUPERUSER/BYPASSRLS/CREATEDB/CREATEROLE.
 APP_ROLE = "app_user"
@@ -56,7 +58,7 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1", ""}  # "": libpq's default socket
 
 
 def to_sqlalchemy_url(dsn: str | URL) -> URL:
-    """Turn a libpq-style URL (``postgresql://`` or ``postgres://``) into a psycopg 3 one."""
+    """Turn a libpq-style URL (``postgresql://`` or ``postgres://``) into one for :data:`DRIVER`."""
     url = sa.make_url(dsn)
     return url.set(drivername=DRIVER)
 
@@ -108,7 +110,7 @@ class PgCluster:
 
     #: Where it came from: ``"dsn"``, ``"pgserver"`` or ``"pg_ctl"``.
     source: str
-    #: Superuser URL of the maintenance database (driver ``postgresql+psycopg``).
+    #: Superuser URL of the maintenance database (driver :data:`DRIVER`).
     admin_url: URL
 
     @property
@@ -128,14 +130,18 @@ class PgCluster:
         return psycopg.connect(**libpq_kwargs(self.url(database)), autocommit=True)
 
     def describe(self) -> str:
-        """One line for humans: source, server version and URL (no password)."""
+        """One line for humans: source, server version, URL (no password) and the
+        driver SQLAlchemy loads for it, with its version."""
         try:
             with self.connect() as conn:
                 version = conn.execute("SHOW server_version").fetchone()
         except psycopg.Error:
             version = None
         shown = version[0] if version else "?"
-        return f"{self.source}, PostgreSQL {shown}, {self.admin_url.render_as_string()}"
+        dialect = sa.create_engine(self.admin_url).dialect
+        version_text = str(getattr(dialect.loaded_dbapi, "__version__", "?"))
+        driver = f"{dialect.driver} {version_text.split(maxsplit=1)[0]}"
+        return f"{self.source}, PostgreSQL {shown}, {self.admin_url.render_as_string()}, {driver}"
 
     def check(self) -> str | None:
         """Return ``None`` when the server answers as a superuser, else the reason it does not."""
@@ -289,7 +295,7 @@ class Database:
 
     @property
     def url(self) -> URL:
-        """Superuser SQLAlchemy URL (``postgresql+psycopg``)."""
+        """Superuser SQLAlchemy URL (driver :data:`DRIVER`)."""
         return self.cluster.url(self.name)
 
     @property
@@ -385,6 +391,7 @@ class DatabaseFactory:
             )
         database = Database(name, self.cluster)
         self._live[name] = database
+        _forget_created_result_tables()
         return database
 
     def drop(self, database: Database) -> None:
@@ -412,6 +419,19 @@ class DatabaseFactory:
             if match and not pid_alive(int(match.group(1))):
                 with contextlib.suppress(psycopg.Error):
                     _drop_database(conn, name, template=name.endswith("_tpl"))
+
+
+def _forget_created_result_tables() -> None:
+    """Let the next result read or write in this process create Celery's result tables.
+
+    Before Celery 5.5 every ``db+`` result backend of a process shares one session
+    manager (the default value of ``ResultSession``'s argument) that creates the
+    tables once per process, in the first database it meets; the tests use a new
+    database each.
+    """
+    shared = (DatabaseBackend.ResultSession.__defaults__ or (None,))[0]
+    if shared is not None:
+        shared.prepared = False
 
 
 def _drop_database(conn: psycopg.Connection[Any], name: str, *, template: bool = False) -> None:

@@ -233,9 +233,7 @@ def _create_role(server: Engine, names: _Names, stack: contextlib.ExitStack) -> 
     if exists:
         raise DemoError(f"role {names.role} exists already; run the demo again")
 
-    stack.callback(
-        _drop, server, f"DROP ROLE IF EXISTS {quote(names.role)}", f"role {names.role}"
-    )
+    stack.callback(_drop, server, f"DROP ROLE IF EXISTS {quote(names.role)}", f"role {names.role}")
     with server.begin() as conn:
         create_app_role(conn, names.role, login=True, password=names.password)
 

@@ -19,6 +19,7 @@ from alembic.util import CommandError
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from .._compat import sqlstate
 from .._pg import database_url, identifier
 from ..errors import ConfigurationError, MigrationError
 from . import _env
@@ -276,7 +277,7 @@ def _unknown_revision_hint(config: Config, engine: Engine, schema: str | None) -
 
 
 def _hint(exc: SQLAlchemyError) -> str:
-    if getattr(getattr(exc, "orig", None), "sqlstate", None) == _DUPLICATE_TABLE:
+    if sqlstate(getattr(exc, "orig", None)) == _DUPLICATE_TABLE:
         return (
             "; if kombu or Celery created these tables on first use, stop the workers, drain "
             "the queues, drop the tables and their sequences, then upgrade again"
