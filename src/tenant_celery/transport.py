@@ -15,16 +15,21 @@ How it works:
   tasks cannot hold back another tenant's single task.  ``tenant_inflight_limit``
   caps the messages one tenant may have claimed and not yet acknowledged.
 * **Leases.**  A claim sets the message's ``visible_at`` to now plus
-  ``visibility_timeout``; the consumer renews the leases of the messages it
-  holds (ETA tasks included) every third of that.  A consumer that dies stops
-  renewing, and its messages are claimed again when their leases run out.
+  ``visibility_timeout``; a thread of the consumer renews the leases of the
+  messages it holds (running, prefetched and ETA tasks alike) every third of
+  that.  A consumer that dies stops renewing, and its messages are claimed
+  again when their leases run out.
 * **Acknowledgement deletes the row.**  Rejection with requeue, and the
   restore at shutdown, end the lease at once.  Nothing is kept after an ack,
   so the table holds only waiting and in-flight messages.
 * **Wake-ups.**  Publishing sends ``NOTIFY``; an idle consumer waits on
   ``LISTEN`` and also polls every ``polling_interval`` seconds, so it keeps
   working where notifications do not arrive (``listen: False``, for example
-  behind PgBouncer in transaction mode).
+  behind PgBouncer in transaction mode).  An acknowledgement, from whatever
+  thread, wakes it too: room in the prefetch window is claimed at once.
+* **Connections.**  Claims, acknowledgements and renewals run on a
+  connection with ``synchronous_commit`` off (one lost in a server crash only
+  delivers a message again); publishing, on one with durable commits.
 * **Bindings** (exchange to queue) live in a table, so fanout exchanges reach
   every bound queue across processes: broadcast control commands such as
   ``revoke`` work.
