@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import cast
 
 import pytest
@@ -18,49 +17,29 @@ import sqlalchemy as sa
 from reliability import faults
 
 from tenant_celery import tenant_context
-from tests._rig import env
-from tests._rig.postgres import APP_ROLE, Database, render
-from tests._rig.redis_server import RedisServer, RedisServerUnavailable, private_redis
-from tests._rig.worker import Pool, WorkerFactory, WorkerHandle
+from tests._rig.postgres import render
+from tests._rig.redis_server import RedisServer
+from tests._rig.worker import WorkerHandle
 
 from . import faults_app
 
 pytestmark = pytest.mark.worker
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    try:
-        with private_redis(appendonly=True) as server:
-            yield server
-    except RedisServerUnavailable as exc:
-        env.unavailable("redis-server", str(exc))
-
-
 def test_a_message_redis_dropped_between_brpop_and_its_unacked_record_is_given_back(
-    database: Database, start_worker: WorkerFactory, own_redis: RedisServer
+    setup: faults.Setup, launch: faults.Launch, pg_backend: str, own_redis: RedisServer
 ) -> None:
     """Redis serves the worker's ``BRPOP`` and dies before the worker records the
     message as unacknowledged: kombu alone loses it; the guard puts it back."""
-    setup = faults.Setup(admin_url=database.url, app_url=database.app_url, app_role=APP_ROLE)
-    faults.prepare(setup)
     queue = faults.new_queue("brpop")
     spec = faults.WorkerSpec(
         own_redis.url,
-        "db+" + render(database.url),
+        pg_backend,
         queue,
         render(setup.app_url),
         environ={faults_app.VISIBILITY_TIMEOUT_ENV: "6"},
     )
-    worker = start_worker(
-        faults_app.__name__,
-        broker="redis",
-        backend="postgres",
-        pool=cast(Pool, spec.pool),
-        concurrency=spec.concurrency,
-        extra_env=spec.environment(),
-        extra_args=spec.arguments(),
-    )
+    worker = cast(WorkerHandle, launch(spec))
     time.sleep(0.5)  # the consumer's BRPOP is pending
     tenant = faults.new_tenants(1)[0]
     with faults.publisher(own_redis.url, queue) as app:
@@ -85,6 +64,6 @@ def test_a_message_redis_dropped_between_brpop_and_its_unacked_record_is_given_b
             runs = faults.wait_done(admin, {task_id: tenant}, 60.0)
         finally:
             admin.dispose()
-    assert faults.done_ids(runs) == {task_id}, cast(WorkerHandle, worker).log_tail()
-    assert cast(WorkerHandle, worker).alive
+    assert faults.done_ids(runs) == {task_id}, worker.log_tail()
+    assert worker.alive
     assert "gave back a message whose unacked record Redis lost" in worker.log_text()

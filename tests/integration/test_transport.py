@@ -25,8 +25,8 @@ from reliability import faults
 
 from tenant_celery import tenant_context
 from tenant_celery.errors import ConfigurationError
-from tests._rig.postgres import APP_ROLE, Database, render
-from tests._rig.worker import TRANSPORT_SCHEMA, Pool, WorkerFactory, WorkerHandle, transport_url
+from tests._rig.postgres import Database, render
+from tests._rig.worker import TRANSPORT_SCHEMA, WorkerHandle, transport_url
 
 from . import faults_app
 
@@ -36,41 +36,10 @@ TIMEOUT = 120.0
 
 
 @pytest.fixture
-def setup(database: Database) -> faults.Setup:
-    """The test's database, with ``fault_runs`` created and granted to ``app_user``."""
-    prepared = faults.Setup(admin_url=database.url, app_url=database.app_url, app_role=APP_ROLE)
-    faults.prepare(prepared)
-    return prepared
-
-
-@pytest.fixture
 def broker(database: Database) -> str:
     """The transport's URL on the test's database (tables in ``tcpg``), as the superuser
     the rig's workers connect as."""
     return transport_url(database, "superuser")
-
-
-@pytest.fixture
-def backend(database: Database) -> str:
-    return "db+" + render(database.url)
-
-
-@pytest.fixture
-def launch(start_worker: WorkerFactory) -> faults.Launch:
-    """Start ``faults_app`` workers over the transport (stopped after the test)."""
-
-    def start(spec: faults.WorkerSpec) -> WorkerHandle:
-        return start_worker(
-            faults_app.__name__,
-            broker="tcpg",
-            backend="postgres",
-            pool=cast(Pool, spec.pool),
-            concurrency=spec.concurrency,
-            extra_env=spec.environment(),
-            extra_args=spec.arguments(),
-        )
-
-    return start
 
 
 @pytest.fixture
@@ -95,10 +64,10 @@ def started_counts(runs: list[faults.Run]) -> Counter[str]:
 
 
 def test_sigkilled_worker_messages_come_back_when_their_leases_run_out(
-    setup: faults.Setup, launch: faults.Launch, broker: str, backend: str
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
 ) -> None:
     result = faults.worker_killed(
-        setup, launch, broker_url=broker, backend_url=backend, visibility_timeout=4.0
+        setup, launch, broker_url=broker, backend_url=pg_backend, visibility_timeout=4.0
     )
     assert result.ok, f"{result.problems}; details: {result.details}"
     details = result.details
@@ -109,10 +78,10 @@ def test_sigkilled_worker_messages_come_back_when_their_leases_run_out(
 
 
 def test_two_workers_on_one_queue_run_every_message_once(
-    setup: faults.Setup, launch: faults.Launch, broker: str, backend: str
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
 ) -> None:
     queue = faults.new_queue("pair")
-    spec = faults.WorkerSpec(broker, backend, queue, render(setup.app_url))
+    spec = faults.WorkerSpec(broker, pg_backend, queue, render(setup.app_url))
     tenants = faults.new_tenants(4)
     with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
         first, second = start(spec), start(spec)
@@ -134,13 +103,13 @@ def test_two_workers_on_one_queue_run_every_message_once(
 
 
 def test_warm_shutdown_releases_prefetched_messages_and_loses_nothing(
-    setup: faults.Setup, launch: faults.Launch, broker: str, backend: str
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
 ) -> None:
     queue = faults.new_queue("warm")
     # A long lease: a message that were merely left to expire would not come back in time.
     spec = faults.WorkerSpec(
         broker,
-        backend,
+        pg_backend,
         queue,
         render(setup.app_url),
         environ={faults_app.VISIBILITY_TIMEOUT_ENV: "600"},
@@ -168,10 +137,10 @@ def test_warm_shutdown_releases_prefetched_messages_and_loses_nothing(
 
 
 def test_revoke_reaches_the_worker_through_the_fanout_exchange(
-    setup: faults.Setup, launch: faults.Launch, broker: str, backend: str
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
 ) -> None:
     queue = faults.new_queue("revoke")
-    spec = faults.WorkerSpec(broker, backend, queue, render(setup.app_url))
+    spec = faults.WorkerSpec(broker, pg_backend, queue, render(setup.app_url))
     tenant = faults.new_tenants(1)[0]
     with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
         worker = cast(WorkerHandle, start(spec))
@@ -194,12 +163,12 @@ def test_revoke_reaches_the_worker_through_the_fanout_exchange(
 
 
 def test_an_eta_longer_than_the_lease_runs_once(
-    setup: faults.Setup, launch: faults.Launch, broker: str, backend: str
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
 ) -> None:
     """The worker renews the leases of the ETA messages it holds."""
     queue = faults.new_queue("eta")
     environ = {faults_app.VISIBILITY_TIMEOUT_ENV: "1.5"}
-    spec = faults.WorkerSpec(broker, backend, queue, render(setup.app_url), environ=environ)
+    spec = faults.WorkerSpec(broker, pg_backend, queue, render(setup.app_url), environ=environ)
     tenants = faults.new_tenants(2)
     with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
         start(spec)
