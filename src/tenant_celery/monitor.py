@@ -302,17 +302,12 @@ _VISIBLE_MESSAGES = (
     " LEFT JOIN {message} AS m ON m.queue_id = q.id AND m.visible"
     " GROUP BY q.name ORDER BY q.name"
 )
-_TRANSPORT_READY = (
-    "SELECT q.name, count(m.id) FROM {queue} AS q"
-    " LEFT JOIN {message} AS m ON m.queue = q.name AND m.visible_at <= now()"
-    " AND (m.expires_at IS NULL OR m.expires_at > now())"
-    " GROUP BY q.name ORDER BY q.name"
-)
 _STATEMENT_TIMEOUT = sa.text("SELECT set_config('statement_timeout', :ms, true)")
 
 
 class _QueueLengths:
-    """:data:`~tenant_celery.metrics.QUEUE_LENGTH` read from the kombu SQLAlchemy tables."""
+    """:data:`~tenant_celery.metrics.QUEUE_LENGTH` read from the PostgreSQL broker's tables
+    (kombu's SQLAlchemy transport's or the package's own)."""
 
     def __init__(self, app: Celery, url: str, timeout: float) -> None:
         self.timeout = timeout
@@ -321,13 +316,10 @@ class _QueueLengths:
         preparer = self.engine.dialect.identifier_preparer
         if _broker_url(app).startswith("tcpg+"):
             # The package's transport: ready messages, neither claimed nor expired.
+            from .transport import queue_lengths_query  # noqa: PLC0415 (psycopg, kombu)
+
             schema = options.get("schema")
-            prefix = "" if not schema else preparer.quote(str(schema)) + "."
-            self.query = sa.text(
-                _TRANSPORT_READY.format(
-                    queue=prefix + "tenant_celery_queue", message=prefix + "tenant_celery_message"
-                )
-            )
+            self.query = sa.text(queue_lengths_query(None if schema is None else str(schema)))
             return
         self.query = sa.text(
             _VISIBLE_MESSAGES.format(

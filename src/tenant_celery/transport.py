@@ -70,7 +70,7 @@ from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 from psycopg import sql
 
-from ._pg import identifier
+from ._pg import identifier, qualified
 from .config import DEFAULT_HEADER
 from .errors import ConfigurationError
 
@@ -84,6 +84,7 @@ __all__ = [
     "QoS",
     "Transport",
     "queue_lengths",
+    "queue_lengths_query",
 ]
 
 SCHEME = "tcpg"
@@ -308,12 +309,21 @@ _QUEUE_LENGTHS = (
 )
 
 
+def queue_lengths_query(schema: str | None = None) -> str:
+    """The SQL of :func:`queue_lengths`, for a reader with its own connection (the
+    worker monitor reads it through SQLAlchemy)."""
+    if schema is not None:
+        identifier(schema, "schema")
+    return _QUEUE_LENGTHS.format(
+        queue_table=qualified(QUEUE_TABLE, schema), message=qualified(MESSAGE_TABLE, schema)
+    )
+
+
 def queue_lengths(
     conn: psycopg.Connection[Any], schema: str | None = None
 ) -> list[tuple[str, int]]:
     """Ready messages per declared queue (claimed and expired ones not counted)."""
-    settings = _Settings({"schema": schema, "tenant_header": DEFAULT_HEADER})
-    rows = conn.execute(_sql(_QUEUE_LENGTHS, settings)).fetchall()
+    rows = conn.execute(queue_lengths_query(schema).encode()).fetchall()
     return [(str(name), int(count)) for name, count in rows]
 
 
