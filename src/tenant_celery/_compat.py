@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import inspect
 import types
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import celery.backends.database as _celery_database
 from celery import Task
 from celery.backends.database import DatabaseBackend as _CeleryDatabaseBackend
 from celery.backends.database.session import SessionManager
@@ -23,7 +25,9 @@ from kombu.utils.imports import symbol_by_name
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-__all__ = ["DatabaseBackend", "GenericTask", "sqlstate"]
+__all__ = ["DatabaseBackend", "GenericTask", "database_retry", "sqlstate"]
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 # --------------------------------------------------------------- Celery's Task
@@ -99,6 +103,17 @@ elif _backends_share_one_session_manager():
     DatabaseBackend = _DatabaseBackendWithItsOwnSessions
 else:
     DatabaseBackend = _CeleryDatabaseBackend
+
+
+def _as_is(method: _Method) -> _Method:
+    return method
+
+
+#: Wraps a database result backend's ``_store_result`` the way Celery wraps its
+#: own.  Before Celery 5.5 that is the module's ``retry`` decorator (three tries
+#: on a database error); from 5.5 the backend's ``always_retry`` retries every
+#: call, and this leaves the method as it is.
+database_retry: Callable[[_Method], _Method] = getattr(_celery_database, "retry", _as_is)
 
 
 # ------------------------------------------------------------------- drivers

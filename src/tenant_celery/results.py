@@ -12,8 +12,18 @@ instead, and starts afresh in a forked child.  Select it by its class path::
     database_url = "postgresql+psycopg://app_user:secret@db.internal/app"
     database_engine_options = {"pool_size": 5, "max_overflow": 5}
 
+It also stores a result in one statement.  Celery's backend reads the task's
+row, locks it, inserts it if missing and then updates it through the ORM: four
+round trips and an ORM flush for every state a task reports.
+:class:`PooledDatabaseBackend` writes the same row with one ``INSERT ... ON
+CONFLICT (task_id) DO UPDATE`` on an autocommit connection.  The database
+serialises two writes of the same task, and a write that comes after the task's
+``SUCCESS`` leaves that row as it is (Celery does the same from 5.5; before
+5.5 a late ``RETRY`` or ``STARTED`` could replace a stored result).
+
 Everything else is Celery's backend unchanged: the same tables (those of
-:func:`tenant_celery.migrations.upgrade`), the same settings
+:func:`tenant_celery.migrations.upgrade`), the same columns and values in
+them, reading results, groups and cleanup, the same settings
 (``database_engine_options``, ``database_engine_callback``,
 ``database_short_lived_sessions``, ``database_table_names`` ...) and the
 same retries.  Result rows belong to no tenant and the result tables carry
@@ -27,14 +37,17 @@ import atexit
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from celery import states
 from celery.backends.database.session import SessionManager
-from sqlalchemy import create_engine
+from sqlalchemy import Table, create_engine
+from sqlalchemy.dialects.postgresql import Insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._compat import DatabaseBackend
+from ._compat import DatabaseBackend, database_retry
 
 __all__ = [
     "PooledDatabaseBackend",
@@ -149,6 +162,21 @@ class PooledDatabaseBackend(DatabaseBackend):
     every process, forked or not.
     """
 
+    # Set by Celery's backend; not in its type stubs.
+    url: str
+    engine_options: dict[str, Any]
+    short_lived_sessions: bool
+    if TYPE_CHECKING:
+
+        def _update_result(
+            self,
+            task: Any,
+            result: Any,
+            state: str,
+            traceback: str | None = ...,
+            request: Any = ...,
+        ) -> None: ...
+
     # Celery assigns ``self.session_manager = SessionManager(...)`` in __init__ and
     # uses it there (to check the tables): the setter swaps in the pooled manager
     # as it is assigned, so no call ever goes through a NullPool engine.
@@ -163,3 +191,54 @@ class PooledDatabaseBackend(DatabaseBackend):
         if not isinstance(manager, PooledSessionManager):
             manager = PooledSessionManager(getattr(manager, "engine_callback", None))
         self.__dict__["_pooled_session_manager"] = manager
+
+    @database_retry
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the task's row in one ``INSERT ... ON CONFLICT DO UPDATE``.
+
+        The column values are Celery's own: its ``_update_result`` fills a
+        transient row object, whose set attributes become the statement's
+        parameters.  A row whose status is already ``SUCCESS`` is not
+        updated.
+        """
+        row = self.task_cls(task_id)
+        row.task_id = task_id
+        self._update_result(row, result, state, traceback=traceback, request=request)
+        table: Table = self.task_cls.__table__
+        values = {c.name: row.__dict__[c.name] for c in table.columns if c.name in row.__dict__}
+        statement = self._upsert(table, frozenset(values))
+        engine, _maker = self.session_manager.create_session(
+            self.url, short_lived_sessions=self.short_lived_sessions, **self.engine_options
+        )
+        with engine.connect() as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT").execute(statement, values)
+
+    def _upsert(self, table: Table, columns: frozenset[str]) -> Insert:
+        # Built once per table and set of columns; SQLAlchemy then reuses its compiled form.
+        cache: dict[tuple[str, frozenset[str]], Insert] = self.__dict__.setdefault("_upserts", {})
+        key = (table.fullname, columns)
+        statement = cache.get(key)
+        if statement is None:
+            insert = pg_insert(table)
+            # Columns Celery set, and those with an update default (``date_done``),
+            # which the ORM would have refreshed on update.
+            updated = {
+                c.name: insert.excluded[c.name]
+                for c in table.columns
+                if c.name not in ("id", "task_id") and (c.name in columns or c.onupdate is not None)
+            }
+            statement = insert.on_conflict_do_update(
+                index_elements=[table.c.task_id],
+                set_=updated,
+                where=table.c.status.is_distinct_from(states.SUCCESS),
+            )
+            cache[key] = statement
+        return statement

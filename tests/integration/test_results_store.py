@@ -1,0 +1,205 @@
+"""How :class:`~tenant_celery.results.PooledDatabaseBackend` stores a result:
+one ``INSERT ... ON CONFLICT DO UPDATE`` writing the row Celery's own backend
+would write, and never over a ``SUCCESS``.
+
+Against real PostgreSQL as ``app_user`` on the bundled migration's tables, with
+Celery's stock ``database`` backend, in the same process, as the yardstick.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery, states
+from celery.app.task import Context
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from tenant_celery.migrations import upgrade
+from tenant_celery.results import PooledDatabaseBackend, dispose_engines
+from tests._rig.postgres import APP_ROLE, Database, render
+
+POOLED = "tenant_celery.results:PooledDatabaseBackend"
+
+
+@pytest.fixture
+def migrated(database: Database) -> Iterator[Database]:
+    upgrade(database.url, grant_to=[APP_ROLE])
+    yield database
+    dispose_engines()
+
+
+def results_app(database: Database, backend: str = POOLED, **conf: Any) -> Celery:
+    app = Celery("results_store_test", set_as_current=False)
+    app.conf.update(
+        result_backend=backend,
+        database_url=render(database.app_url),
+        result_serializer="json",
+        accept_content=["json"],
+        **conf,
+    )
+    return app
+
+
+def row(database: Database, task_id: str) -> dict[str, Any]:
+    with database.admin_engine().connect() as conn:
+        found = conn.execute(
+            sa.text("SELECT * FROM celery_taskmeta WHERE task_id = :id"), {"id": task_id}
+        ).mappings()
+        rows = [dict(r) for r in found]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def request(task_id: str) -> Context:
+    """What a worker passes for a task it ran (the extended result's fields)."""
+    return Context(
+        id=task_id,
+        task="orders.sync",
+        args=[1, "two"],
+        kwargs={"three": 3},
+        hostname="worker@host",
+        retries=2,
+        delivery_info={"routing_key": "orders"},
+    )
+
+
+def test_the_stored_row_is_the_one_celerys_backend_writes(migrated: Database) -> None:
+    pooled = results_app(migrated, result_extended=True).backend
+    stock = results_app(migrated, "database", result_extended=True).backend
+    assert isinstance(pooled, PooledDatabaseBackend)
+    written = {}
+    for name, backend in (("pooled", pooled), ("stock", stock)):
+        task_id = str(uuid.uuid4())
+        backend.store_result(task_id, None, states.STARTED, request=request(task_id))
+        backend.store_result(
+            task_id, {"total": 12}, states.SUCCESS, traceback=None, request=request(task_id)
+        )
+        written[name] = (row(migrated, task_id), backend.get_task_meta(task_id))
+
+    (pooled_row, pooled_meta), (stock_row, stock_meta) = written["pooled"], written["stock"]
+    unlike = {"id", "task_id", "date_done"}
+    assert {k: v for k, v in pooled_row.items() if k not in unlike} == {
+        k: v for k, v in stock_row.items() if k not in unlike
+    }
+    assert pooled_row["status"] == states.SUCCESS
+    assert pooled_row["name"] == "orders.sync"
+    assert pooled_row["date_done"] is not None
+    unlike_meta = {"task_id", "date_done"}
+    assert {k: v for k, v in pooled_meta.items() if k not in unlike_meta} == {
+        k: v for k, v in stock_meta.items() if k not in unlike_meta
+    }
+    assert pooled_meta["result"] == {"total": 12}
+
+
+def test_a_result_is_stored_in_one_statement(migrated: Database) -> None:
+    statements: list[str] = []
+
+    def count(engine: Engine) -> None:
+        event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+
+    backend = results_app(migrated, database_engine_callback=count).backend
+    backend.store_result(str(uuid.uuid4()), 0, states.SUCCESS)  # Celery checks its tables once
+    statements.clear()
+    task_id = str(uuid.uuid4())
+    backend.store_result(task_id, 1, states.STARTED)
+    backend.store_result(task_id, 2, states.SUCCESS)
+
+    assert len(statements) == 2, statements
+    assert all(s.lstrip().upper().startswith("INSERT INTO CELERY_TASKMETA") for s in statements)
+    assert all("ON CONFLICT (task_id) DO UPDATE" in s for s in statements)
+    assert backend.get_task_meta(task_id)["result"] == 2
+
+
+def test_nothing_is_written_over_a_success(migrated: Database) -> None:
+    backend = results_app(migrated).backend
+    task_id = str(uuid.uuid4())
+    backend.store_result(task_id, None, states.STARTED)
+    backend.store_result(task_id, "first", states.SUCCESS)
+    before = row(migrated, task_id)
+
+    backend.store_result(task_id, "late retry", states.RETRY)
+    backend.store_result(task_id, "second run", states.SUCCESS)
+    backend.store_result(task_id, None, states.STARTED)
+
+    assert row(migrated, task_id) == before
+    meta = backend.get_task_meta(task_id)
+    assert (meta["status"], meta["result"]) == (states.SUCCESS, "first")
+
+
+def test_states_before_success_are_replaced(migrated: Database) -> None:
+    backend = results_app(migrated).backend
+    task_id = str(uuid.uuid4())
+    for state, value in ((states.STARTED, None), (states.RETRY, "once"), (states.FAILURE, None)):
+        result: Any = value if state != states.FAILURE else ValueError("bad input")
+        backend.store_result(task_id, result, state, traceback="Traceback: ...")
+        assert row(migrated, task_id)["status"] == state
+    backend.store_result(task_id, "done", states.SUCCESS)
+    stored = row(migrated, task_id)
+    assert (stored["status"], stored["traceback"]) == (states.SUCCESS, None)
+
+
+def test_concurrent_writes_of_one_task_end_with_its_success(migrated: Database) -> None:
+    """A retry's state and the next run's result written at the same moment, from
+    threads of one process (as under the threads pool): no duplicate-key error, and
+    the result stays."""
+    backend_app = results_app(migrated)
+    errors: list[BaseException] = []
+
+    def store(task_id: str, state: str, start: threading.Barrier) -> None:
+        try:
+            start.wait()
+            backend_app.backend.store_result(task_id, state.lower(), state)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    for task_id in ids:
+        start = threading.Barrier(4)
+        threads = [
+            threading.Thread(target=store, args=(task_id, state, start))
+            for state in (states.RETRY, states.SUCCESS, states.RETRY, states.STARTED)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert errors == []
+    with migrated.admin_engine().connect() as conn:
+        found = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT status, count(*) FROM celery_taskmeta"
+                    " WHERE task_id = ANY(:ids) GROUP BY status"
+                ),
+                {"ids": ids},
+            ).all()
+        )
+    # Whichever order the writes landed in, SUCCESS is never written over.
+    assert found == {states.SUCCESS: len(ids)}
+
+
+def test_a_failed_store_is_tried_again(migrated: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database error while storing is retried, as Celery's own backend retries
+    it (its ``retry`` decorator before 5.5, ``always_retry`` from 5.5)."""
+    backend = results_app(migrated).backend
+    assert isinstance(backend, PooledDatabaseBackend)
+    real = backend._upsert
+    failures = [sa.exc.OperationalError("INSERT", {}, Exception("server closed the connection"))]
+
+    def flaky(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real(*args)
+
+    monkeypatch.setattr(backend, "_upsert", flaky)
+    task_id = str(uuid.uuid4())
+    backend.store_result(task_id, "kept", states.SUCCESS)
+
+    assert failures == []
+    assert row(migrated, task_id)["status"] == states.SUCCESS
