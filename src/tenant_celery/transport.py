@@ -206,8 +206,12 @@ _READY = (
     "m.queue = %(queue)s AND m.visible_at <= now()"
     " AND (m.expires_at IS NULL OR m.expires_at > now())"
 )
+# Acknowledgements made since the last claim ride along with it: their rows are
+# deleted by the same statement (and kept out of its candidates).
 _TENANT_SCAN = (
-    "WITH RECURSIVE after_cursor(t, pos) AS ("
+    "WITH RECURSIVE acked AS ("
+    " DELETE FROM {message} WHERE id = ANY(%(acks)s::bigint[]) AND lease = %(lease)s"
+    "), after_cursor(t, pos) AS ("
     " SELECT (SELECT min(m.tenant) FROM {message} AS m WHERE "
     + _READY
     + " AND m.tenant > %(cursor)s), 1"
@@ -237,7 +241,7 @@ _CANDIDATES = (
     ", candidates AS ("
     " SELECT c.id, c.tenant, c.priority, tenants.pos FROM tenants CROSS JOIN LATERAL ("
     "  SELECT m.id, m.tenant, m.priority FROM {message} AS m"
-    "  WHERE " + _READY + " AND m.tenant = tenants.t"
+    "  WHERE " + _READY + " AND m.tenant = tenants.t AND m.id <> ALL(%(acks)s::bigint[])"
     "  ORDER BY m.priority, m.id LIMIT {per_tenant} FOR UPDATE SKIP LOCKED) AS c"
     "), ranked AS ("
     " SELECT id, tenant, pos,"
@@ -261,7 +265,7 @@ _CLAIM = (
 # For consumers that do not acknowledge (no_ack): taking the message removes it.
 _TAKE = " DELETE FROM {message} AS m USING chosen WHERE m.id = chosen.id" + _RETURNING
 
-_ACK = "DELETE FROM {message} WHERE id = %(id)s AND lease = %(lease)s"
+_ACK = "DELETE FROM {message} WHERE id = ANY(%(acks)s::bigint[]) AND lease = %(lease)s"
 _RELEASE = (
     "UPDATE {message} SET visible_at = now(), lease = NULL"
     " WHERE id = ANY(%(ids)s) AND lease = %(lease)s"
@@ -360,6 +364,10 @@ class QoS(virtual.QoS):
         state._flush()
         tags = list(state._delivered)
         state._delivered.clear()
+        try:
+            self.channel.flush_acks()
+        except Exception as exc:
+            logger.warning("could not delete acknowledged messages: %s", exc)
         if not tags:
             return []
         try:
@@ -440,6 +448,11 @@ class Channel(virtual.Channel):
         self._cursors: dict[str, str] = {}
         self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
         self._queue_turn = 0
+        # Acknowledged rows not yet deleted: the next claim deletes them, or the
+        # consuming thread before it waits; at once after the channel closes.
+        self._acks: list[int] = []
+        self._acks_lock = threading.Lock()
+        self._defer_acks = True
         self._statements = {
             False: _claim_statement(self.settings, take=False),
             True: _claim_statement(self.settings, take=True),
@@ -587,16 +600,22 @@ class Channel(virtual.Channel):
 
     def _claim(self, queue: str, n: int, *, take: bool) -> list[dict[str, Any]]:
         cursor = self._cursors.get(queue, "")
+        acks = self._take_acks()
         params: dict[str, Any] = {
             "queue": queue,
             "n": n,
             "cursor": cursor,
             "lease": self.lease,
             "lease_seconds": self.settings.visibility_timeout,
+            "acks": acks,
         }
         if self.settings.tenant_inflight_limit is not None:
             params["cap"] = self.settings.tenant_inflight_limit
-        rows = self._transport.execute(self._statements[take], params, fetch=True)
+        try:
+            rows = self._transport.execute(self._statements[take], params, fetch=True)
+        except BaseException:
+            self._return_acks(acks)
+            raise
         if not rows:
             return []
         rows.sort(key=lambda row: (row[5], row[4]))  # each tenant's first, in turn
@@ -624,6 +643,7 @@ class Channel(virtual.Channel):
         free = self.qos.can_consume_max_estimate()
         n = _DEFAULT_BATCH if free is None else free
         if n <= 0 or not queues:
+            self.flush_acks()
             raise Empty()
         count = len(queues)
         start = self._queue_turn % count
@@ -639,7 +659,33 @@ class Channel(virtual.Channel):
         raise Empty()
 
     def _ack(self, delivery_tag: str) -> None:
-        self._transport.execute(_ACK, {"id": _row_id(delivery_tag), "lease": self.lease})
+        """Delete an acknowledged message: with the next claim, or now if closed."""
+        row_id = _row_id(delivery_tag)
+        with self._acks_lock:
+            if self._defer_acks:
+                self._acks.append(row_id)
+                return
+        self._transport.execute(_ACK, {"acks": [row_id], "lease": self.lease})
+
+    def _take_acks(self) -> list[int]:
+        with self._acks_lock:
+            acks, self._acks = self._acks, []
+        return acks
+
+    def _return_acks(self, acks: list[int]) -> None:
+        if acks:
+            with self._acks_lock:
+                self._acks[:0] = acks
+
+    def flush_acks(self) -> None:
+        """Delete the acknowledged messages no claim has carried yet."""
+        acks = self._take_acks()
+        if acks:
+            try:
+                self._transport.execute(_ACK, {"acks": acks, "lease": self.lease})
+            except BaseException:
+                self._return_acks(acks)
+                raise
 
     def _release(self, delivery_tags: Iterable[str]) -> None:
         ids = [_row_id(tag) for tag in delivery_tags]
@@ -660,13 +706,16 @@ class Channel(virtual.Channel):
             )
 
     def close(self) -> None:
+        with self._acks_lock:
+            self._defer_acks = False  # from now on each acknowledgement deletes at once
         if not self.closed and self.connection is not None:
             transport = self.connection
             try:
+                self.flush_acks()
                 for queue in list(self._auto_delete_queues):
                     self.queue_delete(queue)
             except transport.connection_errors:
-                pass
+                pass  # unflushed acknowledgements: their leases run out, delivered again
         super().close()
 
 
@@ -925,6 +974,9 @@ class Transport(virtual.Transport):
             wait = self.settings.polling_interval
             if remaining is not None:
                 wait = min(wait, remaining)
+            channels: list[Any] = list(self.channels or ())
+            for channel in channels:
+                channel.flush_acks()  # no claim will carry them before the wait ends
             self._wait(wait)
 
     @property

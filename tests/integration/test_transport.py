@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import cast
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -25,6 +25,7 @@ from reliability import faults
 
 from tenant_celery import tenant_context
 from tenant_celery.errors import ConfigurationError
+from tenant_celery.transport import Transport
 from tests._rig.postgres import Database, render
 from tests._rig.worker import TRANSPORT_SCHEMA, WorkerHandle, transport_url
 
@@ -377,3 +378,66 @@ def test_an_acknowledgement_from_another_thread_ends_the_wait_for_room(app_broke
         assert not drainer.is_alive(), "the ack did not wake the consuming thread"
         assert [m.payload["n"] for m in got] == [0, 1]
         got[1].ack()
+
+
+def test_acknowledgements_are_deleted_by_the_next_claim(
+    database: Database, app_broker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An acknowledgement costs no statement of its own while the consumer keeps
+    claiming: the next claim deletes the acknowledged rows, and a consumer about
+    to wait, or closing, deletes them first."""
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        _publish(publisher, queue, "t", 4)
+    executed: list[str] = []
+    real_execute = Transport.execute
+
+    def counting(self: Transport, template: str, *args: Any, **kwargs: Any) -> Any:
+        executed.append(template)
+        return real_execute(self, template, *args, **kwargs)
+
+    monkeypatch.setattr(Transport, "execute", counting)
+
+    def ids() -> list[int]:
+        with psycopg.connect(render(database.url).replace("+psycopg", "")) as admin:
+            rows = admin.execute(
+                f"SELECT id FROM {TRANSPORT_SCHEMA}.tenant_celery_message WHERE queue = %s"
+                " ORDER BY id",
+                (queue.name,),
+            ).fetchall()
+        return [row_id for (row_id,) in rows]
+
+    published = ids()  # message n has the n-th id
+
+    def remaining() -> list[int]:
+        return [published.index(row_id) for row_id in ids()]
+
+    options = {"listen": False, "polling_interval": 60}
+    with Connection(app_broker, transport_options=options) as conn:
+        got: list[Message] = []
+        channel = conn.channel()
+        channel.basic_qos(0, 2, False)
+        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        assert [m.payload["n"] for m in got] == [0, 1]
+        executed.clear()
+        got[0].ack()
+        got[1].ack()
+        assert executed == []  # nothing sent yet
+        assert remaining() == [0, 1, 2, 3]
+
+        conn.drain_events(timeout=5)  # one claim: takes 2 and 3, deletes 0 and 1
+        assert [m.payload["n"] for m in got] == [0, 1, 2, 3]
+        assert len(executed) == 1, executed
+        assert remaining() == [2, 3]
+
+        got[2].ack()
+        # The window has room but the queue is empty: the claim that finds nothing
+        # still deletes, before the consumer waits.
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.5)
+        assert remaining() == [3]
+        got[3].ack()
+    # Closing the connection deletes what is left.
+    assert remaining() == []
