@@ -30,6 +30,7 @@ started: its latency from publish to start, measured by the task itself.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -49,6 +50,8 @@ APP_DB_URL_ENV = "TC_BENCH_APP_DB_URL"
 """The scratch database as the app role (RLS applies): the tenant task's engine."""
 PLAIN_DB_URL_ENV = "TC_BENCH_PLAIN_DB_URL"
 """The scratch database as the BYPASSRLS role: the plain task's engine."""
+CONF_ENV = "TC_BENCH_CONF"
+"""Settings to add to the worker's app, as a JSON object (e.g. ``task_acks_late``)."""
 OBSERVABILITY_ENV = "TC_BENCH_OBSERVABILITY"
 """``1``: the worker logs JSON (:func:`~tenant_celery.logging.configure_logging`)
 and counts tasks (:func:`~tenant_celery.metrics.install_metrics`)."""
@@ -211,6 +214,8 @@ def _worker_app() -> Celery:
         broker, os.environ.get(BACKEND_URL_ENV) or None, os.environ.get(QUEUE_ENV) or "celery",
         engines,
     )  # fmt: skip
+    if os.environ.get(CONF_ENV):
+        built.conf.update(json.loads(os.environ[CONF_ENV]))
     if os.environ.get(OBSERVABILITY_ENV) == "1":
         from tenant_celery.logging import configure_logging  # noqa: PLC0415
         from tenant_celery.metrics import install_metrics  # noqa: PLC0415

@@ -19,13 +19,18 @@ backlog fell meanwhile (fairness bought by starving A would show there).
 
 Cases: the package's transport (:mod:`tenant_celery.transport`, claims
 round-robin over tenants) with pooled PostgreSQL results, under Celery's
-default prefetch and under ``--prefetch-multiplier=1``; Redis with Redis
-results, whose queue is a list served first in, first out.
+default prefetch, under ``--prefetch-multiplier=1``, and under that with
+``task_acks_late`` and the transport's ``tenant_inflight_limit`` of 1 (A may
+hold one message, running or waiting, so one pool process stays free for
+other tenants); Redis with Redis results, whose queue is a list served first
+in, first out.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -43,11 +48,32 @@ BROKERS = {
     "tcpg+pooled": ("PostgreSQL (tenant_celery.transport)", "PostgreSQL, pooled"),
     "redis+redis": ("Redis (FIFO)", "Redis"),
 }
-CASES: tuple[tuple[str, int | None], ...] = (
-    # (broker + results, --prefetch-multiplier; None: Celery's default)
-    ("tcpg+pooled", None),
-    ("tcpg+pooled", 1),
-    ("redis+redis", None),
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: broker + results, ``--prefetch-multiplier`` (None: Celery's
+    default) and settings added to the worker's app (JSON)."""
+
+    label: str
+    prefetch: int | None
+    settings: str = ""
+    shown: str = "Celery's defaults"
+
+    @property
+    def key(self) -> str:
+        extra = f" {self.shown}" if self.settings else ""
+        return f"{self.label} prefetch {self.prefetch or 'default'}{extra}"
+
+
+CAPPED = json.dumps(
+    {"task_acks_late": True, "broker_transport_options": {"tenant_inflight_limit": 1}}
+)
+CASES: tuple[Case, ...] = (
+    Case("tcpg+pooled", None),
+    Case("tcpg+pooled", 1),
+    Case("tcpg+pooled", 1, CAPPED, "acks_late, tenant_inflight_limit 1"),
+    Case("redis+redis", None),
 )
 DEFAULT_PREFETCH_MULTIPLIER = 4
 """Celery's ``worker_prefetch_multiplier`` default."""
@@ -87,8 +113,7 @@ def _publish(task: Task[Any, Any], tenant: str, count: int, spacing: float) -> l
 
 def _measure(
     ctx: BenchContext,
-    label: str,
-    prefetch: int | None,
+    case: Case,
     *,
     backlog: int,
     probes: int,
@@ -103,15 +128,17 @@ def _measure(
         published.append(time.monotonic() - started)
 
     timeout = 60.0 + 0.05 * backlog
+    prefetch = case.prefetch
     options = () if prefetch is None else (f"--prefetch-multiplier={prefetch}",)
     with (
         running(
             ctx,
-            transports(ctx)[label],
+            transports(ctx)[case.label],
             pool="prefork",
             options=options,
-            tag=f"-prefetch{prefetch or 'default'}",
+            tag=f"-prefetch{prefetch or 'default'}{'-set' if case.settings else ''}",
             before_start=queue_backlog,
+            environ={bench_app.CONF_ENV: case.settings} if case.settings else None,
         ) as worker,
         worker.app.connection_for_write() as conn,
     ):
@@ -134,6 +161,7 @@ def _measure(
     busy_ms, idle_ms = _latencies_ms(busy_results), _latencies_ms(idle_results)
     return {
         "prefetch_multiplier": prefetch,
+        "settings": json.loads(case.settings) if case.settings else {},
         "backlog": backlog,
         "backlog_publish_s": round(published[0], 1),
         "a_waiting_at_first_probe": at_first,
@@ -151,10 +179,6 @@ def _measure(
     }
 
 
-def _key(label: str, prefetch: int | None) -> str:
-    return f"{label} prefetch {prefetch or 'default'}"
-
-
 def run(ctx: BenchContext) -> Section:
     """Measure P5 and return its section."""
     backlog = ctx.pick(smoke=1_000, default=10_000)
@@ -162,25 +186,24 @@ def run(ctx: BenchContext) -> Section:
     spacing = 0.2 if ctx.size == "default" else 0.05
     settle = SETTLE[ctx.size]
     measured: dict[str, dict[str, Any]] = {}
-    for label, prefetch in CASES:
-        key = _key(label, prefetch)
-        found = measured[key] = _measure(
-            ctx, label, prefetch, backlog=backlog, probes=probes, spacing=spacing
-        )
+    for case in CASES:
+        key = case.key
+        found = measured[key] = _measure(ctx, case, backlog=backlog, probes=probes, spacing=spacing)
         found["p95_ratio"] = ratio(found["busy_p95_ms"], found["idle_p95_ms"])
         ctx.say(
             f"p5 {key}: B p95 {found['idle_p95_ms']} ms idle, {found['busy_p95_ms']} ms "
             f"with A's backlog (x{found['p95_ratio']})"
         )
     rows = []
-    for label, prefetch in CASES:
-        found = measured[_key(label, prefetch)]
-        broker, results = BROKERS[label]
+    for case in CASES:
+        found = measured[case.key]
+        broker, results = BROKERS[case.label]
         rows.append(
             [
                 broker,
                 results,
-                2 * (prefetch or DEFAULT_PREFETCH_MULTIPLIER),
+                case.shown,
+                2 * (case.prefetch or DEFAULT_PREFETCH_MULTIPLIER),
                 found["idle_p50_ms"],
                 found["idle_p95_ms"],
                 found["busy_p50_ms"],
@@ -191,18 +214,19 @@ def run(ctx: BenchContext) -> Section:
             ]
         )
     verdicts = [
-        f"{BROKERS[label][0]}, prefetch {2 * (prefetch or DEFAULT_PREFETCH_MULTIPLIER)}: "
-        f"p95 busy/idle {measured[_key(label, prefetch)]['p95_ratio']} against a target of "
-        f"≤ {TARGET:g}: "
-        + ("met" if measured[_key(label, prefetch)]["p95_ratio"] <= TARGET else "NOT met")
-        for label, prefetch in CASES
-        if label == FAIR
+        f"{BROKERS[case.label][0]}, prefetch "
+        f"{2 * (case.prefetch or DEFAULT_PREFETCH_MULTIPLIER)}, {case.shown}: "
+        f"p95 busy/idle {measured[case.key]['p95_ratio']} against a target of "
+        f"≤ {TARGET:g}: " + ("met" if measured[case.key]["p95_ratio"] <= TARGET else "NOT met")
+        for case in CASES
+        if case.label == FAIR
     ]
     table = ctx.report(
         f"P5 tenant fairness: tenant B's latency while tenant A has {backlog:,} queued (ms)",
         [
             "broker",
             "results",
+            "worker settings",
             "prefetch",
             "idle p50",
             "idle p95",

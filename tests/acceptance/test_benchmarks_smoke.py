@@ -99,7 +99,13 @@ def test_benchmarks_run_at_smoke_size(
     assert set(p5) == {
         "tcpg+pooled prefetch default",
         "tcpg+pooled prefetch 1",
+        "tcpg+pooled prefetch 1 acks_late, tenant_inflight_limit 1",
         "redis+redis prefetch default",
+    }
+    capped = p5["tcpg+pooled prefetch 1 acks_late, tenant_inflight_limit 1"]["settings"]
+    assert capped == {
+        "task_acks_late": True,
+        "broker_transport_options": {"tenant_inflight_limit": 1},
     }
     for case, found in p5.items():
         assert len(found["busy_ms"]) == len(found["idle_ms"]) == found["probes"] > 0, case
