@@ -206,28 +206,39 @@ _READY = (
     "m.queue = %(queue)s AND m.visible_at <= now()"
     " AND (m.expires_at IS NULL OR m.expires_at > now())"
 )
+# The first tenant in index order: a probe of the claim index, whatever the planner
+# believes of the table (its statistics swing between empty, full and all-claimed).
+_FIRST = " ORDER BY m.queue, m.tenant LIMIT 1"
 # Acknowledgements made since the last claim ride along with it: their rows are
 # deleted by the same statement (and kept out of its candidates).
 _TENANT_SCAN = (
     "WITH RECURSIVE acked AS ("
     " DELETE FROM {message} WHERE id = ANY(%(acks)s::bigint[]) AND lease = %(lease)s"
     "), after_cursor(t, pos) AS ("
-    " SELECT (SELECT min(m.tenant) FROM {message} AS m WHERE "
+    " SELECT (SELECT m.tenant FROM {message} AS m WHERE "
     + _READY
-    + " AND m.tenant > %(cursor)s), 1"
+    + " AND m.tenant > %(cursor)s"
+    + _FIRST
+    + "), 1"
     " UNION ALL"
-    " SELECT (SELECT min(m.tenant) FROM {message} AS m WHERE "
+    " SELECT (SELECT m.tenant FROM {message} AS m WHERE "
     + _READY
-    + " AND m.tenant > a.t), a.pos + 1"
+    + " AND m.tenant > a.t"
+    + _FIRST
+    + "), a.pos + 1"
     " FROM after_cursor AS a WHERE a.t IS NOT NULL AND a.pos < %(n)s"
     "), from_start(t, pos) AS ("
-    " SELECT (SELECT min(m.tenant) FROM {message} AS m WHERE "
+    " SELECT (SELECT m.tenant FROM {message} AS m WHERE "
     + _READY
-    + " AND m.tenant <= %(cursor)s), %(n)s + 1"
+    + " AND m.tenant <= %(cursor)s"
+    + _FIRST
+    + "), %(n)s + 1"
     " UNION ALL"
-    " SELECT (SELECT min(m.tenant) FROM {message} AS m WHERE "
+    " SELECT (SELECT m.tenant FROM {message} AS m WHERE "
     + _READY
-    + " AND m.tenant > s.t AND m.tenant <= %(cursor)s), s.pos + 1"
+    + " AND m.tenant > s.t AND m.tenant <= %(cursor)s"
+    + _FIRST
+    + "), s.pos + 1"
     " FROM from_start AS s WHERE s.t IS NOT NULL AND s.pos < 2 * %(n)s"
     "), tenants AS ("
     " SELECT t, pos FROM after_cursor WHERE t IS NOT NULL"
@@ -248,12 +259,14 @@ _CANDIDATES = (
     " row_number() OVER (PARTITION BY tenant ORDER BY priority, id) AS turn FROM candidates"
     "), chosen AS (SELECT id, turn, pos FROM ranked ORDER BY turn, pos LIMIT %(n)s)"
 )
-# With tenant_inflight_limit: a tenant may take only what its claimed messages leave.
+# With tenant_inflight_limit: a tenant may take only what its claimed messages leave
+# (the rows this statement deletes as acknowledged no longer count).
 _PER_TENANT = "%(n)s"
 _PER_TENANT_CAPPED = (
     "GREATEST(0, LEAST(%(n)s, %(cap)s - (SELECT count(*) FROM ("
     " SELECT 1 FROM {message} AS f WHERE f.queue = %(queue)s AND f.tenant = tenants.t"
-    " AND f.lease IS NOT NULL AND f.visible_at > now() LIMIT %(cap)s) AS busy)))"
+    " AND f.lease IS NOT NULL AND f.visible_at > now() AND f.id <> ALL(%(acks)s::bigint[])"
+    " LIMIT %(cap)s) AS busy)))"
 )
 _RETURNING = " RETURNING m.id, m.tenant, m.deliveries, m.payload, chosen.pos, chosen.turn"
 _CLAIM = (
@@ -311,6 +324,50 @@ _QUEUE_LENGTHS = (
     " AND (m.expires_at IS NULL OR m.expires_at > now())"
     " GROUP BY q.name ORDER BY q.name"
 )
+
+
+#: Each statement of the consuming connection runs in a transaction of its own with
+#: these settings, sent with it in one round trip (pipeline mode).  SET LOCAL ends
+#: with the transaction, so nothing stays on the session (PgBouncer's transaction
+#: pooling hands it to other clients).
+_CONSUMER_TRANSACTION = (
+    b"BEGIN",
+    # Claims, acks and leases need no durable commit: one lost in a server crash
+    # only delivers a message again (at least once).  Publishes stay durable.
+    b"SET LOCAL synchronous_commit TO off",
+    # A queue table's statistics swing between empty, backlogged and all claimed,
+    # and a plan made for the wrong one reads the whole table per claim.  Every
+    # statement here has an index path; these keep the planner on it whatever it
+    # estimates, and keep a plan that a disabled path makes look costly from
+    # being compiled.
+    b"SET LOCAL enable_seqscan TO off",
+    b"SET LOCAL enable_bitmapscan TO off",
+    b"SET LOCAL jit TO off",
+)
+
+
+def _in_consumer_transaction(
+    conn: psycopg.Connection[Any], statement: bytes, params: dict[str, Any], fetch: bool
+) -> list[tuple[Any, ...]]:
+    """Run ``statement`` in a transaction with :data:`_CONSUMER_TRANSACTION`'s settings."""
+    try:
+        if psycopg.Pipeline.is_supported():
+            with conn.pipeline():
+                for setting in _CONSUMER_TRANSACTION:
+                    conn.execute(setting)
+                cur = conn.execute(statement, params)
+                conn.execute(b"COMMIT")
+        else:  # a libpq older than 14: the same, one round trip each
+            for setting in _CONSUMER_TRANSACTION:
+                conn.execute(setting)
+            cur = conn.execute(statement, params)
+            conn.execute(b"COMMIT")
+        return cur.fetchall() if fetch else []
+    except BaseException:
+        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(b"ROLLBACK")
+        raise
 
 
 def queue_lengths_query(schema: str | None = None) -> str:
@@ -752,6 +809,7 @@ class Transport(virtual.Transport):
         self._swept_at = 0.0
         self._closed = False
         self._wakeup: tuple[int, int] | None = None
+        self._wakeup_lock = threading.Lock()
         self._wakeup_pid = 0
         self._stopping = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -795,11 +853,6 @@ class Transport(virtual.Transport):
         conn = self._conns.get(publish)
         if conn is None or conn.closed:
             conn = self._connect()
-            if not publish:
-                # Claims, acks and leases need no durable commit: one lost in a
-                # server crash only delivers a message again (at least once).
-                # Publishes keep the server's durable default.
-                conn.execute("SET synchronous_commit TO off")
             self._conns[publish] = conn
         return conn
 
@@ -826,8 +879,10 @@ class Transport(virtual.Transport):
                 statement = _sql(template, self.settings).as_string(conn)
                 self._rendered[template] = statement
             try:
-                cur = conn.execute(statement.encode(), params)
-                return cur.fetchall() if fetch else []
+                if publish:
+                    cur = conn.execute(statement.encode(), params)
+                    return cur.fetchall() if fetch else []
+                return _in_consumer_transaction(conn, statement.encode(), params, fetch)
             except psycopg.errors.UndefinedTable:
                 raise ConfigurationError(
                     "the PostgreSQL transport's tables do not exist in this database"
@@ -877,22 +932,28 @@ class Transport(virtual.Transport):
     def wake(self) -> None:
         """End a wait of the consuming thread early (called after an acknowledgement,
         which may come from a pool thread, frees room in the prefetch window)."""
-        if self._wakeup is not None:
-            with contextlib.suppress(OSError):  # full (a wake is pending) or closed
-                os.write(self._wakeup[1], b"\0")
+        if self._closed:
+            return
+        # The pipe is made here if the consuming thread has not waited yet: a wake
+        # that came before its first wait must still end that wait.
+        pipe = self._wakeup_pipe()
+        with contextlib.suppress(OSError):  # full (a wake is pending) or closed
+            os.write(pipe[1], b"\0")
 
     def _wakeup_pipe(self) -> tuple[int, int]:
-        pipe = self._wakeup
-        if pipe is None or self._wakeup_pid != os.getpid():
-            read, write = os.pipe()
-            os.set_blocking(read, False)
-            os.set_blocking(write, False)
-            pipe = self._wakeup = (read, write)
-            self._wakeup_pid = os.getpid()
-        return pipe
+        with self._wakeup_lock:
+            pipe = self._wakeup
+            if pipe is None or self._wakeup_pid != os.getpid():
+                read, write = os.pipe()
+                os.set_blocking(read, False)
+                os.set_blocking(write, False)
+                pipe = self._wakeup = (read, write)
+                self._wakeup_pid = os.getpid()
+            return pipe
 
     def _close_wakeup(self) -> None:
-        pipe, self._wakeup = self._wakeup, None
+        with self._wakeup_lock:
+            pipe, self._wakeup = self._wakeup, None
         if pipe is not None and self._wakeup_pid == os.getpid():
             for fd in pipe:
                 with contextlib.suppress(OSError):

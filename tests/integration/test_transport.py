@@ -23,7 +23,7 @@ from kombu.exceptions import ChannelError
 from kombu.message import Message
 from reliability import faults
 
-from tenant_celery import tenant_context
+from tenant_celery import tenant_context, transport
 from tenant_celery.errors import ConfigurationError
 from tenant_celery.transport import Transport
 from tests._rig.postgres import Database, render
@@ -441,3 +441,91 @@ def test_acknowledgements_are_deleted_by_the_next_claim(
         got[3].ack()
     # Closing the connection deletes what is left.
     assert remaining() == []
+
+
+def test_an_acknowledgement_frees_its_tenants_place_in_the_claim_that_carries_it(
+    app_broker: str,
+) -> None:
+    """With ``tenant_inflight_limit`` 1 the consumer waits while the tenant's one
+    message runs; the acknowledgement (from a pool thread) wakes it, and the claim
+    that deletes the acknowledged message takes the tenant's next one, rather
+    than finding the tenant still at its cap and sleeping until the next poll."""
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        _publish(publisher, queue, "tenant-a", 3)
+    options = {"tenant_inflight_limit": 1, "listen": False, "polling_interval": 60}
+    with Connection(app_broker, transport_options=options) as conn:
+        got: list[Message] = []
+        channel = conn.channel()
+        channel.basic_qos(0, 5, False)
+        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        assert [m.payload["n"] for m in got] == [0]  # capped at one
+        for expected in ([0, 1], [0, 1, 2]):
+            drainer = threading.Thread(target=conn.drain_events, kwargs={"timeout": 20})
+            drainer.start()
+            time.sleep(0.5)  # the consumer has found the tenant at its cap and waits
+            got[-1].ack()  # from this thread, as a pool thread would
+            drainer.join(timeout=options["polling_interval"] / 4)
+            assert not drainer.is_alive(), "still waiting after the acknowledgement"
+            assert [m.payload["n"] for m in got] == expected
+        got[-1].ack()
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[str]:
+    nodes = [str(plan["Node Type"])]
+    for child in plan.get("Plans", []):
+        nodes.extend(_plan_nodes(child))
+    return nodes
+
+
+def test_a_claim_stays_on_the_index_whatever_the_statistics_say(database: Database) -> None:
+    """The table is analyzed while every message is claimed (as under a busy
+    worker); then a backlog arrives.  The statistics now say almost nothing is
+    ready, and the plain plan scans the whole table per claim; the transport's
+    claim, with its transaction settings, reads a few pages of the index."""
+    transport_url(database, "app")  # migrates the transport's schema
+    settings = transport._Settings({"schema": TRANSPORT_SCHEMA})
+    table = f"{TRANSPORT_SCHEMA}.tenant_celery_message"
+    tenants = [f"tenant-{i}" for i in range(4)]
+    with psycopg.connect(render(database.url).replace("+psycopg", ""), autocommit=True) as admin:
+        with admin.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {table} (queue, tenant, payload, visible_at, lease)"
+                " VALUES ('busy', %s, '{}', now() + interval '1 minute', gen_random_uuid())",
+                [(tenants[i % 4],) for i in range(40)],
+            )
+        admin.execute(f"ANALYZE {table}")
+        admin.execute(f"DELETE FROM {table}")
+        with admin.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {table} (queue, tenant, payload) VALUES ('busy', %s, '{{}}')",
+                [(tenants[i % 4],) for i in range(8000)],
+            )
+        claim = transport._sql(transport._claim_statement(settings, take=False), settings)
+        params = {
+            "queue": "busy", "n": 2, "cursor": "", "lease": uuid.uuid4(),
+            "lease_seconds": 60.0, "acks": [],
+        }  # fmt: skip
+
+        def explain(*local: bytes) -> dict[str, Any]:
+            with admin.transaction(force_rollback=True):
+                for setting in local:
+                    admin.execute(setting)
+                row = admin.execute(
+                    b"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + claim.as_bytes(admin), params
+                ).fetchone()
+            assert row is not None
+            plan: dict[str, Any] = row[0][0]["Plan"]
+            return plan
+
+        local = tuple(s for s in transport._CONSUMER_TRANSACTION if s.startswith(b"SET LOCAL"))
+        plain, ours = explain(), explain(*local)
+
+    # The trap is real: left to its estimates the planner reads the whole table.
+    assert "Seq Scan" in _plan_nodes(plain) or "Bitmap Heap Scan" in _plan_nodes(plain)
+    assert plain["Shared Hit Blocks"] > 300
+    # The transport's claim: index scans only, a few dozen pages.
+    assert not {"Seq Scan", "Bitmap Heap Scan"} & set(_plan_nodes(ours)), _plan_nodes(ours)
+    assert ours["Shared Hit Blocks"] < 100, ours["Shared Hit Blocks"]
