@@ -159,12 +159,42 @@ class PooledDatabaseBackend(DatabaseBackend):
     ``database_url``.  It takes every setting and argument
     :class:`~celery.backends.database.DatabaseBackend` takes and behaves the
     same, except that results are stored and read over a connection pool in
-    every process, forked or not.
+    every process, forked or not, and a result is stored in one statement.
+
+    Unless ``database_engine_options`` is set (or passed as
+    ``engine_options``), its pool does not ping a connection before each use:
+    Celery from 5.5 sets ``pool_pre_ping`` by default, which costs a round
+    trip per stored or read result.  A call that meets a connection the server
+    has dropped fails on it instead, the pool drops its connections, and
+    Celery's retry of result-backend calls runs the call again on a new one
+    (storing is idempotent).  Set ``database_engine_options`` yourself,
+    ``pool_pre_ping`` included if you want it, to keep full control.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_engine_options_given"] = bool(kwargs.get("engine_options"))
+        super().__init__(*args, **kwargs)
+
+    # Celery sets ``engine_options`` in __init__ and uses it there (the tables
+    # are checked at setup): the setter leaves out its default pool_pre_ping as
+    # it is assigned.
+    @property
+    def engine_options(self) -> dict[str, Any]:
+        """The options of the pooled engine (``database_engine_options``)."""
+        options: dict[str, Any] = self.__dict__["_engine_options"]
+        return options
+
+    @engine_options.setter
+    def engine_options(self, options: dict[str, Any]) -> None:
+        conf = self.app.conf  # type: ignore[attr-defined]  # not in the stubs
+        if not self.__dict__.get("_engine_options_given") and not conf.value_set_for(
+            "database_engine_options"
+        ):
+            options = {k: v for k, v in options.items() if k != "pool_pre_ping"}
+        self.__dict__["_engine_options"] = options
 
     # Set by Celery's backend; not in its type stubs.
     url: str
-    engine_options: dict[str, Any]
     short_lived_sessions: bool
     if TYPE_CHECKING:
 

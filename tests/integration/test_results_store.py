@@ -203,3 +203,45 @@ def test_a_failed_store_is_tried_again(migrated: Database, monkeypatch: pytest.M
 
     assert failures == []
     assert row(migrated, task_id)["status"] == states.SUCCESS
+
+
+def test_no_ping_before_each_call_unless_engine_options_are_set(migrated: Database) -> None:
+    default = results_app(migrated).backend
+    assert "pool_pre_ping" not in default.engine_options
+    assert default.engine_options.get("pool_recycle") == results_app(
+        migrated, "database"
+    ).backend.engine_options.get("pool_recycle")
+    chosen = results_app(migrated, database_engine_options={"pool_pre_ping": True}).backend
+    assert chosen.engine_options == {"pool_pre_ping": True}
+    passed = PooledDatabaseBackend(
+        app=results_app(migrated), engine_options={"pool_pre_ping": True, "pool_size": 2}
+    )
+    assert passed.engine_options["pool_pre_ping"] is True
+
+
+def test_a_connection_the_server_dropped_is_replaced_by_the_retry(migrated: Database) -> None:
+    """Without a ping, the first store on a dropped connection fails on it, and
+    the retry stores on a new connection: nothing is lost, nothing is doubled."""
+    errors: list[BaseException] = []
+    connects: list[int] = []
+
+    def watch(engine: Engine) -> None:
+        event.listen(engine, "connect", lambda *_: connects.append(1))
+        event.listen(engine, "handle_error", lambda ctx: errors.append(ctx.original_exception))
+
+    backend = results_app(migrated, database_engine_callback=watch).backend
+    backend.store_result(str(uuid.uuid4()), "before", states.SUCCESS)
+    engine = backend.session_manager.get_engine(backend.url, **backend.engine_options)
+    with engine.connect() as conn:
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    with migrated.admin_engine().connect() as admin:
+        admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    task_id = str(uuid.uuid4())
+    backend.store_result(task_id, "after", states.SUCCESS)
+
+    assert len(errors) == 1, errors  # the dropped connection, once
+    assert len(connects) == 2
+    assert row(migrated, task_id)["status"] == states.SUCCESS
+    meta = backend.get_task_meta(task_id)
+    assert meta["result"] == "after"
