@@ -19,17 +19,22 @@ How it works:
   messages it holds (running, prefetched and ETA tasks alike) every third of
   that.  A consumer that dies stops renewing, and its messages are claimed
   again when their leases run out.
-* **Acknowledgement deletes the row.**  Rejection with requeue, and the
-  restore at shutdown, end the lease at once.  Nothing is kept after an ack,
-  so the table holds only waiting and in-flight messages.
+* **Acknowledgement deletes the row,** in the consumer's next claim statement
+  (or before it waits, closes, or renews leases, whichever comes first), so a
+  busy consumer spends no statement of its own on acknowledgements.  Rejection
+  with requeue, and the restore at shutdown, end the lease at once.  Nothing
+  is kept after an ack, so the table holds only waiting and in-flight messages.
 * **Wake-ups.**  Publishing sends ``NOTIFY``; an idle consumer waits on
   ``LISTEN`` and also polls every ``polling_interval`` seconds, so it keeps
   working where notifications do not arrive (``listen: False``, for example
   behind PgBouncer in transaction mode).  An acknowledgement, from whatever
   thread, wakes it too: room in the prefetch window is claimed at once.
-* **Connections.**  Claims, acknowledgements and renewals run on a
-  connection with ``synchronous_commit`` off (one lost in a server crash only
-  delivers a message again); publishing, on one with durable commits.
+* **Connections.**  Claims, acknowledgements and renewals run on one
+  connection, each in a transaction of its own with ``SET LOCAL`` settings sent
+  in the same round trip: ``synchronous_commit`` off (one lost in a server
+  crash only delivers a message again), and sequential and bitmap scans and
+  JIT off, so a claim stays on its index whatever the table's statistics say.
+  Publishing runs on another, with durable commits.
 * **Bindings** (exchange to queue) live in a table, so fanout exchanges reach
   every bound queue across processes: broadcast control commands such as
   ``revoke`` work.
@@ -750,6 +755,9 @@ class Channel(virtual.Channel):
             self._transport.execute(_RELEASE, {"ids": ids, "lease": self.lease})
 
     def _renew(self) -> None:
+        # Acknowledged rows are no longer renewed: delete them before their leases
+        # lapse, in case no claim has carried them (a long task on the solo pool).
+        self.flush_acks()
         qos: Any = self._qos
         ids = [_row_id(tag) for tag in qos.held()] if qos is not None else []
         if ids:

@@ -529,3 +529,35 @@ def test_a_claim_stays_on_the_index_whatever_the_statistics_say(database: Databa
     # The transport's claim: index scans only, a few dozen pages.
     assert not {"Seq Scan", "Bitmap Heap Scan"} & set(_plan_nodes(ours)), _plan_nodes(ours)
     assert ours["Shared Hit Blocks"] < 100, ours["Shared Hit Blocks"]
+
+
+def test_an_acknowledgement_is_deleted_while_the_consuming_thread_is_busy(
+    database: Database, app_broker: str
+) -> None:
+    """A long task on the consuming thread (the solo pool) claims nothing for a
+    while: the lease thread deletes the acknowledged row before its lease, no
+    longer renewed, would run out and deliver it again."""
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        _publish(publisher, queue, "t", 2)
+    options = {"visibility_timeout": 1.5, "listen": False, "polling_interval": 60}
+    with Connection(app_broker, transport_options=options) as conn:
+        got: list[Message] = []
+        channel = conn.channel()
+        channel.basic_qos(0, 2, False)
+        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        assert len(got) == 2
+        got[0].ack()
+        time.sleep(3 * options["visibility_timeout"])  # busy: no claim, no wait
+        with Connection(app_broker) as other:
+            # Neither comes back: the first is deleted, the second's lease renewed.
+            assert _claimed(other, queue, prefetch=5, ack=False) == []
+        with psycopg.connect(render(database.url).replace("+psycopg", "")) as admin:
+            left = admin.execute(
+                f"SELECT count(*) FROM {TRANSPORT_SCHEMA}.tenant_celery_message WHERE queue = %s",
+                (queue.name,),
+            ).fetchone()
+        assert left == (1,)
+        got[1].ack()
