@@ -58,10 +58,18 @@ def transports(ctx: BenchContext) -> dict[str, Transport]:
     configured Redis; PostgreSQL ones connect as the app role.  ``tcpg+pooled``
     is the package's own transport (:mod:`tenant_celery.transport`, its tables
     from the bundled migration in the scratch database's ``public`` schema)
-    with :class:`~tenant_celery.results.PooledDatabaseBackend`.
+    with :class:`~tenant_celery.results.PooledDatabaseBackend`;
+    ``tcpg+pooled-async`` the same with ``synchronous_commit`` off for the
+    results' connections (Redis, as the benchmarks run it, keeps nothing on
+    disk at all).
     """
     pg = ctx.app_url.render_as_string(hide_password=False)
     libpq = ctx.app_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    # Results committed without waiting for the WAL flush, set through libpq's
+    # ``options`` in the URL (a server crash can lose the last moment's results).
+    pg_async = ctx.app_url.update_query_dict(
+        {"options": "-c synchronous_commit=off"}
+    ).render_as_string(hide_password=False)
     return {
         t.label: t
         for t in (
@@ -70,6 +78,7 @@ def transports(ctx: BenchContext) -> dict[str, Transport]:
             Transport("redis+pooled", ctx.redis_db(12), f"pooled+{pg}"),
             Transport("postgres+postgres", f"sqla+{pg}", f"db+{pg}"),
             Transport("tcpg+pooled", f"{TCPG_PREFIX}{libpq}", f"pooled+{pg}"),
+            Transport("tcpg+pooled-async", f"{TCPG_PREFIX}{libpq}", f"pooled+{pg_async}"),
             Transport("rabbitmq+postgres", ctx.amqp_url, f"db+{pg}"),
         )
     }

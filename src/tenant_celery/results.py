@@ -257,7 +257,7 @@ class PooledDatabaseBackend(DatabaseBackend):
         key = (table.fullname, columns)
         statement = cache.get(key)
         if statement is None:
-            insert = pg_insert(table)
+            insert = pg_insert(table).inline()  # no RETURNING of the new id
             # Columns Celery set, and those with an update default (``date_done``),
             # which the ORM would have refreshed on update.
             updated = {

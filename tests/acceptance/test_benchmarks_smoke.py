@@ -85,6 +85,7 @@ def test_benchmarks_run_at_smoke_size(
         "redis+pooled",
         "postgres+postgres",
         "tcpg+pooled",
+        "tcpg+pooled-async",
         "rabbitmq+postgres",
     }
     for transport, pools in p3.items():
