@@ -20,8 +20,10 @@ How it works:
   that.  A consumer that dies stops renewing, and its messages are claimed
   again when their leases run out.
 * **Acknowledgement deletes the row,** in the consumer's next claim statement
-  (or before it waits, closes, or renews leases, whichever comes first), so a
-  busy consumer spends no statement of its own on acknowledgements.  Rejection
+  (or when it closes or renews leases, whichever comes first), so a busy
+  consumer spends no statement of its own on acknowledgements.  A consumer
+  claims again once half its prefetch window is free, several messages at a
+  time.  Rejection
   with requeue, and the restore at shutdown, end the lease at once.  Nothing
   is kept after an ack, so the table holds only waiting and in-flight messages.
 * **Wake-ups.**  Publishing sends ``NOTIFY``; an idle consumer waits on
@@ -701,12 +703,18 @@ class Channel(virtual.Channel):
 
     def _get_many(self, queues: Sequence[str], timeout: float | None = None) -> None:
         """Claim up to the free prefetch from the first of ``queues`` (taken in turn)
-        that has ready messages, and deliver them."""
+        that has ready messages, and deliver them.
+
+        A consumer that still holds at least half its prefetch window waits for
+        more room before it claims: a busy worker claims several messages per
+        statement instead of one per acknowledgement, and the half it holds
+        keeps its pool busy meanwhile.
+        """
         free = self.qos.can_consume_max_estimate()
         n = _DEFAULT_BATCH if free is None else free
-        if n <= 0 or not queues:
-            self.flush_acks()
-            raise Empty()
+        window = self.qos.prefetch_count
+        if n <= 0 or not queues or (free is not None and window and free < (window + 1) // 2):
+            raise Empty()  # acknowledgements wait for the next claim (or the lease thread)
         count = len(queues)
         start = self._queue_turn % count
         self._queue_turn += 1
@@ -1043,9 +1051,6 @@ class Transport(virtual.Transport):
             wait = self.settings.polling_interval
             if remaining is not None:
                 wait = min(wait, remaining)
-            channels: list[Any] = list(self.channels or ())
-            for channel in channels:
-                channel.flush_acks()  # no claim will carry them before the wait ends
             self._wait(wait)
 
     @property
