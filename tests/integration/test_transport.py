@@ -561,3 +561,25 @@ def test_an_acknowledgement_is_deleted_while_the_consuming_thread_is_busy(
             ).fetchone()
         assert left == (1,)
         got[1].ack()
+
+
+def test_a_busy_consumer_claims_again_once_half_its_window_is_free(app_broker: str) -> None:
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        _publish(publisher, queue, "t", 8)
+    with Connection(app_broker, transport_options={"polling_interval": 0.1}) as conn:
+        got: list[Message] = []
+        channel = conn.channel()
+        channel.basic_qos(0, 4, False)
+        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
+        consumer.consume()
+        conn.drain_events(timeout=5)
+        assert [m.payload["n"] for m in got] == [0, 1, 2, 3]
+        got[0].ack()  # one free of four: it still holds three, and waits
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.5)
+        got[1].ack()  # two free: one claim takes two
+        conn.drain_events(timeout=5)
+        assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4, 5]
+        for message in got[2:]:
+            message.ack()
