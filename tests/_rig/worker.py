@@ -438,7 +438,9 @@ class WorkerFactory:
             return self.services.amqp()
         database = self._require_database("broker", database)
         if broker == "tcpg":
-            return transport_url(database, role)
+            # Its tables are migrated and granted: the broker never needs more than
+            # app_user, whatever the result backend connects as.
+            return transport_url(database, "app")
         return "sqla+" + render(_role_url(database, role))
 
     def _backend_url(self, backend: Backend, database: Database | None, role: DatabaseRole) -> str:

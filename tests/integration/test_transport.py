@@ -38,9 +38,9 @@ TIMEOUT = 120.0
 
 @pytest.fixture
 def broker(database: Database) -> str:
-    """The transport's URL on the test's database (tables in ``tcpg``), as the superuser
-    the rig's workers connect as."""
-    return transport_url(database, "superuser")
+    """The transport's URL on the test's database (tables in ``tcpg``), as ``app_user``
+    (no superuser, not the tables' owner), for the worker tests."""
+    return transport_url(database, "app")
 
 
 @pytest.fixture
