@@ -3,7 +3,7 @@
 import celery.contrib.testing.tasks  # noqa: F401  (the ping celery_worker waits for)
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import TestWorkController
+from celery.contrib.testing import worker  # not the class: pytest would collect it
 from tenant_celery import tenant_context
 
 from orders import count_orders, order_status, place_order
@@ -18,7 +18,7 @@ def celery_app(orders_app: Celery) -> Celery:
 
 
 def test_the_worker_runs_each_task_in_its_tenant(
-    celery_worker: TestWorkController, tenant_celery_tenant_ids: tuple[str, str]
+    celery_worker: worker.TestWorkController, tenant_celery_tenant_ids: tuple[str, str]
 ) -> None:
     a, b = tenant_celery_tenant_ids
     with tenant_context(a):

@@ -37,14 +37,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-import psycopg
 from alembic.autogenerate import renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import MigrateOperation, Operations
-from psycopg import sql
 from sqlalchemy.engine import Connection
 
-from . import _catalog
+from . import _catalog, _compat
 from ._pg import identifier, qualified, quote
 from .config import DEFAULT_GUC, validate_guc_name
 from .errors import ConfigurationError, RLSSetupError
@@ -485,10 +483,10 @@ def create_app_role(
     NOCREATEROLE`` and ``LOGIN`` or ``NOLOGIN`` as ``login`` says; calling it
     again changes nothing.  A ``password`` (which needs ``login=True``) is
     hashed on the client (SCRAM-SHA-256, as ``psql``'s ``\\password`` does)
-    and sent over the psycopg connection underneath ``conn``, bypassing
-    SQLAlchemy: neither ``echo=True``, SQLAlchemy's loggers nor the server's
-    statement log ever see the plain text.  With ``password=None`` an existing
-    password is left as it is.
+    and sent over the driver connection underneath ``conn`` (psycopg 3 or
+    psycopg2), bypassing SQLAlchemy: neither ``echo=True``, SQLAlchemy's
+    loggers nor the server's statement log ever see the plain text.  With
+    ``password=None`` an existing password is left as it is.
 
     An existing role that is a superuser, has ``BYPASSRLS`` or ``REPLICATION``,
     or owns a table in the current database is refused, not altered: it
@@ -501,7 +499,8 @@ def create_app_role(
 
     Raises:
         ConfigurationError: the name or password is refused, or a password was
-            given on a connection whose driver is not psycopg; no SQL was sent.
+            given on a connection whose driver is neither psycopg nor psycopg2;
+            no SQL was sent.
         RLSSetupError: the role exists and is privileged or owns tables;
             nothing was changed.
     """
@@ -519,11 +518,11 @@ def create_app_role(
             )
         if not login:
             raise ConfigurationError(f"a password for role {name!r} is useless without login=True")
-        driver = conn.connection.driver_connection
-        if not isinstance(driver, psycopg.Connection):
+        if not _compat.can_set_role_password(conn.connection.driver_connection):
             raise ConfigurationError(
-                f"create_app_role(password=...) needs a psycopg connection "
-                f"(postgresql+psycopg://), got driver {conn.dialect.driver!r}"
+                f"create_app_role(password=...) needs a psycopg or psycopg2 connection "
+                f"(postgresql+psycopg:// or postgresql+psycopg2://), "
+                f"got driver {conn.dialect.driver!r}"
             )
 
     quoted = quote(name)
@@ -566,16 +565,9 @@ def create_app_role(
 
 
 def _set_password(conn: Connection, name: str, password: str) -> None:
-    driver = conn.connection.driver_connection
-    assert isinstance(driver, psycopg.Connection)  # checked by the caller
-    verifier = driver.pgconn.encrypt_password(
-        password.encode(), name.encode(), b"scram-sha-256"
-    ).decode("ascii")
     # Straight to the driver, in the same transaction: SQLAlchemy's echo and
     # loggers never see this statement.
-    driver.execute(
-        sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(name), sql.Literal(verifier))
-    )
+    _compat.set_role_password(conn.connection.driver_connection, name, password)
 
 
 def grant_tenant_tables(

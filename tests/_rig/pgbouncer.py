@@ -4,7 +4,8 @@
 from ``examples/pgbouncer/pgbouncer.ini`` (the file the PgBouncer how-to shows)
 with only what must differ in a test changed: the server it points at, the
 port, trust authentication with a generated user list, no Unix socket, and the
-pool size. As root it runs as ``nobody`` (PgBouncer refuses to run as root).
+pool size. A server on a Unix socket only is reached through a loopback
+forwarder. As root it runs as ``nobody`` (PgBouncer refuses to run as root).
 A missing ``pgbouncer`` binary skips the test on a laptop and fails it in CI
 (``.ci/run`` installs Debian's package).
 """
@@ -27,6 +28,7 @@ from sqlalchemy.engine import URL
 
 from tests._rig.env import unavailable
 from tests._rig.postgres import APP_PASSWORD, APP_ROLE, Database
+from tests._rig.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_INI = ROOT / "examples" / "pgbouncer" / "pgbouncer.ini"
@@ -66,20 +68,50 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _server_entry(database: Database) -> str:
+def _server_address(database: Database) -> tuple[str, int]:
+    """Host (or Unix socket directory) and port of *database*'s server."""
     url = database.url
     host = url.query.get("host") or url.host or "127.0.0.1"
     host = host if isinstance(host, str) else host[-1]
-    port = url.port or 5432
-    return f"host={host} port={port} dbname={database.name}"
+    port = url.query.get("port") or url.port or 5432
+    port = port if isinstance(port, (str, int)) else port[-1]
+    return host, int(port)
 
 
-def write_config(directory: Path, database: Database, *, port: int, pool_size: int) -> Path:
-    """Write the example's configuration, adapted to *database*, into *directory*."""
+@contextlib.contextmanager
+def _reachable_server(database: Database) -> Iterator[tuple[str, int]]:
+    """A TCP address PgBouncer can reach *database*'s server at.
+
+    A server that listens on a Unix socket only (pgserver's PostgreSQL 16) keeps
+    it in a directory that ``nobody`` cannot enter: a loopback forwarder in this
+    process carries PgBouncer's server connections to the socket.
+    """
+    host, port = _server_address(database)
+    if not host.startswith("/"):
+        yield host, port
+        return
+    with TcpProxy(f"{host}/.s.PGSQL.{port}") as proxy:
+        proxy.start()
+        yield "127.0.0.1", proxy.port
+
+
+def write_config(
+    directory: Path,
+    database: Database,
+    *,
+    port: int,
+    pool_size: int,
+    server: tuple[str, int] | None = None,
+) -> Path:
+    """Write the example's configuration, adapted to *database*, into *directory*.
+
+    *server* is the ``(host, port)`` PgBouncer connects to (default: the database's own).
+    """
     config = configparser.ConfigParser(inline_comment_prefixes=(";",), interpolation=None)
     config.read(EXAMPLE_INI)
     assert config.get("pgbouncer", "pool_mode") == "transaction", "the example changed"
-    config.set("databases", "shop", _server_entry(database))
+    host, server_port = server or _server_address(database)
+    config.set("databases", "shop", f"host={host} port={server_port} dbname={database.name}")
     users = directory / "userlist.txt"
     admin = database.url.username or "postgres"
     users.write_text(f'"{APP_ROLE}" "{APP_PASSWORD}"\n"{admin}" "{database.url.password or ""}"\n')
@@ -110,9 +142,11 @@ def run_pgbouncer(database: Database, *, pool_size: int = 1) -> Iterator[PgBounc
     binary = find_pgbouncer()
     directory = Path(tempfile.mkdtemp(prefix="tc-pgbouncer-"))
     directory.chmod(0o755)  # readable by ``nobody``
+    stack = contextlib.ExitStack()
     try:
         port = _free_port()
-        config = write_config(directory, database, port=port, pool_size=pool_size)
+        server = stack.enter_context(_reachable_server(database))
+        config = write_config(directory, database, port=port, pool_size=pool_size, server=server)
         for path in directory.iterdir():
             path.chmod(0o644)
         command = [binary, *(["-u", "nobody"] if os.geteuid() == 0 else []), str(config)]
@@ -132,6 +166,7 @@ def run_pgbouncer(database: Database, *, pool_size: int = 1) -> Iterator[PgBounc
                 process.kill()
                 process.wait()
     finally:
+        stack.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -303,6 +303,12 @@ class Database:
         """SQLAlchemy URL connecting as :data:`APP_ROLE`."""
         return self.cluster.url(self.name, app_role=True)
 
+    @property
+    def async_app_url(self) -> URL:
+        """:attr:`app_url` for an asyncio engine: psycopg 3 whatever the rig's driver,
+        as psycopg2 has no asyncio mode."""
+        return self.app_url.set(drivername="postgresql+psycopg")
+
     def engine(self, url: URL | None = None, **kwargs: Any) -> Engine:
         """A new engine (superuser URL by default), disposed with the database."""
         engine = sa.create_engine(url if url is not None else self.url, **kwargs)

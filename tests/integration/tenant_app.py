@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any
 
+import celery
 from celery import Celery, Task
 
 from tenant_celery import current_tenant, tenant_task
@@ -60,16 +61,26 @@ def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"tenant": current_tenant(), "parts": [r["tenant"] for r in results]}
 
 
+#: Seconds between retries.  Celery before 5.5's database result backend can lose
+#: the result of a retry with no delay (the compatibility page), and the page's
+#: advice for those releases is a delay; later releases retry at once.
+RETRY_DELAY = 0 if tuple(map(int, celery.__version__.split(".")[:2])) >= (5, 5) else 1
+
+
 @tenant_task(app=app, bind=True, max_retries=3)
 def retrying(self: Task[Any, Any], seen: list[Any] | None = None) -> list[Any]:
     seen = [*(seen or []), current_tenant()]
     if self.request.retries < 2:
-        raise self.retry(kwargs={"seen": seen}, countdown=0)
+        raise self.retry(kwargs={"seen": seen}, countdown=RETRY_DELAY)
     return seen
 
 
 @tenant_task(
-    app=app, bind=True, autoretry_for=(ValueError,), max_retries=3, default_retry_delay=0
+    app=app,
+    bind=True,
+    autoretry_for=(ValueError,),
+    max_retries=3,
+    default_retry_delay=RETRY_DELAY,
 )
 def autoretrying(self: Task[Any, Any]) -> dict[str, Any]:
     if self.request.retries < 2:

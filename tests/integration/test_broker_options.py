@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import kombu
 import pytest
 import sqlalchemy as sa
 from celery import Celery
@@ -86,13 +87,28 @@ def test_transport_options_kombu_accepts(database: Database, broker_engines: Non
         "pool_recycle": 300,
         "pool_size": 2,
         "connect_args": {"connect_timeout": 5},
-        # kombu's own connection-retry keys, removed before create_engine()
-        "max_retries": 3,
-        "interval_start": 0,
-        "interval_step": 1,
-        "interval_max": 2,
     }
     assert round_trip(database, options) == {"ping": 1}
+
+
+#: kombu's own connection-retry keys, which kombu removes before create_engine() from 5.5.
+RETRY_KEYS = {"max_retries": 3, "interval_start": 0, "interval_step": 1, "interval_max": 2}
+KOMBU_REMOVES_RETRY_KEYS = tuple(map(int, kombu.__version__.split(".")[:2])) >= (5, 5)
+
+
+@pytest.mark.parametrize("option", list(RETRY_KEYS))
+def test_connection_retry_keys_are_kombu_s_from_5_5(
+    database: Database, broker_engines: None, option: str
+) -> None:
+    """From kombu 5.5 the retry keys are kombu's own; before, they reach
+    create_engine(), which refuses them (the compatibility page says so)."""
+    upgrade(database.url, grant_to=[APP_ROLE])
+    options = {"pool_pre_ping": True, option: RETRY_KEYS[option]}
+    if KOMBU_REMOVES_RETRY_KEYS:
+        assert round_trip(database, options) == {"ping": 1}
+    else:
+        with pytest.raises(TypeError, match=f"Invalid argument.*'{option}'"):
+            round_trip(database, options)
 
 
 @pytest.mark.parametrize("option", ["polling_interval", "visibility_timeout"])

@@ -319,7 +319,7 @@ def test_killed_connection_does_not_leak(notes: Engine, database: Database) -> N
 
 
 def async_engine(database: Database) -> AsyncEngine:
-    return create_async_engine(database.app_url, pool_size=2, max_overflow=0)
+    return create_async_engine(database.async_app_url, pool_size=2, max_overflow=0)
 
 
 def test_async_helpers(notes: Engine, database: Database) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import alembic
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -17,6 +18,10 @@ from alembic.util import CommandError
 
 from tenant_celery.migrations import TABLES, VERSION_TABLE, current, downgrade, upgrade
 from tests._rig.postgres import APP_ROLE, Database, render
+
+#: ``path_separator`` (and ``newline``) arrived in Alembic 1.16; before, the
+#: separator of ``version_locations`` is ``version_path_separator``.
+ALEMBIC_HAS_PATH_SEPARATOR = tuple(map(int, alembic.__version__.split(".")[:2])) >= (1, 16)
 
 HOST_ENV = """\
 import sqlalchemy as sa
@@ -90,12 +95,15 @@ def host_project(root: Path, database: Database, *, include_ours: bool, **option
         # One location a line: the ":" of the package resource would split under
         # path_separator = os.
         locations.append("tenant_celery.migrations:versions")
+    if ALEMBIC_HAS_PATH_SEPARATOR:
+        listed = ["path_separator = newline", "version_locations ="]
+        listed += [f"    {location}" for location in locations]
+    else:  # the compatibility page's recipe for Alembic before 1.16
+        listed = ["version_path_separator = ;", f"version_locations = {';'.join(locations)}"]
     lines = [
         "[alembic]",
         "script_location = %(here)s/migrations",
-        "path_separator = newline",
-        "version_locations =",
-        *(f"    {location}" for location in locations),
+        *listed,
         *(f"{key} = {value}" for key, value in options.items()),
     ]
     ini = root / "alembic.ini"

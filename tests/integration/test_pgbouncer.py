@@ -106,8 +106,13 @@ def test_a_session_level_setting_would_leak_to_the_next_client(
 def test_prepared_statements_need_prepare_threshold_none(
     bouncer: PgBouncer, database: Database, engines: list[Engine]
 ) -> None:
-    """psycopg's defaults break under transaction pooling; the example's engine does not."""
-    defaults = [database.engine(bouncer.url(), pool_size=1, max_overflow=0) for _ in range(2)]
+    """psycopg 3's defaults break under transaction pooling; the example's engine does not.
+
+    The control uses psycopg 3 whatever the rig's driver: psycopg2 never prepares
+    statements on the server, so it has nothing to break.
+    """
+    url = bouncer.url().set(drivername="postgresql+psycopg")
+    defaults = [database.engine(url, pool_size=1, max_overflow=0) for _ in range(2)]
     query = sa.text("SELECT count(*) FROM notes WHERE body = :b")
     with pytest.raises(sa.exc.DBAPIError) as caught:
         for _ in range(10):

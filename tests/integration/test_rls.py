@@ -24,7 +24,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
-from tenant_celery import DEFAULT_GUC, ConfigurationError
+from tenant_celery import DEFAULT_GUC, ConfigurationError, _compat
 from tenant_celery.errors import RLSSetupError
 from tenant_celery.rls import (
     create_app_role,
@@ -72,7 +72,8 @@ def rows_seen(
 
 
 def write_error(engine: Engine, tenant: str | None, statement: str, **params: Any) -> str | None:
-    """Run ``statement`` inside ``tenant``; return the server's error message, or None."""
+    """Run ``statement`` inside ``tenant``; return the server's error as
+    ``"<SQLSTATE>: <message>"`` (the same from either driver), or None."""
     try:
         with engine.begin() as conn:
             if tenant is not None:
@@ -81,7 +82,8 @@ def write_error(engine: Engine, tenant: str | None, statement: str, **params: An
                 )
             conn.execute(sa.text(statement), params)
     except sa.exc.DBAPIError as exc:
-        return str(exc.orig)
+        # The primary message alone: psycopg2's str() ends it with a newline.
+        return f"{_compat.sqlstate(exc.orig)}: {exc.orig.diag.message_primary}"  # type: ignore[union-attr]
     return None
 
 
@@ -137,7 +139,7 @@ def test_with_check_refuses_writes_for_another_tenant(
         enable_tenant_rls(conn, "invoices")
         grant_tenant_tables(conn, APP_ROLE, ["invoices"])
     insert = f"INSERT INTO invoices (tenant_id) VALUES (CAST(:t AS {column_type}))"
-    violation = 'new row violates row-level security policy for table "invoices"'
+    violation = '42501: new row violates row-level security policy for table "invoices"'
 
     assert write_error(app_engine, a, insert, t=b) == violation
     assert write_error(app_engine, None, insert, t=a) == violation
@@ -499,7 +501,12 @@ def scram_matches(verifier: str, password: str) -> bool:
         "sha256", password.encode(), base64.b64decode(salt), int(iterations)
     )
     client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-    return method == "SCRAM-SHA-256" and hashlib.sha256(client_key).digest() == stored_key
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    return (
+        method == "SCRAM-SHA-256"
+        and hashlib.sha256(client_key).digest() == stored_key
+        and base64.b64encode(server_key).decode() == keys.split(":")[1]
+    )
 
 
 def test_create_app_role_is_idempotent_and_unprivileged(
@@ -515,14 +522,18 @@ def test_create_app_role_is_idempotent_and_unprivileged(
         assert role_attributes(conn, role_name) == (False,) * 5 + (True,)
 
 
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 def test_password_is_set_and_never_logged(
     database: Database,
     role_name: str,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
+    driver: str,
 ) -> None:
     password = f"pw-{secrets.token_hex(8)}-'quote\"-\\back"
-    echoing = database.engine(echo=True)  # SQLAlchemy logs every statement it sends
+    # SQLAlchemy logs every statement it sends
+    echoing = database.engine(database.url.set(drivername=f"postgresql+{driver}"), echo=True)
+    assert echoing.dialect.driver == driver
     caplog.set_level(logging.DEBUG)
     with echoing.begin() as conn:
         create_app_role(conn, role_name, login=True, password=password)

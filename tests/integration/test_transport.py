@@ -26,7 +26,7 @@ from reliability import faults
 from tenant_celery import tenant_context, transport
 from tenant_celery.errors import ConfigurationError
 from tenant_celery.transport import Transport
-from tests._rig.postgres import Database, render
+from tests._rig.postgres import Database, libpq_kwargs, render
 from tests._rig.worker import TRANSPORT_SCHEMA, WorkerHandle, transport_url
 
 from . import faults_app
@@ -281,7 +281,7 @@ def test_an_acknowledged_message_is_deleted_and_a_released_one_is_ready_again(
         got[0].ack()
         got[1].reject(requeue=True)
     # Closing the connection released the third one (the restore at shutdown).
-    with psycopg.connect(render(database.url).replace("+psycopg", "")) as admin:
+    with psycopg.connect(**libpq_kwargs(database.url)) as admin:
         rows = admin.execute(
             f"SELECT deliveries, lease IS NULL FROM {TRANSPORT_SCHEMA}.tenant_celery_message"
             " WHERE queue = %s AND visible_at <= now()",
@@ -347,7 +347,7 @@ def test_a_passive_declare_keeps_the_queues_settings(database: Database, app_bro
         channel.queue_declare(queue="tc.ttl", passive=True)
         with pytest.raises(ChannelError, match="NOT_FOUND"):
             channel.queue_declare(queue="tc.nothing", passive=True)
-    with psycopg.connect(render(database.url).replace("+psycopg", "")) as admin:
+    with psycopg.connect(**libpq_kwargs(database.url)) as admin:
         ttl = admin.execute(
             f"SELECT message_ttl FROM {TRANSPORT_SCHEMA}.tenant_celery_queue WHERE name = 'tc.ttl'"
         ).fetchone()
@@ -399,7 +399,7 @@ def test_acknowledgements_are_deleted_by_the_next_claim(
     monkeypatch.setattr(Transport, "execute", counting)
 
     def ids() -> list[int]:
-        with psycopg.connect(render(database.url).replace("+psycopg", "")) as admin:
+        with psycopg.connect(**libpq_kwargs(database.url)) as admin:
             rows = admin.execute(
                 f"SELECT id FROM {TRANSPORT_SCHEMA}.tenant_celery_message WHERE queue = %s"
                 " ORDER BY id",
@@ -489,7 +489,7 @@ def test_a_claim_stays_on_the_index_whatever_the_statistics_say(database: Databa
     settings = transport._Settings({"schema": TRANSPORT_SCHEMA})
     table = f"{TRANSPORT_SCHEMA}.tenant_celery_message"
     tenants = [f"tenant-{i}" for i in range(4)]
-    with psycopg.connect(render(database.url).replace("+psycopg", ""), autocommit=True) as admin:
+    with psycopg.connect(**libpq_kwargs(database.url), autocommit=True) as admin:
         with admin.cursor() as cur:
             cur.executemany(
                 f"INSERT INTO {table} (queue, tenant, payload, visible_at, lease)"
@@ -554,7 +554,7 @@ def test_an_acknowledgement_is_deleted_while_the_consuming_thread_is_busy(
         with Connection(app_broker) as other:
             # Neither comes back: the first is deleted, the second's lease renewed.
             assert _claimed(other, queue, prefetch=5, ack=False) == []
-        with psycopg.connect(render(database.url).replace("+psycopg", "")) as admin:
+        with psycopg.connect(**libpq_kwargs(database.url)) as admin:
             left = admin.execute(
                 f"SELECT count(*) FROM {TRANSPORT_SCHEMA}.tenant_celery_message WHERE queue = %s",
                 (queue.name,),

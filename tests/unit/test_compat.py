@@ -76,6 +76,24 @@ def test_backends_of_one_process_each_create_their_database_s_tables(
         assert backend.get_task_meta(f"task-{name}")["result"] == {"stored": name}
 
 
+@pytest.mark.parametrize("backend_class", BACKENDS)
+def test_each_backend_creates_its_tables_at_setup(
+    result_app: Celery, backend_class: Any, tmp_path: Path
+) -> None:
+    # As from Celery 5.5 (database_create_tables_at_setup); before, only the first
+    # session did, and the pooled backend stores without opening one.
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    url = f"sqlite:///{tmp_path / 'setup.db'}"
+    backend_class(app=result_app, url=url)
+    engine = sa.create_engine(url)
+    try:
+        tables = set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    assert {"celery_taskmeta", "celery_tasksetmeta"} <= tables
+
+
 def test_the_own_sessions_backend_is_used_only_where_celery_shares_one_manager() -> None:
     from celery.backends.database import DatabaseBackend  # noqa: PLC0415
 
@@ -124,3 +142,68 @@ def test_sqlstate_of_a_psycopg_error() -> None:
 @pytest.mark.parametrize("error", [ValueError("42501"), None, object()])
 def test_no_sqlstate_outside_database_errors(error: object) -> None:
     assert _compat.sqlstate(error) is None
+
+
+# ------------------------------------------------- role passwords per driver
+
+
+@pytest.mark.parametrize(
+    ("password", "prepared"),
+    [
+        pytest.param("plain ascii", "plain ascii", id="ascii"),
+        pytest.param("I\u00adX", "IX", id="mapped-to-nothing"),
+        pytest.param("\u00aa", "a", id="nfkc"),
+        pytest.param("\u2168", "IX", id="nfkc-roman-numeral"),
+        pytest.param("a\u2003b", "a b", id="non-ascii-space"),
+        pytest.param("\u00e9t\u00e9", "\u00e9t\u00e9", id="already-prepared"),
+    ],
+)
+def test_saslprep_prepares_a_password_as_postgresql_does(password: str, prepared: str) -> None:
+    assert _compat.saslprep(password) == prepared.encode()
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        pytest.param("\u0007bell", id="ascii-control-kept"),
+        pytest.param("pass\u200eword", id="prohibited"),
+        pytest.param("\u0627\u0031", id="bidi-ends-left-to-right"),
+        pytest.param("\u0627a\u0628", id="bidi-mixed"),
+        pytest.param("\U000e0001x", id="prohibited-tag"),
+    ],
+)
+def test_a_password_saslprep_refuses_is_used_as_it_is(password: str) -> None:
+    # The server does the same with the password a client logs in with.
+    assert _compat.saslprep(password) == password.encode()
+
+
+def test_scram_verifier_has_postgresql_s_format_and_keys() -> None:
+    import base64  # noqa: PLC0415
+    import hashlib  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+
+    salt = bytes(range(16))
+    verifier = _compat.scram_sha256_verifier("pencil", salt=salt, iterations=4096)
+    method, counts, keys = verifier.split("$")
+    iterations, encoded_salt = counts.split(":")
+    stored_key, server_key = (base64.b64decode(k) for k in keys.split(":"))
+    assert (method, iterations, base64.b64decode(encoded_salt)) == ("SCRAM-SHA-256", "4096", salt)
+    salted = hashlib.pbkdf2_hmac("sha256", b"pencil", salt, 4096)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    assert stored_key == hashlib.sha256(client_key).digest()
+    assert server_key == hmac.digest(salted, b"Server Key", "sha256")
+
+
+def test_scram_verifier_salts_each_call() -> None:
+    first, second = (_compat.scram_sha256_verifier("pencil") for _ in range(2))
+    assert first != second
+    assert len(first.split("$")[1].split(":")[1]) == 24  # 16 bytes of salt, in base64
+
+
+def test_passwords_are_set_through_psycopg_and_psycopg2_only() -> None:
+    class OtherDriverConnection:
+        pass
+
+    assert not _compat.can_set_role_password(OtherDriverConnection())
+    with pytest.raises(TypeError, match="OtherDriverConnection"):
+        _compat.set_role_password(OtherDriverConnection(), "app", "secret")
