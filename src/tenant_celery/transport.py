@@ -19,13 +19,15 @@ How it works:
   messages it holds (running, prefetched and ETA tasks alike) every third of
   that.  A consumer that dies stops renewing, and its messages are claimed
   again when their leases run out.
-* **Acknowledgement deletes the row,** in the consumer's next claim statement
-  (or when it closes or renews leases, whichever comes first), so a busy
-  consumer spends no statement of its own on acknowledgements.  A consumer
-  claims again once half its prefetch window is free, several messages at a
-  time.  Rejection
-  with requeue, and the restore at shutdown, end the lease at once.  Nothing
-  is kept after an ack, so the table holds only waiting and in-flight messages.
+* **Acknowledgement deletes the row,** in the consumer's next claim statement,
+  so a busy consumer spends no statement of its own on acknowledgements.  An
+  acknowledged row waits about 50 ms at most for a claim, then is deleted on
+  its own (by the lease thread if the consuming thread is busy running a
+  task, and at close).  A consumer claims again once half its prefetch window
+  is free, several messages at a time.
+  Rejection with requeue, and the restore at shutdown, end the lease at once.
+  Nothing is kept after an ack, so the table holds only waiting and in-flight
+  messages.
 * **Wake-ups.**  Publishing sends ``NOTIFY``; an idle consumer waits on
   ``LISTEN`` and also polls every ``polling_interval`` seconds, so it keeps
   working where notifications do not arrive (``listen: False``, for example
@@ -109,6 +111,7 @@ NOTIFY_CHANNEL = "tenant_celery_message"
 logger = logging.getLogger("tenant_celery.transport")
 
 _DEFAULT_BATCH = 10  # claim size when the consumer sets no prefetch limit
+_ACK_DELAY = 0.05  # longest an acknowledged row waits for a claim to delete it
 _TABLE_TTL = 2.0  # seconds a direct or topic exchange's bindings are cached
 _SWEEP_EVERY = 30.0  # seconds between deletions of expired messages
 _MAX_TENANT = 200  # longest tenant value kept for fair claiming
@@ -513,8 +516,10 @@ class Channel(virtual.Channel):
         self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
         self._queue_turn = 0
         # Acknowledged rows not yet deleted: the next claim deletes them, or the
-        # consuming thread before it waits; at once after the channel closes.
+        # consuming thread once the oldest has waited _ACK_DELAY (the lease thread
+        # if that thread is busy); at once after the channel closes.
         self._acks: list[int] = []
+        self._acked_at = 0.0
         self._acks_lock = threading.Lock()
         self._defer_acks = True
         self._statements = {
@@ -714,7 +719,9 @@ class Channel(virtual.Channel):
         n = _DEFAULT_BATCH if free is None else free
         window = self.qos.prefetch_count
         if n <= 0 or not queues or (free is not None and window and free < (window + 1) // 2):
-            raise Empty()  # acknowledgements wait for the next claim (or the lease thread)
+            if self.acks_due() == 0.0:
+                self.flush_acks()  # no claim has come to carry them in time
+            raise Empty()
         count = len(queues)
         start = self._queue_turn % count
         self._queue_turn += 1
@@ -733,6 +740,8 @@ class Channel(virtual.Channel):
         row_id = _row_id(delivery_tag)
         with self._acks_lock:
             if self._defer_acks:
+                if not self._acks:
+                    self._acked_at = time.monotonic()
                 self._acks.append(row_id)
                 return
         self._transport.execute(_ACK, {"acks": [row_id], "lease": self.lease})
@@ -745,7 +754,17 @@ class Channel(virtual.Channel):
     def _return_acks(self, acks: list[int]) -> None:
         if acks:
             with self._acks_lock:
+                if not self._acks:
+                    self._acked_at = time.monotonic()
                 self._acks[:0] = acks
+
+    def acks_due(self) -> float | None:
+        """Seconds until the pending acknowledgements must be deleted (0: now);
+        ``None`` when there are none."""
+        with self._acks_lock:
+            if not self._acks:
+                return None
+            return max(0.0, self._acked_at + _ACK_DELAY - time.monotonic())
 
     def flush_acks(self) -> None:
         """Delete the acknowledged messages no claim has carried yet."""
@@ -1051,6 +1070,11 @@ class Transport(virtual.Transport):
             wait = self.settings.polling_interval
             if remaining is not None:
                 wait = min(wait, remaining)
+            channels: list[Any] = list(self.channels or ())
+            for channel in channels:
+                due = channel.acks_due()
+                if due is not None:  # come back to delete them, claim or not
+                    wait = min(wait, due)
             self._wait(wait)
 
     @property

@@ -563,8 +563,22 @@ def test_an_acknowledgement_is_deleted_while_the_consuming_thread_is_busy(
         got[1].ack()
 
 
-def test_a_busy_consumer_claims_again_once_half_its_window_is_free(app_broker: str) -> None:
+def test_a_busy_consumer_claims_again_once_half_its_window_is_free(
+    database: Database, app_broker: str
+) -> None:
+    """It does not claim for each acknowledgement, yet deletes the acknowledged row
+    within moments, claim or not: a worker killed later does not run it again."""
     queue = new_queue()
+
+    def rows() -> int:
+        with psycopg.connect(**libpq_kwargs(database.url)) as admin:
+            found = admin.execute(
+                f"SELECT count(*) FROM {TRANSPORT_SCHEMA}.tenant_celery_message WHERE queue = %s",
+                (queue.name,),
+            ).fetchone()
+        assert found is not None
+        return int(found[0])
+
     with Connection(app_broker) as publisher:
         _publish(publisher, queue, "t", 8)
     with Connection(app_broker, transport_options={"polling_interval": 0.1}) as conn:
@@ -578,6 +592,7 @@ def test_a_busy_consumer_claims_again_once_half_its_window_is_free(app_broker: s
         got[0].ack()  # one free of four: it still holds three, and waits
         with pytest.raises(TimeoutError):
             conn.drain_events(timeout=0.5)
+        assert rows() == 7  # no claim came, and the acknowledged row is gone anyway
         got[1].ack()  # two free: one claim takes two
         conn.drain_events(timeout=5)
         assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4, 5]
