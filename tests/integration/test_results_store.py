@@ -10,40 +10,23 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from celery import Celery, states
+from celery import states
 from celery.app.task import Context
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from tenant_celery.migrations import upgrade
-from tenant_celery.results import PooledDatabaseBackend, dispose_engines
-from tests._rig.postgres import APP_ROLE, Database, render
+from tenant_celery.results import PooledDatabaseBackend
+from tests._rig.postgres import Database
 
-POOLED = "tenant_celery.results:PooledDatabaseBackend"
+from . import test_results_pooled
+from .test_results_pooled import results_app
 
-
-@pytest.fixture
-def migrated(database: Database) -> Iterator[Database]:
-    upgrade(database.url, grant_to=[APP_ROLE])
-    yield database
-    dispose_engines()
-
-
-def results_app(database: Database, backend: str = POOLED, **conf: Any) -> Celery:
-    app = Celery("results_store_test", set_as_current=False)
-    app.conf.update(
-        result_backend=backend,
-        database_url=render(database.app_url),
-        result_serializer="json",
-        accept_content=["json"],
-        **conf,
-    )
-    return app
+#: The test database with the bundled migration's tables, as test_results_pooled makes it.
+migrated = test_results_pooled.migrated
 
 
 def row(database: Database, task_id: str) -> dict[str, Any]:

@@ -204,6 +204,26 @@ def _publish(conn: Connection, queue: Queue, tenant: str, count: int = 1) -> Non
         )
 
 
+def _consume(conn: Connection, queue: Queue, prefetch: int) -> list[Message]:
+    """Start one consumer with ``prefetch``; the list its deliveries are added to."""
+    got: list[Message] = []
+    channel = conn.channel()
+    channel.basic_qos(0, prefetch, False)
+    consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
+    consumer.consume()
+    return got
+
+
+def _rows(database: Database, queue: Queue) -> list[int]:
+    """Ids of the queue's rows in the message table, oldest first."""
+    with psycopg.connect(**libpq_kwargs(database.url)) as admin:
+        found = admin.execute(
+            f"SELECT id FROM {TRANSPORT_SCHEMA}.tenant_celery_message WHERE queue = %s ORDER BY id",
+            (queue.name,),
+        ).fetchall()
+    return [row_id for (row_id,) in found]
+
+
 def _claimed(conn: Connection, queue: Queue, prefetch: int, *, ack: bool) -> list[Message]:
     """Let one consumer with ``prefetch`` take one batch; the messages it got."""
     got: list[Message] = []
@@ -363,11 +383,7 @@ def test_an_acknowledgement_from_another_thread_ends_the_wait_for_room(app_broke
         _publish(publisher, queue, "t", 2)
     options = {"listen": False, "polling_interval": 60}
     with Connection(app_broker, transport_options=options) as conn:
-        got: list[Message] = []
-        channel = conn.channel()
-        channel.basic_qos(0, 1, False)
-        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
-        consumer.consume()
+        got = _consume(conn, queue, prefetch=1)
         conn.drain_events(timeout=5)
         assert len(got) == 1  # the window is full now
         drainer = threading.Thread(target=conn.drain_events, daemon=True)  # no timeout
@@ -398,27 +414,14 @@ def test_acknowledgements_are_deleted_by_the_next_claim(
 
     monkeypatch.setattr(Transport, "execute", counting)
 
-    def ids() -> list[int]:
-        with psycopg.connect(**libpq_kwargs(database.url)) as admin:
-            rows = admin.execute(
-                f"SELECT id FROM {TRANSPORT_SCHEMA}.tenant_celery_message WHERE queue = %s"
-                " ORDER BY id",
-                (queue.name,),
-            ).fetchall()
-        return [row_id for (row_id,) in rows]
-
-    published = ids()  # message n has the n-th id
+    published = _rows(database, queue)  # message n has the n-th id
 
     def remaining() -> list[int]:
-        return [published.index(row_id) for row_id in ids()]
+        return [published.index(row_id) for row_id in _rows(database, queue)]
 
     options = {"listen": False, "polling_interval": 60}
     with Connection(app_broker, transport_options=options) as conn:
-        got: list[Message] = []
-        channel = conn.channel()
-        channel.basic_qos(0, 2, False)
-        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
-        consumer.consume()
+        got = _consume(conn, queue, prefetch=2)
         conn.drain_events(timeout=5)
         assert [m.payload["n"] for m in got] == [0, 1]
         executed.clear()
@@ -455,11 +458,7 @@ def test_an_acknowledgement_frees_its_tenants_place_in_the_claim_that_carries_it
         _publish(publisher, queue, "tenant-a", 3)
     options = {"tenant_inflight_limit": 1, "listen": False, "polling_interval": 60}
     with Connection(app_broker, transport_options=options) as conn:
-        got: list[Message] = []
-        channel = conn.channel()
-        channel.basic_qos(0, 5, False)
-        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
-        consumer.consume()
+        got = _consume(conn, queue, prefetch=5)
         conn.drain_events(timeout=5)
         assert [m.payload["n"] for m in got] == [0]  # capped at one
         for expected in ([0, 1], [0, 1, 2]):
@@ -542,11 +541,7 @@ def test_an_acknowledgement_is_deleted_while_the_consuming_thread_is_busy(
         _publish(publisher, queue, "t", 2)
     options = {"visibility_timeout": 1.5, "listen": False, "polling_interval": 60}
     with Connection(app_broker, transport_options=options) as conn:
-        got: list[Message] = []
-        channel = conn.channel()
-        channel.basic_qos(0, 2, False)
-        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
-        consumer.consume()
+        got = _consume(conn, queue, prefetch=2)
         conn.drain_events(timeout=5)
         assert len(got) == 2
         got[0].ack()
@@ -554,12 +549,7 @@ def test_an_acknowledgement_is_deleted_while_the_consuming_thread_is_busy(
         with Connection(app_broker) as other:
             # Neither comes back: the first is deleted, the second's lease renewed.
             assert _claimed(other, queue, prefetch=5, ack=False) == []
-        with psycopg.connect(**libpq_kwargs(database.url)) as admin:
-            left = admin.execute(
-                f"SELECT count(*) FROM {TRANSPORT_SCHEMA}.tenant_celery_message WHERE queue = %s",
-                (queue.name,),
-            ).fetchone()
-        assert left == (1,)
+        assert len(_rows(database, queue)) == 1
         got[1].ack()
 
 
@@ -570,29 +560,18 @@ def test_a_busy_consumer_claims_again_once_half_its_window_is_free(
     within moments, claim or not: a worker killed later does not run it again."""
     queue = new_queue()
 
-    def rows() -> int:
-        with psycopg.connect(**libpq_kwargs(database.url)) as admin:
-            found = admin.execute(
-                f"SELECT count(*) FROM {TRANSPORT_SCHEMA}.tenant_celery_message WHERE queue = %s",
-                (queue.name,),
-            ).fetchone()
-        assert found is not None
-        return int(found[0])
-
     with Connection(app_broker) as publisher:
         _publish(publisher, queue, "t", 8)
     with Connection(app_broker, transport_options={"polling_interval": 0.1}) as conn:
-        got: list[Message] = []
-        channel = conn.channel()
-        channel.basic_qos(0, 4, False)
-        consumer = Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)])
-        consumer.consume()
+        got = _consume(conn, queue, prefetch=4)
         conn.drain_events(timeout=5)
         assert [m.payload["n"] for m in got] == [0, 1, 2, 3]
         got[0].ack()  # one free of four: it still holds three, and waits
         with pytest.raises(TimeoutError):
             conn.drain_events(timeout=0.5)
-        assert rows() == 7  # no claim came, and the acknowledged row is gone anyway
+        assert (
+            len(_rows(database, queue)) == 7
+        )  # no claim came, and the acknowledged row is gone anyway
         got[1].ack()  # two free: one claim takes two
         conn.drain_events(timeout=5)
         assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4, 5]
