@@ -22,6 +22,7 @@ import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import celery
 import celery.backends.database as _celery_database
 from celery import Task
 from celery.backends.database import DatabaseBackend as _CeleryDatabaseBackend
@@ -33,9 +34,11 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 __all__ = [
+    "CELERY_CLOSES_COLLECTED_CONNECTION",
     "DatabaseBackend",
     "GenericTask",
     "can_set_role_password",
+    "consumer_acks_at_once",
     "database_retry",
     "scram_sha256_verifier",
     "set_role_password",
@@ -66,6 +69,25 @@ elif hasattr(Task, "__class_getitem__"):
     GenericTask = Task
 else:
     GenericTask = _SubscriptableTask()
+
+
+# ---------------------------------------------------------- Celery's worker
+
+#: Whether Celery's worker closes the broker connection it has just collected
+#: after a connection error (from 5.7; before, it only collects it).  The Redis
+#: close guard of ``_worker_fixes`` is for the releases that do.
+CELERY_CLOSES_COLLECTED_CONNECTION: bool = tuple(celery.VERSION[:2]) >= (5, 7)
+
+
+def consumer_acks_at_once() -> bool:
+    """Whether the worker's consumer runs an acknowledgement as soon as the task
+    ends, on a transport without an event loop too (``Consumer.call_soon_ack``,
+    from Celery 5.7).  Before, such a worker keeps it in the consumer's pending
+    operations until ``drain_events`` returns; ``_worker_fixes`` runs the
+    acknowledgements of this package's transport at once there."""
+    from celery.worker.consumer.consumer import Consumer  # noqa: PLC0415 (worker only)
+
+    return hasattr(Consumer, "call_soon_ack")
 
 
 # -------------------------------------------------- Celery's database backend

@@ -61,22 +61,48 @@ at the head of its queue (as the transport's own restore does, marked
 ``redelivered``) once Redis answers again, retrying for
 :data:`GIVE_BACK_FOR` seconds.  No worker has received it, so it cannot run
 twice.
+
+Acknowledgements that wait for ``drain_events`` to return
+-----------------------------------------------------------
+
+A transport without an event loop of its own, as this package's PostgreSQL
+transport, runs the worker's blocking loop: ``drain_events(timeout=2.0)``,
+then the consumer's pending operations, again and again.  Before Celery 5.7
+a task's acknowledgement is one of those pending operations (the consumer's
+``call_soon``), so it waits until ``drain_events`` returns.  With the
+prefetch window full the transport can claim nothing, so ``drain_events``
+returns only at its timeout: the worker runs a window of tasks, then stands
+still for up to two seconds, about one window every two seconds.  Worse,
+acknowledgements still pending when a warm shutdown stops the loop are never
+run: closing the connection releases those messages and another worker runs
+them again.
+
+Celery 5.7 runs acknowledgements at once (``Consumer.call_soon_ack``).  The
+third guard does the same on earlier releases, for this package's transport
+only: when ``call_soon`` is given a message's ``ack_log_error`` or
+``reject_log_error`` and the worker has no event loop, the call runs at
+once; everything else is deferred as before.  The transport's
+acknowledgement only records the row for deletion and wakes the consuming
+thread, so it is safe from the pool's result thread.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import celery
 from celery.signals import worker_init
+
+from . import _compat
 
 __all__ = [
     "GIVE_BACK_FOR",
+    "install_prompt_acks",
     "install_redis_append_guard",
     "install_redis_close_guard",
     "install_worker_fixes",
@@ -87,8 +113,6 @@ logger = logging.getLogger("tenant_celery.worker_fixes")
 #: Seconds a dropped message is offered back to Redis before it is logged as lost.
 GIVE_BACK_FOR = 600.0
 
-#: The first Celery release that closes the broker connection it has just collected.
-FIRST_AFFECTED_CELERY = (5, 7)
 _GUARD_MARK = "_tenant_celery_close_guard"
 
 
@@ -116,7 +140,7 @@ def install_redis_close_guard() -> bool:
     Idempotent.  Returns whether the guard is in place: ``False`` on Celery
     before 5.7, or without redis-py (no Redis transport to guard).
     """
-    if tuple(celery.VERSION[:2]) < FIRST_AFFECTED_CELERY:
+    if not _compat.CELERY_CLOSES_COLLECTED_CONNECTION:
         return False
     from kombu.transport import redis as kombu_redis  # noqa: PLC0415 (worker only)
 
@@ -203,8 +227,56 @@ def install_redis_append_guard() -> bool:
     return True
 
 
+def _is_transport_ack(callback: Any) -> bool:
+    """Whether ``callback`` acknowledges or rejects a message of this package's
+    transport (``Message.ack_log_error`` or ``reject_log_error``, bound)."""
+    from kombu.message import Message  # noqa: PLC0415 (worker only)
+
+    if getattr(callback, "__func__", None) not in (
+        Message.ack_log_error,
+        Message.reject_log_error,
+    ):
+        return False
+    transport = sys.modules.get("tenant_celery.transport")
+    channel = getattr(callback.__self__, "channel", None)
+    return transport is not None and isinstance(channel, transport.Channel)
+
+
+def _acking_at_once(call_soon: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(call_soon)
+    def call_soon_or_now(self: Any, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.hub is not None or not _is_transport_ack(callback):
+            return call_soon(self, callback, *args, **kwargs)
+        try:
+            callback(*args, **kwargs)
+        except Exception as exc:  # as the pending operations would have logged it
+            logger.exception("acknowledging a message failed: %r", exc)
+        return callback
+
+    setattr(call_soon_or_now, _GUARD_MARK, True)
+    return call_soon_or_now
+
+
+def install_prompt_acks() -> bool:
+    """Run this package's transport's acknowledgements at once on Celery before
+    5.7 (see the module docstring).
+
+    Idempotent.  Returns whether the guard is in place: ``False`` where the
+    consumer already does (Celery 5.7 and later).
+    """
+    if _compat.consumer_acks_at_once():
+        return False
+    from celery.worker.consumer.consumer import Consumer  # noqa: PLC0415 (worker only)
+
+    consumer: Any = Consumer
+    if not getattr(consumer.call_soon, _GUARD_MARK, False):
+        consumer.call_soon = _acking_at_once(consumer.call_soon)
+    return True
+
+
 @worker_init.connect(weak=False, dispatch_uid="tenant_celery.worker_fixes")
 def install_worker_fixes(**_: Any) -> None:
     """Install every guard this module has (sent once, in a worker's main process)."""
     install_redis_close_guard()
     install_redis_append_guard()
+    install_prompt_acks()

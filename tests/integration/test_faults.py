@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import inspect
 
-import celery
 import pytest
 from kombu.transport import redis as redis_transport
 from reliability import faults
 
-from tenant_celery import _worker_fixes
+from tenant_celery import _compat
 from tests._rig.redis_server import RedisServer
 
 pytestmark = pytest.mark.worker
@@ -128,7 +127,7 @@ def test_c_a_worker_waiting_with_late_acknowledged_tasks_reconnects_by_itself(
     # is needed, or installed): the task running across the outage cannot be
     # acknowledged, as Celery's own warning at the loss says, and its message stays
     # in Redis's unacked hash until the visibility timeout brings it back.
-    lost_ack = tuple(celery.VERSION[:2]) < _worker_fixes.FIRST_AFFECTED_CELERY
+    lost_ack = not _compat.CELERY_CLOSES_COLLECTED_CONNECTION
     assert details["in_redis_at_end"] == {"queued": 0, "unacked": 1 if lost_ack else 0}
     assert result.cross_tenant == result.unaccounted == result.duplicates == 0
 
