@@ -62,28 +62,32 @@ at the head of its queue (as the transport's own restore does, marked
 :data:`GIVE_BACK_FOR` seconds.  No worker has received it, so it cannot run
 twice.
 
-Acknowledgements that wait for ``drain_events`` to return
------------------------------------------------------------
+Acknowledgements that wait for the worker's loop to come round
+----------------------------------------------------------------
 
-A transport without an event loop of its own, as this package's PostgreSQL
-transport, runs the worker's blocking loop: ``drain_events(timeout=2.0)``,
-then the consumer's pending operations, again and again.  Before Celery 5.7
-a task's acknowledgement is one of those pending operations (the consumer's
-``call_soon``), so it waits until ``drain_events`` returns.  With the
-prefetch window full the transport can claim nothing, so ``drain_events``
-returns only at its timeout: the worker runs a window of tasks, then stands
-still for up to two seconds, about one window every two seconds.  Worse,
-acknowledgements still pending when a warm shutdown stops the loop are never
-run: closing the connection releases those messages and another worker runs
-them again.
+Before Celery 5.7 a task's acknowledgement is deferred through the
+consumer's ``call_soon`` until the worker's loop comes round, and two cases
+leave it waiting:
 
-Celery 5.7 runs acknowledgements at once (``Consumer.call_soon_ack``).  The
-third guard does the same on earlier releases, for this package's transport
-only: when ``call_soon`` is given a message's ``ack_log_error`` or
-``reject_log_error`` and the worker has no event loop, the call runs at
+* A worker without an event loop (gevent, eventlet) runs the blocking loop:
+  ``drain_events(timeout=2.0)``, then the pending operations, again and
+  again.  With the prefetch window full the transport can claim nothing, so
+  ``drain_events`` returns only at its timeout: the worker runs a window of
+  tasks, then stands still for up to two seconds.  Acknowledgements still
+  pending when a warm shutdown stops the loop are never run: closing the
+  connection releases those messages and another worker runs them again.
+* A worker with an event loop and the threads pool acknowledges from a pool
+  thread into the loop's ready list, and kombu before 5.7 does not wake the
+  loop for it: the acknowledgement waits for the loop's next event or timer.
+
+Celery 5.7 runs acknowledgements at once without an event loop
+(``Consumer.call_soon_ack``), and kombu 5.7 wakes the loop.  The third guard
+does the same on earlier releases, for this package's transport only: when
+``call_soon`` is given a message's ``ack_log_error`` or ``reject_log_error``
+outside the event loop's thread (or with no event loop), the call runs at
 once; everything else is deferred as before.  The transport's
 acknowledgement only records the row for deletion and wakes the consuming
-thread, so it is safe from the pool's result thread.
+loop, so it is safe from any thread.
 """
 
 from __future__ import annotations
@@ -245,7 +249,8 @@ def _is_transport_ack(callback: Any) -> bool:
 def _acking_at_once(call_soon: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(call_soon)
     def call_soon_or_now(self: Any, callback: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.hub is not None or not _is_transport_ack(callback):
+        in_loop = self.hub is not None and threading.current_thread() is threading.main_thread()
+        if in_loop or not _is_transport_ack(callback):
             return call_soon(self, callback, *args, **kwargs)
         try:
             callback(*args, **kwargs)

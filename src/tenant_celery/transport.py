@@ -198,10 +198,10 @@ _INSERT_FANOUT = (
 )
 
 
-def _notifying(insert: str) -> str:
-    """``insert``, then one ``NOTIFY`` per queue it wrote to (sent at commit)."""
+def _notifying(write: str) -> str:
+    """``write``, then one ``NOTIFY`` per queue it wrote to (sent at commit)."""
     return (
-        f"WITH m AS ({insert} RETURNING queue)"
+        f"WITH m AS ({write} RETURNING queue)"
         " SELECT pg_notify(%(channel)s, q) FROM (SELECT DISTINCT queue AS q FROM m) AS d"
     )
 
@@ -289,10 +289,12 @@ _CLAIM = (
 _TAKE = " DELETE FROM {message} AS m USING chosen WHERE m.id = chosen.id" + _RETURNING
 
 _ACK = "DELETE FROM {message} WHERE id = ANY(%(acks)s::bigint[]) AND lease = %(lease)s"
-_RELEASE = (
+_RELEASE_ROWS = (
     "UPDATE {message} SET visible_at = now(), lease = NULL"
     " WHERE id = ANY(%(ids)s) AND lease = %(lease)s"
 )
+#: (without NOTIFY, with NOTIFY): released messages are ready again at once.
+_RELEASE = (_RELEASE_ROWS, _notifying(_RELEASE_ROWS))
 _RENEW = (
     "UPDATE {message} SET visible_at = now() + %(lease_seconds)s::float8 * interval '1 second'"
     " WHERE id = ANY(%(ids)s) AND lease = %(lease)s"
@@ -415,7 +417,9 @@ class QoS(virtual.QoS):
     def ack(self, delivery_tag: str) -> None:
         self.channel._ack(delivery_tag)
         super().ack(delivery_tag)
-        self.channel._transport.wake()  # room in the prefetch window: claim again
+        # Room in the prefetch window (and under tenant_inflight_limit): claim again.
+        self.channel.quiet.clear()
+        self.channel._transport.wake()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
@@ -423,6 +427,7 @@ class QoS(virtual.QoS):
         else:
             self.channel._ack(delivery_tag)
         super().ack(delivery_tag)
+        self.channel.quiet.clear()
         self.channel._transport.wake()
 
     def restore_unacked(self) -> list[tuple[BaseException, str]]:  # type: ignore[override]
@@ -515,6 +520,10 @@ class Channel(virtual.Channel):
         self._cursors: dict[str, str] = {}
         self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
         self._queue_turn = 0
+        # Queues a claim found nothing ready in: not claimed from again until a
+        # NOTIFY names them, this channel acknowledges or rejects a message, or the
+        # next poll (every polling_interval).  Without LISTEN every wait is a poll.
+        self.quiet: set[str] = set()
         # Acknowledged rows not yet deleted: the next claim deletes them, or the
         # consuming thread once the oldest has waited _ACK_DELAY (the lease thread
         # if that thread is busy); at once after the channel closes.
@@ -725,14 +734,20 @@ class Channel(virtual.Channel):
         count = len(queues)
         start = self._queue_turn % count
         self._queue_turn += 1
+        quiet = self.quiet
         for offset in range(count):
             queue = queues[(start + offset) % count]
+            if queue in quiet:
+                continue
             messages = self._claim(queue, n, take=queue in self._no_ack_queues)
-            if messages:
-                deliver = self.connection._deliver
-                for message in messages:
-                    deliver(message, queue)
-                return
+            if not messages:
+                if self.settings.listen:
+                    quiet.add(queue)
+                continue
+            deliver = self.connection._deliver
+            for message in messages:
+                deliver(message, queue)
+            return
         raise Empty()
 
     def _ack(self, delivery_tag: str) -> None:
@@ -779,7 +794,10 @@ class Channel(virtual.Channel):
     def _release(self, delivery_tags: Iterable[str]) -> None:
         ids = [_row_id(tag) for tag in delivery_tags]
         if ids:
-            self._transport.execute(_RELEASE, {"ids": ids, "lease": self.lease})
+            self._transport.execute(
+                _RELEASE[self.settings.listen],
+                {"ids": ids, "lease": self.lease, "channel": NOTIFY_CHANNEL},
+            )
 
     def _renew(self) -> None:
         # Acknowledged rows are no longer renewed: delete them before their leases
@@ -828,8 +846,10 @@ class Transport(virtual.Transport):
         psycopg.OperationalError,
         psycopg.InterfaceError,
     )
+    # asynchronous: a worker runs the transport in its event loop (kombu's hub), as
+    # it runs Redis's, instead of blocking in drain_events between its other work.
     implements = virtual.Transport.implements.extend(
-        asynchronous=False, exchange_type=frozenset(["direct", "topic", "fanout"])
+        asynchronous=True, exchange_type=frozenset(["direct", "topic", "fanout"])
     )
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
@@ -849,6 +869,12 @@ class Transport(virtual.Transport):
         self._stopping = threading.Event()
         self._renewer: threading.Thread | None = None
         self._renewer_pid = 0
+        # In a worker's event loop: the loop, the descriptors and timers registered.
+        self._polled_at = 0.0
+        self._loop: Any = None
+        self._readers: list[int] = []
+        self._timers: list[Any] = []
+        self._ack_timer: Any = None
 
     # --- connections ---------------------------------------------------------------
 
@@ -945,6 +971,7 @@ class Transport(virtual.Transport):
 
     def close_connection(self, connection: Any) -> None:
         self._stopping.set()
+        self._unregister()
         try:
             super().close_connection(connection)
         finally:
@@ -952,6 +979,85 @@ class Transport(virtual.Transport):
             with self._lock:
                 self._discard()
             self._close_wakeup()
+
+    # --- in a worker's event loop ---------------------------------------------------
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Run in ``loop``, a worker's kombu hub: claim when a ``NOTIFY`` arrives, when
+        an acknowledgement frees room (the wake pipe), and every ``polling_interval``;
+        delete acknowledged rows no claim has carried once they are due."""
+        self._unregister()
+        self._loop = loop
+        wakeup = self._wakeup_pipe()[0]
+        loop.add_reader(wakeup, self._on_readable, wakeup)
+        self._readers = [wakeup]
+        listener = self._listening()
+        if listener is not None:
+            fd = listener.fileno()
+            loop.add_reader(fd, self._on_readable, fd)
+            self._readers.append(fd)
+        self._timers = [loop.call_repeatedly(self.settings.polling_interval, self._on_poll)]
+        loop.call_soon(self._on_poll)
+
+    def _unregister(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        for fd in self._readers:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+        self._readers = []
+        for timer in (*self._timers, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timers = []
+        self._ack_timer = None
+
+    def _on_readable(self, fd: int) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and fd == wakeup[0]:
+            with contextlib.suppress(OSError):
+                while os.read(fd, 512):
+                    pass
+        else:
+            listener = self._listener
+            if listener is not None:
+                self._consume_notifies(listener)
+        self._drain_ready()
+
+    def _on_poll(self) -> None:
+        self._polled_at = 0.0  # the timer is the poll, even if it fires a moment early
+        self._drain_ready()
+
+    def _drain_ready(self) -> None:
+        """Claim and deliver what the channels have room for, without waiting."""
+        if self._loop is None:
+            return
+        self._maintain()
+        self._poll_due()
+        cycle: Any = self.cycle
+        for _ in range(max(1, len(self.channels or ()))):
+            try:
+                cycle.get(self._deliver, timeout=0)
+            except Empty:
+                break
+        self._schedule_ack_flush()
+
+    def _schedule_ack_flush(self) -> None:
+        if self._loop is None or self._ack_timer is not None:
+            return
+        channels: list[Any] = list(self.channels or ())
+        dues = [due for c in channels if (due := c.acks_due()) is not None]
+        if dues:
+            self._ack_timer = self._loop.call_later(min(dues), self._flush_due_acks)
+
+    def _flush_due_acks(self) -> None:
+        self._ack_timer = None
+        channels: list[Any] = list(self.channels or ())
+        for channel in channels:
+            if channel.acks_due() == 0.0:
+                channel.flush_acks()
+        self._schedule_ack_flush()
 
     # --- waiting -------------------------------------------------------------------
 
@@ -1000,8 +1106,7 @@ class Transport(virtual.Transport):
         wakeup = self._wakeup_pipe()[0]
         listener = self._listening()
         if listener is not None and listener.pgconn.notifies() is not None:
-            while listener.pgconn.notifies() is not None:
-                pass
+            self._heard(listener.pgconn)
             return
         sockets = [wakeup] if listener is None else [wakeup, listener.fileno()]
         ready, _, _ = select.select(sockets, [], [], seconds)
@@ -1010,13 +1115,33 @@ class Transport(virtual.Transport):
                 while os.read(wakeup, 512):
                     pass
         if listener is not None and listener.fileno() in ready:
-            pgconn = listener.pgconn
-            pgconn.consume_input()
-            if pgconn.status != psycopg.pq.ConnStatus.OK:
-                self._listener = None
-                raise psycopg.OperationalError("the broker's LISTEN connection was lost")
-            while pgconn.notifies() is not None:
-                pass
+            self._consume_notifies(listener)
+
+    def _consume_notifies(self, listener: psycopg.Connection[Any]) -> None:
+        pgconn = listener.pgconn
+        pgconn.consume_input()
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            self._listener = None
+            raise psycopg.OperationalError("the broker's LISTEN connection was lost")
+        self._heard(pgconn)
+
+    def _heard(self, pgconn: Any) -> None:
+        """Take the ``NOTIFY`` messages received: their queues are no longer quiet."""
+        channels: list[Any] = list(self.channels or ())
+        while (notify := pgconn.notifies()) is not None:
+            queue = bytes(notify.extra).decode("utf-8", "replace")
+            for channel in channels:
+                channel.quiet.discard(queue)
+
+    def _poll_due(self) -> None:
+        """Every ``polling_interval``, every queue is claimed from again (messages
+        whose lease lapsed, or a NOTIFY missed while reconnecting)."""
+        now = time.monotonic()
+        if now - self._polled_at >= self.settings.polling_interval:
+            self._polled_at = now
+            channels: list[Any] = list(self.channels or ())
+            for channel in channels:
+                channel.quiet.clear()
 
     def _renew_leases(self) -> None:
         """Renew the leases of every message the channels hold, every third of the
@@ -1058,6 +1183,7 @@ class Transport(virtual.Transport):
         start = time.monotonic()
         while True:
             self._maintain()
+            self._poll_due()
             try:
                 cycle.get(self._deliver, timeout=timeout)
             except Empty:

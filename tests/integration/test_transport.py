@@ -137,6 +137,36 @@ def test_warm_shutdown_releases_prefetched_messages_and_loses_nothing(
     assert max(started_counts(runs).values()) == 1
 
 
+def test_a_worker_whose_broker_connections_are_terminated_reconnects_and_runs_on(
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
+) -> None:
+    queue = faults.new_queue("cut")
+    spec = faults.WorkerSpec(broker, pg_backend, queue, render(setup.app_url))
+    tenants = faults.new_tenants(2)
+    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    try:
+        with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
+            worker = start(spec)
+            before = faults.publish(app, faults_app.RECORD, tenants, 10)
+            faults.wait_done(admin, before, TIMEOUT)
+            with admin.begin() as conn:
+                cut = conn.execute(
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        " WHERE application_name = 'tenant-celery broker'"
+                        " AND datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalar_one()
+            assert cut >= 2  # at least the claims' and the LISTEN connection
+            after = faults.publish(app, faults_app.RECORD, tenants, 10)
+            runs = faults.wait_done(admin, {**before, **after}, TIMEOUT)
+            assert worker.alive
+    finally:
+        admin.dispose()
+    assert faults.done_ids(runs) == set(before) | set(after)
+    assert max(started_counts(runs).values()) == 1
+
+
 def test_revoke_reaches_the_worker_through_the_fanout_exchange(
     setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
 ) -> None:
@@ -577,3 +607,108 @@ def test_a_busy_consumer_claims_again_once_half_its_window_is_free(
         assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4, 5]
         for message in got[2:]:
             message.ack()
+
+
+def _counting_claims(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The queues of every claim the transport runs from now on."""
+    claims: list[str] = []
+    real_claim = transport.Channel._claim
+
+    def counting(self: transport.Channel, queue: str, *args: Any, **kwargs: Any) -> Any:
+        claims.append(queue)
+        return real_claim(self, queue, *args, **kwargs)
+
+    monkeypatch.setattr(transport.Channel, "_claim", counting)
+    return claims
+
+
+def test_a_queue_found_empty_is_claimed_from_again_only_when_a_notify_names_it(
+    app_broker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wakes that bring nothing for a queue (acknowledgements on other channels, a
+    NOTIFY for another queue) cost no claim on it; a NOTIFY naming it does, long
+    before the next poll."""
+    queue, other = new_queue(), new_queue()
+    claims = _counting_claims(monkeypatch)
+    options = {"polling_interval": 60}
+    with Connection(app_broker, transport_options=options) as conn:
+        got = _consume(conn, queue, prefetch=4)
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.5)
+        assert claims == [queue.name]  # found empty once, then left alone
+        with Connection(app_broker) as publisher:
+            _publish(publisher, other, "t")  # a NOTIFY for another queue
+            conn.transport.wake()  # as another channel's acknowledgement would
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=0.5)
+            assert claims == [queue.name]
+            _publish(publisher, queue, "t")
+            conn.drain_events(timeout=5)  # well before the 60 s poll
+        assert [m.payload["n"] for m in got] == [0]
+        assert claims == [queue.name, queue.name]
+        got[0].ack()
+
+
+def test_a_released_message_wakes_a_consumer_that_found_its_queue_empty(
+    app_broker: str,
+) -> None:
+    """A message given back (a reject with requeue, a warm shutdown's restore)
+    sends a NOTIFY, so another worker takes it at once, not at its next poll."""
+    queue = new_queue()
+    options = {"polling_interval": 60, "visibility_timeout": 600}
+    with Connection(app_broker, transport_options=options) as waiting:
+        got = _consume(waiting, queue, prefetch=1)
+        with pytest.raises(TimeoutError):
+            waiting.drain_events(timeout=0.5)  # empty: the queue is quiet now
+        with Connection(app_broker) as publisher:
+            _publish(publisher, queue, "t")
+        # The NOTIFY of the publish reached `waiting` too; take it out of play.
+        with Connection(app_broker, transport_options=options) as holder:
+            held = _claimed(holder, queue, prefetch=1, ack=False)
+            assert len(held) == 1
+            with pytest.raises(TimeoutError):
+                waiting.drain_events(timeout=0.5)  # it was heard, and found leased
+            assert got == []
+            held[0].reject(requeue=True)
+            waiting.drain_events(timeout=5)
+        assert [m.payload["n"] for m in got] == [0]
+        assert got[0].delivery_info["redelivered"]
+        got[0].ack()
+
+
+def test_in_a_worker_s_event_loop_it_claims_on_notify_and_deletes_acknowledged_rows(
+    database: Database, app_broker: str
+) -> None:
+    """A worker runs the transport in kombu's hub (as it runs Redis's): a publish
+    is delivered on its NOTIFY, an acknowledgement is deleted within moments by
+    the hub's timer, and closing the connection leaves nothing in the hub."""
+    from kombu.asynchronous import Hub  # noqa: PLC0415
+
+    queue = new_queue()
+    hub = Hub()
+    options = {"polling_interval": 60}
+    try:
+        with Connection(app_broker, transport_options=options) as conn:
+            assert conn.transport.implements.asynchronous
+            got = _consume(conn, queue, prefetch=2)
+            conn.transport.register_with_event_loop(conn.connection, hub)
+            loop = hub.create_loop()
+
+            def spin(until: Any, seconds: float = 5.0) -> None:
+                deadline = time.monotonic() + seconds
+                while not until():
+                    assert time.monotonic() < deadline, "the hub did not get there"
+                    next(loop)
+
+            registered = set(hub.readers)
+            assert registered  # the wake pipe and the LISTEN socket
+            with Connection(app_broker) as publisher:
+                _publish(publisher, queue, "t", 2)
+            spin(lambda: len(got) == 2)  # on the NOTIFY, long before the 60 s poll
+            assert [m.payload["n"] for m in got] == [0, 1]
+            got[0].ack()
+            got[1].ack()
+            spin(lambda: _rows(database, queue) == [])
+        assert not registered & set(hub.readers)  # unregistered at close
+    finally:
+        hub.close()

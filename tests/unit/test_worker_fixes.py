@@ -9,6 +9,7 @@ compatibility matrix; these tests pin which calls it runs at once.
 from __future__ import annotations
 
 import logging
+import threading
 import types
 from typing import Any
 
@@ -82,6 +83,21 @@ def test_with_an_event_loop_the_acknowledgement_is_left_to_it(
     call_soon(EVENT_LOOP, message.ack_log_error, LOG, (OSError,))
     assert message.calls == []
     assert deferred == [message.ack_log_error]
+
+
+def test_from_a_pool_thread_the_acknowledgement_runs_at_once_with_an_event_loop(
+    call_soon: Any, deferred: list[Any]
+) -> None:
+    # The threads pool acknowledges from its own threads; kombu before 5.7 would not
+    # wake the loop for an acknowledgement put on its ready list.
+    message = _Recorded(_transport_channel())
+    thread = threading.Thread(
+        target=call_soon, args=(EVENT_LOOP, message.ack_log_error, LOG, (OSError,))
+    )
+    thread.start()
+    thread.join()
+    assert message.calls == ["ack"]
+    assert deferred == []
 
 
 def test_another_transport_s_acknowledgement_is_deferred_as_before(
