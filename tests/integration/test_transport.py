@@ -9,6 +9,9 @@ test says otherwise.
 from __future__ import annotations
 
 import contextlib
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -344,31 +347,60 @@ def test_an_acknowledged_message_is_deleted_and_a_released_one_is_ready_again(
     assert all(m.delivery_info["redelivered"] for m in again)
 
 
+#: A consumer in a process of its own: claims one message of the queue named by
+#: argv[2] on the broker argv[1] with a 1 s lease, says so, then keeps it (its lease
+#: thread renewing) until it is killed.
+_HOLDER = """
+import sys, time
+from kombu import Connection, Consumer, Exchange, Queue
+import tenant_celery  # registers the tcpg+ URL scheme with kombu
+url, name = sys.argv[1], sys.argv[2]
+queue = Queue(name, Exchange(name, "direct"), name)
+got = []
+with Connection(url, transport_options={"visibility_timeout": 1}) as conn:
+    channel = conn.channel()
+    channel.basic_qos(0, 1, False)
+    Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)]).consume()
+    while not got:
+        try:
+            conn.drain_events(timeout=1)
+        except TimeoutError:
+            pass
+    print("claimed", flush=True)
+    while True:
+        time.sleep(60)
+"""
+
+
 def test_a_lapsed_lease_lets_another_consumer_take_the_message(app_broker: str) -> None:
     queue = new_queue()
     with Connection(app_broker) as publisher:
         _publish(publisher, queue, "t")
-    options = {"visibility_timeout": 1}
-    holder = Connection(app_broker, transport_options=options)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, app_broker, queue.name],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        assert len(_claimed(holder, queue, prefetch=1, ack=False)) == 1
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "claimed"
+        options = {"visibility_timeout": 1}
         with Connection(app_broker, transport_options=options) as other:
             assert _claimed(other, queue, prefetch=1, ack=False) == []  # leased
-            time.sleep(1.5)  # the holder renews its lease meanwhile
+            time.sleep(1.5)  # past the first lease: the holder renews it meanwhile
             assert _claimed(other, queue, prefetch=1, ack=False) == []
-            # The holder dies: no more renewals, no release.
-            holder.transport._stopping.set()
-            holder.transport._discard()
+            holder.send_signal(signal.SIGKILL)  # no more renewals, no release
+            holder.wait(timeout=10)
             time.sleep(1.5)
             taken = _claimed(other, queue, prefetch=1, ack=True)
         assert len(taken) == 1
         assert taken[0].delivery_info["redelivered"]
     finally:
-        holder.transport._stopping.set()
-        holder.transport._discard()
-        for channel in holder.transport.channels:
-            channel.do_restore = False  # a dead process restores nothing
-        holder.release()
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
 
 
 def test_missing_tables_are_a_clear_error(database: Database) -> None:
