@@ -28,11 +28,15 @@ How it works:
   Rejection with requeue, and the restore at shutdown, end the lease at once.
   Nothing is kept after an ack, so the table holds only waiting and in-flight
   messages.
-* **Wake-ups.**  Publishing sends ``NOTIFY``; an idle consumer waits on
-  ``LISTEN`` and also polls every ``polling_interval`` seconds, so it keeps
-  working where notifications do not arrive (``listen: False``, for example
-  behind PgBouncer in transaction mode).  An acknowledgement, from whatever
-  thread, wakes it too: room in the prefetch window is claimed at once.
+* **Wake-ups.**  Publishing, and giving a message back, send ``NOTIFY`` with
+  the queue's name; a consumer waits on ``LISTEN`` and also polls every
+  ``polling_interval`` seconds, so it keeps working where notifications do
+  not arrive (``listen: False``, for example behind PgBouncer in transaction
+  mode).  A queue a claim found empty is claimed from again only when a
+  ``NOTIFY`` names it, the channel acknowledges, or the next poll.  An
+  acknowledgement, from whatever thread, wakes the consumer: room in the
+  prefetch window is claimed at once.  A worker runs all this in its event
+  loop (kombu's hub); other consumers in ``drain_events``.
 * **Connections.**  Claims, acknowledgements and renewals run on one
   connection, each in a transaction of its own with ``SET LOCAL`` settings sent
   in the same round trip: ``synchronous_commit`` off (one lost in a server
@@ -84,6 +88,7 @@ from .config import DEFAULT_HEADER
 from .errors import ConfigurationError
 
 __all__ = [
+    "APPLICATION_NAME",
     "BINDING_TABLE",
     "MESSAGE_TABLE",
     "NOTIFY_CHANNEL",
@@ -107,6 +112,9 @@ BINDING_TABLE = "tenant_celery_binding"
 """Exchange-to-queue bindings, shared by every process on the database."""
 NOTIFY_CHANNEL = "tenant_celery_message"
 """``NOTIFY`` channel a publish wakes idle consumers on (the payload is the queue name)."""
+
+APPLICATION_NAME = "tenant-celery broker"
+"""``application_name`` of the transport's connections (``pg_stat_activity``)."""
 
 logger = logging.getLogger("tenant_celery.transport")
 
@@ -728,8 +736,7 @@ class Channel(virtual.Channel):
         n = _DEFAULT_BATCH if free is None else free
         window = self.qos.prefetch_count
         if n <= 0 or not queues or (free is not None and window and free < (window + 1) // 2):
-            if self.acks_due() == 0.0:
-                self.flush_acks()  # no claim has come to carry them in time
+            self.flush_due_acks()  # no claim has come to carry them in time
             raise Empty()
         count = len(queues)
         start = self._queue_turn % count
@@ -780,6 +787,11 @@ class Channel(virtual.Channel):
             if not self._acks:
                 return None
             return max(0.0, self._acked_at + _ACK_DELAY - time.monotonic())
+
+    def flush_due_acks(self) -> None:
+        """Delete the acknowledged messages once the oldest has waited ``_ACK_DELAY``."""
+        if self.acks_due() == 0.0:
+            self.flush_acks()
 
     def flush_acks(self) -> None:
         """Delete the acknowledged messages no claim has carried yet."""
@@ -899,7 +911,7 @@ class Transport(virtual.Transport):
             self._conninfo(),
             autocommit=True,
             connect_timeout=round(self.settings.connect_timeout),
-            application_name="tenant-celery broker",
+            application_name=APPLICATION_NAME,
         )
         if not self.settings.prepare:
             conn.prepare_threshold = None
@@ -1046,18 +1058,23 @@ class Transport(virtual.Transport):
     def _schedule_ack_flush(self) -> None:
         if self._loop is None or self._ack_timer is not None:
             return
-        channels: list[Any] = list(self.channels or ())
-        dues = [due for c in channels if (due := c.acks_due()) is not None]
-        if dues:
-            self._ack_timer = self._loop.call_later(min(dues), self._flush_due_acks)
+        due = self._acks_due()
+        if due is not None:
+            self._ack_timer = self._loop.call_later(due, self._flush_due_acks)
 
     def _flush_due_acks(self) -> None:
         self._ack_timer = None
         channels: list[Any] = list(self.channels or ())
         for channel in channels:
-            if channel.acks_due() == 0.0:
-                channel.flush_acks()
+            channel.flush_due_acks()
         self._schedule_ack_flush()
+
+    def _acks_due(self) -> float | None:
+        """Seconds until some channel's acknowledged rows must be deleted; ``None``
+        when no channel holds any."""
+        channels: list[Any] = list(self.channels or ())
+        dues = [due for channel in channels if (due := channel.acks_due()) is not None]
+        return min(dues) if dues else None
 
     # --- waiting -------------------------------------------------------------------
 
@@ -1196,11 +1213,9 @@ class Transport(virtual.Transport):
             wait = self.settings.polling_interval
             if remaining is not None:
                 wait = min(wait, remaining)
-            channels: list[Any] = list(self.channels or ())
-            for channel in channels:
-                due = channel.acks_due()
-                if due is not None:  # come back to delete them, claim or not
-                    wait = min(wait, due)
+            due = self._acks_due()
+            if due is not None:  # come back to delete them, claim or not
+                wait = min(wait, due)
             self._wait(wait)
 
     @property

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any, cast
 
 import psycopg
@@ -52,12 +53,12 @@ def app_broker(database: Database) -> str:
     return transport_url(database, "app")
 
 
-def runs_of(setup: faults.Setup, expected: dict[str, str]) -> list[faults.Run]:
+@pytest.fixture
+def admin(setup: faults.Setup) -> Iterator[sa.Engine]:
+    """A superuser engine on the workers' database, to read what the tasks recorded."""
     engine = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
-    try:
-        return faults.read_runs(engine, list(expected))
-    finally:
-        engine.dispose()
+    yield engine
+    engine.dispose()
 
 
 def started_counts(runs: list[faults.Run]) -> Counter[str]:
@@ -82,7 +83,7 @@ def test_sigkilled_worker_messages_come_back_when_their_leases_run_out(
 
 
 def test_two_workers_on_one_queue_run_every_message_once(
-    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str, admin: sa.Engine
 ) -> None:
     queue = faults.new_queue("pair")
     spec = faults.WorkerSpec(broker, pg_backend, queue, render(setup.app_url))
@@ -90,11 +91,7 @@ def test_two_workers_on_one_queue_run_every_message_once(
     with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
         first, second = start(spec), start(spec)
         expected = faults.publish(app, faults_app.RECORD, tenants, 300)
-        admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
-        try:
-            runs = faults.wait_done(admin, expected, TIMEOUT)
-        finally:
-            admin.dispose()
+        runs = faults.wait_done(admin, expected, TIMEOUT)
         assert first.alive
         assert second.alive
     assert faults.done_ids(runs) == set(expected)
@@ -107,7 +104,7 @@ def test_two_workers_on_one_queue_run_every_message_once(
 
 
 def test_warm_shutdown_releases_prefetched_messages_and_loses_nothing(
-    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str, admin: sa.Engine
 ) -> None:
     queue = faults.new_queue("warm")
     # A long lease: a message that were merely left to expire would not come back in time.
@@ -119,59 +116,52 @@ def test_warm_shutdown_releases_prefetched_messages_and_loses_nothing(
         environ={faults_app.VISIBILITY_TIMEOUT_ENV: "600"},
     )
     tenants = faults.new_tenants(2)
-    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
-    try:
-        with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
-            worker = start(spec)
-            expected = faults.publish(app, faults_app.RECORD, tenants, 12, hold=0.5)
-            deadline = time.monotonic() + TIMEOUT
-            while not faults.done_ids(faults.read_runs(admin, list(expected))):
-                assert time.monotonic() < deadline, "no task completed"
-                time.sleep(0.05)
-            cast(WorkerHandle, worker).stop()  # SIGTERM: warm shutdown
-            before = faults.read_runs(admin, list(expected))
-            assert faults.done_ids(before) != set(expected), "all done before the shutdown"
-            start(spec)
-            runs = faults.wait_done(admin, expected, TIMEOUT)
-    finally:
-        admin.dispose()
+    with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
+        worker = start(spec)
+        expected = faults.publish(app, faults_app.RECORD, tenants, 12, hold=0.5)
+        deadline = time.monotonic() + TIMEOUT
+        while not faults.done_ids(faults.read_runs(admin, list(expected))):
+            assert time.monotonic() < deadline, "no task completed"
+            time.sleep(0.05)
+        cast(WorkerHandle, worker).stop()  # SIGTERM: warm shutdown
+        before = faults.read_runs(admin, list(expected))
+        assert faults.done_ids(before) != set(expected), "all done before the shutdown"
+        start(spec)
+        runs = faults.wait_done(admin, expected, TIMEOUT)
     assert faults.done_ids(runs) == set(expected)
     # Warm shutdown finished what was running and released the rest: nothing ran twice.
     assert max(started_counts(runs).values()) == 1
 
 
 def test_a_worker_whose_broker_connections_are_terminated_reconnects_and_runs_on(
-    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str, admin: sa.Engine
 ) -> None:
     queue = faults.new_queue("cut")
     spec = faults.WorkerSpec(broker, pg_backend, queue, render(setup.app_url))
     tenants = faults.new_tenants(2)
-    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
-    try:
-        with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
-            worker = start(spec)
-            before = faults.publish(app, faults_app.RECORD, tenants, 10)
-            faults.wait_done(admin, before, TIMEOUT)
-            with admin.begin() as conn:
-                cut = conn.execute(
-                    sa.text(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                        " WHERE application_name = 'tenant-celery broker'"
-                        " AND datname = current_database() AND pid <> pg_backend_pid()"
-                    )
-                ).scalar_one()
-            assert cut >= 2  # at least the claims' and the LISTEN connection
-            after = faults.publish(app, faults_app.RECORD, tenants, 10)
-            runs = faults.wait_done(admin, {**before, **after}, TIMEOUT)
-            assert worker.alive
-    finally:
-        admin.dispose()
+    with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
+        worker = start(spec)
+        before = faults.publish(app, faults_app.RECORD, tenants, 10)
+        faults.wait_done(admin, before, TIMEOUT)
+        with admin.begin() as conn:
+            cut = conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = :name"
+                    " AND datname = current_database() AND pid <> pg_backend_pid()"
+                ),
+                {"name": transport.APPLICATION_NAME},
+            ).scalar_one()
+        assert cut >= 2  # at least the claims' and the LISTEN connection
+        after = faults.publish(app, faults_app.RECORD, tenants, 10)
+        runs = faults.wait_done(admin, {**before, **after}, TIMEOUT)
+        assert worker.alive
     assert faults.done_ids(runs) == set(before) | set(after)
     assert max(started_counts(runs).values()) == 1
 
 
 def test_revoke_reaches_the_worker_through_the_fanout_exchange(
-    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str, admin: sa.Engine
 ) -> None:
     queue = faults.new_queue("revoke")
     spec = faults.WorkerSpec(broker, pg_backend, queue, render(setup.app_url))
@@ -185,19 +175,15 @@ def test_revoke_reaches_the_worker_through_the_fanout_exchange(
         app.control.revoke(doomed.id)
         worker.wait_for_log(rf"Tasks flagged as revoked: .*{doomed.id}", timeout=TIMEOUT)
         expected = {kept.id: tenant}
-        admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
-        try:
-            runs = faults.wait_done(admin, expected, TIMEOUT)
-            time.sleep(1.0)  # the revoked task's countdown has passed by now
-            revoked_runs = faults.read_runs(admin, [doomed.id])
-        finally:
-            admin.dispose()
+        runs = faults.wait_done(admin, expected, TIMEOUT)
+        time.sleep(1.0)  # the revoked task's countdown has passed by now
+        revoked_runs = faults.read_runs(admin, [doomed.id])
     assert faults.done_ids(runs) == {kept.id}
     assert revoked_runs == []
 
 
 def test_an_eta_longer_than_the_lease_runs_once(
-    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str
+    setup: faults.Setup, launch: faults.Launch, broker: str, pg_backend: str, admin: sa.Engine
 ) -> None:
     """The worker renews the leases of the ETA messages it holds."""
     queue = faults.new_queue("eta")
@@ -211,13 +197,9 @@ def test_an_eta_longer_than_the_lease_runs_once(
         for tenant in tenants:
             with tenant_context(tenant):
                 expected[app.send_task(faults_app.RECORD, countdown=6).id] = tenant
-        admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
-        try:
-            runs = faults.wait_done(admin, expected, TIMEOUT)
-            time.sleep(2.0)
-            runs = faults.read_runs(admin, list(expected))
-        finally:
-            admin.dispose()
+        runs = faults.wait_done(admin, expected, TIMEOUT)
+        time.sleep(2.0)
+        runs = faults.read_runs(admin, list(expected))
     assert faults.done_ids(runs) == set(expected)
     assert max(started_counts(runs).values()) == 1
 
