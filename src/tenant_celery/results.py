@@ -19,7 +19,11 @@ round trips and an ORM flush for every state a task reports.
 CONFLICT (task_id) DO UPDATE`` on an autocommit connection.  The database
 serialises two writes of the same task, and a write that comes after the task's
 ``SUCCESS`` leaves that row as it is (Celery does the same from 5.5; before
-5.5 a late ``RETRY`` or ``STARTED`` could replace a stored result).
+5.5 a late ``RETRY`` or ``STARTED`` could replace a stored result).  The
+statement is compiled once and run on the pooled connection's driver cursor,
+so a stored result costs no ORM object and no SQLAlchemy execution context;
+an engine with SQLAlchemy event listeners on execution (tracing, say) runs it
+through SQLAlchemy instead, so they see every write.
 
 Everything else is Celery's backend unchanged: the same tables (those of
 :func:`tenant_celery.migrations.upgrade`), the same columns and values in
@@ -42,10 +46,12 @@ from typing import TYPE_CHECKING, Any
 from celery import states
 from celery.backends.database.session import SessionManager
 from sqlalchemy import Table, create_engine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from ._compat import DatabaseBackend, database_retry
 
@@ -235,28 +241,33 @@ class PooledDatabaseBackend(DatabaseBackend):
         """Write the task's row in one ``INSERT ... ON CONFLICT DO UPDATE``.
 
         The column values are Celery's own: its ``_update_result`` fills a
-        transient row object, whose set attributes become the statement's
+        plain row object, whose set attributes become the statement's
         parameters.  A row whose status is already ``SUCCESS`` is not
         updated.
         """
-        row = self.task_cls(task_id)
+        row = _Row()
         row.task_id = task_id
         self._update_result(row, result, state, traceback=traceback, request=request)
         table: Table = self.task_cls.__table__
         values = {c.name: row.__dict__[c.name] for c in table.columns if c.name in row.__dict__}
-        statement = self._upsert(table, frozenset(values))
+        upsert = self._upsert(table, frozenset(values))
         engine, _maker = self.session_manager.create_session(
             self.url, short_lived_sessions=self.short_lived_sessions, **self.engine_options
         )
-        with engine.connect() as connection:
-            connection.execution_options(isolation_level="AUTOCOMMIT").execute(statement, values)
+        if _runs_directly(engine):
+            upsert.run_directly(engine, values)
+        else:
+            with engine.connect() as connection:
+                connection.execution_options(isolation_level="AUTOCOMMIT").execute(
+                    upsert.statement, values
+                )
 
-    def _upsert(self, table: Table, columns: frozenset[str]) -> Insert:
+    def _upsert(self, table: Table, columns: frozenset[str]) -> _Upsert:
         # Built once per table and set of columns; SQLAlchemy then reuses its compiled form.
-        cache: dict[tuple[str, frozenset[str]], Insert] = self.__dict__.setdefault("_upserts", {})
+        cache: dict[tuple[str, frozenset[str]], _Upsert] = self.__dict__.setdefault("_upserts", {})
         key = (table.fullname, columns)
-        statement = cache.get(key)
-        if statement is None:
+        found = cache.get(key)
+        if found is None:
             insert = pg_insert(table).inline()  # no RETURNING of the new id
             # Columns Celery set, and those with an update default (``date_done``),
             # which the ORM would have refreshed on update.
@@ -270,5 +281,113 @@ class PooledDatabaseBackend(DatabaseBackend):
                 set_=updated,
                 where=table.c.status.is_distinct_from(states.SUCCESS),
             )
-            cache[key] = statement
-        return statement
+            found = cache[key] = _Upsert(statement, columns)
+        return found
+
+
+class _Row:
+    """The columns Celery's ``_update_result`` sets, on a plain object.
+
+    Celery fills an ORM instance of its task model; this takes the same
+    attribute assignments without the ORM's instrumentation.  Celery 5.5 looks
+    ``children`` and ``stamps`` up on the object before it sets them.
+    """
+
+    task_id: str
+    children: Any = None
+    stamps: Any = None
+
+
+# Events SQLAlchemy would fire running a statement, on the engine and on its
+# dialect; an engine with listeners on any of them has every write run through
+# SQLAlchemy.
+_ENGINE_EVENTS = (
+    "before_execute",
+    "after_execute",
+    "before_cursor_execute",
+    "after_cursor_execute",
+)
+_DIALECT_EVENTS = ("do_execute", "do_execute_no_params", "do_setinputsizes", "handle_error")
+
+
+def _runs_directly(engine: Engine) -> bool:
+    """Whether a store may skip SQLAlchemy's execution: no listener would miss it
+    and the driver takes named parameters and an ``autocommit`` attribute."""
+    dialect = engine.dialect
+    if any(getattr(engine.dispatch, name) for name in _ENGINE_EVENTS) or any(
+        getattr(dialect.dispatch, name) for name in _DIALECT_EVENTS
+    ):
+        return False
+    return not dialect.positional and dialect.driver in ("psycopg", "psycopg2")
+
+
+class _Upsert:
+    """One result upsert: the statement, and its SQL compiled for a dialect."""
+
+    def __init__(self, statement: Insert, columns: frozenset[str]) -> None:
+        self.statement = statement
+        self._columns = sorted(columns)
+        self._dialect: Dialect | None = None
+        self._compiled: SQLCompiler | None = None
+        self._processors: dict[str, Callable[[Any], Any]] = {}
+
+    def _compile(self, dialect: Dialect) -> SQLCompiler:
+        compiled = self._compiled
+        if compiled is None or self._dialect is not dialect:
+            compiled = self.statement.compile(dialect=dialect, column_keys=self._columns)
+            assert isinstance(compiled, SQLCompiler)
+            self._processors = {
+                name: processor
+                for name, bind in compiled.binds.items()
+                if (processor := bind.type.bind_processor(dialect)) is not None
+            }
+            self._compiled, self._dialect = compiled, dialect
+        return compiled
+
+    def run_directly(self, engine: Engine, values: dict[str, Any]) -> None:
+        """Run it on a pooled connection's driver cursor, autocommit.
+
+        A driver error comes out as SQLAlchemy's (``OperationalError`` ...), as
+        from SQLAlchemy's own execution, so Celery retries what it would
+        retry; a connection the error shows broken leaves the pool.
+        """
+        dialect = engine.dialect
+        compiled = self._compile(dialect)
+        sql = compiled.string
+        params = dict(compiled.construct_params(values) or {})
+        for name, processor in self._processors.items():
+            params[name] = processor(params[name])
+        fairy = engine.raw_connection()
+        try:
+            driver: Any = fairy.driver_connection
+            try:
+                driver.autocommit = True
+                cursor = fairy.cursor()
+                try:
+                    cursor.execute(sql, params)
+                finally:
+                    cursor.close()
+                driver.autocommit = False
+            except dialect.loaded_dbapi.Error as error:
+                broken = dialect.is_disconnect(error, fairy.dbapi_connection, None)
+                if broken or not _autocommit_off(driver):
+                    fairy.invalidate(error)
+                raise sa_exc.DBAPIError.instance(
+                    sql,
+                    params,
+                    error,
+                    dialect.loaded_dbapi.Error,
+                    connection_invalidated=broken,
+                    dialect=dialect,
+                ) from error
+        finally:
+            fairy.close()
+
+
+def _autocommit_off(driver: Any) -> bool:
+    """Give a pooled connection back its transactions; ``False`` where it cannot."""
+    try:
+        driver.autocommit = False
+    except Exception:  # a closed or broken connection
+        return False
+    return True

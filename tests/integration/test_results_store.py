@@ -19,11 +19,11 @@ from celery.app.task import Context
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from tenant_celery.results import PooledDatabaseBackend
+from tenant_celery.results import PooledDatabaseBackend, _runs_directly
 from tests._rig.postgres import Database
 
 from . import test_results_pooled
-from .test_results_pooled import results_app
+from .test_results_pooled import backend_pid, result_engine, results_app
 
 #: The test database with the bundled migration's tables, as test_results_pooled makes it.
 migrated = test_results_pooled.migrated
@@ -53,9 +53,11 @@ def request(task_id: str) -> Context:
 
 
 def test_the_stored_row_is_the_one_celerys_backend_writes(migrated: Database) -> None:
-    pooled = results_app(migrated, result_extended=True).backend
+    pooled_app = results_app(migrated, result_extended=True)
+    pooled = pooled_app.backend
     stock = results_app(migrated, "database", result_extended=True).backend
     assert isinstance(pooled, PooledDatabaseBackend)
+    assert _runs_directly(result_engine(pooled_app))  # on the driver's cursor
     written = {}
     for name, backend in (("pooled", pooled), ("stock", stock)):
         task_id = str(uuid.uuid4())
@@ -93,6 +95,7 @@ def test_a_result_is_stored_in_one_statement(migrated: Database) -> None:
     backend.store_result(task_id, 1, states.STARTED)
     backend.store_result(task_id, 2, states.SUCCESS)
 
+    # A listener on execution sees every write: the backend runs it through SQLAlchemy.
     assert len(statements) == 2, statements
     assert all(s.lstrip().upper().startswith("INSERT INTO CELERY_TASKMETA") for s in statements)
     assert all("ON CONFLICT (task_id) DO UPDATE" in s for s in statements)
@@ -228,3 +231,26 @@ def test_a_connection_the_server_dropped_is_replaced_by_the_retry(migrated: Data
     assert row(migrated, task_id)["status"] == states.SUCCESS
     meta = backend.get_task_meta(task_id)
     assert meta["result"] == "after"
+
+
+def test_a_failed_store_leaves_its_pooled_connection_as_it_was(migrated: Database) -> None:
+    """A statement the server refuses comes out as SQLAlchemy's error, as from
+    SQLAlchemy's own execution (Celery retries on those), and the connection
+    goes back to the pool whole: not dropped, back out of autocommit."""
+    app = results_app(migrated, result_extended=True, result_backend_always_retry=False)
+    engine = result_engine(app)
+    assert _runs_directly(engine)
+    app.backend.store_result(str(uuid.uuid4()), "first", states.SUCCESS)
+    pid = backend_pid(engine)
+    task_id = str(uuid.uuid4())
+    too_long = Context(id=task_id, task="t" * 200, args=[], kwargs={}, retries=0)  # name: 155
+
+    with pytest.raises(sa.exc.DataError, match="too long"):
+        app.backend.store_result(task_id, "never stored", states.SUCCESS, request=too_long)
+
+    assert backend_pid(engine) == pid
+    with engine.connect() as conn:
+        assert conn.connection.driver_connection.autocommit is False  # type: ignore[union-attr]
+    app.backend.store_result(task_id, "stored", states.SUCCESS)
+    assert row(migrated, task_id)["result"] is not None
+    assert app.backend.get_task_meta(task_id)["result"] == "stored"
