@@ -38,10 +38,12 @@ How it works:
   prefetch window is claimed at once.  A worker runs all this in its event
   loop (kombu's hub); other consumers in ``drain_events``.
 * **Connections.**  Claims, acknowledgements and renewals run on one
-  connection, each in a transaction of its own with ``SET LOCAL`` settings sent
-  in the same round trip: ``synchronous_commit`` off (one lost in a server
-  crash only delivers a message again), and sequential and bitmap scans and
-  JIT off, so a claim stays on its index whatever the table's statistics say.
+  connection, each in a transaction of its own with transaction-local
+  settings sent in the same round trip: ``synchronous_commit`` off (one lost
+  in a server crash only delivers a message again), sequential and bitmap
+  scans and JIT off, so a claim stays on its index whatever the table's
+  statistics say, and the prepared claim's generic plan forced, so it is
+  planned once.
   Publishing runs on another, with durable commits.
 * **Bindings** (exchange to queue) live in a table, so fanout exchanges reach
   every bound queue across processes: broadcast control commands such as
@@ -347,23 +349,30 @@ _QUEUE_LENGTHS = (
 
 
 #: Each statement of the consuming connection runs in a transaction of its own with
-#: these settings, sent with it in one round trip (pipeline mode).  SET LOCAL ends
-#: with the transaction, so nothing stays on the session (PgBouncer's transaction
-#: pooling hands it to other clients).
-_CONSUMER_TRANSACTION = (
-    b"BEGIN",
+#: these settings, sent with it in one round trip (pipeline mode) as one statement.
+#: ``set_config(..., true)`` is ``SET LOCAL``: it ends with the transaction, so
+#: nothing stays on the session (PgBouncer's transaction pooling hands it to other
+#: clients).
+_CONSUMER_SETTINGS = (
+    b"SELECT"
     # Claims, acks and leases need no durable commit: one lost in a server crash
     # only delivers a message again (at least once).  Publishes stay durable.
-    b"SET LOCAL synchronous_commit TO off",
+    b" set_config('synchronous_commit', 'off', true),"
     # A queue table's statistics swing between empty, backlogged and all claimed,
     # and a plan made for the wrong one reads the whole table per claim.  Every
     # statement here has an index path; these keep the planner on it whatever it
     # estimates, and keep a plan that a disabled path makes look costly from
     # being compiled.
-    b"SET LOCAL enable_seqscan TO off",
-    b"SET LOCAL enable_bitmapscan TO off",
-    b"SET LOCAL jit TO off",
+    b" set_config('enable_seqscan', 'off', true),"
+    b" set_config('enable_bitmapscan', 'off', true),"
+    b" set_config('jit', 'off', true),"
+    # A prepared claim is planned once, not at each execution: the server would
+    # otherwise go on planning it afresh (it judges the one-off plans cheaper
+    # while a few tenants hold many messages), and planning the claim costs
+    # more than running it.  With the paths above off, the plan is the same.
+    b" set_config('plan_cache_mode', 'force_generic_plan', true)"
 )
+_CONSUMER_TRANSACTION = (b"BEGIN", _CONSUMER_SETTINGS)
 
 
 def _in_consumer_transaction(
