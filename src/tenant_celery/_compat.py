@@ -83,8 +83,9 @@ def consumer_acks_at_once() -> bool:
     """Whether the worker's consumer runs an acknowledgement as soon as the task
     ends, on a transport without an event loop too (``Consumer.call_soon_ack``,
     from Celery 5.7).  Before, such a worker keeps it in the consumer's pending
-    operations until ``drain_events`` returns; ``_worker_fixes`` runs the
-    acknowledgements of this package's transport at once there."""
+    operations until ``drain_events`` returns, and one made on a pool thread
+    waits for the hub's next wake-up; ``_worker_fixes`` runs the
+    acknowledgements of this package's transport at once in both cases."""
     from celery.worker.consumer.consumer import Consumer  # noqa: PLC0415 (worker only)
 
     return hasattr(Consumer, "call_soon_ack")

@@ -117,7 +117,8 @@ logger = logging.getLogger("tenant_celery.worker_fixes")
 #: Seconds a dropped message is offered back to Redis before it is logged as lost.
 GIVE_BACK_FOR = 600.0
 
-_GUARD_MARK = "_tenant_celery_close_guard"
+#: Set on every function a guard put in place, so that no guard is installed twice.
+_GUARD_MARK = "_tenant_celery_guard"
 
 
 def _guarded(close: Callable[[Any], Any]) -> Callable[[Any], Any]:

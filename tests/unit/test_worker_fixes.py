@@ -137,7 +137,7 @@ def test_the_guard_is_installed_only_where_the_consumer_defers_acknowledgements(
     installed = _worker_fixes.install_prompt_acks()
     assert installed is not _compat.consumer_acks_at_once()
     assert installed is not hasattr(Consumer, "call_soon_ack")
-    marked = getattr(Consumer.call_soon, "_tenant_celery_close_guard", False)
+    marked = getattr(Consumer.call_soon, _worker_fixes._GUARD_MARK, False)
     assert marked is installed
     if not installed:
         assert Consumer.call_soon is before
