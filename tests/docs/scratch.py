@@ -73,6 +73,26 @@ def libpq(url: URL) -> str:
     return render(url.set(drivername="postgresql"))
 
 
+def server_part(url: URL) -> str:
+    """What follows the user info in ``url``'s string form, ``@`` included: the
+    replacement for a docs URL's ``@db/shop`` that keeps the page's user and password.
+
+    ``@127.0.0.1:5432/tc_1`` for a TCP server; for a Unix socket (pgserver) the
+    URL has no host and the socket directory is in its query, which is kept:
+    ``@/tc_1?host=%2Ftmp%2F...&port=5432``.  SQLAlchemy and libpq (``psql``) both
+    read either form, and any user info put in front of it parses back to ``url``
+    with that user.
+    """
+    anonymous = render(  # not url.set(username=None): set() ignores None
+        URL.create(
+            "postgresql", host=url.host, port=url.port, database=url.database, query=url.query
+        )
+    )
+    scheme = "postgresql://"
+    assert anonymous.startswith(scheme), anonymous
+    return "@" + anonymous[len(scheme) :]
+
+
 @contextlib.contextmanager
 def scratch_roles(
     cluster: PgCluster, databases: list[Database], *names: str

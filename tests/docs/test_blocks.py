@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
 from tests.docs.blocks import Block, exercised_by, parse
 from tests.docs.checks import annotation_problem, example_problem, pip_install_problems
 from tests.docs.harness import Substitutions, assert_local, commands, sql_statements
+from tests.docs.scratch import server_part
 
 PAGE = """\
 # Title
@@ -148,3 +150,20 @@ def test_substitutions_round_trip() -> None:
     applied = subs.apply("postgresql://migrator@db/shop")
     assert applied == "postgresql://tc_docs_migrator_1@127.0.0.1:5432/tc_1"
     assert subs.reverse(applied) == "postgresql://migrator@db/shop"
+
+
+@pytest.mark.parametrize(
+    ("url", "part"),
+    [
+        ("postgresql+psycopg://postgres:pw@127.0.0.1:5432/tc_1", "@127.0.0.1:5432/tc_1"),
+        (  # pgserver: a Unix socket, its directory in the query
+            "postgresql+psycopg://postgres@/tc_1?host=%2Ftmp%2Ftc-pg-1%2Fdata&port=5432",
+            "@/tc_1?host=%2Ftmp%2Ftc-pg-1%2Fdata&port=5432",
+        ),
+    ],
+)
+def test_server_part_keeps_the_server(url: str, part: str) -> None:
+    assert server_part(sa.make_url(url)) == part
+    as_migrator = "postgresql+psycopg://migrator:secret" + part
+    assert sa.make_url(as_migrator) == sa.make_url(url).set(username="migrator", password="secret")
+    assert_local(f"url = {as_migrator!r}", "block")

@@ -35,6 +35,7 @@ from tests.docs.scratch import (
     alembic_project,
     forget_kombu_engines,
     scratch_roles,
+    server_part,
 )
 
 PAGE = "howto/migrations.md"
@@ -143,8 +144,7 @@ def run_page(
 
     def use(db: Database) -> None:
         """Point the page's ``db/shop`` at ``db`` from here on."""
-        url = db.url
-        target = f"@{url.host}:{url.port}/{db.name}"
+        target = server_part(db.url)  # keeps a Unix socket's directory (pgserver)
         subs.pairs = [(d, target if d == "@db/shop" else r) for d, r in subs.pairs]
         shown = as_migrator(db).set(drivername="postgresql+psycopg")
         subs.output_pairs = [
