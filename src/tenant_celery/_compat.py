@@ -154,9 +154,9 @@ def _as_is(method: _Method) -> _Method:
 
 
 #: Wraps a database result backend's ``_store_result`` the way Celery wraps its
-#: own.  Before Celery 5.5 that is the module's ``retry`` decorator (three tries
-#: on a database error); from 5.5 the backend's ``always_retry`` retries every
-#: call, and this leaves the method as it is.
+#: own: with the module's ``retry`` decorator (three tries on a database error)
+#: where Celery has one; where it has none (Celery 5.7), the backend's
+#: ``always_retry`` retries every call, and this leaves the method as it is.
 database_retry: Callable[[_Method], _Method] = getattr(_celery_database, "retry", _as_is)
 
 

@@ -20,10 +20,11 @@ CONFLICT (task_id) DO UPDATE`` on an autocommit connection.  The database
 serialises two writes of the same task, and a write that comes after the task's
 ``SUCCESS`` leaves that row as it is (Celery does the same from 5.5; before
 5.5 a late ``RETRY`` or ``STARTED`` could replace a stored result).  The
-statement is compiled once and run on the pooled connection's driver cursor,
-so a stored result costs no ORM object and no SQLAlchemy execution context;
-an engine with SQLAlchemy event listeners on execution (tracing, say) runs it
-through SQLAlchemy instead, so they see every write.
+statement is compiled once and run on the pooled connection's psycopg or
+psycopg2 cursor, so a stored result costs no ORM object and no SQLAlchemy
+execution context.  An engine set up to do more on execution runs it through
+SQLAlchemy instead: event listeners on execution (tracing, say), statement
+logging (``echo``) or a ``schema_translate_map``.
 
 Everything else is Celery's backend unchanged: the same tables (those of
 :func:`tenant_celery.migrations.upgrade`), the same columns and values in
@@ -38,6 +39,7 @@ pooled connection never carries one into the next transaction.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -254,9 +256,7 @@ class PooledDatabaseBackend(DatabaseBackend):
         engine, _maker = self.session_manager.create_session(
             self.url, short_lived_sessions=self.short_lived_sessions, **self.engine_options
         )
-        if _runs_directly(engine):
-            upsert.run_directly(engine, values)
-        else:
+        if not upsert.run_directly(engine, values):
             with engine.connect() as connection:
                 connection.execution_options(isolation_level="AUTOCOMMIT").execute(
                     upsert.statement, values
@@ -289,7 +289,7 @@ class _Row:
     """The columns Celery's ``_update_result`` sets, on a plain object.
 
     Celery fills an ORM instance of its task model; this takes the same
-    attribute assignments without the ORM's instrumentation.  Celery 5.5 looks
+    attribute assignments without the ORM's instrumentation.  Celery 5.7 looks
     ``children`` and ``stamps`` up on the object before it sets them.
     """
 
@@ -308,15 +308,21 @@ _ENGINE_EVENTS = (
     "after_cursor_execute",
 )
 _DIALECT_EVENTS = ("do_execute", "do_execute_no_params", "do_setinputsizes", "handle_error")
+_ENGINE_LOG = logging.getLogger("sqlalchemy.engine.Engine")
 
 
 def _runs_directly(engine: Engine) -> bool:
-    """Whether a store may skip SQLAlchemy's execution: no listener would miss it
-    and the driver takes named parameters and an ``autocommit`` attribute."""
+    """Whether a store may skip SQLAlchemy's execution: nothing the engine is set
+    up to do on execution would be missed (listeners, statement logging, a
+    schema translation map), and the driver is psycopg or psycopg2."""
     dialect = engine.dialect
     if any(getattr(engine.dispatch, name) for name in _ENGINE_EVENTS) or any(
         getattr(dialect.dispatch, name) for name in _DIALECT_EVENTS
     ):
+        return False
+    if engine.echo or _ENGINE_LOG.isEnabledFor(logging.INFO):
+        return False
+    if engine.get_execution_options().get("schema_translate_map"):
         return False
     return not dialect.positional and dialect.driver in ("psycopg", "psycopg2")
 
@@ -328,38 +334,70 @@ class _Upsert:
         self.statement = statement
         self._columns = sorted(columns)
         self._dialect: Dialect | None = None
-        self._compiled: SQLCompiler | None = None
-        self._processors: dict[str, Callable[[Any], Any]] = {}
+        # (SQL, compiled form, bind processors), or None where the compiled form
+        # needs more of SQLAlchemy's execution than run_directly does.
+        self._direct: tuple[str, SQLCompiler, dict[str, Callable[[Any], Any]]] | None = None
 
-    def _compile(self, dialect: Dialect) -> SQLCompiler:
-        compiled = self._compiled
-        if compiled is None or self._dialect is not dialect:
+    def _compiled(
+        self, dialect: Dialect
+    ) -> tuple[str, SQLCompiler, dict[str, Callable[[Any], Any]]] | None:
+        if self._dialect is not dialect:
             compiled = self.statement.compile(dialect=dialect, column_keys=self._columns)
             assert isinstance(compiled, SQLCompiler)
-            self._processors = {
+            plain = not (
+                compiled.escaped_bind_names
+                or compiled.insert_prefetch
+                or compiled.post_compile_params
+                or compiled.literal_execute_params
+            )
+            processors: dict[str, Callable[[Any], Any]] = {
                 name: processor
                 for name, bind in compiled.binds.items()
-                if (processor := bind.type.bind_processor(dialect)) is not None
+                if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect))
+                is not None
             }
-            self._compiled, self._dialect = compiled, dialect
-        return compiled
+            self._direct = (compiled.string, compiled, processors) if plain else None
+            self._dialect = dialect
+        return self._direct
 
-    def run_directly(self, engine: Engine, values: dict[str, Any]) -> None:
-        """Run it on a pooled connection's driver cursor, autocommit.
+    def run_directly(self, engine: Engine, values: dict[str, Any]) -> bool:
+        """Run it on a pooled connection's driver cursor, autocommit; ``False``
+        (nothing done) where it must go through SQLAlchemy (:func:`_runs_directly`).
 
-        A driver error comes out as SQLAlchemy's (``OperationalError`` ...), as
-        from SQLAlchemy's own execution, so Celery retries what it would
-        retry; a connection the error shows broken leaves the pool.
+        A driver error comes out as SQLAlchemy's (``OperationalError`` ...), so
+        Celery retries what it would retry.  A connection the error shows
+        broken leaves the pool, and the rest of the pool is dropped with it:
+        the server went away for them too.  A statement interrupted by any
+        other exception (a time limit, say) takes its connection out of the
+        pool, its state unknown.
         """
+        if not _runs_directly(engine):
+            return False
         dialect = engine.dialect
-        compiled = self._compile(dialect)
-        sql = compiled.string
-        params = dict(compiled.construct_params(values) or {})
-        for name, processor in self._processors.items():
+        compiled = self._compiled(dialect)
+        if compiled is None:
+            return False
+        sql, form, processors = compiled
+        params = dict(form.construct_params(values) or {})
+        for name, processor in processors.items():
             params[name] = processor(params[name])
-        fairy = engine.raw_connection()
+        error_class = dialect.loaded_dbapi.Error
+        hide = bool(getattr(engine, "hide_parameters", False))
+        try:
+            fairy = engine.raw_connection()
+        except error_class as error:
+            raise sa_exc.DBAPIError.instance(
+                None,
+                None,
+                error,
+                error_class,
+                hide_parameters=hide,
+                connection_invalidated=dialect.is_disconnect(error, None, None),
+                dialect=dialect,
+            ) from error
         try:
             driver: Any = fairy.driver_connection
+            before = bool(driver.autocommit)
             try:
                 driver.autocommit = True
                 cursor = fairy.cursor()
@@ -367,27 +405,34 @@ class _Upsert:
                     cursor.execute(sql, params)
                 finally:
                     cursor.close()
-                driver.autocommit = False
-            except dialect.loaded_dbapi.Error as error:
+                driver.autocommit = before
+            except error_class as error:
                 broken = dialect.is_disconnect(error, fairy.dbapi_connection, None)
-                if broken or not _autocommit_off(driver):
+                if broken or not _set_autocommit(driver, before):
                     fairy.invalidate(error)
+                if broken:
+                    engine.dispose()
                 raise sa_exc.DBAPIError.instance(
                     sql,
                     params,
                     error,
-                    dialect.loaded_dbapi.Error,
+                    error_class,
+                    hide_parameters=hide,
                     connection_invalidated=broken,
                     dialect=dialect,
                 ) from error
+            except BaseException:
+                fairy.invalidate()
+                raise
         finally:
             fairy.close()
+        return True
 
 
-def _autocommit_off(driver: Any) -> bool:
-    """Give a pooled connection back its transactions; ``False`` where it cannot."""
+def _set_autocommit(driver: Any, value: bool) -> bool:
+    """Give a pooled connection back its autocommit setting; ``False`` where it cannot."""
     try:
-        driver.autocommit = False
+        driver.autocommit = value
     except Exception:  # a closed or broken connection
         return False
     return True

@@ -8,6 +8,7 @@ Celery's stock ``database`` backend, in the same process, as the yardstick.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from typing import Any
@@ -16,8 +17,10 @@ import pytest
 import sqlalchemy as sa
 from celery import states
 from celery.app.task import Context
+from celery.exceptions import BackendStoreError
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool.base import _ConnectionFairy
 
 from tenant_celery.results import PooledDatabaseBackend, _runs_directly
 from tests._rig.postgres import Database
@@ -172,7 +175,7 @@ def test_concurrent_writes_of_one_task_end_with_its_success(migrated: Database) 
 
 def test_a_failed_store_is_tried_again(migrated: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A database error while storing is retried, as Celery's own backend retries
-    it (its ``retry`` decorator before 5.5, ``always_retry`` from 5.5)."""
+    it (its module's ``retry`` decorator, or ``always_retry`` from Celery 5.7)."""
     backend = results_app(migrated).backend
     assert isinstance(backend, PooledDatabaseBackend)
     real = backend._upsert
@@ -243,10 +246,11 @@ def test_a_failed_store_leaves_its_pooled_connection_as_it_was(migrated: Databas
     app.backend.store_result(str(uuid.uuid4()), "first", states.SUCCESS)
     pid = backend_pid(engine)
     task_id = str(uuid.uuid4())
-    too_long = Context(id=task_id, task="t" * 200, args=[], kwargs={}, retries=0)  # name: 155
+    # ``retries`` is an integer column: the server refuses the value.
+    refused = Context(id=task_id, task="orders.sync", args=[], kwargs={}, retries=2**31)
 
-    with pytest.raises(sa.exc.DataError, match="too long"):
-        app.backend.store_result(task_id, "never stored", states.SUCCESS, request=too_long)
+    with pytest.raises(sa.exc.DataError, match="out of range"):
+        app.backend.store_result(task_id, "never stored", states.SUCCESS, request=refused)
 
     assert backend_pid(engine) == pid
     with engine.connect() as conn:
@@ -254,3 +258,131 @@ def test_a_failed_store_leaves_its_pooled_connection_as_it_was(migrated: Databas
     app.backend.store_result(task_id, "stored", states.SUCCESS)
     assert row(migrated, task_id)["result"] is not None
     assert app.backend.get_task_meta(task_id)["result"] == "stored"
+
+
+def test_dropped_connections_are_all_replaced_on_the_direct_path(migrated: Database) -> None:
+    """The server drops every pooled connection (a restart, a failover): the first
+    store to meet one fails on it, and the pool drops the others with it, so the
+    next store runs on a new connection, not on the next dead one.  Celery's
+    retries are off here (where they can be: ``always_retry``), so a store that
+    met a dead connection fails instead of trying again."""
+    app = results_app(
+        migrated, database_engine_options={"pool_size": 4}, result_backend_always_retry=False
+    )
+    engine = result_engine(app)
+    assert _runs_directly(engine)
+    app.backend.store_result(str(uuid.uuid4()), "before", states.SUCCESS)
+    held = [engine.connect() for _ in range(4)]  # four connections in the pool
+    pids = [int(c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()) for c in held]
+    for conn in held:
+        conn.close()
+    with migrated.admin_engine().connect() as admin:
+        admin.execute(
+            sa.text("SELECT pg_terminate_backend(pid) FROM unnest(:p) AS pid"), {"p": pids}
+        )
+
+    with contextlib.suppress(sa.exc.OperationalError):  # Celery < 5.7 retries it anyway
+        app.backend.store_result(str(uuid.uuid4()), "met a dead connection", states.SUCCESS)
+    task_id = str(uuid.uuid4())
+    app.backend.store_result(task_id, "after", states.SUCCESS)
+
+    assert row(migrated, task_id)["status"] == states.SUCCESS
+    assert backend_pid(engine) not in pids
+
+
+def test_a_store_that_cannot_connect_is_retried(migrated: Database) -> None:
+    """A connection refused by the server comes out as SQLAlchemy's error, which
+    Celery retries, not as the driver's, which it would not."""
+    attempts: list[int] = []
+
+    def count(engine: Engine) -> None:
+        event.listen(engine, "do_connect", lambda *_: attempts.append(1))
+
+    app = results_app(migrated, database_engine_callback=count)
+    engine = result_engine(app)
+    assert _runs_directly(engine)
+    app.backend.store_result(str(uuid.uuid4()), "first", states.SUCCESS)
+    engine.dispose()
+    attempts.clear()
+    role, database = migrated.app_url.username, migrated.name
+    with migrated.admin_engine().begin() as admin:
+        admin.execute(sa.text(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC'))
+        admin.execute(sa.text(f'REVOKE CONNECT ON DATABASE "{database}" FROM "{role}"'))
+    try:
+        with pytest.raises((sa.exc.OperationalError, BackendStoreError)):
+            app.backend.store_result(str(uuid.uuid4()), "refused", states.SUCCESS)
+    finally:
+        with migrated.admin_engine().begin() as admin:
+            admin.execute(sa.text(f'GRANT CONNECT ON DATABASE "{database}" TO PUBLIC'))
+            admin.execute(sa.text(f'GRANT CONNECT ON DATABASE "{database}" TO "{role}"'))
+    assert len(attempts) >= 3, attempts  # tried again, not given up at the first
+    app.backend.store_result(str(uuid.uuid4()), "again", states.SUCCESS)
+
+
+def test_an_interrupted_store_takes_its_connection_out_of_the_pool(
+    migrated: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception that is not the driver's (a time limit, a shutdown) stops a
+    store mid-statement: that connection's state is unknown, and it is not
+    given back to the pool, where it would stay in autocommit."""
+    app = results_app(migrated)
+    engine = result_engine(app)
+    assert _runs_directly(engine)
+    app.backend.store_result(str(uuid.uuid4()), "first", states.SUCCESS)
+    pid = backend_pid(engine)
+
+    class Interrupted(BaseException):
+        pass
+
+    class Interrupting:
+        """A driver cursor whose statement is interrupted (C cursors cannot be patched)."""
+
+        def __init__(self, cursor: Any) -> None:
+            self.cursor = cursor
+
+        def execute(self, *args: Any) -> None:
+            raise Interrupted
+
+        def close(self) -> None:
+            self.cursor.close()
+
+    real = _ConnectionFairy.cursor
+    monkeypatch.setattr(
+        _ConnectionFairy, "cursor", lambda fairy, *a, **k: Interrupting(real(fairy, *a, **k))
+    )
+    with pytest.raises(Interrupted):
+        app.backend.store_result(str(uuid.uuid4()), "interrupted", states.SUCCESS)
+    monkeypatch.undo()
+
+    assert backend_pid(engine) != pid
+    with engine.connect() as conn:
+        assert conn.connection.driver_connection.autocommit is False  # type: ignore[union-attr]
+
+
+def test_a_store_leaves_an_autocommit_engines_connection_in_autocommit(
+    migrated: Database,
+) -> None:
+    """The store turns autocommit on for its statement and then back to what the
+    connection had: an engine made with ``isolation_level="AUTOCOMMIT"`` keeps it."""
+    app = results_app(migrated, database_engine_options={"isolation_level": "AUTOCOMMIT"})
+    engine = result_engine(app)
+    assert _runs_directly(engine)
+    app.backend.store_result(str(uuid.uuid4()), "stored", states.SUCCESS)
+    with engine.connect() as conn:
+        assert conn.connection.driver_connection.autocommit is True  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"echo": True},
+        {"execution_options": {"schema_translate_map": {None: "results"}}},
+    ],
+    ids=["echo", "schema_translate_map"],
+)
+def test_an_engine_set_up_for_more_keeps_the_sqlalchemy_path(options: dict[str, Any]) -> None:
+    """Statement logging and a schema translation map happen in SQLAlchemy's
+    execution: an engine with either runs every store through it."""
+    url = "postgresql+psycopg://app_user@127.0.0.1/none"
+    assert _runs_directly(sa.create_engine(url))
+    assert not _runs_directly(sa.create_engine(url, **options))
