@@ -357,20 +357,21 @@ _CONSUMER_SETTINGS = (
     b"SELECT"
     # Claims, acks and leases need no durable commit: one lost in a server crash
     # only delivers a message again (at least once).  Publishes stay durable.
-    b" set_config('synchronous_commit', 'off', true),"
+    b" pg_catalog.set_config('synchronous_commit', 'off', true),"
     # A queue table's statistics swing between empty, backlogged and all claimed,
     # and a plan made for the wrong one reads the whole table per claim.  Every
     # statement here has an index path; these keep the planner on it whatever it
     # estimates, and keep a plan that a disabled path makes look costly from
     # being compiled.
-    b" set_config('enable_seqscan', 'off', true),"
-    b" set_config('enable_bitmapscan', 'off', true),"
-    b" set_config('jit', 'off', true),"
+    b" pg_catalog.set_config('enable_seqscan', 'off', true),"
+    b" pg_catalog.set_config('enable_bitmapscan', 'off', true),"
+    b" pg_catalog.set_config('jit', 'off', true),"
     # A prepared claim is planned once, not at each execution: the server would
     # otherwise go on planning it afresh (it judges the one-off plans cheaper
     # while a few tenants hold many messages), and planning the claim costs
-    # more than running it.  With the paths above off, the plan is the same.
-    b" set_config('plan_cache_mode', 'force_generic_plan', true)"
+    # more than running it.  With the paths above off, the generic plan takes
+    # the same index paths.
+    b" pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true)"
 )
 _CONSUMER_TRANSACTION = (b"BEGIN", _CONSUMER_SETTINGS)
 
