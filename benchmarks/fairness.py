@@ -19,8 +19,10 @@ backlog fell meanwhile (fairness bought by starving A would show there).
 
 Cases: the package's transport (:mod:`tenant_celery.transport`, claims
 round-robin over tenants) with pooled PostgreSQL results, under Celery's
-default prefetch, under ``--prefetch-multiplier=1``, and under that with
-``task_acks_late`` and the transport's ``tenant_inflight_limit`` of 1 (A may
+default prefetch, under that with the transport's ``tenant_inflight_limit``
+of 2 (acknowledged early, as by default, A may have two messages waiting in
+the worker's prefetch buffer), under ``--prefetch-multiplier=1``, and under
+that with ``task_acks_late`` and a ``tenant_inflight_limit`` of 1 (A may
 hold one message, running or waiting, so one pool process stays free for
 other tenants); Redis with Redis results, whose queue is a list served first
 in, first out.
@@ -69,8 +71,12 @@ class Case:
 CAPPED = json.dumps(
     {"task_acks_late": True, "broker_transport_options": {"tenant_inflight_limit": 1}}
 )
+# Early acknowledgement (Celery's default): the limit caps only the tenant's
+# messages waiting in the worker's prefetch buffer, not its running tasks.
+WAITING_CAPPED = json.dumps({"broker_transport_options": {"tenant_inflight_limit": 2}})
 CASES: tuple[Case, ...] = (
     Case("tcpg+pooled", None),
+    Case("tcpg+pooled", None, WAITING_CAPPED, "tenant_inflight_limit 2"),
     Case("tcpg+pooled", 1),
     Case("tcpg+pooled", 1, CAPPED, "acks_late, tenant_inflight_limit 1"),
     Case("redis+redis", None),

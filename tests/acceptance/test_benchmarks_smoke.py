@@ -99,6 +99,7 @@ def test_benchmarks_run_at_smoke_size(
     p5 = sections["p5"]["data"]["results"]
     assert set(p5) == {
         "tcpg+pooled prefetch default",
+        "tcpg+pooled prefetch default tenant_inflight_limit 2",
         "tcpg+pooled prefetch 1",
         "tcpg+pooled prefetch 1 acks_late, tenant_inflight_limit 1",
         "redis+redis prefetch default",
@@ -108,6 +109,8 @@ def test_benchmarks_run_at_smoke_size(
         "task_acks_late": True,
         "broker_transport_options": {"tenant_inflight_limit": 1},
     }
+    waiting = p5["tcpg+pooled prefetch default tenant_inflight_limit 2"]["settings"]
+    assert waiting == {"broker_transport_options": {"tenant_inflight_limit": 2}}
     for case, found in p5.items():
         assert len(found["busy_ms"]) == len(found["idle_ms"]) == found["probes"] > 0, case
         assert all(ms > 0 for ms in found["busy_ms"] + found["idle_ms"]), case
