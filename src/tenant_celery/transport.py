@@ -1132,9 +1132,8 @@ class Transport(virtual.Transport):
         (``NOTIFY``) or an acknowledgement frees room in the prefetch window."""
         wakeup = self._wakeup_pipe()[0]
         listener = self._listening()
-        if listener is not None and listener.pgconn.notifies() is not None:
-            self._heard(listener.pgconn)
-            return
+        if listener is not None and self._heard(listener.pgconn):
+            return  # read with an earlier reply on the connection: no wait
         sockets = [wakeup] if listener is None else [wakeup, listener.fileno()]
         ready, _, _ = select.select(sockets, [], [], seconds)
         if wakeup in ready:
@@ -1152,13 +1151,17 @@ class Transport(virtual.Transport):
             raise psycopg.OperationalError("the broker's LISTEN connection was lost")
         self._heard(pgconn)
 
-    def _heard(self, pgconn: Any) -> None:
-        """Take the ``NOTIFY`` messages received: their queues are no longer quiet."""
+    def _heard(self, pgconn: Any) -> bool:
+        """Take the ``NOTIFY`` messages received: their queues are no longer quiet.
+        Whether there were any."""
         channels: list[Any] = list(self.channels or ())
+        heard = False
         while (notify := pgconn.notifies()) is not None:
+            heard = True
             queue = bytes(notify.extra).decode("utf-8", "replace")
             for channel in channels:
                 channel.quiet.discard(queue)
+        return heard
 
     def _poll_due(self) -> None:
         """Every ``polling_interval``, every queue is claimed from again (messages

@@ -9,6 +9,7 @@ test says otherwise.
 from __future__ import annotations
 
 import contextlib
+import select
 import signal
 import subprocess
 import sys
@@ -692,6 +693,26 @@ def test_a_queue_found_empty_is_claimed_from_again_only_when_a_notify_names_it(
             conn.drain_events(timeout=5)  # well before the 60 s poll
         assert [m.payload["n"] for m in got] == [0]
         assert claims == [queue.name, queue.name]
+        got[0].ack()
+
+
+def test_a_notify_read_before_the_wait_still_names_its_queue(app_broker: str) -> None:
+    """A NOTIFY the listening connection has already read off its socket (libpq
+    reads whatever arrived with any reply) is taken before the next wait, and
+    still makes its queue claimable, long before the next poll."""
+    queue = new_queue()
+    with Connection(app_broker, transport_options={"polling_interval": 60}) as conn:
+        got = _consume(conn, queue, prefetch=1)
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.5)  # empty: the queue is quiet now
+        with Connection(app_broker) as publisher:
+            _publish(publisher, queue, "t")
+        pgconn = conn.transport._listener.pgconn
+        readable, _, _ = select.select([pgconn.socket], [], [], 5)
+        assert readable, "the NOTIFY never arrived"
+        pgconn.consume_input()  # read off the socket, left in libpq's queue
+        conn.drain_events(timeout=5)
+        assert [m.payload["n"] for m in got] == [0]
         got[0].ack()
 
 
