@@ -334,13 +334,13 @@ class _Upsert:
         self.statement = statement
         self._columns = sorted(columns)
         self._dialect: Dialect | None = None
-        # (SQL, compiled form, bind processors), or None where the compiled form
-        # needs more of SQLAlchemy's execution than run_directly does.
-        self._direct: tuple[str, SQLCompiler, dict[str, Callable[[Any], Any]]] | None = None
+        # (compiled form, bind processors), or None where the compiled form needs
+        # more of SQLAlchemy's execution than run_directly does.
+        self._direct: tuple[SQLCompiler, dict[str, Callable[[Any], Any]]] | None = None
 
     def _compiled(
         self, dialect: Dialect
-    ) -> tuple[str, SQLCompiler, dict[str, Callable[[Any], Any]]] | None:
+    ) -> tuple[SQLCompiler, dict[str, Callable[[Any], Any]]] | None:
         if self._dialect is not dialect:
             compiled = self.statement.compile(dialect=dialect, column_keys=self._columns)
             assert isinstance(compiled, SQLCompiler)
@@ -356,7 +356,7 @@ class _Upsert:
                 if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect))
                 is not None
             }
-            self._direct = (compiled.string, compiled, processors) if plain else None
+            self._direct = (compiled, processors) if plain else None
             self._dialect = dialect
         return self._direct
 
@@ -377,7 +377,8 @@ class _Upsert:
         compiled = self._compiled(dialect)
         if compiled is None:
             return False
-        sql, form, processors = compiled
+        form, processors = compiled
+        sql = form.string
         params = dict(form.construct_params(values) or {})
         for name, processor in processors.items():
             params[name] = processor(params[name])
