@@ -41,6 +41,7 @@ from .errors import (
     TenantContextMissing,
     TenantSignatureError,
     TransactionRequired,
+    TransactionTenantMismatch,
 )
 from .fanout import every_tenant, fan_out
 from .logging import JsonFormatter, configure_logging
@@ -72,6 +73,7 @@ __all__ = [
     "TenantSignatureError",
     "TenantTask",
     "TransactionRequired",
+    "TransactionTenantMismatch",
     "WorkerMonitor",
     "__version__",
     "async_set_tenant_guc",

@@ -31,9 +31,15 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
+from . import _transaction_guard as _guard
 from .config import guc_name
 from .context import current_tenant, parse_tenant_id, require_tenant, tenant_context
-from .errors import ConfigurationError, TenantContextMissing, TransactionRequired
+from .errors import (
+    ConfigurationError,
+    TenantCeleryError,
+    TenantContextMissing,
+    TransactionRequired,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import (
@@ -52,6 +58,7 @@ __all__ = [
 ]
 
 _SET_CONFIG = text("SELECT set_config(:name, :value, true)")
+_OWN_STATEMENTS: tuple[object, ...] = (_SET_CONFIG,)
 
 
 def _resolve(tenant_id: object | None, setting: str | None) -> tuple[str, str]:
@@ -103,6 +110,9 @@ def set_tenant_guc(
     conn = target.connection() if isinstance(target, Session) else target
     _check_transaction(conn)
     conn.execute(_SET_CONFIG, {"name": name, "value": tenant})
+    found = _guard.transaction_of(conn)
+    if found is not None:  # a bound target's transaction now serves this tenant
+        found.tenant = tenant
     return tenant
 
 
@@ -179,19 +189,71 @@ async def async_tenant_session(
 _bound: weakref.WeakKeyDictionary[Any, tuple[str, bool]] = weakref.WeakKeyDictionary()
 
 
-def _hook(name: str, strict: bool) -> Callable[[Connection], None]:
-    def set_for_transaction(conn: Connection) -> None:
-        tenant = current_tenant()
-        if tenant is None:
-            if strict:
-                raise TenantContextMissing(
-                    "a transaction began outside any tenant on a strict bind_tenant_guc "
-                    "target; begin it inside tenant_context(...)"
-                )
-            return  # RLS then shows no tenant rows and accepts no writes
-        conn.execute(_SET_CONFIG, {"name": name, "value": tenant})
+def _is_autocommit(conn: Connection) -> bool:
+    """Whether every statement on ``conn`` is its own transaction (SQLAlchemy's
+    isolation level, or the driver's own switch turned on behind its back)."""
+    if conn._is_autocommit_isolation():
+        return True
+    return getattr(conn.connection.dbapi_connection, "autocommit", False) is True
 
-    return set_for_transaction
+
+class _Begin:
+    """What a binding does when a transaction begins: refuse it, or set its tenant."""
+
+    def __init__(self, name: str, strict: bool) -> None:
+        self.name = name
+        self.strict = strict
+
+    def tenant_for(self, conn: Connection) -> str | None:
+        """The tenant the new transaction serves; raise if it must not begin."""
+        if _is_autocommit(conn):
+            raise TransactionRequired(
+                "a transaction began in AUTOCOMMIT mode on a bind_tenant_guc target: "
+                "the tenant setting would end with its own statement and the next ones "
+                "would run with whatever the server session holds; use a connection "
+                "without AUTOCOMMIT, or an engine that is not bound"
+            )
+        tenant = current_tenant()
+        if tenant is None and self.strict:
+            raise TenantContextMissing(
+                "a transaction began outside any tenant on a strict bind_tenant_guc "
+                "target; begin it inside tenant_context(...)"
+            )
+        return tenant
+
+    def begin(self, conn: Connection, session: Session | None = None) -> None:
+        """Set the tenant (or '' outside one: a session-level value must not show)."""
+        tenant = self.tenant_for(conn)
+        conn.execute(_SET_CONFIG, {"name": self.name, "value": tenant or ""})
+        _guard.record(conn, tenant, session)
+
+    def begin_twophase(self, conn: Connection, xid: Any) -> None:
+        # The event fires before the Connection holds its transaction, so a
+        # Connection.execute() here would begin a second one: use the driver.
+        tenant = self.tenant_for(conn)
+        compiled = _SET_CONFIG.compile(dialect=conn.dialect)
+        values = compiled.construct_params({"name": self.name, "value": tenant or ""})
+        params: Any = values
+        if compiled.positiontup is not None:
+            params = tuple(values[key] for key in compiled.positiontup)
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(compiled.string, params)
+        finally:
+            cursor.close()
+        _guard.record(conn, tenant)
+
+    def after_begin(
+        self, session: Session, transaction: SessionTransaction, conn: Connection
+    ) -> None:
+        if transaction.nested:
+            return  # a SAVEPOINT belongs to its transaction, checked statement by statement
+        _guard.guard(conn.engine, self.name, _OWN_STATEMENTS)
+        try:
+            self.begin(conn, session)
+        except TenantCeleryError as exc:
+            _guard.refuse(conn, exc, session)  # the Session's transaction is open: fence it
+            raise
 
 
 def bind_tenant_guc(
@@ -200,21 +262,40 @@ def bind_tenant_guc(
     setting: str | None = None,
     strict: bool = False,
 ) -> Callable[[], None]:
-    """Set the tenant setting at the start of every transaction begun in a tenant context.
+    """Give every transaction of ``target`` the current tenant, and refuse what would not see it.
 
     ``target`` is an :class:`~sqlalchemy.engine.Engine`,
     :class:`~sqlalchemy.ext.asyncio.AsyncEngine`,
     :class:`~sqlalchemy.orm.sessionmaker` or
-    :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`.  Each transaction
-    begun inside :func:`~tenant_celery.tenant_context` (a tenant task's body
-    included) runs exactly one extra statement, first; queries add none.
+    :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`.  What holds from then on:
 
-    Outside any tenant nothing is set, so RLS shows no tenant rows; with
-    ``strict=True`` beginning such a transaction raises
-    :class:`~tenant_celery.TenantContextMissing` instead.  The tenant is read
-    when the transaction begins: entering another tenant mid-transaction, or
-    opening a SAVEPOINT there, does not change it.  On a session, a strict
-    refusal leaves the transaction open without a tenant until the session
+    * Each transaction (two-phase ones included) runs one extra statement,
+      first: ``set_config(setting, tenant, true)`` with the current tenant, or
+      with ``''`` outside any tenant, so that a session-level value left on
+      the server connection (by other code, or by another client through a
+      transaction-mode pooler) is never seen.  With ``strict=True`` a
+      transaction begun outside any tenant raises
+      :class:`~tenant_celery.TenantContextMissing` instead.
+    * A transaction in ``AUTOCOMMIT`` mode raises
+      :class:`~tenant_celery.TransactionRequired` at its start, whatever
+      ``strict`` says: the setting would last one statement.
+    * The transaction records the tenant it began under.  A statement run
+      while the current tenant is another one (or none), a SAVEPOINT
+      included, raises :class:`~tenant_celery.TransactionTenantMismatch`
+      before it reaches the server; the transaction stays open.
+      :func:`set_tenant_guc` on such a transaction records its tenant
+      instead.  The check costs no round trip.
+    * A transaction still open when a Celery task ends (any pool, eager
+      mode, a plain task too) is rolled back, through its Session when it has
+      one, and a warning names the task.  Async connections are refused
+      statement by statement but not rolled back there.
+    * A pooled connection that may hold a session-level value of the setting
+      (after ``engine.raw_connection()``, or a statement that calls
+      ``set_config`` or runs ``SET setting``) has it cleared when it goes back
+      to the pool; the others cost no statement there.
+
+    On a session factory these hold for its sessions only.  A session whose
+    transaction was refused stays refused, every statement included, until it
     is rolled back or closed.
 
     ``setting`` is chosen as in :func:`set_tenant_guc`, once, when this is
@@ -224,7 +305,8 @@ def bind_tenant_guc(
     other options it raises :class:`~tenant_celery.ConfigurationError`.
 
     Returns:
-        A function that removes the hook.
+        A function that removes the hook.  Transactions begun before it was
+        called are still checked and rolled back as above.
     """
     name = _setting(setting)
     is_engine = isinstance(target, Engine) or _is_async(target, "AsyncEngine")
@@ -243,31 +325,24 @@ def bind_tenant_guc(
                 f"strict={previous[1]}; unbind it before binding it differently"
             )
         return lambda: None
-    on_begin = _hook(name, strict)
-    unbind: Callable[[], None]
+    hook = _Begin(name, strict)
+    listened: Any
+    listeners: list[tuple[str, Callable[..., None]]]
     if is_engine:
-        engine = target if isinstance(target, Engine) else cast("AsyncEngine", target).sync_engine
-        event.listen(engine, "begin", on_begin)
-
-        def unbind() -> None:
-            event.remove(engine, "begin", on_begin)
-            _bound.pop(target, None)
-
+        listened = target if isinstance(target, Engine) else cast("AsyncEngine", target).sync_engine
+        _guard.guard(listened, name, _OWN_STATEMENTS)
+        listeners = [("begin", hook.begin), ("begin_twophase", hook.begin_twophase)]
     else:
         listened = _session_class(cast("sessionmaker[Any] | async_sessionmaker[Any]", target))
+        listeners = [("after_begin", hook.after_begin)]
+    for identifier, listener in listeners:
+        event.listen(listened, identifier, listener)
 
-        def after_begin(
-            session: Session, transaction: SessionTransaction, conn: Connection
-        ) -> None:
-            if transaction.nested:
-                return  # a SAVEPOINT keeps the tenant its transaction began with
-            on_begin(conn)
-
-        event.listen(listened, "after_begin", after_begin)
-
-        def unbind() -> None:
-            event.remove(listened, "after_begin", after_begin)
-            _bound.pop(target, None)
+    def unbind() -> None:
+        for identifier, listener in listeners:
+            if event.contains(listened, identifier, listener):
+                event.remove(listened, identifier, listener)
+        _bound.pop(target, None)
 
     _bound[target] = (name, strict)
     return unbind

@@ -7,6 +7,7 @@ can catch them all with a single ``except``::
     ├── TenantContextMissing     no tenant where one is required
     │   └── TenantSignatureError a tenant header without a valid signature
     ├── TenantConflict           two sources name different tenants
+    │   └── TransactionTenantMismatch  a statement outside its transaction's tenant
     ├── InvalidTenantId          a tenant id failed validation (also a ValueError)
     ├── ConfigurationError       a setting has an unusable value (also a ValueError)
     ├── TransactionRequired      a transaction-local setting outside a transaction
@@ -33,6 +34,7 @@ __all__ = [
     "TenantContextMissing",
     "TenantSignatureError",
     "TransactionRequired",
+    "TransactionTenantMismatch",
 ]
 
 
@@ -49,6 +51,12 @@ class TenantContextMissing(TenantCeleryError):
 
 class TenantConflict(TenantCeleryError):
     """two sources name different tenants for one task; a task runs in exactly one tenant"""
+
+
+class TransactionTenantMismatch(TenantConflict):
+    """the transaction began under another tenant (or none), so the statement was
+    refused before it reached the server; commit or roll the transaction back, then
+    begin a new one inside the tenant it is for"""
 
 
 class InvalidTenantId(TenantCeleryError, ValueError):

@@ -25,6 +25,7 @@ from tenant_celery import (
     InvalidTenantId,
     TenantContextMissing,
     TransactionRequired,
+    TransactionTenantMismatch,
     async_set_tenant_guc,
     async_tenant_session,
     bind_tenant_guc,
@@ -212,16 +213,17 @@ def test_bind_adds_exactly_one_statement_per_transaction(
     assert len(statements) == 15
 
 
-def test_bind_outside_tenant_sets_nothing_or_refuses(
+def test_bind_outside_tenant_sets_empty_or_refuses(
     notes: Engine, app_engine: Engine, statements: list[str]
 ) -> None:
     unbind = bind_tenant_guc(app_engine)
     try:
         with app_engine.begin() as conn:
             assert conn.execute(COUNT).scalar_one() == 0
+            assert conn.execute(READ_GUC).scalar_one() == ""
     finally:
         unbind()
-    assert not [s for s in statements if "set_config" in s]
+    assert len([s for s in statements if "set_config" in s]) == 1  # '' for this transaction
     unbind = bind_tenant_guc(app_engine, strict=True)
     try:
         with pytest.raises(TenantContextMissing), app_engine.begin() as conn:
@@ -243,7 +245,7 @@ def test_bind_sessionmaker(notes: Engine, app_engine: Engine) -> None:
         unbind()
 
 
-def test_savepoint_keeps_its_transactions_tenant(
+def test_savepoint_in_another_tenant_is_refused(
     notes: Engine, app_engine: Engine, statements: list[str]
 ) -> None:
     factory = sessionmaker(app_engine)
@@ -251,12 +253,17 @@ def test_savepoint_keeps_its_transactions_tenant(
     try:
         with tenant_context(A), factory() as session:
             assert session.execute(COUNT).scalar_one() == 3
-            with tenant_context(B), session.begin_nested():
+            with session.begin_nested():  # in its own tenant a SAVEPOINT is fine
                 assert session.execute(COUNT).scalar_one() == 3
-            assert session.execute(COUNT).scalar_one() == 3
+            with tenant_context(B):
+                session.begin_nested()  # SQLAlchemy sends the SAVEPOINT with the next query
+                with pytest.raises(TransactionTenantMismatch, match="under another"):
+                    session.execute(COUNT)
+            session.rollback()
+            assert session.execute(COUNT).scalar_one() == 3  # a new transaction, in A
     finally:
         unbind()
-    assert len([s for s in statements if "set_config" in s]) == 1
+    assert len([s for s in statements if "set_config" in s]) == 2  # one per transaction
 
 
 def test_bind_twice(app_engine: Engine) -> None:

@@ -1,0 +1,300 @@
+"""What keeps a bound engine's connections from carrying a tenant where it does not belong.
+
+:func:`~tenant_celery.bind_tenant_guc` sets the tenant when a transaction
+begins; this module holds the rest of the contract (DESIGN rule 7), for every
+engine a binding reaches:
+
+* each transaction begun by a binding gets a :class:`_Transaction` record on
+  its :class:`~sqlalchemy.engine.Connection`: the tenant it serves (``None``
+  outside any tenant);
+* before each statement, the record is compared with the current tenant and
+  the statement refused on a difference: no round trip, nothing reaches the
+  server (:func:`_EngineGuard.check_statement`);
+* the record goes at commit or rollback; a transaction still open when a
+  Celery task ends is rolled back and logged (:func:`_end_task`);
+* a pooled connection that may carry a session-level tenant setting (a raw
+  DBAPI checkout, or a statement naming the setting or ``set_config``) has
+  it cleared when it is returned to the pool, with one statement; the others
+  cost nothing there (:func:`_EngineGuard.reset`).
+
+A guard, once installed on an engine, stays: without records it only watches
+raw checkouts and statements that name the setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import task_postrun, task_prerun
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from .context import current_tenant
+from .errors import TenantCeleryError, TransactionTenantMismatch
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
+
+logger = logging.getLogger("tenant_celery.db")
+
+# Name of the record's attribute on a Connection: one attribute read per statement
+# (Connection.info would be several property calls, and may reconnect).
+_ATTR = "_tenant_celery_transaction"
+# Flags in the pool record's info: the connection may hold a session-level setting.
+_RAW = "tenant_celery.raw_checkout"
+_DIRTY = "tenant_celery.setting_touched"
+
+
+class _Transaction:
+    """The tenant one transaction of a bound engine serves, and who may end it."""
+
+    __slots__ = ("connection", "frame", "refused", "session", "tenant")
+
+    def __init__(self, connection: Connection, tenant: str | None) -> None:
+        self.connection = connection
+        self.tenant = tenant
+        #: Why the binding refused this transaction: every statement is refused too.
+        self.refused: TenantCeleryError | None = None
+        self.session: Session | None = None
+        self.frame: _TaskFrame | None = None
+
+    def refusal(self) -> TenantCeleryError:
+        if self.refused is not None:
+            return type(self.refused)(
+                f"{self.refused}; this transaction stays refused: roll it back "
+                "(session.rollback(), or leave its with block) before using it again"
+            )
+        if self.tenant is None:
+            where = "began outside any tenant and the statement runs inside one"
+        elif current_tenant() is None:
+            where = "began inside a tenant and the statement runs outside any"
+        else:
+            where = "began under one tenant and the statement runs under another"
+        return TransactionTenantMismatch(
+            f"this transaction {where}, so the statement was refused; commit or roll the "
+            "transaction back, then begin a new one inside the tenant it is for"
+        )
+
+
+class _TaskFrame:
+    """The transactions begun by bound engines while one task runs."""
+
+    __slots__ = ("name", "open", "task_id")
+
+    def __init__(self, task_id: str | None, name: str) -> None:
+        self.task_id = task_id
+        self.name = name
+        self.open: set[_Transaction] = set()
+
+
+# Tasks running in this context, innermost last (eager tasks nest).
+_frames: ContextVar[tuple[_TaskFrame, ...]] = ContextVar("tenant_celery.task_frames", default=())
+
+
+def transaction_of(connection: Connection) -> _Transaction | None:
+    """The record of ``connection``'s current transaction, if a binding began it."""
+    found: _Transaction | None = connection.__dict__.get(_ATTR)
+    return found
+
+
+def record(
+    connection: Connection, tenant: str | None, session: Session | None = None
+) -> _Transaction:
+    """Record that ``connection``'s transaction serves ``tenant``; track it in the task."""
+    tx = _Transaction(connection, tenant)
+    tx.session = session
+    frames = _frames.get()
+    if frames:
+        tx.frame = frames[-1]
+        tx.frame.open.add(tx)
+    previous = connection.__dict__.get(_ATTR)
+    if previous is not None:
+        _forget(previous)
+    connection.__dict__[_ATTR] = tx
+    return tx
+
+
+def refuse(
+    connection: Connection, reason: TenantCeleryError, session: Session | None = None
+) -> None:
+    """Refuse every statement of ``connection``'s transaction until it ends."""
+    record(connection, None, session).refused = reason
+
+
+def _forget(tx: _Transaction) -> None:
+    if tx.frame is not None:
+        tx.frame.open.discard(tx)
+        tx.frame = None
+
+
+def clear(connection: Connection, *args: Any) -> None:
+    """The transaction ended: drop its record (``commit``/``rollback`` events)."""
+    tx = connection.__dict__.pop(_ATTR, None)
+    if tx is not None:
+        _forget(tx)
+
+
+# --- engines -----------------------------------------------------------------
+
+_guards: weakref.WeakKeyDictionary[Engine, _EngineGuard] = weakref.WeakKeyDictionary()
+
+
+class _EngineGuard:
+    """The listeners one engine gets, once, whatever binds it."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.own: tuple[object, ...] = ()
+        self._set_statement: re.Pattern[str] | None = None
+
+    def add_name(self, name: str) -> None:
+        self.names.add(name)
+        names = "|".join(re.escape(n) for n in sorted(self.names))
+        # SET [SESSION] name: what leaves a session-level value (SET LOCAL does not).
+        self._set_statement = re.compile(rf'\bset\s+(?:session\s+)?"?(?:{names})\b')
+
+    def check_statement(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        tx = conn.__dict__.get(_ATTR)
+        if tx is not None and (tx.refused is not None or tx.tenant != current_tenant()):
+            raise tx.refusal()
+        lowered = statement.lower()
+        if "set_config" in lowered or any(name in lowered for name in self.names):
+            self._note_setting(conn, lowered, context)
+
+    def _note_setting(self, conn: Connection, lowered: str, context: Any) -> None:
+        """A statement that may leave a session-level setting: reset it at check-in."""
+        compiled = getattr(context, "compiled", None)
+        if compiled is not None and getattr(compiled, "statement", None) in self.own:
+            return  # the package's own set_config(..., true)
+        pattern = self._set_statement
+        if "set_config" in lowered or (pattern is not None and pattern.search(lowered)):
+            conn.info[_DIRTY] = True
+
+    @staticmethod
+    def checked_out(
+        dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry, proxy: Any
+    ) -> None:
+        # Fired for every checkout, before engine_connect: raw until a Connection claims it.
+        entry.info[_RAW] = True
+
+    @staticmethod
+    def connected(conn: Connection) -> None:
+        conn.info.pop(_RAW, None)
+
+    def reset(
+        self,
+        dbapi_connection: DBAPIConnection,
+        entry: ConnectionPoolEntry | None,
+        state: PoolResetState,
+    ) -> None:
+        """Clear the setting of a connection that may hold one, on its way back."""
+        if entry is None:
+            return
+        raw = entry.info.pop(_RAW, False)
+        dirty = entry.info.pop(_DIRTY, False)
+        if not (raw or dirty) or state.terminate_only or not state.asyncio_safe:
+            return
+        # End whatever transaction is open, so the reset is not rolled back with it;
+        # a failure here makes the pool discard the connection instead of keeping it.
+        dbapi_connection.rollback()
+        cursor = dbapi_connection.cursor()
+        try:
+            for name in sorted(self.names):  # validated prefix.name: safe as a literal
+                cursor.execute(f"SELECT pg_catalog.set_config('{name}', '', false)")
+        finally:
+            cursor.close()
+        dbapi_connection.commit()
+
+
+def guard(engine: Engine, name: str, own: tuple[object, ...]) -> None:
+    """Install the guard on ``engine`` (once) and have it watch setting ``name``."""
+    found = _guards.get(engine)
+    if found is None:
+        found = _EngineGuard()
+        found.own = own
+        found.add_name(name)
+        event.listen(engine, "before_cursor_execute", found.check_statement)
+        for ending in ("commit", "rollback", "commit_twophase", "rollback_twophase"):
+            event.listen(engine, ending, clear)
+        event.listen(engine, "checkout", found.checked_out)
+        event.listen(engine, "engine_connect", found.connected)
+        event.listen(engine, "reset", found.reset)
+        _guards[engine] = found
+    elif name not in found.names:
+        found.add_name(name)
+
+
+# A Session on a bound engine: remember it, so that the end of a task rolls back
+# the Session, not the connection under it.  Listened for once, at import: adding
+# it while a Session event is being dispatched would break that dispatch.
+@event.listens_for(Session, "after_begin")
+def _link_session(session: Session, transaction: Any, connection: Connection) -> None:
+    tx = connection.__dict__.get(_ATTR)
+    if tx is not None and tx.session is None:
+        tx.session = session
+
+
+# --- the end of a task -----------------------------------------------------------
+
+
+@task_prerun.connect(weak=False, dispatch_uid="tenant_celery.db.enter_task")
+def _begin_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    name = getattr(task, "name", None) or "?"
+    _frames.set((*_frames.get(), _TaskFrame(task_id, name)))
+
+
+@task_postrun.connect(weak=False, dispatch_uid="tenant_celery.db.leave_task")
+def _end_task(task_id: str | None = None, **_: Any) -> None:
+    frames = _frames.get()
+    for index in range(len(frames) - 1, -1, -1):
+        if frames[index].task_id == task_id:
+            break
+    else:
+        return
+    frame = frames[index]
+    _frames.set(frames[:index])
+    for tx in list(frame.open):
+        _roll_back(frame, tx)
+
+
+def _roll_back(frame: _TaskFrame, tx: _Transaction) -> None:
+    """Roll back a transaction a task left open, so its tenant stays with the task."""
+    conn = tx.connection
+    _forget(tx)
+    if conn.__dict__.get(_ATTR) is not tx or not conn.in_transaction():
+        return
+    logger.warning(
+        "task %s[%s] ended with a transaction still open on an engine bound by "
+        "bind_tenant_guc; it was rolled back so that its tenant cannot reach other "
+        "work: commit, roll back or close sessions and connections before a task returns",
+        frame.name,
+        frame.task_id,
+    )
+    session = tx.session
+    try:
+        if session is not None:
+            session.rollback()  # keeps the Session consistent for its next user
+        if conn.__dict__.get(_ATTR) is tx:
+            clear(conn)  # so that a two-phase ROLLBACK PREPARED is not refused
+            conn.rollback()
+    except Exception:  # a broken connection: nothing it holds can be used any more
+        logger.exception("rolling back the transaction task %s left open failed", frame.name)
+        clear(conn)
+        try:
+            conn.invalidate()
+        except Exception:
+            logger.debug("invalidating the connection failed too", exc_info=True)
