@@ -54,7 +54,7 @@ _DIRTY = "tenant_celery.setting_touched"
 class _Transaction:
     """The tenant one transaction of a bound engine serves, and who may end it."""
 
-    __slots__ = ("connection", "frame", "refused", "session", "tenant")
+    __slots__ = ("connection", "frame", "pending", "refused", "session", "tenant")
 
     def __init__(self, connection: Connection, tenant: str | None) -> None:
         self.connection = connection
@@ -63,12 +63,15 @@ class _Transaction:
         self.refused: TenantCeleryError | None = None
         self.session: Session | None = None
         self.frame: _TaskFrame | None = None
+        #: Driver-level SQL and parameters to run before the transaction's first statement.
+        self.pending: tuple[str, Any] | None = None
 
     def refusal(self) -> TenantCeleryError:
         if self.refused is not None:
             return type(self.refused)(
-                f"{self.refused}; this transaction stays refused: roll it back "
-                "(session.rollback(), or leave its with block) before using it again"
+                f"{self.refused}; statements here stay refused until the transaction is "
+                "rolled back (session.rollback(), or leaving its with block) or a new one "
+                "is begun explicitly with conn.begin()"
             )
         if self.tenant is None:
             where = "began outside any tenant and the statement runs inside one"
@@ -169,8 +172,13 @@ class _EngineGuard:
         executemany: bool,
     ) -> None:
         tx = conn.__dict__.get(_ATTR)
-        if tx is not None and (tx.refused is not None or tx.tenant != current_tenant()):
-            raise tx.refusal()
+        if tx is not None:
+            if tx.refused is not None or tx.tenant != current_tenant():
+                raise tx.refusal()
+            if tx.pending is not None:  # a two-phase transaction's setting
+                sql, params = tx.pending
+                tx.pending = None
+                cursor.execute(sql, params)
         lowered = statement.lower()
         if "set_config" in lowered or any(name in lowered for name in self.names):
             self._note_setting(conn, lowered, context)

@@ -223,25 +223,28 @@ class _Begin:
 
     def begin(self, conn: Connection, session: Session | None = None) -> None:
         """Set the tenant (or '' outside one: a session-level value must not show)."""
-        tenant = self.tenant_for(conn)
+        try:
+            tenant = self.tenant_for(conn)
+        except TenantCeleryError as exc:
+            # SQLAlchemy skips autobegin on a Connection whose begin raised, so its
+            # next statements would run without this hook: refuse them too.
+            _guard.refuse(conn, exc, session)
+            raise
         conn.execute(_SET_CONFIG, {"name": self.name, "value": tenant or ""})
         _guard.record(conn, tenant, session)
 
     def begin_twophase(self, conn: Connection, xid: Any) -> None:
-        # The event fires before the Connection holds its transaction, so a
-        # Connection.execute() here would begin a second one: use the driver.
+        # The event fires before the Connection holds its transaction (a
+        # Connection.execute() here would begin another one) and, with psycopg 3,
+        # before tpc_begin(), which needs an idle connection: set the tenant with
+        # the driver just before the transaction's first statement.
         tenant = self.tenant_for(conn)
         compiled = _SET_CONFIG.compile(dialect=conn.dialect)
         values = compiled.construct_params({"name": self.name, "value": tenant or ""})
         params: Any = values
         if compiled.positiontup is not None:
             params = tuple(values[key] for key in compiled.positiontup)
-        cursor = conn.connection.cursor()
-        try:
-            cursor.execute(compiled.string, params)
-        finally:
-            cursor.close()
-        _guard.record(conn, tenant)
+        _guard.record(conn, tenant).pending = (compiled.string, params)
 
     def after_begin(
         self, session: Session, transaction: SessionTransaction, conn: Connection
@@ -249,11 +252,7 @@ class _Begin:
         if transaction.nested:
             return  # a SAVEPOINT belongs to its transaction, checked statement by statement
         _guard.guard(conn.engine, self.name, _OWN_STATEMENTS)
-        try:
-            self.begin(conn, session)
-        except TenantCeleryError as exc:
-            _guard.refuse(conn, exc, session)  # the Session's transaction is open: fence it
-            raise
+        self.begin(conn, session)  # a refusal leaves the Session's transaction open, fenced
 
 
 def bind_tenant_guc(

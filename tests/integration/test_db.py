@@ -8,17 +8,21 @@ not seen, never as a mocked call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from celery import Celery
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from tenant_celery import (
     ConfigurationError,
@@ -33,6 +37,7 @@ from tenant_celery import (
     set_tenant_guc,
     tenant_context,
     tenant_session,
+    tenant_task,
 )
 from tests._rig.postgres import Database
 
@@ -320,6 +325,339 @@ def test_killed_connection_does_not_leak(notes: Engine, database: Database) -> N
         assert fresh.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
         assert fresh.execute(READ_GUC).scalar_one() in (None, "")
         assert fresh.execute(COUNT).scalar_one() == 0
+
+
+# --- a careless host: session-level settings, AUTOCOMMIT, tenant switches ------
+
+BODIES = text("SELECT body FROM notes ORDER BY body")
+INSERT_DEFAULTED = text("INSERT INTO notes (body) VALUES (:body)")
+
+
+def plant_session_setting(engine: Engine, tenant: str) -> int:
+    """Leave tenant ``tenant`` in a session-level setting on ``engine``'s pooled
+    connection, the way code the package cannot see would (the driver's own
+    cursor); return the connection's server pid."""
+    with engine.connect() as conn:
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor.execute("SELECT set_config('app.current_tenant_id', %s, false)", (tenant,))
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = int(cursor.fetchone()[0])
+        cursor.close()
+        conn.connection.dbapi_connection.commit()  # type: ignore[union-attr]
+    return pid
+
+
+def bodies_of(admin_engine: Engine, tenant: str) -> list[str]:
+    with admin_engine.connect() as conn:
+        found = conn.execute(
+            text("SELECT body FROM notes WHERE tenant_id = :t ORDER BY body"), {"t": tenant}
+        )
+        return list(found.scalars())
+
+
+@pytest.fixture
+def one_connection(notes: Engine, database: Database) -> Engine:
+    """An ``app_user`` engine with a single pooled connection: every checkout is it."""
+    return database.engine(database.app_url, pool_size=1, max_overflow=0)
+
+
+def test_the_control_a_session_setting_leaks_to_an_unbound_engine(one_connection: Engine) -> None:
+    """What the tests below guard against, shown on an engine nobody bound."""
+    plant_session_setting(one_connection, A)
+    with tenant_context(B), one_connection.begin() as conn:
+        assert list(conn.execute(BODIES).scalars()) == ["1", "2", "3"]  # A's rows
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_autocommit_is_refused_whatever_the_session_holds(
+    notes: Engine, one_connection: Engine, strict: bool
+) -> None:
+    pid = plant_session_setting(one_connection, A)
+    unbind = bind_tenant_guc(one_connection, strict=strict)
+    read: list[str] = []
+    try:
+        for tenant in (B, None):
+            with one_connection.connect() as conn:
+                autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+                with tenant_context(tenant) if tenant else contextlib.nullcontext():
+                    with pytest.raises(TransactionRequired, match="AUTOCOMMIT"):
+                        read.extend(autocommit.execute(BODIES).scalars())
+                    with pytest.raises(TransactionRequired, match="AUTOCOMMIT"):
+                        autocommit.execute(INSERT_DEFAULTED, {"body": "autocommit"})
+                    with pytest.raises(TransactionRequired, match="AUTOCOMMIT"):
+                        autocommit.begin()
+        with tenant_context(B), one_connection.begin() as conn:  # without AUTOCOMMIT: B
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() == pid
+            read.extend(conn.execute(BODIES).scalars())
+    finally:
+        unbind()
+    assert read == ["4", "5"]
+    assert bodies_of(notes, A) == ["1", "2", "3"]
+    assert count_all(notes) == 5
+
+
+def test_driver_autocommit_is_refused_too(notes: Engine, one_connection: Engine) -> None:
+    plant_session_setting(one_connection, A)
+    unbind = bind_tenant_guc(one_connection)
+    try:
+        with one_connection.connect() as conn:
+            conn.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+            with tenant_context(B), pytest.raises(TransactionRequired, match="AUTOCOMMIT"):
+                conn.execute(BODIES)
+            conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
+    finally:
+        unbind()
+
+
+def test_no_tenant_transaction_hides_a_session_setting(
+    notes: Engine, one_connection: Engine
+) -> None:
+    plant_session_setting(one_connection, A)
+    unbind = bind_tenant_guc(one_connection)
+    try:
+        with one_connection.begin() as conn:
+            assert conn.execute(READ_GUC).scalar_one() == ""
+            assert list(conn.execute(BODIES).scalars()) == []
+        with Session(one_connection) as session:
+            assert list(session.execute(BODIES).scalars()) == []
+    finally:
+        unbind()
+
+
+def test_two_phase_transaction_gets_the_tenant(
+    notes: Engine, one_connection: Engine, statements: list[str]
+) -> None:
+    plant_session_setting(one_connection, A)
+    unbind = bind_tenant_guc(one_connection)
+    try:
+        with tenant_context(B), one_connection.connect() as conn:
+            two_phase = conn.begin_twophase()
+            assert conn.execute(READ_GUC).scalar_one() == B
+            assert list(conn.execute(BODIES).scalars()) == ["4", "5"]
+            with tenant_context(A), pytest.raises(TransactionTenantMismatch):
+                conn.execute(BODIES)
+            two_phase.rollback()
+        with one_connection.connect() as conn:  # outside any tenant: nothing
+            two_phase = conn.begin_twophase()
+            assert list(conn.execute(BODIES).scalars()) == []
+            two_phase.rollback()
+            autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+            with tenant_context(B), pytest.raises(TransactionRequired, match="AUTOCOMMIT"):
+                autocommit.begin_twophase()
+    finally:
+        unbind()
+    unbind = bind_tenant_guc(one_connection, strict=True)
+    try:
+        with one_connection.connect() as conn, pytest.raises(TenantContextMissing):
+            conn.begin_twophase()
+    finally:
+        unbind()
+
+
+def test_two_phase_prepare_keeps_the_tenant(notes: Engine, one_connection: Engine) -> None:
+    """Up to PREPARE TRANSACTION, and through it where the server allows it."""
+    with notes.connect() as admin:
+        prepared_allowed = int(admin.execute(text("SHOW max_prepared_transactions")).scalar_one())
+    unbind = bind_tenant_guc(one_connection)
+    try:
+        with tenant_context(B), one_connection.connect() as conn:
+            two_phase = conn.begin_twophase()
+            conn.execute(
+                text("INSERT INTO notes (tenant_id, body) VALUES (:t, 'two-phase')"), {"t": B}
+            )
+            if prepared_allowed:
+                two_phase.prepare()
+                two_phase.commit()
+            else:
+                with pytest.raises(DBAPIError, match="max_prepared_transactions"):
+                    two_phase.prepare()
+                conn.invalidate()  # the server refused PREPARE; SQLAlchemy cannot roll back
+    finally:
+        unbind()
+    assert bodies_of(notes, B) == (["4", "5", "two-phase"] if prepared_allowed else ["4", "5"])
+
+
+def test_tenant_switch_inside_a_transaction_is_refused(
+    notes: Engine, one_connection: Engine
+) -> None:
+    unbind = bind_tenant_guc(one_connection)
+    read: list[str] = []
+    try:
+        with one_connection.connect() as conn:
+            with tenant_context(A):
+                read.extend(conn.execute(BODIES).scalars())  # commit as you go: begins in A
+            for tenant in (B, None):
+                with tenant_context(tenant) if tenant else contextlib.nullcontext():
+                    with pytest.raises(TransactionTenantMismatch):
+                        read.extend(conn.execute(BODIES).scalars())
+                    with pytest.raises(TransactionTenantMismatch):
+                        conn.execute(
+                            text("INSERT INTO notes (tenant_id, body) VALUES (:t, 'x')"),
+                            {"t": A},
+                        )
+            conn.commit()
+            with tenant_context(B):  # a new transaction, in B
+                read.extend(conn.execute(BODIES).scalars())
+            conn.rollback()
+            # began outside any tenant: refused inside one
+            conn.execute(text("SELECT 1"))
+            with tenant_context(A), pytest.raises(TransactionTenantMismatch, match="outside"):
+                conn.execute(BODIES)
+            # an explicit set_tenant_guc makes the transaction serve that tenant
+            set_tenant_guc(conn, A)
+            with pytest.raises(TransactionTenantMismatch, match="inside a tenant"):
+                conn.execute(BODIES)
+            with tenant_context(A):
+                read.extend(conn.execute(BODIES).scalars())
+            conn.rollback()
+    finally:
+        unbind()
+    assert read == ["1", "2", "3", "4", "5", "1", "2", "3"]
+    assert count_all(notes) == 5
+
+
+def test_refused_session_stays_refused(notes: Engine, one_connection: Engine) -> None:
+    plant_session_setting(one_connection, A)
+    factory = sessionmaker(one_connection)
+    unbind = bind_tenant_guc(factory, strict=True)
+    try:
+        with factory() as session:
+            with pytest.raises(TenantContextMissing):
+                session.execute(BODIES)
+            with pytest.raises(TenantContextMissing, match="stay refused"):
+                session.execute(BODIES)
+            session.rollback()
+            with tenant_context(B):
+                assert list(session.execute(BODIES).scalars()) == ["4", "5"]
+    finally:
+        unbind()
+
+
+def test_session_setting_is_cleared_at_check_in(notes: Engine, one_connection: Engine) -> None:
+    """Left by a statement on the bound engine, or on a raw DBAPI checkout: gone when
+    the connection is back in the pool, for raw checkouts and bound ones alike."""
+    unbind = bind_tenant_guc(one_connection)
+    read: list[str] = []
+
+    def raw_read() -> None:
+        raw = one_connection.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("SELECT body FROM notes ORDER BY body")
+            read.extend(row[0] for row in cursor.fetchall())
+            cursor.execute("SELECT current_setting('app.current_tenant_id', true)")
+            assert cursor.fetchone()[0] in (None, "")
+            cursor.close()
+            raw.rollback()
+        finally:
+            raw.close()
+
+    try:
+        with one_connection.connect() as conn:  # careless code, through the bound engine
+            conn.execute(text(f"SET app.current_tenant_id = '{A}'"))
+            conn.commit()
+        with tenant_context(B):
+            raw_read()
+        raw = one_connection.raw_connection()  # careless code, on a raw checkout
+        cursor = raw.cursor()
+        cursor.execute("SELECT set_config('app.current_tenant_id', %s, false)", (A,))
+        cursor.close()
+        raw.commit()
+        raw.close()
+        with tenant_context(B):
+            raw_read()
+        with one_connection.begin() as conn:  # a bound transaction with no tenant
+            read.extend(conn.execute(BODIES).scalars())
+    finally:
+        unbind()
+    assert read == []
+
+
+# --- the end of a task ----------------------------------------------------------
+
+
+def test_eager_task_leaves_no_open_transaction(
+    notes: Engine, one_connection: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thread-local scoped_session that a read-only task never closes."""
+    with notes.begin() as conn:
+        conn.execute(
+            text(
+                "ALTER TABLE notes ALTER COLUMN tenant_id"
+                " SET DEFAULT current_setting('app.current_tenant_id')::uuid"
+            )
+        )
+    app = Celery("careless", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_eager_propagates=True, broker_url="memory://")
+    sessions = scoped_session(sessionmaker(one_connection))
+    unbind = bind_tenant_guc(one_connection)
+
+    @tenant_task(app=app, shared=False)
+    def read_notes() -> list[str]:
+        return list(sessions().execute(BODIES).scalars())  # never committed, never removed
+
+    @tenant_task(app=app, shared=False)
+    def read_and_write(body: str) -> list[str]:
+        session = sessions()
+        seen = list(session.execute(BODIES).scalars())
+        session.execute(INSERT_DEFAULTED, {"body": body})
+        session.commit()
+        return seen
+
+    @app.task(shared=False)
+    def count_plain() -> int:
+        return int(sessions().execute(COUNT).scalar_one())
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="tenant_celery.db"):
+            with tenant_context(A):
+                assert read_notes.delay().get() == ["1", "2", "3"]
+            assert not sessions().in_transaction()
+            with tenant_context(B):
+                assert read_and_write.delay("b-new").get() == ["4", "5"]
+                read_notes.delay().get()
+            assert count_plain.delay().get() == 0
+    finally:
+        unbind()
+        sessions.remove()
+    warnings = [r.getMessage() for r in caplog.records if "still open" in r.getMessage()]
+    assert len(warnings) == 3
+    assert "read_notes" in warnings[0]
+    assert bodies_of(notes, B) == ["4", "5", "b-new"]
+    assert bodies_of(notes, A) == ["1", "2", "3"]
+
+
+def test_tasks_in_threads_roll_back_their_own_transactions(
+    notes: Engine, database: Database
+) -> None:
+    engine = database.engine(database.app_url, pool_size=4, max_overflow=0)
+    app = Celery("threads", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_eager_propagates=True, broker_url="memory://")
+    local = threading.local()
+    unbind = bind_tenant_guc(engine)
+
+    @tenant_task(app=app, shared=False)
+    def leave_open() -> int:
+        local.conn = engine.connect()
+        return int(local.conn.execute(COUNT).scalar_one())
+
+    def worker(tenant: str, out: list[tuple[int, bool]]) -> None:
+        for _ in range(20):
+            with tenant_context(tenant):
+                seen = leave_open.apply().result
+            out.append((seen, local.conn.in_transaction()))
+            local.conn.close()
+
+    results: dict[str, list[tuple[int, bool]]] = {A: [], B: []}
+    try:
+        threads = [threading.Thread(target=worker, args=(t, results[t])) for t in (A, B)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        unbind()
+    assert results == {A: [(3, False)] * 20, B: [(2, False)] * 20}
 
 
 # --- async twins --------------------------------------------------------------
