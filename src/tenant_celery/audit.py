@@ -25,14 +25,13 @@ It reads text; it does not prove an arbitrary expression safe.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
 from . import _catalog
+from ._policy_text import pins_tenant
 from .config import DEFAULT_GUC, validate_guc_name
 
 __all__ = [
@@ -243,75 +242,6 @@ def audit_database(
     )
 
 
-def _bound(expression: str | None, setting: str, quoted_column: str) -> bool:
-    """Whether a policy expression, as PostgreSQL prints it, pins rows to the tenant.
-
-    It must be ``column = <right>`` (alone or AND-ed with other terms, never
-    OR-ed) where ``<right>`` reads the setting and does not name the column
-    (``COALESCE(<setting>, tenant_id)`` would match every row when unset).
-    """
-    if expression is None:
-        return False
-    whole = _unwrap(expression)
-    if len(_split_top_level(whole, "OR")) > 1:
-        return False
-    reads = f"current_setting('{setting}'"
-    for term in _split_top_level(whole, "AND"):
-        left, equals, right = _unwrap(term).partition(" = ")
-        if (
-            equals
-            and _unwrap(left) == quoted_column
-            and reads in right
-            and not re.search(rf"(?<![\w\"$.]){re.escape(quoted_column)}(?![\w\"$])", right)
-        ):
-            return True
-    return False
-
-
-def _outside_quotes(expression: str) -> Iterator[tuple[int, int]]:
-    """Yield ``(index, depth)`` for each character outside string literals and quoted
-    names, ``depth`` counting the parentheses open before it."""
-    depth, quote = 0, ""
-    for index, char in enumerate(expression):
-        if quote:
-            quote = "" if char == quote else quote  # a doubled quote closes and reopens
-            continue
-        if char in "'\"":
-            quote = char
-            continue
-        if char == ")":
-            depth -= 1
-        yield index, depth
-        if char == "(":
-            depth += 1
-
-
-def _split_top_level(expression: str, keyword: str) -> list[str]:
-    """Split at `` keyword `` where no parenthesis is open."""
-    separator = f" {keyword} "
-    cuts = [
-        i
-        for i, depth in _outside_quotes(expression)
-        if depth == 0 and expression.startswith(separator, i)
-    ]
-    bounds = [0, *(c + len(separator) for c in cuts)]
-    ends = [*cuts, len(expression)]
-    return [expression[b:e] for b, e in zip(bounds, ends, strict=True)]
-
-
-def _unwrap(expression: str) -> str:
-    """Strip whitespace and the parentheses that enclose the whole expression."""
-    expression = expression.strip()
-    while expression.startswith("("):
-        closing = next(
-            (i for i, depth in _outside_quotes(expression) if depth == 0 and i > 0), None
-        )
-        if closing != len(expression) - 1:
-            break
-        expression = expression[1:-1].strip()
-    return expression
-
-
 def _table_report(
     table: _catalog.TenantTable,
     policies: list[_catalog.Policy],
@@ -341,17 +271,17 @@ def _table_report(
     column = table.quoted_column
     applying = [p for p in policies if p.permissive and p.applies]
     tenant = next(
-        (p for p in applying if p.command == "ALL" and _bound(p.using, setting, column)),
+        (p for p in applying if p.command == "ALL" and pins_tenant(p.using, setting, column)),
         None,
     )
-    checks = tenant is not None and _bound(tenant.check, setting, column)
+    checks = tenant is not None and pins_tenant(tenant.check, setting, column)
     # Every expression a policy has must be bound (INSERT has only WITH CHECK,
     # SELECT and DELETE only USING; ALL and UPDATE reuse USING when WITH CHECK is absent).
     widening = tuple(
         p.name
         for p in applying
         if p is not tenant
-        and not all(_bound(e, setting, column) for e in (p.using, p.check) if e is not None)
+        and not all(pins_tenant(e, setting, column) for e in (p.using, p.check) if e is not None)
     )
     if tenant is None:
         hole(
