@@ -10,8 +10,16 @@ policy ``FOR ALL`` that applies to the role reads the tenant setting in both
 ``USING`` and ``WITH CHECK``, no other permissive policy that applies to the
 role leaves the setting out (permissive policies are OR-ed, so such a policy
 widens access), an index leads with the tenant column, the role does not own
-it and cannot ``TRUNCATE`` it.  The role is clean when it exists and is
-neither a superuser nor ``BYPASSRLS``.
+it and cannot ``TRUNCATE`` it.  The role is clean when it exists, is
+neither a superuser nor ``BYPASSRLS``, and cannot ``SET ROLE`` to a role that
+is (through any chain of memberships).
+
+Around the tables, nothing may show the role rows the policies would hide
+(:mod:`tenant_celery._exposure` finds them): a materialized view of a tenant
+table it can read, a view that reads a tenant table as an owner who skips its
+policies, a table that references a tenant table by foreign key with neither
+the tenant column nor row-level security, or a ``SECURITY DEFINER`` routine it
+may execute that runs as a role able to read past the policies.
 
 Policies are judged by their text as PostgreSQL prints it.  An expression
 pins rows to the tenant when it is ``<column> = <value>``, alone or AND-ed
@@ -30,11 +38,15 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from . import _catalog
+from . import _catalog, _exposure
 from ._policy_text import pins_tenant
 from .config import DEFAULT_GUC, validate_guc_name
 
 __all__ = [
+    "BYPASSING_DEFINER_FUNCTION",
+    "BYPASSING_MEMBERSHIP",
+    "BYPASSING_VIEW",
+    "EXPOSED_MATVIEW",
     "NO_TENANT_INDEX",
     "NO_TENANT_POLICY",
     "NO_TENANT_TABLES",
@@ -46,6 +58,7 @@ __all__ = [
     "ROLE_OWNS_TABLE",
     "ROLE_SUPERUSER",
     "TRUNCATE_GRANTED",
+    "UNPROTECTED_CHILD_TABLE",
     "WIDENING_POLICY",
     "AuditReport",
     "Problem",
@@ -77,14 +90,29 @@ ROLE_SUPERUSER = "role_superuser"
 """The role is a superuser: it bypasses row-level security."""
 ROLE_BYPASSRLS = "role_bypassrls"
 """The role has ``BYPASSRLS``: it bypasses row-level security."""
+BYPASSING_MEMBERSHIP = "bypassing_membership"
+"""The role can ``SET ROLE`` to a superuser or ``BYPASSRLS`` role it is a member of."""
 NO_TENANT_TABLES = "no_tenant_tables"
 """No table has the tenant column: wrong ``column`` or ``schema``, or nothing migrated."""
+EXPOSED_MATVIEW = "exposed_matview"
+"""The role can read a materialized view of a tenant table; it has no row-level security."""
+BYPASSING_VIEW = "bypassing_view"
+"""The role can read a view that reads a tenant table as an owner who skips its policies."""
+UNPROTECTED_CHILD_TABLE = "unprotected_child_table"
+"""A table referencing a tenant table has no tenant column, no RLS, and the role's grants."""
+BYPASSING_DEFINER_FUNCTION = "bypassing_definer_function"
+"""The role may execute a ``SECURITY DEFINER`` routine whose owner reads past the policies."""
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One hole: a stable ``code``, the table it concerns (``None`` for the role or
-    the database) and a message saying what to do."""
+    """One hole: a stable ``code``, the object it concerns and a message saying
+    what to do.
+
+    ``table`` is the tenant table, or the view, materialized view, table or
+    routine (``schema.name(argument types)``) that exposes tenant rows; ``None``
+    for the role or the database.
+    """
 
     code: str
     table: str | None
@@ -127,6 +155,8 @@ class RoleReport:
     bypassrls: bool
     #: Tenant tables it owns (or whose owner it is a member of).
     owned_tables: tuple[str, ...]
+    #: Superuser or ``BYPASSRLS`` roles it can ``SET ROLE`` to through its memberships.
+    bypassing_roles: tuple[str, ...] = field(default=())
     problems: tuple[Problem, ...] = field(default=())
 
 
@@ -141,14 +171,17 @@ class AuditReport:
     tables: tuple[TableReport, ...]
     #: Problems not tied to a table or the role (e.g. no tenant table at all).
     database_problems: tuple[Problem, ...] = field(default=())
+    #: Views, materialized views, tables and routines that expose tenant rows.
+    object_problems: tuple[Problem, ...] = field(default=())
 
     @property
     def problems(self) -> tuple[Problem, ...]:
-        """Every problem: the database's, the role's, then each table's in order."""
+        """Every problem: the database's, the role's, each table's in order, then
+        the other objects'."""
         found = list(self.database_problems) + list(self.role.problems)
         for table in self.tables:
             found.extend(table.problems)
-        return tuple(found)
+        return (*found, *self.object_problems)
 
     @property
     def clean(self) -> bool:
@@ -159,10 +192,10 @@ class AuditReport:
         """The report as JSON-ready data (the ``tenant-celery check --json`` document).
 
         Keys: ``clean``, ``setting``, ``column``, ``schema``, ``role`` (``name``,
-        ``exists``, ``superuser``, ``bypassrls``, ``owned_tables``), ``tables`` (one
-        object per :class:`TableReport` field except ``problems``) and
-        ``problems`` (``code``, ``table``, ``message``; ``table`` is ``null`` for
-        the role's and the database's).
+        ``exists``, ``superuser``, ``bypassrls``, ``owned_tables``,
+        ``bypassing_roles``), ``tables`` (one object per :class:`TableReport`
+        field except ``problems``) and ``problems`` (``code``, ``table``,
+        ``message``; ``table`` is ``null`` for the role's and the database's).
         """
         role = asdict(self.role)
         del role["problems"]
@@ -195,9 +228,11 @@ def audit_database(
     Every table (or partitioned table) outside PostgreSQL's own schemas, or in
     ``schema`` only, that has a column named ``column`` is checked for the
     policy on ``setting`` and for ``role``'s rights (default: the role ``conn``
-    is connected as).  Any role may run it: the catalogs it reads are readable
-    by every role.  It runs plain ``SELECT`` statements in the caller's
-    transaction.
+    is connected as).  Views, materialized views and tables reading or
+    referencing those tables are looked for in every schema but PostgreSQL's
+    own; ``SECURITY DEFINER`` routines in ``schema`` when given.  Any role may
+    run it: the catalogs it reads are readable by every role.  It runs plain
+    ``SELECT`` statements in the caller's transaction.
 
     Raises:
         ConfigurationError: ``setting`` is not a valid setting name.
@@ -222,6 +257,10 @@ def audit_database(
         )
         for t in tables
     )
+    memberships = _catalog.bypassing_memberships(conn, found_role.oid) if found_role else []
+    object_problems: tuple[Problem, ...] = ()
+    if found_role is not None and not found_role.superuser:  # a superuser reads it all anyway
+        object_problems = _object_problems(conn, found_role, tables, column, schema)
     database_problems: tuple[Problem, ...] = ()
     if not reports:
         where = f"in schema {schema!r}" if schema is not None else "outside system schemas"
@@ -236,9 +275,10 @@ def audit_database(
         setting=setting,
         column=column,
         schema=schema,
-        role=_role_report(role_name, found_role, reports),
+        role=_role_report(role_name, found_role, memberships, reports),
         tables=reports,
         database_problems=database_problems,
+        object_problems=object_problems,
     )
 
 
@@ -347,7 +387,10 @@ def _table_report(
 
 
 def _role_report(
-    name: str, role: _catalog.Role | None, tables: tuple[TableReport, ...]
+    name: str,
+    role: _catalog.Role | None,
+    memberships: list[_catalog.Membership],
+    tables: tuple[TableReport, ...],
 ) -> RoleReport:
     if role is None:
         return RoleReport(
@@ -372,11 +415,98 @@ def _role_report(
                 f"ALTER ROLE {role.quoted} NOBYPASSRLS",
             )
         )
+    problems.extend(
+        Problem(
+            BYPASSING_MEMBERSHIP,
+            None,
+            f"role {name!r} can SET ROLE to {m.name!r} ({m.attribute}) through "
+            f"{' -> '.join(repr(r) for r in (name, *m.path))} and then reads every tenant's "
+            f"rows: REVOKE {m.quoted_first} FROM {role.quoted}",
+        )
+        for m in memberships
+    )
     return RoleReport(
         name,
         exists=True,
         superuser=role.superuser,
         bypassrls=role.bypassrls,
         owned_tables=tuple(t.name for t in tables if t.role_owns),
+        bypassing_roles=tuple(m.name for m in memberships),
         problems=tuple(problems),
     )
+
+
+_WHO = {
+    "superuser": "is a superuser",
+    "bypassrls": "has BYPASSRLS",
+}
+
+
+def _object_problems(
+    conn: Connection,
+    role: _catalog.Role,
+    tables: list[_catalog.TenantTable],
+    column: str,
+    schema: str | None,
+) -> tuple[Problem, ...]:
+    names = {t.oid: t.qualified for t in tables}
+    exposures = [
+        *_exposure.relation_exposures(conn, role.oid, names, column),
+        *_exposure.routine_exposures(conn, role.oid, schema, names),
+    ]
+    return tuple(Problem(*_describe(e, role, column)) for e in exposures)
+
+
+def _describe(
+    exposure: _exposure.Exposure, role: _catalog.Role, column: str
+) -> tuple[str, str, str]:
+    """``(code, object, message)`` for one exposure."""
+    who = repr(role.name)
+    match exposure:
+        case _exposure.ExposedMatview(name, tables, via):
+            through = f" through view {via}" if via else ""
+            return (
+                EXPOSED_MATVIEW,
+                name,
+                f"materialized view {name} holds rows of {', '.join(tables)} for every tenant "
+                f"(materialized views have no row-level security) and {who} may read it"
+                f"{through}: revoke SELECT on it from {role.quoted} and PUBLIC, or replace it "
+                f"with a view WITH (security_invoker = true)",
+            )
+        case _exposure.BypassingView(name, owner, reason, table, via):
+            why = _WHO.get(reason, f"owns {table} and its row-level security is not forced")
+            through = f" through view {via}" if via else ""
+            return (
+                BYPASSING_VIEW,
+                name,
+                f"view {name} reads {table} as its owner {owner!r}, who {why}, so {who} sees "
+                f"every tenant's rows through it{through}: "
+                f"ALTER VIEW {name} SET (security_invoker = true)",
+            )
+        case _exposure.ChildTable(name, references, privileges):
+            *between, root = references
+            through = f" through {', '.join(between)}" if between else ""
+            return (
+                UNPROTECTED_CHILD_TABLE,
+                name,
+                f"table {name} references tenant table {root}{through} by foreign key but has no "
+                f"{column} column and no row-level security, so {who} may "
+                f"{', '.join(privileges)} every tenant's rows: add the tenant column and "
+                f"enable_tenant_rls(), or enable row-level security with a policy of its own",
+            )
+        case _exposure.DefinerRoutine(signature, procedure, owner, reason, tables):
+            kind = "PROCEDURE" if procedure else "FUNCTION"
+            why = _WHO.get(
+                reason,
+                f"has the privileges of the owner of {', '.join(tables)} and can turn "
+                "row-level security off",
+            )
+            return (
+                BYPASSING_DEFINER_FUNCTION,
+                signature,
+                f"SECURITY DEFINER {kind.lower()} {signature} runs as {owner!r}, who {why}, and "
+                f"{who} may execute it: ALTER {kind} {signature} SECURITY INVOKER, give it an "
+                f"owner bound by the policies, or REVOKE EXECUTE ON {kind} {signature} "
+                f"FROM PUBLIC, {role.quoted}",
+            )
+    raise AssertionError(exposure)

@@ -87,7 +87,9 @@ def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description=(
             "Inspect every table that has the tenant column: row-level security enabled "
             "and forced, a tenant policy with USING and WITH CHECK and no permissive policy "
-            "widening it, an index leading with the column, and the role's rights. "
+            "widening it, an index leading with the column, and the role's rights; the role "
+            "and the roles it can become; and the views, materialized views, referencing "
+            "tables and SECURITY DEFINER routines that could show it other tenants' rows. "
             "Exit 0 when clean, 1 when a hole is found, 2 on a usage or connection error."
         ),
     )
@@ -187,12 +189,14 @@ def _format_report(report: AuditReport, url: str) -> str:
             f"role {role.name}: superuser {'YES' if role.superuser else 'no'}, "
             f"bypassrls {'YES' if role.bypassrls else 'no'}, "
             f"owns {', '.join(role.owned_tables) or 'no tenant table'}"
+            + (f", can become {', '.join(role.bypassing_roles)}" if role.bypassing_roles else "")
         )
     else:
         lines.append(f"role {role.name}: does not exist")
     located = [("database", p) for p in report.database_problems]
     located += [(f"role {role.name}", p) for p in role.problems]
     located += [(t.name, p) for t in report.tables for p in t.problems]
+    located += [(p.table or "database", p) for p in report.object_problems]
     lines.append("")
     if not located:
         lines.append("no problems found")

@@ -151,7 +151,18 @@ def test_clean_database_passes(database: Database, admin_engine: Engine) -> None
     with admin_engine.begin() as conn:
         tenant_table(conn, "invoices", APP_ROLE)
         tenant_table(conn, "orders", APP_ROLE)
-        conn.exec_driver_sql("CREATE TABLE countries (code text PRIMARY KEY)")
+        # Neighbours that show the role nothing of another tenant.
+        conn.exec_driver_sql(
+            "CREATE TABLE countries (code text PRIMARY KEY);"
+            " ALTER TABLE invoices ADD COLUMN country text REFERENCES countries;"
+            " CREATE VIEW recent_invoices WITH (security_invoker = true)"
+            "  AS SELECT * FROM invoices WHERE created_at > now() - interval '1 day';"
+            " CREATE MATERIALIZED VIEW invoice_counts AS SELECT count(*) FROM invoices;"
+            " CREATE FUNCTION purge_all() RETURNS void LANGUAGE sql SECURITY DEFINER"
+            "  AS 'DELETE FROM invoices';"
+            " REVOKE EXECUTE ON FUNCTION purge_all() FROM PUBLIC"
+        )
+        conn.exec_driver_sql(f"GRANT SELECT ON countries, recent_invoices TO {APP_ROLE}")
 
     result = check("--url", render(database.url), "--role", APP_ROLE)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -163,6 +174,67 @@ def test_clean_database_passes(database: Database, admin_engine: Engine) -> None
     from_env = check(env={"TENANT_CELERY_DATABASE_URL": render(database.app_url)})
     assert from_env.returncode == 0, from_env.stdout + from_env.stderr
     assert f"role {APP_ROLE}," in from_env.stdout
+
+
+@pytest.fixture
+def member_role(
+    database: Database, pg_databases: DatabaseFactory, bypass_role: str
+) -> Iterator[str]:
+    """A role unique to this test that is a member of ``bypass_role``; dropped afterwards."""
+    name = f"tc_member_{secrets.token_hex(4)}"
+    with pg_databases.cluster.connect() as conn:
+        conn.execute(f'CREATE ROLE "{name}"')
+        conn.execute(f'GRANT "{bypass_role}" TO "{name}"')
+    yield name
+    with pg_databases.cluster.connect(database.name) as conn:
+        conn.execute(f'DROP OWNED BY "{name}"')
+    with pg_databases.cluster.connect() as conn:
+        conn.execute(f'DROP ROLE "{name}"')
+
+
+AROUND_THE_TABLES = {
+    (None, "bypassing_membership"),
+    ("public.invoice_totals", "exposed_matview"),
+    ("public.all_invoices", "bypassing_view"),
+    ("public.invoice_lines", "unprotected_child_table"),
+    ("public.invoice_sum()", "bypassing_definer_function"),
+}
+
+
+def test_holes_around_the_tables_are_reported(
+    database: Database, admin_engine: Engine, member_role: str, bypass_role: str
+) -> None:
+    with admin_engine.begin() as conn:
+        tenant_table(conn, "invoices", member_role)
+        conn.exec_driver_sql(
+            "CREATE MATERIALIZED VIEW invoice_totals AS SELECT tenant_id, id FROM invoices;"
+            " CREATE VIEW all_invoices AS SELECT * FROM invoices;"
+            " CREATE TABLE invoice_lines (invoice_id bigint REFERENCES invoices, amount int);"
+            " CREATE FUNCTION invoice_sum() RETURNS bigint LANGUAGE sql SECURITY DEFINER"
+            "  AS 'SELECT count(*) FROM invoices'"
+        )
+        conn.exec_driver_sql(
+            f'GRANT SELECT ON invoice_totals, all_invoices, invoice_lines TO "{member_role}"'
+        )
+    url = render(database.url)
+
+    result = check("--url", url, "--role", member_role, "--json")
+    assert result.returncode == 1, result.stderr
+    document = json.loads(result.stdout)
+    assert {(p["table"], p["code"]) for p in document["problems"]} == AROUND_THE_TABLES
+    assert document["role"]["bypassing_roles"] == [bypass_role]
+
+    text = check("--url", url, "--role", member_role)
+    assert text.returncode == 1, text.stderr
+    assert f"can become {bypass_role}" in text.stdout
+    assert "5 problems:" in text.stdout
+    for table, code in AROUND_THE_TABLES:
+        where = table or f"role {member_role}"
+        assert any(where in line and f"{code}:" in line for line in text.stdout.splitlines()), (
+            table,
+            code,
+            text.stdout,
+        )
 
 
 def test_json_document_shape(database: Database, admin_engine: Engine) -> None:
@@ -183,6 +255,7 @@ def test_json_document_shape(database: Database, admin_engine: Engine) -> None:
             "superuser": False,
             "bypassrls": False,
             "owned_tables": [],
+            "bypassing_roles": [],
         },
         "tables": [
             {
