@@ -489,10 +489,11 @@ def create_app_role(
     ``password=None`` an existing password is left as it is.
 
     An existing role that is a superuser, has ``BYPASSRLS`` or ``REPLICATION``,
-    or owns a table in the current database is refused, not altered: it
-    bypasses row-level security, and demoting it (or moving its tables) is a
-    decision for a human.  Grant table privileges with
-    :func:`grant_tenant_tables`.
+    can ``SET ROLE`` to a superuser or ``BYPASSRLS`` role (a member of one,
+    directly or through other roles), or owns a table in the current database
+    is refused, not altered: it bypasses row-level security, and demoting it,
+    revoking its memberships or moving its tables is a decision for a human.
+    Grant table privileges with :func:`grant_tenant_tables`.
 
     The statements run in the caller's transaction.  The connection needs
     ``CREATEROLE`` (or superuser).
@@ -501,8 +502,8 @@ def create_app_role(
         ConfigurationError: the name or password is refused, or a password was
             given on a connection whose driver is neither psycopg nor psycopg2;
             no SQL was sent.
-        RLSSetupError: the role exists and is privileged or owns tables;
-            nothing was changed.
+        RLSSetupError: the role exists and is privileged, can become a privileged
+            role, or owns tables; nothing was changed.
     """
     identifier(name, "role name")
     if name.lower() in _RESERVED_ROLES or name.startswith("pg_"):
@@ -546,6 +547,15 @@ def create_app_role(
                 f"role {name!r} exists with {', '.join(privileged)}, which bypasses "
                 f"row-level security; remove it (ALTER ROLE {quoted} "
                 f"{' '.join('NO' + p for p in privileged)}) or choose another role name"
+            )
+        reachable = _catalog.bypassing_memberships(conn, existing.oid)
+        if reachable:
+            reached = reachable[0]
+            route = " -> ".join(repr(r) for r in (name, *reached.path))
+            raise RLSSetupError(
+                f"role {name!r} can SET ROLE to {reached.name!r}, which has {reached.attribute} "
+                f"and bypasses row-level security ({route}); revoke the membership "
+                f"(REVOKE {reached.quoted_first} FROM {quoted}) or choose another role name"
             )
         owned = _catalog.owned_tables(conn, existing.oid)
         if owned:

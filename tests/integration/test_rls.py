@@ -585,6 +585,34 @@ def test_existing_privileged_role_is_refused(
         ).scalar_one()
 
 
+@pytest.mark.parametrize("attribute", ["BYPASSRLS", "SUPERUSER"])
+@pytest.mark.parametrize("through", [False, True], ids=["direct", "through-noinherit-role"])
+def test_existing_role_that_can_become_a_privileged_one_is_refused(
+    admin_engine: Engine, statements: list[str], attribute: str, through: bool
+) -> None:
+    suffix = secrets.token_hex(4)
+    app, ops, admin = f"tc_app_{suffix}", f"tc_ops_{suffix}", f"tc_admin_{suffix}"
+    with admin_engine.connect() as conn:  # never committed: the roles vanish on close
+        conn.exec_driver_sql(
+            f"CREATE ROLE {admin} {attribute}; CREATE ROLE {ops} NOINHERIT;"
+            f" CREATE ROLE {app} CREATEDB; GRANT {admin} TO {ops}"
+        )
+        conn.exec_driver_sql(f"GRANT {ops if through else admin} TO {app}")
+        before = role_attributes(conn, app)
+        statements.clear()
+        route = f"'{app}' -> '{ops}' -> '{admin}'" if through else f"'{app}' -> '{admin}'"
+        with pytest.raises(RLSSetupError) as info:
+            create_app_role(conn, app, login=True)
+        assert str(info.value) == (
+            f"role '{app}' can SET ROLE to '{admin}', which has {attribute} and bypasses "
+            f"row-level security ({route}); revoke the membership "
+            f"(REVOKE {ops if through else admin} FROM {app}) or choose another role name"
+        )
+        # Nothing was changed: only catalog reads were sent, CREATEDB and NOLOGIN stay.
+        assert all(s.lstrip().upper().startswith(("SELECT", "WITH")) for s in statements)
+        assert role_attributes(conn, app) == before == (False, False, False, True, False, False)
+
+
 def test_forced_policy_binds_the_table_owner_too(admin_engine: Engine, role_name: str) -> None:
     a, _ = TENANTS["uuid"]
     with admin_engine.begin() as conn:
