@@ -8,11 +8,13 @@ setting.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import sqlalchemy as sa
 from celery import Celery
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from tenant_celery import bind_tenant_guc, current_tenant, tenant_task
 from tests._rig.appconf import apply_test_config, database_url
@@ -64,3 +66,83 @@ def write_into(other_tenant: str) -> str:
 def count_without_tenant() -> int:
     with engine().begin() as conn:
         return int(conn.execute(COUNT).scalar_one())
+
+
+# --- a careless host: one pooled connection, a thread-local session left open -------
+
+_single: Engine | None = None
+_lock = threading.Lock()
+
+
+def single_engine() -> Engine:
+    """An engine with one pooled connection, so that every task meets the previous one's."""
+    global _single  # noqa: PLW0603 (one engine per worker process)
+    with _lock:
+        if _single is None:
+            engine = sa.create_engine(database_url(app_role=True), pool_size=1, max_overflow=0)
+            bind_tenant_guc(engine)
+            _single = engine
+    return _single
+
+
+# Thread-local sessions, as many Flask and Celery hosts keep them.
+sessions: scoped_session[Session] = scoped_session(sessionmaker())
+BODIES = sa.text("SELECT body FROM notes ORDER BY body")
+
+
+def session() -> Session:
+    if sessions.session_factory.kw.get("bind") is None:
+        sessions.session_factory.configure(bind=single_engine())
+    return sessions()
+
+
+@tenant_task(app=app)
+def read_and_leave_open() -> list[str]:
+    """Read-only: never commits, never removes its session."""
+    return list(session().execute(BODIES).scalars())
+
+
+@tenant_task(app=app)
+def read_then_insert(body: str) -> list[str]:
+    """Read, then insert a row whose tenant comes from the column's server default."""
+    current = session()
+    seen = list(current.execute(BODIES).scalars())
+    current.execute(sa.text("INSERT INTO notes (body) VALUES (:b)"), {"b": body})
+    current.commit()
+    return seen
+
+
+@app.task
+def leave_session_setting(tenant: str, raw: bool) -> str:
+    """Careless code leaving a session-level tenant setting on the pooled connection."""
+    if raw:
+        connection = single_engine().raw_connection()
+        cursor = connection.cursor()
+        cursor.execute("SELECT set_config('app.current_tenant_id', %s, false)", (tenant,))
+        cursor.close()
+        connection.commit()
+        connection.close()
+    else:
+        with single_engine().connect() as conn:
+            conn.execute(sa.text(f"SET app.current_tenant_id = '{tenant}'"))
+            conn.commit()
+    return "left"
+
+
+@app.task
+def bodies_without_tenant() -> list[str]:
+    with single_engine().begin() as conn:
+        return list(conn.execute(BODIES).scalars())
+
+
+@tenant_task(app=app)
+def raw_bodies() -> list[str]:
+    """Read through a raw DBAPI connection, which no hook sets."""
+    connection = single_engine().raw_connection()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT body FROM notes ORDER BY body")
+        return [row[0] for row in cursor.fetchall()]
+    finally:
+        connection.rollback()
+        connection.close()
