@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from examples.pgbouncer.engine import pgbouncer_engine
 from sqlalchemy.engine import Engine
 
-from tenant_celery import TenantContextMissing, tenant_context
+from tenant_celery import TenantContextMissing, bind_tenant_guc, tenant_context
 from tests._rig.pgbouncer import PgBouncer, run_pgbouncer
 from tests._rig.postgres import Database, render
 from tests._rig.worker import WorkerFactory
@@ -100,6 +100,30 @@ def test_a_session_level_setting_would_leak_to_the_next_client(
             assert list(conn.execute(SEEN).scalars()) == [TENANT_A]
     finally:
         with first.begin() as conn:
+            conn.execute(sa.text(f"RESET {GUC}"))
+
+
+def test_a_bound_engine_hides_another_clients_session_setting(
+    bouncer: PgBouncer, database: Database
+) -> None:
+    """The same careless client as above; a transaction of a bound engine begun outside
+    any tenant lands on its server connection and sees nothing of tenant A."""
+    careless = database.engine(bouncer.url(), pool_size=1, max_overflow=0)
+    bound = database.engine(bouncer.url(), pool_size=1, max_overflow=0)
+    unbind = bind_tenant_guc(bound)
+    with careless.begin() as conn:
+        conn.execute(sa.text("SELECT set_config(:g, :t, false)"), {"g": GUC, "t": TENANT_A})
+    try:
+        with bound.begin() as conn:
+            assert conn.execute(SETTING).scalar_one() == ""
+            assert list(conn.execute(SEEN).scalars()) == []
+        with tenant_context(TENANT_B), bound.begin() as conn:
+            assert list(conn.execute(SEEN).scalars()) == [TENANT_B]
+        with careless.begin() as conn:  # the setting was still there, for the unbound client
+            assert list(conn.execute(SEEN).scalars()) == [TENANT_A]
+    finally:
+        unbind()
+        with careless.begin() as conn:
             conn.execute(sa.text(f"RESET {GUC}"))
 
 
