@@ -14,12 +14,12 @@ it and cannot ``TRUNCATE`` it.  The role is clean when it exists, is
 neither a superuser nor ``BYPASSRLS``, and cannot ``SET ROLE`` to a role that
 is (through any chain of memberships).
 
-Around the tables, nothing may show the role rows the policies would hide
-(:mod:`tenant_celery._exposure` finds them): a materialized view of a tenant
-table it can read, a view that reads a tenant table as an owner who skips its
-policies, a table that references a tenant table by foreign key with neither
-the tenant column nor row-level security, or a ``SECURITY DEFINER`` routine it
-may execute that runs as a role able to read past the policies.
+Around the tables, nothing may show the role rows the policies would hide: a
+materialized view of a tenant table it can read, a view that reads a tenant
+table as an owner who skips its policies, a table that references a tenant
+table by foreign key with neither the tenant column nor row-level security,
+or a ``SECURITY DEFINER`` routine it may execute that runs as a role able to
+read past the policies.
 
 Policies are judged by their text as PostgreSQL prints it.  An expression
 pins rows to the tenant when it is ``<column> = <value>``, alone or AND-ed

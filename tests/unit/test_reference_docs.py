@@ -1,11 +1,12 @@
-"""The reference pages list exactly what the code has: settings and exceptions."""
+"""The reference pages list exactly what the code has: settings, exceptions and the
+audit's problem codes."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from tenant_celery import errors
+from tenant_celery import audit, errors
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "src" / "tenant_celery"
@@ -36,3 +37,18 @@ def test_every_exception_is_in_the_exceptions_reference() -> None:
     for name in errors.__all__:
         drawn = re.search(rf"^\s+(?:[│ ]*[├└]── )?{name}\b", errors.__doc__ or "", re.M)
         assert drawn, f"{name} is missing from the hierarchy drawn in errors.py"
+
+
+def test_every_problem_code_is_in_the_audit_reference() -> None:
+    codes = {
+        getattr(audit, name)
+        for name in audit.__all__
+        if name.isupper() and isinstance(getattr(audit, name), str)
+    }
+    assert len(codes) == len([n for n in audit.__all__ if n.isupper()])  # no two share a code
+    page = (REFERENCE / "rls.md").read_text()
+    rows = re.findall(r"^\| `([a-z_]+)` \| [^|]+ \| [^|]+ \|$", page, re.M)
+    assert sorted(rows) == sorted(codes)
+    # Every code named as a constant is that constant's name in upper case.
+    for code in codes:
+        assert getattr(audit, code.upper()) == code
