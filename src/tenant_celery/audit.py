@@ -464,17 +464,23 @@ def _describe(
     who = repr(role.name)
     match exposure:
         case _exposure.ExposedMatview(name, tables, via):
-            through = f" through view {via}" if via else ""
+            fix = (
+                f"through view {via}: REVOKE SELECT ON {via} FROM {role.quoted}, PUBLIC"
+                if via
+                else f": REVOKE SELECT ON {name} FROM {role.quoted}, PUBLIC"
+            )
             return (
                 EXPOSED_MATVIEW,
                 name,
                 f"materialized view {name} holds rows of {', '.join(tables)} for every tenant "
                 f"(materialized views have no row-level security) and {who} may read it"
-                f"{through}: revoke SELECT on it from {role.quoted} and PUBLIC, or replace it "
-                f"with a view WITH (security_invoker = true)",
+                f"{' ' if via else ''}{fix}, or replace it with a view "
+                f"WITH (security_invoker = true)",
             )
         case _exposure.BypassingView(name, owner, reason, table, via):
-            why = _WHO.get(reason, f"owns {table} and its row-level security is not forced")
+            why = _WHO.get(
+                reason, f"has the privileges of the owner of {table}, whose RLS is not forced"
+            )
             through = f" through view {via}" if via else ""
             return (
                 BYPASSING_VIEW,

@@ -177,14 +177,12 @@ def test_clean_database_passes(database: Database, admin_engine: Engine) -> None
 
 
 @pytest.fixture
-def member_role(
-    database: Database, pg_databases: DatabaseFactory, bypass_role: str
-) -> Iterator[str]:
-    """A role unique to this test that is a member of ``bypass_role``; dropped afterwards."""
-    name = f"tc_member_{secrets.token_hex(4)}"
+def checked_role(database: Database, pg_databases: DatabaseFactory) -> Iterator[str]:
+    """A plain role unique to this test, whose view the check takes; dropped (with its
+    grants and memberships) afterwards."""
+    name = f"tc_checked_{secrets.token_hex(4)}"
     with pg_databases.cluster.connect() as conn:
         conn.execute(f'CREATE ROLE "{name}"')
-        conn.execute(f'GRANT "{bypass_role}" TO "{name}"')
     yield name
     with pg_databases.cluster.connect(database.name) as conn:
         conn.execute(f'DROP OWNED BY "{name}"')
@@ -192,44 +190,71 @@ def member_role(
         conn.execute(f'DROP ROLE "{name}"')
 
 
+# Each way around the policies, as SQL run by the superuser after an invoices table
+# set up as the how-to says; {role} is the checked role, {bypass} a BYPASSRLS role.
 AROUND_THE_TABLES = {
-    (None, "bypassing_membership"),
-    ("public.invoice_totals", "exposed_matview"),
-    ("public.all_invoices", "bypassing_view"),
-    ("public.invoice_lines", "unprotected_child_table"),
-    ("public.invoice_sum()", "bypassing_definer_function"),
+    (None, "bypassing_membership"): 'GRANT "{bypass}" TO "{role}"',
+    ("public.invoice_totals", "exposed_matview"): (
+        "CREATE MATERIALIZED VIEW invoice_totals AS SELECT tenant_id, id FROM invoices;"
+        ' GRANT SELECT ON invoice_totals TO "{role}"'
+    ),
+    ("public.all_invoices", "bypassing_view"): (
+        "CREATE VIEW all_invoices AS SELECT * FROM invoices;"
+        ' GRANT SELECT ON all_invoices TO "{role}"'
+    ),
+    ("public.invoice_lines", "unprotected_child_table"): (
+        "CREATE TABLE invoice_lines (invoice_id bigint REFERENCES invoices, amount int);"
+        ' GRANT SELECT ON invoice_lines TO "{role}"'
+    ),
+    ("public.invoice_sum()", "bypassing_definer_function"): (
+        "CREATE FUNCTION invoice_sum() RETURNS bigint LANGUAGE sql SECURITY DEFINER"
+        " AS 'SELECT count(*) FROM invoices'"
+    ),
 }
 
 
-def test_holes_around_the_tables_are_reported(
-    database: Database, admin_engine: Engine, member_role: str, bypass_role: str
+@pytest.mark.parametrize("hole", sorted(AROUND_THE_TABLES, key=lambda h: h[1]), ids=lambda h: h[1])
+def test_each_hole_around_the_tables_fails_the_check(
+    database: Database,
+    admin_engine: Engine,
+    checked_role: str,
+    bypass_role: str,
+    hole: tuple[str | None, str],
 ) -> None:
     with admin_engine.begin() as conn:
-        tenant_table(conn, "invoices", member_role)
-        conn.exec_driver_sql(
-            "CREATE MATERIALIZED VIEW invoice_totals AS SELECT tenant_id, id FROM invoices;"
-            " CREATE VIEW all_invoices AS SELECT * FROM invoices;"
-            " CREATE TABLE invoice_lines (invoice_id bigint REFERENCES invoices, amount int);"
-            " CREATE FUNCTION invoice_sum() RETURNS bigint LANGUAGE sql SECURITY DEFINER"
-            "  AS 'SELECT count(*) FROM invoices'"
-        )
-        conn.exec_driver_sql(
-            f'GRANT SELECT ON invoice_totals, all_invoices, invoice_lines TO "{member_role}"'
-        )
+        tenant_table(conn, "invoices", checked_role)
     url = render(database.url)
+    assert check("--url", url, "--role", checked_role).returncode == 0
+    with admin_engine.begin() as conn:
+        conn.exec_driver_sql(AROUND_THE_TABLES[hole].format(role=checked_role, bypass=bypass_role))
 
-    result = check("--url", url, "--role", member_role, "--json")
+    result = check("--url", url, "--role", checked_role, "--json")
     assert result.returncode == 1, result.stderr
     document = json.loads(result.stdout)
-    assert {(p["table"], p["code"]) for p in document["problems"]} == AROUND_THE_TABLES
+    assert [(p["table"], p["code"]) for p in document["problems"]] == [hole]
+
+
+def test_holes_around_the_tables_are_reported_together(
+    database: Database, admin_engine: Engine, checked_role: str, bypass_role: str
+) -> None:
+    with admin_engine.begin() as conn:
+        tenant_table(conn, "invoices", checked_role)
+        for statement in AROUND_THE_TABLES.values():
+            conn.exec_driver_sql(statement.format(role=checked_role, bypass=bypass_role))
+    url = render(database.url)
+
+    result = check("--url", url, "--role", checked_role, "--json")
+    assert result.returncode == 1, result.stderr
+    document = json.loads(result.stdout)
+    assert {(p["table"], p["code"]) for p in document["problems"]} == set(AROUND_THE_TABLES)
     assert document["role"]["bypassing_roles"] == [bypass_role]
 
-    text = check("--url", url, "--role", member_role)
+    text = check("--url", url, "--role", checked_role)
     assert text.returncode == 1, text.stderr
     assert f"can become {bypass_role}" in text.stdout
     assert "5 problems:" in text.stdout
     for table, code in AROUND_THE_TABLES:
-        where = table or f"role {member_role}"
+        where = table or f"role {checked_role}"
         assert any(where in line and f"{code}:" in line for line in text.stdout.splitlines()), (
             table,
             code,

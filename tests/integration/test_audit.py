@@ -299,7 +299,7 @@ def test_view_owned_by_a_role_that_skips_the_policy_is_reported(
         invoices.exec_driver_sql("ALTER TABLE invoices NO FORCE ROW LEVEL SECURITY")
         invoices.exec_driver_sql(f"ALTER VIEW all_invoices OWNER TO {role}")
         expected.add(("public.invoices", "rls_not_forced"))
-        why = "owns public.invoices and its row-level security is not forced"
+        why = "has the privileges of the owner of public.invoices, whose RLS is not forced"
     else:
         why = "is a superuser"
     invoices.exec_driver_sql(f"GRANT SELECT ON all_invoices TO {APP_ROLE}")
