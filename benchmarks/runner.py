@@ -65,6 +65,11 @@ BENCHMARKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Database result backend: NullPool against pooled",
         (),
     ),
+    "guard": (
+        "benchmarks.statement_guard",
+        "bind_tenant_guc: per-statement check and check-in reset",
+        (),
+    ),
 }
 
 ROWS_PER_TENANT = {"smoke": 20, "default": 2000}

@@ -154,10 +154,12 @@ class _EngineGuard:
     def __init__(self) -> None:
         self.names: set[str] = set()
         self.own: tuple[object, ...] = ()
+        self._needles: tuple[str, ...] = ("set_config",)
         self._set_statement: re.Pattern[str] | None = None
 
     def add_name(self, name: str) -> None:
         self.names.add(name)
+        self._needles = ("set_config", *sorted(self.names))
         names = "|".join(re.escape(n) for n in sorted(self.names))
         # SET [SESSION] name: what leaves a session-level value (SET LOCAL does not).
         self._set_statement = re.compile(rf'\bset\s+(?:session\s+)?"?(?:{names})\b')
@@ -180,8 +182,10 @@ class _EngineGuard:
                 tx.pending = None
                 cursor.execute(sql, params)
         lowered = statement.lower()
-        if "set_config" in lowered or any(name in lowered for name in self.names):
-            self._note_setting(conn, lowered, context)
+        for needle in self._needles:
+            if needle in lowered:
+                self._note_setting(conn, lowered, context)
+                break
 
     def _note_setting(self, conn: Connection, lowered: str, context: Any) -> None:
         """A statement that may leave a session-level setting: reset it at check-in."""
@@ -219,13 +223,23 @@ class _EngineGuard:
         # End whatever transaction is open, so the reset is not rolled back with it;
         # a failure here makes the pool discard the connection instead of keeping it.
         dbapi_connection.rollback()
-        cursor = dbapi_connection.cursor()
+        # In the driver's autocommit mode (psycopg 2 and 3) the reset is one round
+        # trip instead of three (BEGIN, the statement, COMMIT).
+        switch = getattr(dbapi_connection, "autocommit", None) is False
+        if switch:
+            dbapi_connection.autocommit = True
         try:
-            for name in sorted(self.names):  # validated prefix.name: safe as a literal
-                cursor.execute(f"SELECT pg_catalog.set_config('{name}', '', false)")
+            cursor = dbapi_connection.cursor()
+            try:
+                names = ", ".join(f"pg_catalog.set_config('{n}', '', false)" for n in self.names)
+                cursor.execute(f"SELECT {names}")  # validated prefix.name: safe as literals
+            finally:
+                cursor.close()
         finally:
-            cursor.close()
-        dbapi_connection.commit()
+            if switch:
+                dbapi_connection.autocommit = False
+        if not switch:
+            dbapi_connection.commit()
 
 
 def guard(engine: Engine, name: str, own: tuple[object, ...]) -> None:
