@@ -15,7 +15,8 @@ Three ways in, from explicit to automatic:
 * :func:`tenant_session` (and :func:`async_tenant_session`): one transaction
   with the setting made, committed or rolled back for you;
 * :func:`bind_tenant_guc`: a hook that makes the setting at the start of every
-  transaction begun inside a tenant context.
+  transaction, and (with :mod:`tenant_celery._transaction_guard`) refuses any
+  statement that would not see the current tenant.
 """
 
 from __future__ import annotations
