@@ -26,6 +26,7 @@ from .config import header_name
 from .context import _enter, _exit, parse_tenant_id
 from .correlation import CORRELATION_HEADER, message_correlation
 from .errors import TenantCeleryError
+from .propagation import message_header, vouching
 
 __all__ = ["TenantRequest"]
 
@@ -33,9 +34,10 @@ __all__ = ["TenantRequest"]
 class TenantRequest(Request):
     """Run the main process's handling of a message inside the message's tenant.
 
-    The tenant is read from the message header; a missing or invalid one, or
-    with signing on one whose signature does not verify, enters no tenant
-    (never whatever the thread had).  A task class that sets its own
+    The tenant is read from the message header, as the pool reads it; a
+    missing, invalid or ambiguous one, or with signing on one whose signature
+    does not verify, enters no tenant (never whatever the thread had), and
+    only that tenant is signed for what is published meanwhile.  A task class that sets its own
     ``Request`` must derive it from this class.
     """
 
@@ -44,7 +46,8 @@ class TenantRequest(Request):
         message = self.request_dict
         tenant: str | None = None
         try:
-            raw = message.get(header_name(self.app))
+            # The same reader as the pool's: one message, one tenant.
+            raw = message_header(message, header_name(self.app))
             if raw is not None:
                 tenant = parse_tenant_id(raw)
                 signature = message.get(signing.SIGNATURE_HEADER)
@@ -55,7 +58,9 @@ class TenantRequest(Request):
             tenant = None
         token = _enter(tenant)
         try:
-            with message_correlation(self.request_dict.get(CORRELATION_HEADER)):
+            # What Celery publishes here (errbacks, a chord's failure) is replayed from
+            # this message: it vouches for the message's verified tenant only.
+            with vouching(tenant), message_correlation(message.get(CORRELATION_HEADER)):
                 yield
         finally:
             _exit(token)

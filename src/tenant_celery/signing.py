@@ -49,8 +49,10 @@ __all__ = [
     "check_signature",
     "key_id",
     "parse_signing_keys",
+    "sign_fan_out",
     "sign_tenant",
     "signing_keys",
+    "verify_fan_out",
     "verify_signature",
 ]
 
@@ -66,6 +68,9 @@ MIN_KEY_BYTES = 32
 _SETTING = "tenant_celery_header_signing_keys"
 _VERSION = "v1"
 _DOMAIN = b"tenant-celery tenant header v1\x00"
+# A fan-out over every tenant is signed in its own domain: no tenant's signature
+# can be read as one, whatever the tenant id parser accepts.
+_FAN_OUT_DOMAIN = b"tenant-celery fan-out v1\x00"
 _KEY_ID_DOMAIN = b"tenant-celery key id"
 _SIGNATURE = re.compile(r"v1:([0-9a-f]{8}):[0-9a-f]{64}\Z")
 
@@ -162,8 +167,8 @@ def key_id(key: bytes) -> str:
 # ------------------------------------------------------------------ sign and verify
 
 
-def _signed_text(tenant: str, task_id: str, task_name: str) -> bytes:
-    parts = [_DOMAIN]
+def _signed_text(tenant: str, task_id: str, task_name: str, domain: bytes = _DOMAIN) -> bytes:
+    parts = [domain]
     for field in (tenant, task_id, task_name):
         encoded = field.encode("utf-8", "surrogatepass")
         parts.append(struct.pack(">I", len(encoded)))
@@ -181,6 +186,24 @@ def sign_tenant(key: bytes, tenant: str, task_id: str, task_name: str) -> str:
     return _signature(key, _signed_text(tenant, task_id, task_name))
 
 
+def sign_fan_out(key: bytes, task_id: str, task_name: str) -> str:
+    """The signature of a message that fans out over every tenant
+    (``tenant_celery.for_each_tenant``), for one task id and task name."""
+    return _signature(key, _signed_text("", task_id, task_name, _FAN_OUT_DOMAIN))
+
+
+def verify_fan_out(
+    keys: Sequence[bytes], signature: object, task_id: object, task_name: object
+) -> None:
+    """Check that ``signature`` was made by one of ``keys`` with :func:`sign_fan_out`
+    for exactly this task id and task name.
+
+    Raises:
+        TenantSignatureError: as :func:`verify_signature`.
+    """
+    _verify(keys, signature, "", task_id, task_name, _FAN_OUT_DOMAIN)
+
+
 def verify_signature(
     keys: Sequence[bytes], signature: object, tenant: str, task_id: object, task_name: object
 ) -> None:
@@ -194,6 +217,17 @@ def verify_signature(
             is malformed, made with another key, or made for another tenant,
             task id or task name (reason ``"bad-signature"``).
     """
+    _verify(keys, signature, tenant, task_id, task_name, _DOMAIN)
+
+
+def _verify(
+    keys: Sequence[bytes],
+    signature: object,
+    tenant: str,
+    task_id: object,
+    task_name: object,
+    domain: bytes,
+) -> None:
     if signature is None:
         raise TenantSignatureError(
             f"the tenant header is not signed, and signing is on ({_SETTING}); the message "
@@ -210,7 +244,7 @@ def verify_signature(
             f"the tenant header's signature is malformed (expected {_VERSION}:<key id>:<hmac>)",
             reason=BAD_SIGNATURE,
         )
-    text = _signed_text(tenant, task_id, task_name)
+    text = _signed_text(tenant, task_id, task_name, domain)
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(_signature(key, text), signature)

@@ -40,6 +40,12 @@ TENANT_ARG = "tenant_id"
 
 _NOT_GIVEN = object()
 
+_ASYNC_REFUSED = (
+    "tenant task {name!r} is an async def function, which Celery cannot run: it would "
+    "return a coroutine that is never awaited; make it a plain def that calls "
+    "asyncio.run(...) on the coroutine (the tenant context is copied into it)"
+)
+
 
 class TenantTask(GenericTask[_P, _R]):
     """Base class of tasks that always run inside exactly one tenant.
@@ -72,6 +78,18 @@ class TenantTask(GenericTask[_P, _R]):
     #: Handles, in the worker's main process, the failures that never reach the
     #: pool (hard time limit, lost process, revoke, expiry) inside the tenant.
     Request = "tenant_celery.request:TenantRequest"
+
+    @classmethod
+    def on_bound(cls, app: Celery) -> None:
+        """Refuse a coroutine function: Celery calls a task's function and stores what it
+        returns, so an ``async def`` body would never run (in any tenant)."""
+        super().on_bound(app)
+        run = cls.__dict__.get("run")
+        if inspect.iscoroutinefunction(getattr(run, "__func__", run)):
+            registry: Any = getattr(app, "_tasks")  # noqa: B009 (Celery registers, then binds)
+            if registry.get(cls.name) is not None and type(registry[cls.name]) is cls:
+                del registry[cls.name]
+            raise ConfigurationError(_ASYNC_REFUSED.format(name=cls.name))
 
     @cached_property
     def tenant_required(self) -> bool:
@@ -164,12 +182,46 @@ class TenantTask(GenericTask[_P, _R]):
                 f"cannot publish tenant task {self.name!r} without a tenant: publish it "
                 f"inside tenant_context(...) or pass {TENANT_ARG}=..."
             )
+        # Unusable keys are refused here, before anything is sent, not in the hook.
+        if signing.signing_keys(self.app) and not propagation.may_vouch_for(tenant):
+            raise TenantConflict(
+                f"cannot publish tenant task {self.name!r} for another tenant than the one "
+                "this worker handles a message of (or for any, outside one): with signed "
+                "tenant headers a worker vouches only for the verified tenant of the "
+                "message it runs; publish work for other tenants with fan_out(...)"
+            )
         return (
             args,
             self._shape_kwargs(kwargs, tenant, positional),
             {**(headers or {}), header: tenant},
             tenant,
         )
+
+    def _fix_chord_tenant(self, chord: object, tenant: str) -> None:
+        """Fix the tenant of the chord this message is a header part of, or refuse it.
+
+        The first header part published names the chord's tenant in its
+        callback's headers, so the callback runs there whichever part ends
+        last; a part in another tenant would feed that tenant's results to the
+        callback, and is refused before it is sent.
+        """
+        if not isinstance(chord, dict):
+            return
+        options = chord.get("options")
+        if not isinstance(options, dict):
+            return
+        header = header_name(self.app)
+        headers = options.get("headers")
+        named = headers.get(header) if isinstance(headers, Mapping) else None
+        if named is None:
+            options["headers"] = {**(headers or {}), header: tenant}
+            return
+        if parse_tenant_id(named) != tenant:
+            raise TenantConflict(
+                f"tenant task {self.name!r} is a header part of a chord of another tenant; "
+                "a chord runs in one tenant: publish one chord per tenant (fan_out(...) "
+                "of a task that builds it, for instance)"
+            )
 
     def apply_async(
         self,
@@ -203,7 +255,7 @@ class TenantTask(GenericTask[_P, _R]):
             args, kwargs, options["headers"], tenant = self._prepare(
                 args, kwargs, options.get("headers")
             )
-            signing.signing_keys(self.app)  # refuse unusable keys here, not in the hook
+            self._fix_chord_tenant(options.get("chord"), tenant)
             # Publish inside the task's tenant: the hook signs the tenant header only
             # when it names the context, and a tenant named here is the caller's choice.
             token = _enter(tenant)
@@ -256,6 +308,18 @@ class TenantTask(GenericTask[_P, _R]):
         tenant_rejected.send(sender=self, reason=reason, exc=exc, request=request)
         logger.warning("tenant task %s[%s] refused: %s", self.name, request.id, exc)
 
+    def _check_chord_tenant(self, request: Context, tenant: str) -> None:
+        """Refuse a chord header part whose chord names another tenant."""
+        chord = request.chord
+        options = chord.get("options") if isinstance(chord, Mapping) else None
+        headers = options.get("headers") if isinstance(options, Mapping) else None
+        named = headers.get(header_name(self.app)) if isinstance(headers, Mapping) else None
+        if named is not None and parse_tenant_id(named) != tenant:
+            raise TenantConflict(
+                f"tenant task {self.name!r} is a header part of a chord whose callback "
+                "runs in another tenant; its result would reach that tenant"
+            )
+
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         request = self.request
         if not self.tenant_required:
@@ -265,6 +329,18 @@ class TenantTask(GenericTask[_P, _R]):
         if request.called_directly:
             # A plain function call: no message, so the caller's context applies.
             tenant, positional = self._explicit_tenant(args, kwargs, None)
+            if (
+                tenant is not None
+                and signing.signing_keys(self.app)
+                and not propagation.may_vouch_for(tenant)
+            ):
+                # Celery's map, starmap and chunks call a task with arguments taken
+                # from their own message: those name no more than its verified tenant.
+                raise TenantConflict(
+                    f"tenant task {self.name!r} was called with a tenant argument naming "
+                    "another tenant than the verified tenant of the message this worker "
+                    "handles; with signed tenant headers a called task runs in that tenant only"
+                )
             tenant = tenant or current_tenant()
             if tenant is None:
                 raise TenantContextMissing(
@@ -288,6 +364,7 @@ class TenantTask(GenericTask[_P, _R]):
             signing.check_signature(
                 self.app, tenant, None if raw is None else signature, request.id, self.name
             )
+            self._check_chord_tenant(request, tenant)
         except signing.TenantSignatureError as exc:
             self._refuse(request, exc, exc.reason)
             raise
@@ -303,6 +380,8 @@ class TenantTask(GenericTask[_P, _R]):
 
         # Reset by task_postrun, after chain and link callbacks are published.
         propagation._remember(request, _enter(tenant))
+        if not request.is_eager:
+            propagation._remember_authority(request, tenant)
         tenant_entered.send(sender=self, tenant_id=tenant, request=request)
         # Call ``run`` directly: ``Task.__call__`` would push a second request
         # and hide this one (its id, headers, retries) from a bound task.
@@ -333,7 +412,14 @@ def tenant_task(
     base = options.setdefault("base", TenantTask)
     if not (isinstance(base, type) and issubclass(base, TenantTask)):
         raise ConfigurationError(f"tenant_task base must be a subclass of TenantTask, got {base!r}")
-    decorate = shared_task(**options) if app is None else app.task(**options)
+    register = shared_task(**options) if app is None else app.task(**options)
+
+    def decorate(function: Callable[..., Any]) -> Any:
+        if inspect.iscoroutinefunction(function):
+            name = options.get("name") or f"{function.__module__}.{function.__qualname__}"
+            raise ConfigurationError(_ASYNC_REFUSED.format(name=name))
+        return register(function)
+
     if fun is not None:
         return decorate(fun)
     return decorate

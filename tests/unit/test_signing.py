@@ -19,22 +19,26 @@ from celery import Celery, Task, chain, chord, group
 
 from tenant_celery import (
     ConfigurationError,
+    TenantConflict,
     TenantContextMissing,
     current_tenant,
+    propagation,
     tenant_context,
     tenant_rejected,
     tenant_task,
 )
 from tenant_celery.config import header_name
-from tenant_celery.propagation import _carry_tenant, _leave_tenant
+from tenant_celery.propagation import _carry_tenant, _leave_tenant, may_vouch_for, vouching
 from tenant_celery.signing import (
     MIN_KEY_BYTES,
     SIGNATURE_HEADER,
     TenantSignatureError,
     key_id,
     parse_signing_keys,
+    sign_fan_out,
     sign_tenant,
     signing_keys,
+    verify_fan_out,
     verify_signature,
 )
 
@@ -506,3 +510,87 @@ def test_the_documented_key_command_makes_a_usable_key() -> None:
     ]
     assert keys[0] != keys[1]
     assert parse_signing_keys(",".join(keys)) == tuple(k.encode() for k in keys)
+
+
+# ------------------------------------------------ authority: what a worker may sign
+
+
+def test_fan_out_signature_is_its_own_domain() -> None:
+    key = NEW.encode()
+    fan_out = sign_fan_out(key, TASK_ID, "tenant_celery.for_each_tenant")
+    verify_fan_out((OLD.encode(), key), fan_out, TASK_ID, "tenant_celery.for_each_tenant")
+    with pytest.raises(TenantSignatureError):
+        verify_fan_out((key,), fan_out, TASK_ID + "x", "tenant_celery.for_each_tenant")
+    with pytest.raises(TenantSignatureError, match="not signed"):
+        verify_fan_out((key,), None, TASK_ID, "tenant_celery.for_each_tenant")
+    # Neither form of signature can be read as the other, whatever the parser accepts.
+    with pytest.raises(TenantSignatureError):
+        verify_fan_out((key,), sign_tenant(key, "", TASK_ID, "t"), TASK_ID, "t")
+    with pytest.raises(TenantSignatureError):
+        verify_signature((key,), sign_fan_out(key, TASK_ID, "t"), "", TASK_ID, "t")
+
+
+def test_authority_outside_a_worker_inside_a_message_and_in_vouching() -> None:
+    # Application code outside a worker names any tenant.
+    assert may_vouch_for(A)
+    assert may_vouch_for(B)
+    with vouching(A):  # handling a message verified for A
+        assert may_vouch_for(A)
+        assert not may_vouch_for(B)
+        with vouching(B):  # fan_out's choice, inside that
+            assert may_vouch_for(B)
+        assert not may_vouch_for(B)
+    with vouching(None):  # a message that names no verified tenant
+        assert not may_vouch_for(A)
+    assert may_vouch_for(B)
+
+
+def test_worker_process_code_outside_a_message_vouches_for_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(propagation._Process, "in_worker", True)
+    assert not may_vouch_for(A)
+    with vouching(A):
+        assert may_vouch_for(A)
+
+
+def test_a_message_of_one_tenant_cannot_publish_for_another(
+    eager: Tasks, published: list[dict[str, Any]]
+) -> None:
+    eager.app.conf.task_always_eager = False
+    with vouching(A):
+        with tenant_context(A), pytest.raises(TenantConflict, match="fan_out"):
+            eager.observe.apply_async(kwargs={"tenant_id": B})
+        with pytest.raises(TenantConflict, match="fan_out"):
+            eager.observe.apply(kwargs={"tenant_id": B})
+        with pytest.raises(TenantConflict, match="tenant argument"):
+            eager.observe(tenant_id=B)  # as celery.starmap calls a task
+    assert published == []
+    assert eager.ran == []
+
+
+def test_direct_call_naming_a_tenant_is_a_choice_when_signing_is_off(eager: Tasks) -> None:
+    eager.app.conf.tenant_celery_header_signing_keys = None
+    with vouching(A):
+        assert eager.observe(tenant_id=B)["tenant"] == B
+
+
+def test_main_process_handling_vouches_only_for_the_verified_tenant(eager: Tasks) -> None:
+    from celery.contrib.testing.mocks import TaskMessage  # noqa: PLC0415
+
+    from tenant_celery.request import TenantRequest  # noqa: PLC0415
+
+    observe = eager.observe
+    valid = sign_tenant(NEW.encode(), A, TASK_ID, observe.name)
+    for headers, expected in [
+        ({"tenant_id": A, SIGNATURE_HEADER: valid}, A),
+        ({"tenant_id": A}, None),  # unsigned
+        # one message, two tenants: the nested headers disagree with the message's own
+        ({"tenant_id": A, SIGNATURE_HEADER: valid, "headers": {"tenant_id": B}}, None),
+    ]:
+        message = TaskMessage(observe.name, id=TASK_ID, **headers)
+        request = TenantRequest(message, app=eager.app, task=observe)
+        with request._message_tenant():
+            assert current_tenant() == expected
+            assert may_vouch_for(A) is (expected == A)
+            assert not may_vouch_for(B)
