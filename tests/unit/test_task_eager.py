@@ -305,6 +305,7 @@ def test_every_tenant(eager: Tasks) -> None:
         eager.observe, tenants=f"{__name__}:active_tenants", schedule=60, args=("beat",)
     )
     assert entry["task"] == FOR_EACH_TENANT_TASK
+    eager.app.conf.beat_schedule = {"observe-every-tenant": entry}
     entered: list[str] = []
 
     def on_entered(sender: Any, tenant_id: str, **_: Any) -> None:
@@ -320,12 +321,86 @@ def test_every_tenant(eager: Tasks) -> None:
     assert entered == [A, B]
 
 
-def test_every_tenant_refuses_bad_input() -> None:
+def test_every_tenant_refuses_bad_input(eager: Tasks) -> None:
     with pytest.raises(ConfigurationError, match="import path"):
         every_tenant("x", tenants="no.such.module:fn", schedule=60)
-    with pytest.raises(TypeError, match="tenant_id"):
-        every_tenant("x", tenants=f"{__name__}:active_tenants", schedule=60,
-                     kwargs={"tenant_id": A})  # fmt: skip
+    lister = f"{__name__}:active_tenants"
+    with pytest.raises(TypeError, match="'tenant_id' keyword"):
+        every_tenant("x", tenants=lister, schedule=60, kwargs={"tenant_id": A})
+    with pytest.raises(TypeError, match="positional 'tenant_id' argument"):
+        every_tenant(eager.wants_tenant, tenants=lister, schedule=60, args=(1, A))
+    with pytest.raises(TypeError, match="'tenant_id' message header"):
+        every_tenant("x", tenants=lister, schedule=60, options={"headers": {"tenant_id": A}})
+
+
+imported: list[str] = []
+
+
+def record_import() -> list[str]:
+    """A tenant lister that records being called."""
+    imported.append("called")
+    return [A, B]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        # an import path no entry names: the worker must neither import nor call it
+        (("observe", f"{__name__}:record_import", []), {"kwargs": {}, "spread": None}),
+        (("observe", "os:abort", []), {"kwargs": {}, "spread": None}),
+        # the configured task and lister, with arguments the entry does not give
+        (("observe", f"{__name__}:active_tenants", ["forged"]), {"kwargs": {}, "spread": None}),
+        # another task with the configured lister
+        (("step", f"{__name__}:active_tenants", ["beat"]), {"kwargs": {}, "spread": None}),
+    ],
+    ids=["unknown-lister", "os-abort", "other-args", "other-task"],
+)
+def test_for_each_tenant_runs_only_configured_fan_outs(
+    eager: Tasks, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    eager.app.conf.beat_schedule = {
+        "nightly": every_tenant(
+            eager.observe, tenants=f"{__name__}:active_tenants", schedule=60, args=("beat",)
+        )
+    }
+    entered: list[str] = []
+
+    def on_entered(sender: Any, tenant_id: str, **_: Any) -> None:
+        entered.append(tenant_id)
+
+    imported.clear()
+    name = getattr(eager, args[0]).name
+    tenant_entered.connect(on_entered)
+    try:
+        with pytest.raises(ConfigurationError, match="beat_schedule"):
+            eager.app.tasks[FOR_EACH_TENANT_TASK].apply((name, *args[1:]), kwargs)
+    finally:
+        tenant_entered.disconnect(on_entered)
+    assert entered == []
+    assert imported == []
+
+
+def test_fan_out_refuses_a_task_that_names_its_tenant(eager: Tasks) -> None:
+    ran: list[str] = []
+
+    def on_entered(sender: Any, tenant_id: str, **_: Any) -> None:
+        ran.append(tenant_id)
+
+    tenant_entered.connect(on_entered)
+    try:
+        with pytest.raises(TypeError, match="'tenant_id' keyword"):
+            fan_out(eager.observe, [A, B], tenant_id=A)
+        with pytest.raises(TypeError, match="'tenant_id' keyword"):
+            fan_out(eager.wants_tenant.s(1, tenant_id=A), [A, B])
+        with pytest.raises(TypeError, match="positional 'tenant_id' argument"):
+            fan_out(eager.wants_tenant.s(1, A), [A, B])
+        with pytest.raises(TypeError, match="positional 'tenant_id' argument"):
+            fan_out(eager.wants_tenant, [A, B], 1, A)
+        with pytest.raises(TypeError, match="'tenant_id' message header"):
+            fan_out(eager.observe.s().set(headers={"tenant_id": A}), [A, B])
+    finally:
+        tenant_entered.disconnect(on_entered)
+    assert ran == []
 
 
 def test_fan_out(eager: Tasks) -> None:
@@ -349,3 +424,17 @@ def test_fan_out_validates_every_id_first(eager: Tasks) -> None:
     finally:
         tenant_entered.disconnect(on_entered)
     assert ran == []
+
+
+def test_async_functions_are_refused_at_decoration() -> None:
+    app = Celery("async-refused", set_as_current=False)
+
+    async def report() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="async def"):
+        tenant_task(app=app, shared=False)(report)
+    with pytest.raises(ConfigurationError, match=r"asyncio\.run"):
+        tenant_task(report)
+    with pytest.raises(ConfigurationError, match="async def"):
+        app.task(base=TenantTask, shared=False, lazy=False)(report)
+    assert not [name for name in app.tasks if name.endswith("report")]
