@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import importlib
 import os
 import re
@@ -144,8 +145,15 @@ def _close_backend(app: Celery) -> None:
         return
     consumer = backend.__dict__.get("result_consumer")
     if consumer is not None:
+        # Results still alive unsubscribe when collected; a result kept by a reference
+        # cycle (a failure's traceback) would do it after the close, on a connection
+        # it opens and nobody closes: collect them now, and forget the rest.
+        gc.collect()
         with contextlib.suppress(Exception):
             consumer.stop()
+        subscribed = getattr(consumer, "subscribed_to", None)
+        if isinstance(subscribed, set):
+            subscribed.clear()
     client = backend.__dict__.get("client")
     if client is not None:
         with contextlib.suppress(Exception):

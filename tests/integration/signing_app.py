@@ -8,6 +8,7 @@ written as ``app_user``, so a refused message is proven not to have run.
 
 from __future__ import annotations
 
+import uuid
 from functools import cache
 from typing import Any
 
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 from celery import Celery, Task
 from sqlalchemy.engine import Engine
 
-from tenant_celery import current_tenant, tenant_task
+from tenant_celery import current_tenant, every_tenant, fan_out, tenant_task
 from tests._rig.appconf import apply_test_config, database_url
 
 app = apply_test_config(Celery("signing_app"))
@@ -68,3 +69,62 @@ def spawn(key: str) -> str:
 @app.task
 def plain_spawn(key: str) -> str:
     return mark.delay(key).id
+
+
+# ------------------------------------------------ routes a publisher without a key tries
+
+#: The tenants the app's own fan-out runs for (its tenant lister returns them).
+LISTED = ("7a5c1d0e-0000-4000-8000-00000000000a", "7a5c1d0e-0000-4000-8000-00000000000b")
+
+
+def listed_tenants() -> list[str]:
+    """The app's tenant lister, named by its beat schedule."""
+    return list(LISTED)
+
+
+def noisy_lister() -> list[str]:
+    """A lister no schedule names: a row shows it was called."""
+    _mark(f"noisy:{uuid.uuid4()}")
+    return list(LISTED)
+
+
+@tenant_task(app=app)
+def mark_each(key: str) -> str | None:
+    """Write a mark whose key is unique per run: ``<key>:<tenant>:<random>``."""
+    return _mark(f"{key}:{current_tenant()}:{uuid.uuid4()}")
+
+
+@tenant_task(app=app)
+def mark_for(tenant_id: str, key: str) -> str | None:
+    """A tenant task whose first parameter is its tenant."""
+    return _mark(key)
+
+
+@tenant_task(app=app)
+def mark_tenant(tenant_id: str) -> str | None:
+    """A tenant task that takes its tenant only: ``celery.map`` calls it with one item."""
+    return _mark(f"map:{uuid.uuid4()}")
+
+
+@tenant_task(app=app)
+def publish_for(key: str, tenant: str) -> str:
+    """Application code in a worker that publishes for a tenant it names."""
+    return mark.apply_async((key,), kwargs={"tenant_id": tenant}).id
+
+
+@tenant_task(app=app)
+def fan_out_marks(key: str, tenants: list[str]) -> int:
+    """Application code in a worker that fans out over tenants it chose."""
+    return len(fan_out(mark_each, tenants, key))
+
+
+@app.task
+def plain_noop() -> None:
+    """A plain task, for messages that carry callbacks."""
+
+
+app.conf.beat_schedule = {
+    "marks-every-tenant": every_tenant(
+        mark_each, tenants=f"{__name__}:listed_tenants", schedule=3600, args=("beat",)
+    ),
+}

@@ -49,6 +49,20 @@ def child(result: AsyncResult[Any], key: str = "child_id") -> Any:
     return get(tasks.app.AsyncResult(get(result)[key]))
 
 
+def test_nested_headers_naming_another_tenant_are_refused(tenant_worker: Any) -> None:
+    # The pool and the worker's main process read one tenant: the message's own header.
+    # A nested ``headers`` key naming another tenant makes one message name two.
+    result = tasks.app.send_task(
+        tasks.observe.name, ("nested",), headers={"tenant_id": A, "headers": {"tenant_id": B}}
+    )
+    with pytest.raises(TenantConflict):
+        get(result)
+    result = tasks.app.send_task(
+        tasks.observe.name, ("same",), headers={"tenant_id": A, "headers": {"tenant_id": A}}
+    )
+    assert get(result)["tenant"] == A
+
+
 def test_task_observes_publishers_tenant(tenant_worker: Any) -> None:
     with tenant_context(A):
         assert get(tasks.observe.delay("a"))["tenant"] == A
