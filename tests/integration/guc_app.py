@@ -146,3 +146,12 @@ def raw_bodies() -> list[str]:
     finally:
         connection.rollback()
         connection.close()
+
+
+@tenant_task(app=app)
+def autocommit_bodies() -> list[str]:
+    """Read on the bound engine in AUTOCOMMIT mode, where a transaction-local setting
+    would last one statement and the next would see the server session's value."""
+    with single_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("SELECT 1"))
+        return list(conn.execute(BODIES).scalars())

@@ -146,3 +146,18 @@ def test_session_level_setting_does_not_reach_the_next_checkout(
         seen = get(guc_app.raw_bodies.delay())
     assert not [body for body in seen if body.startswith(a)]
     assert seen == []
+
+
+def test_autocommit_is_refused_whatever_the_session_holds(
+    notes_table: Database, careless_worker: WorkerHandle, seeded: tuple[str, str]
+) -> None:
+    a, b = seeded
+    get(guc_app.leave_session_setting.delay(a, False))  # tenant A at session level
+    with tenant_context(b):
+        result = guc_app.autocommit_bodies.delay()
+        with pytest.raises(Exception, match="AUTOCOMMIT") as info:
+            get(result)
+    assert type(info.value).__name__ == "TransactionRequired"
+    # Nothing of A's was read: the task's only result is the refusal.
+    assert result.state == "FAILURE"
+    assert f"{a}-1" not in str(result.result)

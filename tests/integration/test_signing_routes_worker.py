@@ -290,3 +290,19 @@ def test_chord_header_in_another_tenant_is_refused_at_publish(
     assert rows(marks, first) == [(first, A)]
     assert rows(marks, other) == []
     assert rows(marks, callback) == []
+
+
+@pytest.mark.parametrize("named_by", ["positional", "bound keyword", "header"])
+def test_fan_out_of_a_task_naming_its_tenant_sends_nothing(
+    signed_worker: WorkerHandle, marks: Engine, named_by: str
+) -> None:
+    name = key()
+    signature = {
+        "positional": tasks.mark_for.s(B, name),
+        "bound keyword": tasks.mark.s(name, tenant_id=B),
+        "header": tasks.mark.s(name).set(headers={"tenant_id": B}),
+    }[named_by]
+    with pytest.raises(TypeError, match="already names one"):
+        tasks.fan_out(signature, [A, B])
+    time.sleep(SETTLE)
+    assert rows(marks, name) == []
