@@ -21,7 +21,7 @@ import pytest
 from tests._rig.postgres import PgCluster, render
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = {"p1", "p2", "p3", "p4", "p5", "results"}
+SECTIONS = {"p1", "p2", "p3", "p4", "p5", "results", "guard"}
 
 pytestmark = pytest.mark.worker
 
@@ -116,3 +116,14 @@ def test_benchmarks_run_at_smoke_size(
         assert all(ms > 0 for ms in found["busy_ms"] + found["idle_ms"]), case
         # The probes met a backlog: A had tasks waiting when B's first one was sent.
         assert found["a_waiting_at_first_probe"] > 0, case
+
+    guard = sections["guard"]["data"]
+    for variant in ("unbound", "no-op listener", "bound"):
+        assert all(us > 0 for us in guard["cpu"]["cpu_us"][variant]), variant
+    assert guard["check_alone_ns"] > 0
+    trips = guard["round_trips"]
+    # No round trip added to a tenant's transaction; one outside a tenant ('' set) and
+    # one for a raw checkout (its reset at check-in).
+    assert trips["transaction in a tenant, one query"] == {"unbound": 4, "bound": 4}
+    for case in ("transaction outside any tenant, one query", "raw DBAPI checkout, one query"):
+        assert trips[case]["bound"] == trips[case]["unbound"] + 1, case
