@@ -134,6 +134,30 @@ def test_chain_step_of_a_plain_builtin_does_not_run(
     assert rows(marks, name) == []
 
 
+@pytest.mark.parametrize("builtin", ["celery.group", "celery.chord_unlock"])
+def test_signature_a_plain_builtin_applies_does_not_run(
+    signed_worker: WorkerHandle, marks: Engine, builtin: str
+) -> None:
+    name, group_id = key(), str(uuid.uuid4())
+    step = frozen(tasks.mark.si(name, tenant_id=B))
+    kwargs: dict[str, Any] = (
+        {
+            "tasks": [step],
+            "result": tasks.app.GroupResult(group_id, []).as_tuple(),
+            "group_id": group_id,
+            "partial_args": [],
+        }
+        if builtin == "celery.group"
+        else {"group_id": group_id, "callback": step, "result": []}
+    )
+    with forger():
+        carrier = tasks.app.send_task(builtin, kwargs=kwargs)
+    if builtin == "celery.group":
+        finished(carrier)  # chord_unlock ignores its result
+    never_ran(step.id)
+    assert rows(marks, name) == []
+
+
 def test_link_callback_of_a_plain_task_does_not_run(
     signed_worker: WorkerHandle, marks: Engine
 ) -> None:
