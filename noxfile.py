@@ -10,11 +10,16 @@ RabbitMQ on loopback, PostgreSQL 15 from ``TENANT_CELERY_TEST_DSN`` (default:
 the local server) and PostgreSQL 16 from the ``pgserver`` wheel.  ``CI=true``
 is set, so a missing service fails a cell instead of skipping its tests.
 Arguments after ``--`` replace the default pytest arguments.
+
+``nox -s canvas`` is not a cell and not run by a bare ``nox``: it runs Celery's
+own canvas integration suite plain and with every task a tenant task, and
+fails when a test's outcome differs (:mod:`compat.canvas`; about half an hour).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import nox
 
@@ -92,3 +97,28 @@ def tests(session: nox.Session, stack: str, driver: str, postgres: str) -> None:
     if stack == "oldest":
         args = [*OLDEST_PYTEST_ARGS, *args]
     session.run("pytest", *args, env=environ)
+
+
+#: Celery's canvas suite is taken from the sdist of the Celery it runs against, with
+#: the versions that sdist pins (requirements/test.txt) of the tools the suite uses:
+#: reruns of its flaky tests and their timeouts.  Its ``subtests`` fixture is pytest's
+#: own since pytest 9 (the pinned pytest-subtests is not loaded beside it).
+CANVAS_CELERY = "5.7.0"
+CANVAS_TOOLS = ["pytest==9.1.1", "pytest-rerunfailures==16.7", "pytest-timeout==2.4.0"]
+
+
+@nox.session(python="3.11", default=False)
+def canvas(session: nox.Session) -> None:
+    """Celery's t/integration/test_canvas.py, plain and with TenantTask on a signed worker."""
+    session.install(".[redis]", f"celery[redis,pydantic]=={CANVAS_CELERY}", *CANVAS_TOOLS)
+    downloads = Path(session.create_tmp())
+    sdist = downloads / f"celery-{CANVAS_CELERY}.tar.gz"
+    if not sdist.exists():
+        session.run(
+            "python", "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+            "--dest", str(downloads), f"celery=={CANVAS_CELERY}",
+        )  # fmt: skip
+    out = downloads / "canvas"
+    session.run(
+        "python", "-m", "compat.canvas", str(sdist), "--out", str(out), "--", *session.posargs
+    )
