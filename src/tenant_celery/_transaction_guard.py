@@ -242,6 +242,11 @@ class _EngineGuard:
             dbapi_connection.commit()
 
 
+def is_guarded(engine: Engine) -> bool:
+    """Whether a binding reached ``engine`` (it then refuses AUTOCOMMIT)."""
+    return engine in _guards
+
+
 def guard(engine: Engine, name: str, own: tuple[object, ...]) -> None:
     """Install the guard on ``engine`` (once) and have it watch setting ``name``."""
     found = _guards.get(engine)

@@ -56,6 +56,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from ._compat import DatabaseBackend, database_retry
+from ._transaction_guard import is_guarded
 
 __all__ = [
     "PooledDatabaseBackend",
@@ -256,11 +257,18 @@ class PooledDatabaseBackend(DatabaseBackend):
         engine, _maker = self.session_manager.create_session(
             self.url, short_lived_sessions=self.short_lived_sessions, **self.engine_options
         )
-        if not upsert.run_directly(engine, values):
-            with engine.connect() as connection:
-                connection.execution_options(isolation_level="AUTOCOMMIT").execute(
-                    upsert.statement, values
-                )
+        if upsert.run_directly(engine, values):
+            return
+        if is_guarded(engine):
+            # An engine bound with bind_tenant_guc refuses AUTOCOMMIT: one ordinary
+            # transaction, which the binding gives the tenant setting ('' outside one).
+            with engine.begin() as connection:
+                connection.execute(upsert.statement, values)
+            return
+        with engine.connect() as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT").execute(
+                upsert.statement, values
+            )
 
     def _upsert(self, table: Table, columns: frozenset[str]) -> _Upsert:
         # Built once per table and set of columns; SQLAlchemy then reuses its compiled form.
