@@ -286,9 +286,10 @@ def _sign_header(app: Celery, headers: dict[str, Any], tenant: str | None, body:
     task_id, task_name = headers.get("id"), headers.get("task")
     if isinstance(body, dict):  # task message protocol 1
         task_id, task_name = body.get("id", task_id), body.get("task", task_name)
+    if _sign_fan_out(keys, headers, task_id, task_name):
+        return
     raw = headers.get(header_name(app))
     if raw is None:
-        _sign_fan_out(keys, headers, task_id, task_name)
         return
     try:
         named = parse_tenant_id(raw)
@@ -315,16 +316,23 @@ def _sign_header(app: Celery, headers: dict[str, Any], tenant: str | None, body:
 
 def _sign_fan_out(
     keys: tuple[bytes, ...], headers: dict[str, Any], task_id: object, task_name: object
-) -> None:
+) -> bool:
     """Sign a ``tenant_celery.for_each_tenant`` message that trusted code publishes
-    (celery beat running the application's schedule)."""
+    (celery beat running the application's schedule); whether the message is one."""
     from .fanout import FOR_EACH_TENANT_TASK  # noqa: PLC0415 (fanout imports this module)
 
     if task_name != FOR_EACH_TENANT_TASK or not isinstance(task_id, str):
-        return
+        return False
     authority = _authority.get()
     if authority is _TRUSTED or (authority is _UNSET and not _Process.in_worker):
         headers[signing.SIGNATURE_HEADER] = signing.sign_fan_out(keys[0], task_id, task_name)
+    else:
+        logger.warning(
+            "task %s[%s] left unsigned: inside a worker only celery beat's schedule "
+            "vouches for a fan-out over every tenant; the worker will refuse it",
+            task_name, task_id,
+        )  # fmt: skip
+    return True
 
 
 @task_prerun.connect(weak=False, dispatch_uid="tenant_celery.carry_tenant")

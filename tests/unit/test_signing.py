@@ -594,3 +594,18 @@ def test_main_process_handling_vouches_only_for_the_verified_tenant(eager: Tasks
             assert current_tenant() == expected
             assert may_vouch_for(A) is (expected == A)
             assert not may_vouch_for(B)
+
+
+def test_a_fan_out_message_is_signed_by_trusted_code_only(
+    signed_app: Celery, published: list[dict[str, Any]]
+) -> None:
+    fan_out_task = "tenant_celery.for_each_tenant"
+    signed_app.send_task(fan_out_task, ("t", "m:f", []))  # celery beat
+    with tenant_context(A):
+        signed_app.send_task(fan_out_task, ("t", "m:f", []))  # a web request
+    with vouching(A):
+        signed_app.send_task(fan_out_task, ("t", "m:f", []))  # a worker handling A's message
+    beat, web, worker = published
+    for headers in (beat, web):
+        verify_fan_out((NEW.encode(),), headers[SIGNATURE_HEADER], headers["id"], fan_out_task)
+    assert SIGNATURE_HEADER not in worker
