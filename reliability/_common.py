@@ -15,7 +15,9 @@ leaks    :mod:`reliability.leaks`     after the load, every pooled connection of
                                       workers reads the tenant setting as empty
 faults   :mod:`reliability.faults`    killed connections, killed workers, a restarted
                                       Redis, an absent database: every task survives
-hostile  :mod:`reliability.hostile`   hostile tenant ids and headers are refused
+hostile  :mod:`reliability.hostile`   hostile tenant ids and headers are refused;
+                                      Celery's replay routes run nothing where
+                                      they may not (:mod:`reliability.routes`)
 ======== ============================ ==============================================
 
 The runner (``python -m reliability``, :mod:`reliability.runner`) builds one
@@ -40,8 +42,8 @@ suite's helpers take it as it is) gives a part:
   :meth:`~benchmarks._common.BenchContext.admin_engine` /
   :meth:`~benchmarks._common.BenchContext.app_engine`, disposed by the runner;
 * ``redis_url`` (no database number; :meth:`~benchmarks._common.BenchContext.redis_db`
-  gives one; the load part uses 10, the benchmark suite 12 and 13) and
-  ``amqp_url``;
+  gives one; the load part uses 10, the replay routes 11, the faults 15, the
+  benchmark suite 12 and 13) and ``amqp_url``;
 * ``run_id`` (short, unique: use it in queue, key and file names) and
   ``workdir`` (scratch directory for logs, kept when a part fails);
 * :meth:`~benchmarks._common.BenchContext.say` for a progress line and

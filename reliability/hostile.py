@@ -47,7 +47,10 @@ A case passes when all of these hold:
 
 ``run(ctx)`` is the ``hostile`` part of ``python -m reliability``: 300 values
 per category in a default run, 1,100 in a full one (11,000 cases), 30 in a
-smoke run.
+smoke run.  It then tries, through a signed and an unsigned real worker, the
+routes by which Celery replays parts of a message (chain steps, callbacks,
+errbacks, map/starmap items, ``for_each_tenant``, nested headers, chords):
+see :mod:`reliability.routes`, whose cases count as hostile cases too.
 """
 
 from __future__ import annotations
@@ -869,7 +872,8 @@ FULL_MINIMUM = 10_000
 
 def run(ctx: Any) -> Any:
     """The ``hostile`` part of ``python -m reliability``: see the module docstring."""
-    from reliability._common import Section, Tally  # noqa: PLC0415 (the runner's package)
+    from reliability import routes  # noqa: PLC0415 (the runner's package)
+    from reliability._common import Section, Tally  # noqa: PLC0415
 
     per_category = ctx.pick(smoke=30, default=300, full=1_100)
     seed = zlib.crc32(f"hostile-{ctx.run_id}".encode())
@@ -920,10 +924,12 @@ def run(ctx: Any) -> Any:
         rows,
         notes,
     )
+    ctx.say("hostile: replay routes through real workers")
+    replayed = routes.run(ctx)
     section = Section(
         key="hostile",
         title="Hostile input refused",
-        tables=[table],
+        tables=[table, *replayed.tables],
         data={
             "seed": seed,
             "per_category": per_category,
@@ -941,10 +947,18 @@ def run(ctx: Any) -> Any:
                 {"category": f.category, "value": f.shown(200), "problems": f.problems}
                 for f in failures[:50]
             ],
+            "replay_routes": replayed.data,
         },
-        tally=Tally(hostile_tried=tried, hostile_refused=passed),
+        tally=Tally(
+            hostile_tried=tried + replayed.tried,
+            hostile_refused=passed + replayed.passed,
+            pools=["prefork 2"],
+            brokers=["Redis"],
+        ),
     )
+    section.violations.extend(replayed.violations)
     section.require(tried > 0, "no hostile case was tried")
+    section.require(replayed.tried > 0, "no replay route was tried")
     if ctx.size == "full":
         section.require(
             tried >= FULL_MINIMUM, f"a full run tried {tried:,} hostile cases, fewer than 10,000"

@@ -6,7 +6,8 @@ Environment (local defaults):
     superuser DSN of the PostgreSQL server (``postgresql://postgres@127.0.0.1:5432/postgres``);
     the run creates a scratch database and roles there and drops them afterwards.
 ``TENANT_CELERY_RELIABILITY_REDIS_URL``
-    Redis (``redis://127.0.0.1:6379``); the load part uses its database 10.
+    Redis (``redis://127.0.0.1:6379``); the load part uses its database 10, the
+    replay routes 11, the faults 15.
 ``TENANT_CELERY_RELIABILITY_AMQP_URL``
     RabbitMQ (``amqp://guest:guest@127.0.0.1:5672//``).
 
@@ -59,7 +60,7 @@ PARTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "load": ("reliability.load", "Isolation under load", ("redis",)),
     "leaks": ("reliability.leaks", "No tenant setting left on pooled connections", ("redis",)),
     "faults": ("reliability.faults", "Faults survived", ("redis", "amqp")),
-    "hostile": ("reliability.hostile", "Hostile input refused", ()),
+    "hostile": ("reliability.hostile", "Hostile input refused", ("redis",)),
 }
 
 EXIT_OK, EXIT_VIOLATED, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 130
