@@ -8,17 +8,21 @@ exits non-zero when one is broken:
     writes, child tasks, chains, retries) through real workers on the
     prefork, threads and solo pools, over Redis and the PostgreSQL broker;
     every task records the tenant it ran as and the tenants whose rows it
-    could see.  Cross-tenant observations, lost writes and tasks unaccounted
-    for must all be 0;
+    could see, through a thread-local ``scoped_session`` that some read-only
+    tasks leave in a transaction.  Cross-tenant observations, lost writes,
+    tasks unaccounted for and open transactions not rolled back must all be 0;
 ``leaks`` (:mod:`reliability.leaks`)
     after the load, every pooled connection of every worker process reads
     the tenant setting as empty between transactions;
 ``faults`` (:mod:`reliability.faults`)
     a killed database connection, a killed worker, a restarted Redis and an
     unreachable database are survived, each task completing in its tenant;
-``hostile`` (:mod:`reliability.hostile`)
+``hostile`` (:mod:`reliability.hostile`, :mod:`reliability.routes`)
     generated hostile tenant ids and headers are refused: a clear error,
-    nothing written, nothing seen.
+    nothing written, nothing seen; and through a signed and an unsigned real
+    worker, no route by which Celery replays part of a message (chain steps,
+    callbacks, errbacks, map/starmap items, ``for_each_tenant``, nested
+    headers, chords) runs a tenant task body in a tenant it may not.
 
 The runner (:mod:`reliability.runner`) creates a scratch database and roles
 with the benchmark suite's helpers (:mod:`benchmarks._scratch`), starts real

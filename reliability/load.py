@@ -18,10 +18,14 @@ retry     a task calls ``self.retry(countdown=1)``, then writes          2
 ========  =============================================================  =====
 
 Each run records, in a row-level-security table written as the app role
-through an engine bound with :func:`~tenant_celery.bind_tenant_guc` (see
-:mod:`reliability.load_app`), the tenant it ran as, the tenant setting its
-transaction had, and which tenants own the newest rows it could see.  The
-runner then reads everything as the superuser and counts:
+through a thread-local ``scoped_session`` over an engine bound with
+:func:`~tenant_celery.bind_tenant_guc` (see :mod:`reliability.load_app`), the
+tenant it ran as, the tenant setting its transaction had, and which tenants
+own the newest rows it could see.  One read job in :data:`LEAVE_OPEN_EVERY`
+of each worker (its first included, chosen from the plan) is *careless*: it
+leaves its session's transaction open when it returns, as a read-only task
+that never commits, closes or removes its session does.  The runner then
+reads everything as the superuser and counts:
 
 * **cross-tenant observations**: runs whose tenant context, setting, row or
   any row seen belongs to a tenant other than the one the job was published
@@ -33,13 +37,18 @@ runner then reads everything as the superuser and counts:
 
 All three must be 0, and the proof must not be vacuous: every tenant owns
 rows the others could have seen, and every run must have seen rows of its
-own tenant.  The workers are left running for :mod:`reliability.leaks`.
+own tenant.  Every transaction a careless task left open must have been
+rolled back at the end of that task, and none other: the workers' logs must
+hold the package's warning (:data:`~reliability.load_app.LEFT_OPEN_WARNING`)
+once for each careless task, naming it, and for no other task.  The workers
+are left running for :mod:`reliability.leaks`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import re
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -93,6 +102,13 @@ WORKERS = (
 )
 BROKER_NAMES = {key: broker_name(key) for key in ("redis", "postgres")}
 
+LEAVE_OPEN_EVERY = 10
+"""One read job in this many (each worker's first included) leaves its transaction open."""
+LEAVE_OPEN_ID = "leave-open-"
+"""Task id prefix of the careless read jobs (then the job's token): the warnings name them."""
+ROLLBACK_WAIT_S = 15.0
+"""Longest wait, after the last run was recorded, for the last rollback's warning."""
+
 KINDS = {"read": 30, "write": 30, "spawn": 12, "chain": 12, "retry": 16}
 """Job kinds and their weights in the mix."""
 RUNS_PER_JOB = {"read": 1, "write": 1, "spawn": 3, "chain": 3, "retry": 2}
@@ -112,6 +128,8 @@ class Expected:
     write: bool = False
     previous: str | None = None
     """For a chain link: the token the link before it returned."""
+    leaves_open: bool = False
+    """A careless read: its session's transaction is still open when it returns."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +140,21 @@ class Job:
     worker: int
     tenant: str
     kind: str
+    leave_open: bool = False
+    """A careless read (kind ``read`` only): see :data:`LEAVE_OPEN_EVERY`."""
 
     def runs(self, label: str) -> dict[str, Expected]:
         t, tenant = self.token, self.tenant
         if self.kind in ("read", "write"):
-            return {t: Expected(tenant, label, self.kind, write=self.kind == "write")}
+            return {
+                t: Expected(
+                    tenant,
+                    label,
+                    self.kind,
+                    write=self.kind == "write",
+                    leaves_open=self.leave_open,
+                )
+            }
         if self.kind == "spawn":
             return {
                 t: Expected(tenant, label, "spawn"),
@@ -161,16 +189,20 @@ def plan(
 
     Every worker gets at least one job of each kind, then kinds drawn by their
     weights.  Tenants are drawn at random for each job, so consecutive
-    publishes (and each worker's queue) interleave them.
+    publishes (and each worker's queue) interleave them.  Each worker's first
+    read job, and every :data:`LEAVE_OPEN_EVERY`-th after it, leaves its
+    transaction open.
     """
     rng = random.Random(seed)
     kinds, weights = list(KINDS), list(KINDS.values())
     jobs: list[Job] = []
     for index, spec in enumerate(workers):
-        target, planned, first = max(1, round(runs * spec.share)), 0, list(kinds)
+        target, planned, first, reads = max(1, round(runs * spec.share)), 0, list(kinds), 0
         while planned < target:
             kind = first.pop(0) if first else rng.choices(kinds, weights)[0]
-            jobs.append(Job(f"j{len(jobs)}", index, rng.choice(tenants), kind))
+            careless = kind == "read" and reads % LEAVE_OPEN_EVERY == 0
+            reads += kind == "read"
+            jobs.append(Job(f"j{len(jobs)}", index, rng.choice(tenants), kind, careless))
             planned += RUNS_PER_JOB[kind]
     rng.shuffle(jobs)
     return jobs
@@ -215,6 +247,14 @@ class Findings:
     """Runs recorded more than once (a redelivered message)."""
     broken_links: int = 0
     """Chain links whose previous link's result was not the one expected."""
+    left_open: int = 0
+    """Careless runs recorded: each left a transaction open when it returned."""
+    rolled_back: int = 0
+    """Of those, the ones the package's warning says it rolled back at the end of the task."""
+    not_rolled_back: int = 0
+    """Careless runs no warning names: a transaction left open that nothing rolled back."""
+    unexpected_rollbacks: int = 0
+    """Warnings naming a task that was not careless (or naming one twice)."""
     examples: list[str] = field(default_factory=list)
     """The first few problems, described."""
     per_label: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
@@ -307,6 +347,76 @@ def analyse(
 
 
 _FIELDS = (("row", "tenant"), ("tenant context", "ran_as"), ("setting", "setting"))
+
+_ROLLED_BACK = re.compile(rf"task (\S+)\[([^\]\s]+)\] {re.escape(load_app.LEFT_OPEN_WARNING)}")
+
+
+def rolled_back_tasks(log: str) -> list[str]:
+    """Ids of the tasks a worker's log says the package rolled back a transaction of."""
+    return [task_id for _, task_id in _ROLLED_BACK.findall(log)]
+
+
+def careless_tokens(log: str) -> list[str]:
+    """The tokens of the careless reads among :func:`rolled_back_tasks` (other ids as they are)."""
+    return [
+        task_id.removeprefix(LEAVE_OPEN_ID) if task_id.startswith(LEAVE_OPEN_ID) else task_id
+        for task_id in rolled_back_tasks(log)
+    ]
+
+
+def account_rollbacks(
+    found: Findings, expected: dict[str, Expected], runs: Iterable[Run], logs: dict[str, str]
+) -> None:
+    """Match the rollback warnings of each worker's log (``logs``, by label) to its careless runs.
+
+    Every careless run recorded must be named once, in its own worker's log,
+    and no other task.  (A careless run never recorded is counted as
+    unaccounted for by :func:`analyse`.)
+    """
+    recorded = {run.token for run in runs}
+    for token, want in expected.items():
+        if want.leaves_open and token in recorded:
+            found.left_open += 1
+            found.per_label[want.label]["left_open"] += 1
+    named: Counter[str] = Counter()
+    for label, log in logs.items():
+        for token in careless_tokens(log):
+            want = expected.get(token)
+            mine = want is not None and want.leaves_open and want.label == label
+            named[token] += mine
+            if not mine or named[token] > 1:
+                found.unexpected_rollbacks += 1
+                found.note(f"{label}: a transaction of task {token!r} was rolled back at its end")
+                continue
+            found.rolled_back += 1
+            found.per_label[label]["rolled_back"] += 1
+    for token, want in expected.items():
+        if want.leaves_open and token in recorded and not named[token]:
+            found.not_rolled_back += 1
+            found.per_label[want.label]["not_rolled_back"] += 1
+            found.note(f"the transaction careless run {token} left open was not rolled back")
+
+
+def read_logs(fleet: Fleet) -> dict[str, str]:
+    """Each worker's log so far, by label."""
+    return {
+        spec.label: worker.log_path.read_text(errors="replace")
+        for spec, worker in zip(fleet.specs, fleet.workers, strict=True)
+    }
+
+
+def wait_for_rollbacks(fleet: Fleet, expected: dict[str, Expected]) -> dict[str, str]:
+    """The workers' logs, once each careless run's warning is in them (or after
+    :data:`ROLLBACK_WAIT_S`): it is logged just after the run is recorded."""
+    careless = {token for token, want in expected.items() if want.leaves_open}
+    deadline = time.monotonic() + ROLLBACK_WAIT_S
+    while True:
+        logs = read_logs(fleet)
+        if careless <= {t for log in logs.values() for t in careless_tokens(log)}:
+            return logs
+        if time.monotonic() > deadline:
+            return logs
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------ the database
@@ -420,7 +530,9 @@ def publish(worker: Worker, job: Job) -> None:
     """Publish ``job`` to ``worker``'s queue inside its tenant."""
     tasks, t = worker.app.tasks, job.token
     with tenant_context(job.tenant):
-        if job.kind in ("read", "write"):
+        if job.leave_open:
+            tasks[load_app.OBSERVE].apply_async((t, False, True), task_id=LEAVE_OPEN_ID + t)
+        elif job.kind in ("read", "write"):
             tasks[load_app.OBSERVE].apply_async((t, job.kind == "write"))
         elif job.kind == "spawn":
             tasks[load_app.SPAWN].apply_async((t, [[f"{t}.c0", False], [f"{t}.c1", True]]))
@@ -506,9 +618,11 @@ def run(ctx: ReliabilityContext, runs_wanted: int | None = None) -> Section:
         ).one()
         conn.rollback()
     elapsed = time.monotonic() - started
+    logs = wait_for_rollbacks(fleet, expected)
     if "leaks" not in ctx.parts:
         fleet.stop()
     found = analyse(expected, runs, items)
+    account_rollbacks(found, expected, runs, logs)
     ctx.shared["load.runs"] = runs
     return _section(ctx, tenants, jobs, expected, runs, found, owners, elapsed, published_s)
 
@@ -545,6 +659,8 @@ def _section(
                 counts["writes"],
                 len({r.pid for r in mine}),
                 len({(r.pid, r.backend_pid) for r in mine}),
+                counts["left_open"],
+                counts["rolled_back"],
                 counts["cross_tenant"],
                 counts["lost_writes"],
                 counts["unaccounted"],
@@ -557,7 +673,7 @@ def _section(
         [
             "broker", "pool", "runs expected", "recorded", "reads/writes", "child tasks",
             "chain links", "retry runs", "rows written", "processes", "connections",
-            "cross-tenant", "lost writes", "unaccounted", "runs/s",
+            "left open", "rolled back", "cross-tenant", "lost writes", "unaccounted", "runs/s",
         ],
         rows,
         [
@@ -566,7 +682,11 @@ def _section(
             f"{len(expected) - len(jobs):,} more runs published by the tasks themselves "
             "(child tasks, chain links, retries)",
             "all six workers ran at once, each on its own queue; each process's engine "
-            f"pool holds {load_app.POOL_SIZE} connections (no overflow), shared across tenants",
+            f"pool holds {load_app.POOL_SIZE} connections (no overflow), shared across tenants; "
+            "every task reaches it through its thread's scoped_session, kept from task to task",
+            f"left open: careless reads (one read job in {LEAVE_OPEN_EVERY} of each worker) "
+            "that returned with their session's transaction open; rolled back: the ones the "
+            "package rolled back at the end of the task, as the workers' logs say",
             f"published in {published_s:.1f} s; everything recorded {elapsed:.1f} s after "
             "the first publish",
             "runs/s: runs recorded over the time from a worker's first to its last; the "
@@ -586,6 +706,13 @@ def _section(
             ["runs or rows never published", found.unexpected, "0"],
             ["chain links out of order", found.broken_links, "0"],
             ["runs recorded twice", found.duplicates, "0"],
+            ["transactions left open by careless reads", found.left_open, ""],
+            [
+                "of those, rolled back at the end of their task",
+                found.rolled_back,
+                f"{found.left_open:,}",
+            ],
+            ["rollbacks of other tasks' transactions", found.unexpected_rollbacks, "0"],
             ["tenants owning rows (items / runs)", f"{owners[0]} / {owners[1]}", f"{len(tenants)}"],
         ],
         found.examples,
@@ -608,6 +735,10 @@ def _section(
             "unexpected": found.unexpected,
             "broken_links": found.broken_links,
             "duplicates": found.duplicates,
+            "transactions_left_open": found.left_open,
+            "rolled_back_at_task_end": found.rolled_back,
+            "not_rolled_back": found.not_rolled_back,
+            "unexpected_rollbacks": found.unexpected_rollbacks,
             "publish_s": round(published_s, 1),
             "elapsed_s": round(elapsed, 1),
             "per_worker": {label: dict(c) for label, c in found.per_label.items()},
@@ -632,4 +763,14 @@ def _section(
     section.require(found.unexpected == 0, f"{found.unexpected:,} runs or rows never published")
     section.require(found.broken_links == 0, f"{found.broken_links:,} chain links out of order")
     section.require(found.duplicates == 0, f"{found.duplicates:,} runs recorded twice")
+    section.require(found.left_open > 0, "no careless read left a transaction open")
+    section.require(
+        found.not_rolled_back == 0,
+        f"{found.not_rolled_back:,} transactions left open at the end of a task were not "
+        "rolled back",
+    )
+    section.require(
+        found.unexpected_rollbacks == 0,
+        f"{found.unexpected_rollbacks:,} rollbacks at the end of a task that left none open",
+    )
     return section

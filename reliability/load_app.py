@@ -6,19 +6,29 @@ and the app role's database URL in the ``TC_BENCH_*`` variables of
 :mod:`benchmarks.bench_app`; :data:`LABEL_ENV` names the worker in what its
 tasks record.  The runner builds its own client copy with :func:`make_app`.
 
-Every tenant task body runs :func:`record`: one transaction on the process's
-engine, connected as the app role (row-level security applies) and bound
-with :func:`~tenant_celery.bind_tenant_guc`, so the hook sets the tenant as
-the transaction begins.  In it the task reads which tenants own the newest
-rows it can see (:data:`ITEMS` and :data:`RUNS`), the tenant setting and its
-connection's backend pid; a writing task adds an item; then it adds its run
-to :data:`RUNS`, whose ``tenant_id`` defaults to the setting.  The engine's
-pool is small (:data:`POOL_SIZE`, no overflow) so connections pass from
-tenant to tenant, and the threads pool's threads wait for each other's.
+Every tenant task body runs :func:`record`, the way many Celery and Flask
+applications reach their database: through a thread-local
+:class:`~sqlalchemy.orm.scoped_session` (one ``Session`` per thread, kept
+from task to task), over the process's engine, connected as the app role
+(row-level security applies) and bound with
+:func:`~tenant_celery.bind_tenant_guc`, so the hook sets the tenant as each
+transaction begins.  In one transaction the task reads which tenants own the
+newest rows it can see (:data:`ITEMS` and :data:`RUNS`), the tenant setting
+and its connection's backend pid; a writing task adds an item; then it adds
+its run to :data:`RUNS`, whose ``tenant_id`` defaults to the setting, and
+commits.  A *careless* read-only task (``leave_open``) then reads once more
+and returns without committing, closing or removing the session: its
+transaction, begun under its tenant, is still open when the task ends.  Left
+alone, the next task on that thread would run its statements in it, under
+the careless task's tenant; the package rolls it back at the end of the task
+and logs a warning naming the task (:data:`LEFT_OPEN_WARNING`).  The
+engine's pool is small (:data:`POOL_SIZE`, no overflow) so connections pass
+from tenant to tenant, and the threads pool's threads wait for each other's.
 
 The tasks (all results ignored; the tables are the record):
 
-* :data:`OBSERVE` ``(token, write)``: read, maybe write;
+* :data:`OBSERVE` ``(token, write, leave_open)``: read, maybe write; with
+  ``leave_open``, read once more and leave that transaction open;
 * :data:`SPAWN` ``(token, children)``: read, then publish one :data:`OBSERVE`
   per ``[child_token, write]`` from inside the task;
 * :data:`STEP` ``(previous, token, write)``: a chain link; ``previous`` is the
@@ -41,6 +51,7 @@ from benchmarks.bench_app import APP_DB_URL_ENV, BACKEND_URL_ENV, BROKER_URL_ENV
 from celery import Celery
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import scoped_session, sessionmaker
 
 from tenant_celery import DEFAULT_GUC, bind_tenant_guc, current_tenant, tenant_task
 
@@ -68,6 +79,10 @@ STEP = "rel.step"
 FLAKY = "rel.flaky"
 PROBE = "rel.probe"
 
+LEFT_OPEN_WARNING = "ended with a transaction still open"
+"""What the warning the package logs for each transaction it rolls back at the end of
+a task says, after ``task <name>[<id>]``."""
+
 SEEN_ROWS = 50
 """How many of the newest items (and runs, a tenth as many) a task looks at."""
 
@@ -83,6 +98,7 @@ _RECORD = text(
     "backend_pid) VALUES (:token, :ran_as, :setting, CAST(:seen AS uuid[]), :previous, "
     ":label, :pid, :thread, :backend_pid)"
 )
+_STILL_READING = text(f"SELECT count(*) FROM {ITEMS}")
 _SETTING = text("SELECT current_setting(:setting, true), pg_backend_pid()")
 _PROBED = text(
     f"INSERT INTO {PROBES} (label, pid, round, pool_size, backend_pid, setting) "
@@ -92,12 +108,14 @@ _PROBED = text(
 
 class _ProcessEngine:
     """The app role's engine, made once per process (a prefork child never uses its
-    parent's connections), bound with :func:`~tenant_celery.bind_tenant_guc`."""
+    parent's connections), bound with :func:`~tenant_celery.bind_tenant_guc`, and the
+    thread-local sessions over it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._engine: Engine | None = None
+        self._sessions: scoped_session[Any] | None = None
         self.probing = threading.Lock()
         """Held by a probe while it holds the whole pool: two probes each holding
         half of it would wait for each other."""
@@ -111,26 +129,40 @@ class _ProcessEngine:
                 engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=0)
                 bind_tenant_guc(engine)
                 self._pid, self._engine = os.getpid(), engine
+                self._sessions = scoped_session(sessionmaker(bind=engine))
                 self.probing = threading.Lock()
             return self._engine
+
+    def sessions(self) -> scoped_session[Any]:
+        """The process's thread-local sessions (``sessions()`` is this thread's)."""
+        self.get()
+        with self._lock:
+            if self._sessions is None:
+                raise RuntimeError("no sessions: the engine was not made")
+            return self._sessions
 
 
 _engine = _ProcessEngine()
 
 
-def record(token: str, *, write: bool = False, previous: str | None = None) -> None:
+def record(
+    token: str, *, write: bool = False, previous: str | None = None, leave_open: bool = False
+) -> None:
     """Read what the tenant can see, maybe write an item, and add this run to :data:`RUNS`.
 
-    One transaction, begun inside the task's tenant: the bound hook sets the
-    tenant setting first.  Raises whatever the database raises (a write
-    outside the tenant is refused by the policy).
+    One transaction of this thread's session, begun inside the task's tenant
+    (the bound hook sets the tenant setting first), committed.  With
+    ``leave_open``, the session then reads again and is left as it is: a
+    transaction open when the task returns.  Raises whatever the database
+    raises (a write outside the tenant is refused by the policy).
     """
     tenant = current_tenant()
-    with _engine.get().begin() as conn:
-        seen, setting, backend_pid = conn.execute(_READ, {"setting": DEFAULT_GUC}).one()
+    session = _engine.sessions()()
+    try:
+        seen, setting, backend_pid = session.execute(_READ, {"setting": DEFAULT_GUC}).one()
         if write:
-            conn.execute(_WRITE, {"tenant": tenant, "token": token})
-        conn.execute(
+            session.execute(_WRITE, {"tenant": tenant, "token": token})
+        session.execute(
             _RECORD,
             {
                 "token": token,
@@ -144,6 +176,13 @@ def record(token: str, *, write: bool = False, previous: str | None = None) -> N
                 "backend_pid": backend_pid,
             },
         )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    if leave_open:
+        # A read-only task that never commits, closes or removes its session.
+        session.execute(_STILL_READING).scalar_one()
 
 
 def probe_pool(round_number: int) -> int:
@@ -191,8 +230,8 @@ def make_app(broker_url: str, backend_url: str | None, queue: str) -> Celery:
     )
 
     @tenant_task(app=app, name=OBSERVE, shared=False)
-    def observe(token: str, write: bool = False) -> str:
-        record(token, write=write)
+    def observe(token: str, write: bool = False, leave_open: bool = False) -> str:
+        record(token, write=write, leave_open=leave_open)
         return token
 
     @tenant_task(app=app, name=SPAWN, shared=False)

@@ -71,6 +71,37 @@ def faithful(expected: dict[str, load.Expected]) -> tuple[list[load.Run], list[t
     return runs, items
 
 
+def rollback_warning(task_id: str, name: str = "rel.observe") -> str:
+    """The line the package logs when it rolls back a transaction a task left open."""
+    return (
+        f"[2026-12-05 04:16:01,835: WARNING/ForkPoolWorker-1] task {name}[{task_id}] "
+        "ended with a transaction still open on an engine bound by bind_tenant_guc; it was "
+        "rolled back so that its tenant cannot reach other work: commit, roll back or close "
+        "sessions and connections before a task returns"
+    )
+
+
+def faithful_logs(expected: dict[str, load.Expected]) -> dict[str, str]:
+    """The workers' logs of a correct run: one rollback warning per careless read."""
+    logs = {spec.label: "[...] ready.\n" for spec in load.WORKERS}
+    for token, want in expected.items():
+        if want.leaves_open:
+            logs[want.label] += rollback_warning(load.LEAVE_OPEN_ID + token) + "\n"
+    return logs
+
+
+def accounted(
+    expected: dict[str, load.Expected],
+    runs: list[load.Run],
+    items: list[tuple[str, str]],
+    logs: dict[str, str] | None = None,
+) -> load.Findings:
+    """:func:`load.analyse` and :func:`load.account_rollbacks`, as :func:`load.run` calls them."""
+    found = load.analyse(expected, runs, items)
+    load.account_rollbacks(found, expected, runs, faithful_logs(expected) if logs is None else logs)
+    return found
+
+
 @pytest.fixture
 def planned() -> dict[str, load.Expected]:
     return expected_for(load.plan(TENANTS, load.WORKERS, 200))
@@ -102,6 +133,29 @@ def test_even_a_small_plan_gives_every_worker_every_kind() -> None:
         assert {job.kind for job in jobs if job.worker == index} == set(load.KINDS), index
 
 
+def test_one_read_in_ten_of_each_worker_leaves_its_transaction_open() -> None:
+    jobs = load.plan(load.tenants_for(20), load.WORKERS, 20_000)
+    for index in range(len(load.WORKERS)):
+        reads = [job for job in jobs if job.worker == index and job.kind == "read"]
+        careless = [job for job in reads if job.leave_open]
+        assert careless, index
+        assert len(careless) == -(-len(reads) // load.LEAVE_OPEN_EVERY)
+    assert all(job.kind == "read" for job in jobs if job.leave_open)
+    expected = expected_for(jobs)
+    assert {t for t, e in expected.items() if e.leaves_open} == {
+        job.token for job in jobs if job.leave_open
+    }
+    # the same plan every time: the careless reads are chosen from it, not at random
+    assert [j.token for j in jobs if j.leave_open] == [
+        j.token for j in load.plan(load.tenants_for(20), load.WORKERS, 20_000) if j.leave_open
+    ]
+
+
+def test_even_a_small_plan_has_a_careless_read_on_every_worker() -> None:
+    jobs = load.plan(TENANTS, load.WORKERS, 300)
+    assert {job.worker for job in jobs if job.leave_open} == set(range(len(load.WORKERS)))
+
+
 def test_a_chain_expects_each_link_after_the_one_before() -> None:
     runs = load.Job("j7", 0, A, "chain").runs("x")
     assert [(t, e.previous, e.write) for t, e in runs.items()] == [
@@ -114,8 +168,11 @@ def test_a_chain_expects_each_link_after_the_one_before() -> None:
 
 def test_faithful_records_show_nothing(planned: dict[str, load.Expected]) -> None:
     runs, items = faithful(planned)
-    found = load.analyse(planned, runs, items)
+    found = accounted(planned, runs, items)
     assert found.runs == len(planned)
+    careless = sum(e.leaves_open for e in planned.values())
+    assert found.left_open == found.rolled_back == careless > 0
+    assert (found.not_rolled_back, found.unexpected_rollbacks) == (0, 0)
     assert (found.cross_tenant, found.lost_writes, found.unaccounted) == (0, 0, 0)
     assert (found.blind, found.unexpected, found.duplicates, found.broken_links) == (0, 0, 0, 0)
     assert found.examples == []
@@ -217,7 +274,7 @@ def test_the_same_records_without_the_crossing_pass(
 ) -> None:
     ctx = context(tmp_path)
     runs, items = faithful(planned)
-    found = load.analyse(planned, runs, items)
+    found = accounted(planned, runs, items)
     jobs = load.plan(TENANTS, load.WORKERS, 200)
     section = load._section(ctx, TENANTS, jobs, planned, runs, found, (3, 3), 10.0, 1.0)
     report = {"size": "smoke", "machine": {}, "sections": {"load": section.to_json()}}
@@ -228,6 +285,71 @@ def test_the_same_records_without_the_crossing_pass(
 
     assert status == runner.EXIT_OK
     assert report["summary"]["tally"]["tasks_run"] == len(planned)
+    data = report["sections"]["load"]["data"]
+    careless = sum(e.leaves_open for e in planned.values())
+    assert data["transactions_left_open"] == data["rolled_back_at_task_end"] == careless
+    assert (data["not_rolled_back"], data["unexpected_rollbacks"]) == (0, 0)
+
+
+def test_the_rollback_warning_is_read_from_a_worker_log() -> None:
+    log = "\n".join(
+        [
+            "[2026-12-05 04:16:01,000: INFO/MainProcess] Task rel.observe[leave-open-j3] received",
+            rollback_warning("leave-open-j3"),
+            rollback_warning("0b9c5e1e-8a3f-4f55-9a47-1b8f5d3a2c10", name="rel.step"),
+        ]
+    )
+    assert load.rolled_back_tasks(log) == ["leave-open-j3", "0b9c5e1e-8a3f-4f55-9a47-1b8f5d3a2c10"]
+    assert load.careless_tokens(log) == ["j3", "0b9c5e1e-8a3f-4f55-9a47-1b8f5d3a2c10"]
+
+
+def test_a_transaction_left_open_and_not_rolled_back_fails_the_load(
+    tmp_path: Path, planned: dict[str, load.Expected]
+) -> None:
+    runs, items = faithful(planned)
+    logs = faithful_logs(planned)
+    careless = next(t for t, e in planned.items() if e.leaves_open)
+    label = planned[careless].label
+    logs[label] = logs[label].replace(rollback_warning(load.LEAVE_OPEN_ID + careless), "")
+
+    found = accounted(planned, runs, items, logs)
+
+    assert found.not_rolled_back == 1
+    assert found.rolled_back == found.left_open - 1
+    assert any(careless in e for e in found.examples)
+    jobs = load.plan(TENANTS, load.WORKERS, 200)
+    section = load._section(context(tmp_path), TENANTS, jobs, planned, runs, found, (3, 3), 1, 1)
+    assert not section.passed
+    assert any("were not rolled back" in v for v in section.all_violations())
+
+
+def test_a_rollback_of_another_task_or_on_another_worker_is_unexpected(
+    planned: dict[str, load.Expected],
+) -> None:
+    runs, items = faithful(planned)
+    logs = faithful_logs(planned)
+    careful = next(t for t, e in planned.items() if not e.leaves_open and e.kind == "read")
+    careless = next(t for t, e in planned.items() if e.leaves_open)
+    elsewhere = next(s.label for s in load.WORKERS if s.label != planned[careless].label)
+    logs[planned[careful].label] += rollback_warning(load.LEAVE_OPEN_ID + careful) + "\n"
+    logs[elsewhere] += rollback_warning(load.LEAVE_OPEN_ID + careless) + "\n"
+
+    found = accounted(planned, runs, items, logs)
+
+    assert found.unexpected_rollbacks == 2
+    assert found.not_rolled_back == 0
+
+
+def test_a_load_without_careless_reads_proved_nothing_about_them(
+    tmp_path: Path, planned: dict[str, load.Expected]
+) -> None:
+    careful = {t: replace(e, leaves_open=False) for t, e in planned.items()}
+    runs, items = faithful(careful)
+    found = accounted(careful, runs, items)
+    jobs = load.plan(TENANTS, load.WORKERS, 200)
+    section = load._section(context(tmp_path), TENANTS, jobs, careful, runs, found, (3, 3), 1, 1)
+    assert found.left_open == 0
+    assert any("no careless read" in v for v in section.all_violations())
 
 
 def test_a_load_that_proved_nothing_fails(tmp_path: Path) -> None:
