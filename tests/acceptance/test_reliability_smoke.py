@@ -2,8 +2,9 @@
 
 Every part must have run against the real services, counted something, and
 found no violation: no cross-tenant observation, no lost write, no task
-unaccounted for, every fault survived, every hostile case refused, no tenant
-setting left on a pooled connection.
+unaccounted for, every transaction a task left open rolled back, every fault
+survived, every hostile case (replay routes through real workers included)
+refused, no tenant setting left on a pooled connection.
 
 The suite's zeros must be able to be otherwise.  The unit tests
 (``tests/unit/test_reliability_*.py``) feed its analysis fabricated records;
@@ -91,9 +92,25 @@ def test_reliability_suite_passes_at_smoke_size(
     for label, counts in load["per_worker"].items():
         for kind in ("read", "write", "child", "link", "retry"):
             assert counts.get(kind, 0) > 0, f"{label} ran no {kind}"
+    # the host app's scoped_session was left in a transaction, and each was rolled back
+    assert load["transactions_left_open"] == load["rolled_back_at_task_end"] > 0
+    assert (load["not_rolled_back"], load["unexpected_rollbacks"]) == (0, 0)
     leaks = sections["leaks"]["data"]
     assert leaks["connections_used_by_tenant_tasks"] > 0
     assert leaks["not_read"] == 0
+    replayed = sections["hostile"]["data"]["replay_routes"]
+    for worker in ("signed worker", "unsigned worker"):
+        assert replayed["routes"][worker], worker
+        for name, counts in replayed["routes"][worker].items():
+            assert counts["tried"] > 0, (worker, name)
+            assert counts["failed"] == 0, (worker, name, replayed["failures"])
+            assert counts["refused"] == counts["wrote_nothing"] == counts["tried"], (worker, name)
+    # ... and where nothing refuses a route, the rig saw it run
+    for worker, controls in replayed["controls"].items():
+        for name, counts in controls.items():
+            assert counts["ran_as_designed"] == counts["tried"] > 0, (worker, name)
+    assert replayed["lister_calls"] == 0
+    assert set(replayed["pool_processes_lost"].values()) == {0}
 
     markdown = markdown_path.read_text()
     assert "| cross-tenant observations | 0 | 0 |" in markdown
