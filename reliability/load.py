@@ -226,6 +226,8 @@ class Run:
     pid: int
     backend_pid: int
     recorded_at: float
+    thread: int = 0
+    """The thread it ran on (its ident modulo 2**31): its session is that thread's."""
 
 
 @dataclass
@@ -255,6 +257,9 @@ class Findings:
     """Careless runs no warning names: a transaction left open that nothing rolled back."""
     unexpected_rollbacks: int = 0
     """Warnings naming a task that was not careless (or naming one twice)."""
+    reused_after_left_open: int = 0
+    """Careless runs after which another run was recorded on the same thread of the same
+    process: a task that got the session a transaction was left open in."""
     examples: list[str] = field(default_factory=list)
     """The first few problems, described."""
     per_label: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
@@ -373,11 +378,19 @@ def account_rollbacks(
     and no other task.  (A careless run never recorded is counted as
     unaccounted for by :func:`analyse`.)
     """
-    recorded = {run.token for run in runs}
+    by_token = {run.token: run for run in runs}
+    last_on_thread: dict[tuple[str, int, int], float] = {}
+    for run in by_token.values():
+        thread = (run.label, run.pid, run.thread)
+        last_on_thread[thread] = max(last_on_thread.get(thread, run.recorded_at), run.recorded_at)
+    recorded = set(by_token)
     for token, want in expected.items():
         if want.leaves_open and token in recorded:
             found.left_open += 1
             found.per_label[want.label]["left_open"] += 1
+            run = by_token[token]
+            if last_on_thread[(run.label, run.pid, run.thread)] > run.recorded_at:
+                found.reused_after_left_open += 1
     named: Counter[str] = Counter()
     for label, log in logs.items():
         for token in careless_tokens(log):
@@ -474,12 +487,12 @@ def read_runs(conn: sa.Connection) -> list[Run]:
     rows = conn.execute(
         sa.text(
             "SELECT token, tenant_id::text, ran_as, setting, seen::text[], previous, label, "
-            f"pid, backend_pid, extract(epoch FROM recorded_at) FROM {load_app.RUNS}"
+            f"pid, backend_pid, extract(epoch FROM recorded_at), thread FROM {load_app.RUNS}"
         )
     )
     return [
-        Run(t, tenant, ran_as, setting, tuple(seen), previous, label, pid, backend, float(at))
-        for t, tenant, ran_as, setting, seen, previous, label, pid, backend, at in rows
+        Run(t, tenant, ran_as, setting, tuple(seen), previous, label, pid, b, float(at), thread)
+        for t, tenant, ran_as, setting, seen, previous, label, pid, b, at, thread in rows
     ]
 
 
@@ -712,6 +725,11 @@ def _section(
                 found.rolled_back,
                 f"{found.left_open:,}",
             ],
+            [
+                "of those, followed by another task on the same thread",
+                found.reused_after_left_open,
+                "",
+            ],
             ["rollbacks of other tasks' transactions", found.unexpected_rollbacks, "0"],
             ["tenants owning rows (items / runs)", f"{owners[0]} / {owners[1]}", f"{len(tenants)}"],
         ],
@@ -739,6 +757,7 @@ def _section(
             "rolled_back_at_task_end": found.rolled_back,
             "not_rolled_back": found.not_rolled_back,
             "unexpected_rollbacks": found.unexpected_rollbacks,
+            "reused_after_left_open": found.reused_after_left_open,
             "publish_s": round(published_s, 1),
             "elapsed_s": round(elapsed, 1),
             "per_worker": {label: dict(c) for label, c in found.per_label.items()},

@@ -173,9 +173,26 @@ def test_faithful_records_show_nothing(planned: dict[str, load.Expected]) -> Non
     careless = sum(e.leaves_open for e in planned.values())
     assert found.left_open == found.rolled_back == careless > 0
     assert (found.not_rolled_back, found.unexpected_rollbacks) == (0, 0)
+    assert 0 < found.reused_after_left_open <= careless
     assert (found.cross_tenant, found.lost_writes, found.unaccounted) == (0, 0, 0)
     assert (found.blind, found.unexpected, found.duplicates, found.broken_links) == (0, 0, 0, 0)
     assert found.examples == []
+
+
+def test_a_careless_run_is_reused_only_if_its_thread_ran_a_task_after_it(
+    planned: dict[str, load.Expected],
+) -> None:
+    runs, items = faithful(planned)
+    careless = next(i for i, r in enumerate(runs) if planned[r.token].leaves_open)
+    # every run on a thread of its own: no task got a session another one left open
+    alone = [replace(r, thread=n) for n, r in enumerate(runs)]
+    assert accounted(planned, alone, items).reused_after_left_open == 0
+    # one run after the careless one, on its thread
+    first = alone[careless]
+    alone[careless + 1] = replace(
+        alone[careless + 1], label=first.label, pid=first.pid, thread=first.thread
+    )
+    assert accounted(planned, alone, items).reused_after_left_open == 1
 
 
 def stranger(tenant: str) -> str:
