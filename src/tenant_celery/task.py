@@ -169,8 +169,13 @@ class TenantTask(GenericTask[_P, _R]):
         args: Sequence[Any] | None,
         kwargs: Mapping[str, Any] | None,
         headers: Mapping[str, Any] | None,
+        keys: tuple[bytes, ...],
     ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any], str]:
-        """Resolve the tenant to publish with; return new args, kwargs, headers and it."""
+        """Resolve the tenant to publish with; return new args, kwargs, headers and it.
+
+        ``keys`` are the app's signing keys, read by the caller (which refuses
+        unusable ones before anything is sent).
+        """
         args = tuple(args or ())
         kwargs = kwargs or {}
         header = header_name(self.app)
@@ -182,8 +187,7 @@ class TenantTask(GenericTask[_P, _R]):
                 f"cannot publish tenant task {self.name!r} without a tenant: publish it "
                 f"inside tenant_context(...) or pass {TENANT_ARG}=..."
             )
-        # Unusable keys are refused here, before anything is sent, not in the hook.
-        if signing.signing_keys(self.app) and not propagation.may_vouch_for(tenant):
+        if keys and not propagation.may_vouch_for(tenant):
             raise TenantConflict(
                 f"cannot publish tenant task {self.name!r} for another tenant than the one "
                 "this worker handles a message of (or for any, outside one): with signed "
@@ -252,8 +256,10 @@ class TenantTask(GenericTask[_P, _R]):
                 return super().apply_async(
                     args, kwargs, task_id, producer, link, link_error, shadow, **options
                 )
+            # Unusable keys are refused here, before anything is sent, not in the hook.
+            keys = signing.signing_keys(self.app)
             args, kwargs, options["headers"], tenant = self._prepare(
-                args, kwargs, options.get("headers")
+                args, kwargs, options.get("headers"), keys
             )
             self._fix_chord_tenant(options.get("chord"), tenant)
             # Publish inside the task's tenant: the hook signs the tenant header only
@@ -290,8 +296,8 @@ class TenantTask(GenericTask[_P, _R]):
         a worker verifies it.
         """
         if self.tenant_required:
-            args, kwargs, headers, tenant = self._prepare(args, kwargs, headers)
             keys = signing.signing_keys(self.app)
+            args, kwargs, headers, tenant = self._prepare(args, kwargs, headers, keys)
             if keys:
                 task_id = task_id or uuid()
                 headers[signing.SIGNATURE_HEADER] = signing.sign_tenant(
@@ -311,6 +317,8 @@ class TenantTask(GenericTask[_P, _R]):
     def _check_chord_tenant(self, request: Context, tenant: str) -> None:
         """Refuse a chord header part whose chord names another tenant."""
         chord = request.chord
+        if not chord:
+            return
         options = chord.get("options") if isinstance(chord, Mapping) else None
         headers = options.get("headers") if isinstance(options, Mapping) else None
         named = headers.get(header_name(self.app)) if isinstance(headers, Mapping) else None
