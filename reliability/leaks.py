@@ -6,8 +6,11 @@ custom settings, so each connection is asked itself: the load's workers, still
 running, are sent plain (no tenant) probe tasks
 (:func:`reliability.load_app.probe_pool`).  A probe checks out every
 connection of its process's engine pool at once, reads
-``current_setting('app.current_tenant_id', true)`` on each in a transaction
-begun outside any tenant, and records the readings with the backend pid.
+``current_setting('app.current_tenant_id', true)`` on each through the
+driver's connection beneath the engine, and records the readings with the
+backend pid.  Not through the engine itself: bound with
+:func:`~tenant_celery.bind_tenant_guc`, it begins every transaction outside a
+tenant with the setting ``''``, which hides a session-level value.
 
 The proof is complete when every connection a tenant task used during the
 load (the load recorded each run's process and backend pid) has been read

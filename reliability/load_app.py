@@ -37,8 +37,8 @@ The tasks (all results ignored; the tables are the record):
   with a countdown of 1 s, then records ``token#1`` (writing, if asked);
 * :data:`PROBE` ``(round)``: a plain task, no tenant, for the leak proof:
   checks out every connection of its process's pool at once, reads the
-  tenant setting on each in a transaction of its own, and adds what it read
-  to :data:`PROBES`.
+  tenant setting on each through the driver's connection (beneath the
+  binding, which would show ``''``), and adds what it read to :data:`PROBES`.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ _RECORD = text(
     ":label, :pid, :thread, :backend_pid)"
 )
 _STILL_READING = text(f"SELECT count(*) FROM {ITEMS}")
-_SETTING = text("SELECT current_setting(:setting, true), pg_backend_pid()")
+_RAW_SETTING = "SELECT current_setting(%s, true), pg_backend_pid()"
 _PROBED = text(
     f"INSERT INTO {PROBES} (label, pid, round, pool_size, backend_pid, setting) "
     "VALUES (:label, :pid, :round, :pool_size, :backend_pid, :setting)"
@@ -188,23 +188,30 @@ def record(
 def probe_pool(round_number: int) -> int:
     """Read the tenant setting on every connection of this process's pool; return how many.
 
-    Every connection is checked out at once (so none is skipped), each is read
-    in a transaction of its own begun outside any tenant (so the hook sets
-    nothing), and the readings are added to :data:`PROBES`.
+    Every connection is checked out at once (so none is skipped) and read
+    through its driver connection, beneath the engine: a transaction the
+    engine begins outside any tenant has the setting ``''`` (the binding sets
+    it, so that a session-level value cannot show), which would hide the very
+    value the probe looks for.  The readings are added to :data:`PROBES`.
     """
     engine = _engine.get()
     readings: list[dict[str, Any]] = []
     with _engine.probing:
         size = engine.pool.size()  # type: ignore[attr-defined]
-        connections = [engine.connect() for _ in range(size)]
+        connections = [engine.raw_connection() for _ in range(size)]
         try:
-            for conn in connections:
-                setting, backend_pid = conn.execute(_SETTING, {"setting": DEFAULT_GUC}).one()
-                conn.rollback()
+            for dbapi in connections:
+                cursor = dbapi.cursor()
+                try:
+                    cursor.execute(_RAW_SETTING, (DEFAULT_GUC,))
+                    setting, backend_pid = cursor.fetchone()
+                finally:
+                    cursor.close()
+                dbapi.rollback()
                 readings.append({"backend_pid": backend_pid, "setting": setting})
         finally:
-            for conn in connections:
-                conn.close()
+            for dbapi in connections:
+                dbapi.close()
     label, pid = os.environ.get(LABEL_ENV, ""), os.getpid()
     with engine.begin() as conn:
         conn.execute(
