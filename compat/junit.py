@@ -4,8 +4,9 @@ A test is named ``<classname>::<name>`` as the XML gives them
 (``t.integration.test_canvas.test_chain::test_simple_chain``).  Its outcome is
 the worst of what the XML records for it, in the order of :data:`OUTCOMES`:
 a test that passed but failed in teardown is an ``error``, as pytest's summary
-counts it; an expected failure (``xfail``) is ``xfailed``; a test pytest-rerunfailures
-ran again is judged by its last run.
+counts it; an expected failure (``xfail``) is ``xfailed``, while an unexpected
+pass (``XPASS``, not strict) is written, and so read, as ``passed``; a test
+pytest-rerunfailures ran again is judged by its last run.
 """
 
 from __future__ import annotations
