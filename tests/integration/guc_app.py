@@ -155,3 +155,14 @@ def autocommit_bodies() -> list[str]:
     with single_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("SELECT 1"))
         return list(conn.execute(BODIES).scalars())
+
+
+@tenant_task(app=app)
+def twophase_bodies() -> list[str]:
+    """Read inside a two-phase transaction on the bound engine, then roll it back."""
+    with single_engine().connect() as conn:
+        transaction = conn.begin_twophase()
+        try:
+            return list(conn.execute(BODIES).scalars())
+        finally:
+            transaction.rollback()

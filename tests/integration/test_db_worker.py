@@ -161,3 +161,13 @@ def test_autocommit_is_refused_whatever_the_session_holds(
     # Nothing of A's was read: the task's only result is the refusal.
     assert result.state == "FAILURE"
     assert f"{a}-1" not in str(result.result)
+
+
+def test_twophase_transaction_sees_its_tenant_not_the_session(
+    notes_table: Database, careless_worker: WorkerHandle, seeded: tuple[str, str]
+) -> None:
+    a, b = seeded
+    get(guc_app.leave_session_setting.delay(a, False))  # tenant A at session level
+    with tenant_context(b):
+        seen = get(guc_app.twophase_bodies.delay())
+    assert seen == [f"{b}-1", f"{b}-2"]
