@@ -10,6 +10,7 @@ to the last completion the tasks themselves recorded.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import re
@@ -84,6 +85,32 @@ def transports(ctx: BenchContext) -> dict[str, Transport]:
     }
 
 
+def _close_backend(app: Celery) -> None:
+    """Close the connections of ``app``'s result backend, which ``app.close()`` leaves.
+
+    Results still alive unsubscribe from a Redis backend when collected: collect
+    them first, so none does it later on a connection it would open and leave.
+    """
+    internals: Any = app  # private attributes of Celery 5.x
+    backend: Any = getattr(internals, "_backend_cache", None) or getattr(
+        internals._local, "backend", None
+    )
+    if backend is None:
+        return
+    gc.collect()
+    consumer = backend.__dict__.get("result_consumer")
+    if consumer is not None:
+        with contextlib.suppress(Exception):
+            consumer.stop()
+        subscribed = getattr(consumer, "subscribed_to", None)
+        if isinstance(subscribed, set):
+            subscribed.clear()
+    client = backend.__dict__.get("client")
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.connection_pool.disconnect()
+
+
 @dataclass(eq=False)
 class Worker:
     """A running benchmark worker and the client app that talks to it."""
@@ -120,6 +147,7 @@ class Worker:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)  # pool children never outlive the run
         self._drop_queue()
+        _close_backend(self.app)
         self.app.close()
 
     def _drop_queue(self) -> None:
