@@ -1,0 +1,1 @@
+"""The built HTML docs in a real browser (headless Chromium driven by Selenium)."""
