@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import pkgutil
 import sys
+from pathlib import Path
 
+from docutils import nodes
 from sphinx.application import Sphinx
 from sphinx.pycode import ModuleAnalyzer
 
@@ -76,6 +81,99 @@ def _unparametrized_bases(
     bases[:] = [getattr(base, "__origin__", base) for base in bases]
 
 
+# Functions whose ``@overload`` stubs are for type checkers only: the page shows
+# the one signature its autodoc directive gives (or the implementation's).
+_ONE_SIGNATURE = {"tenant_celery.task": ("tenant_task",)}
+
+
+def _drop_overloads(app: Sphinx) -> None:
+    """Hide the overloads of :data:`_ONE_SIGNATURE` from autodoc, which would
+    otherwise show every overload instead of any signature it is given."""
+    for module, names in _ONE_SIGNATURE.items():
+        analyzer = ModuleAnalyzer.for_module(module)  # cached: autodoc reuses it
+        analyzer.analyze()
+        for name in names:
+            analyzer.overloads.pop(name, None)
+
+
+def _public_modules() -> list[str]:
+    """``tenant_celery`` and every module under it with no ``_``-prefixed part."""
+    found = ["tenant_celery"]
+    for info in pkgutil.walk_packages(tenant_celery.__path__, "tenant_celery."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            found.append(info.name)
+    return found
+
+
+def _home(module: str, name: str) -> str:
+    """Where ``module.name`` is defined: ``from .x import name`` followed to ``x``."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return f"{module}.{name}"
+    package = module if spec.submodule_search_locations else module.rpartition(".")[0]
+    for node in ast.parse(Path(spec.origin).read_text(encoding="utf-8")).body:
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        for alias in node.names:
+            if (alias.asname or alias.name) != name:
+                continue
+            source = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            if source == "tenant_celery" or source.startswith("tenant_celery."):
+                return _home(source, alias.name)
+            return f"{module}.{name}"
+    return f"{module}.{name}"
+
+
+def _public_names_by_home() -> dict[str, set[str]]:
+    """Every ``module.name`` of a public module's ``__all__``, grouped by the
+    name's definition."""
+    by_home: dict[str, set[str]] = {}
+    for module in _public_modules():
+        try:
+            public = getattr(importlib.import_module(module), "__all__", ())
+        except Exception:  # Alembic's env.py runs under Alembic only: no names of its own
+            continue
+        for name in public:
+            by_home.setdefault(_home(module, name), set()).add(f"{module}.{name}")
+    return by_home
+
+
+_BY_HOME: dict[str, set[str]] = {}
+
+
+def _alias_reexports(app: Sphinx, doctree: nodes.document) -> None:
+    """Let every public name of an object documented once resolve to its entry.
+
+    ``tenant_celery.tenant_context`` is also ``tenant_celery.context.tenant_context``;
+    the page documents one of them, and a cross-reference to any of them (and
+    ``objects.inv``) finds that entry, as ``:canonical:`` does for classes.
+    """
+    if not _BY_HOME:
+        _BY_HOME.update(_public_names_by_home())
+    domain = app.env.get_domain("py")
+    documented = getattr(domain, "objects", {})
+    here = [
+        (name, entry)
+        for name, entry in list(documented.items())
+        if entry.docname == app.env.docname and not entry.aliased
+    ]
+    for name, entry in here:
+        # ``module.first.rest``: ``first`` a name of ``module``, ``rest`` a member
+        # of it (a class's method) or nothing.
+        parts = name.split(".")
+        modules = [i for i in range(1, len(parts)) if ".".join(parts[:i]) in sys.modules]
+        if not modules or not name.startswith("tenant_celery"):
+            continue
+        cut = modules[-1]
+        module, first, rest = ".".join(parts[:cut]), parts[cut], parts[cut + 1 :]
+        for other in sorted(_BY_HOME.get(_home(module, first), ())):
+            alias = ".".join([other, *rest])
+            if alias not in documented:
+                domain.note_object(alias, entry.objtype, entry.node_id, aliased=True)
+
+
 def setup(app: Sphinx) -> None:
     app.connect("autodoc-process-docstring", _docstring_where_defined)
     app.connect("autodoc-process-bases", _unparametrized_bases)
+    app.connect("builder-inited", _drop_overloads)
+    app.connect("doctree-read", _alias_reexports)
