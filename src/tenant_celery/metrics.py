@@ -273,8 +273,9 @@ def install_metrics(
     The metrics (names in the module constants) are labelled ``task_name``.
     With ``tenant_label=True`` they are labelled ``tenant`` too: the first
     ``max_tenant_labels`` distinct tenants a worker sees get their own value,
-    later ones share :data:`OTHER_TENANTS`, and tasks without a tenant get
-    ``""``, so the number of series cannot grow with the number of tenants.
+    later ones share :data:`~tenant_celery.metrics.OTHER_TENANTS`, and tasks
+    without a tenant get ``""``, so the number of series cannot grow with the
+    number of tenants.
 
     The metrics are created in ``registry`` (prometheus-client's default
     registry when ``None``).  Under the prefork pool the worker's totals are

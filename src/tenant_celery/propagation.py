@@ -205,10 +205,11 @@ def message_tenant(task: Task[Any, Any], request: Context) -> str | None:
     An eager call was published by this process, so its header is not verified.
 
     Raises:
-        TenantCeleryError: the header is invalid (:class:`InvalidTenantId`), its
-            signature does not verify (``TenantSignatureError``), the message
-            names two tenants (:class:`TenantConflict`), or a setting is
-            unusable (:class:`ConfigurationError`).
+        TenantCeleryError: the header is invalid
+            (:class:`~tenant_celery.InvalidTenantId`), its signature does not
+            verify (:class:`~tenant_celery.TenantSignatureError`), the message
+            names two tenants (:class:`~tenant_celery.TenantConflict`), or a
+            setting is unusable (:class:`~tenant_celery.ConfigurationError`).
     """
     raw = tenant_from_request(request, header_name(task.app))
     if raw is None:
