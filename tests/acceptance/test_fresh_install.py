@@ -1,32 +1,457 @@
-"""A newcomer's first two commands: install with the ``embedded`` extra into a
-fresh virtualenv, then run the demo.  Nothing from the development venv is
-used: the package is built and installed as a user installs it."""
+"""Every install line the README and the docs give, run in a bare virtualenv.
+
+:func:`install_lines` finds each ``pip install`` line of ``README.md`` and
+``docs/**/*.md`` (console blocks and inline code alike).  Each distinct line is
+installed into its own fresh virtualenv holding nothing but what that line
+brings: ``tenant-celery`` is the wheel built from this checkout, once per
+session, and everything else comes from the package index, exactly as a user's
+``pip`` resolves it.  Then the page's own commands run in that environment,
+against the real services, through the checks in :data:`PAGE_CHECKS`:
+
+* the README and the demo page: ``tenant-celery demo``;
+* the quickstart: every console command and Python session of the page, in
+  page order (:mod:`tests.acceptance.bare_page`), a real worker included;
+* the PostgreSQL-broker how-to: the bundled migration, then the page's example
+  app on the package's transport, a real worker, one task;
+* the sessions how-to and the db reference (``asyncio``): an async engine bound
+  with the package's helper, reading its tenant as the app role;
+* the monitoring how-to and the metrics reference (``prometheus``): the metrics
+  installed on an app and exposed in Prometheus' text format.
+
+``pip install -e '.[dev]'`` (the README's test-suite line, and the pages that
+run the benchmarks and the compatibility matrix) is the line ``.ci/run`` itself
+runs, in a virtualenv it creates on a fresh clone: that is its bare run.
+
+A page with an install line and no check here fails
+:func:`test_every_install_line_has_a_check`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shlex
 import subprocess
+import sys
 import venv
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests._rig.postgres import Database
+from tests._rig.services import Services, purge_redis_queue
+from tests.acceptance.bare_page import BarePage, stop_process_group
+
 ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+
+#: ``pip install`` and its arguments, up to the end of the command (a backtick,
+#: ``&&``, a comment or the end of the line).
+_PIP_INSTALL = re.compile(r"pip install\s+(?P<args>[^`#\n&]+)")
+#: The editable development install, which ``.ci/run`` performs (see the module doc).
+DEV_LINE = ("-e", ".[dev]")
 
 
-@pytest.mark.timeout(600)
-def test_pip_install_embedded_then_demo(tmp_path: Path) -> None:
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
-    python = env_dir / "bin" / "python"
-    install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{ROOT}[embedded]"],
-        capture_output=True, text=True, timeout=540, check=False,
+@dataclass(frozen=True)
+class InstallLine:
+    """One ``pip install`` of a page: where it is and what it installs."""
+
+    page: str  # relative to the repository: README.md, docs/howto/rls.md
+    line: int
+    args: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.page}:{self.line}: pip install {shlex.join(self.args)}"
+
+
+def install_lines() -> list[InstallLine]:
+    """Every ``pip install`` in the README and the docs, in page order."""
+    found: list[InstallLine] = []
+    sources = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+    for path in sources:
+        if "_build" in path.parts:
+            continue
+        for number, text in enumerate(path.read_text().splitlines(), start=1):
+            for match in _PIP_INSTALL.finditer(text):
+                args = tuple(shlex.split(match["args"].strip()))
+                found.append(InstallLine(str(path.relative_to(ROOT)), number, args))
+    return found
+
+
+# ------------------------------------------------------------- environments
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package built from this checkout, as ``pip`` builds it for a user."""
+    out = tmp_path_factory.mktemp("wheel")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
+        capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
-    assert install.returncode == 0, install.stderr[-3000:]
-    demo = subprocess.run(
-        [str(env_dir / "bin" / "tenant-celery"), "demo"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
-    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    (path,) = out.glob("tenant_celery-*.whl")
+    return path
+
+
+@dataclass
+class BareEnv:
+    """A virtualenv holding only what one install line brought."""
+
+    root: Path
+    line: tuple[str, ...]
+
+    @property
+    def bin(self) -> Path:
+        return self.root / "bin"
+
+    @property
+    def python(self) -> Path:
+        return self.bin / "python"
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        """The environment of a shell with this virtualenv activated, and nothing of
+        the test run's own (no ``PYTHONPATH``, no ``VIRTUAL_ENV`` of the dev venv)."""
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("PYTHON", "VIRTUAL_ENV", "PYTEST", "COV_"))
+        }
+        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
+        env["VIRTUAL_ENV"] = str(self.root)
+        env.update(extra)
+        return env
+
+    def run(
+        self, command: list[str], *, cwd: Path, timeout: float = 120, **extra: str
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command, cwd=cwd, env=self.environ(**extra), capture_output=True, text=True,
+            timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def install(self, args: list[str], wheel: Path) -> None:
+        """``pip install`` what an install line names, as :func:`_requirement` maps it."""
+        requirements = [_requirement(arg, wheel) for arg in args]
+        done = self.run(
+            [str(self.python), "-m", "pip", "install", "--quiet", *requirements],
+            cwd=self.root, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, f"pip install {shlex.join(args)}\n{done.stderr[-3000:]}"
+
+    def installed(self) -> set[str]:
+        """Normalised names of the distributions installed here."""
+        listed = self.run([str(self.python), "-m", "pip", "list", "--format=freeze"], cwd=self.root)
+        assert listed.returncode == 0, listed.stderr
+        return {
+            re.sub(r"[-_.]+", "-", line.split("==")[0]).lower()
+            for line in listed.stdout.splitlines()
+        }
+
+
+def _requirement(arg: str, wheel: Path) -> str:
+    """``tenant-celery[x]`` as the wheel from this checkout, ``.[x]`` (a checkout's
+    line) as this checkout; anything else unchanged."""
+    if arg == "." or arg.startswith(".["):
+        return f"{ROOT}{arg[1:]}"
+    match = re.fullmatch(r"tenant-celery(?P<extras>\[[^\]]*\])?", arg)
+    if match is None:
+        return arg
+    return f"tenant-celery{match['extras'] or ''} @ {wheel.as_uri()}"
+
+
+class BareEnvs:
+    """Bare virtualenvs: one per distinct install line, made on first use and shared
+    by the pages giving that line, or a fresh one that a page installs more into."""
+
+    def __init__(self, base: Path, wheel: Path) -> None:
+        self._base = base
+        self.wheel = wheel
+        self._envs: dict[tuple[str, ...], BareEnv] = {}
+        self._made = 0
+
+    def __call__(self, line: InstallLine, *, fresh: bool = False) -> BareEnv:
+        if fresh or line.args not in self._envs:
+            root = self._base / f"env{self._made}"
+            self._made += 1
+            venv.create(root, with_pip=True)
+            env = BareEnv(root, line.args)
+            env.install(list(line.args), self.wheel)
+            if fresh:
+                return env
+            self._envs[line.args] = env
+        return self._envs[line.args]
+
+
+@pytest.fixture(scope="session")
+def bare_envs(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> BareEnvs:
+    return BareEnvs(tmp_path_factory.mktemp("bare"), wheel)
+
+
+# ------------------------------------------------------------------- checks
+
+
+@dataclass
+class Context:
+    """What a page's check gets: its bare environment, a scratch directory and the
+    services (a scratch database is made only for the checks that ask for it)."""
+
+    env: BareEnv
+    line: InstallLine
+    wheel: Path
+    workdir: Path
+    services: Services
+    database: Callable[[], Database]
+
+
+Check = Callable[[Context], None]
+#: Checks that run the page's own install lines, in page order, in a fresh
+#: virtualenv made from its first one (the page installs more as it goes).
+RUN_WHOLE_PAGE: set[str] = set()
+
+
+def check_demo(ctx: Context) -> None:
+    """``tenant-celery demo``, on the embedded PostgreSQL the ``embedded`` extra brings."""
+    demo = ctx.env.run(["tenant-celery", "demo"], cwd=ctx.workdir, timeout=180)
     assert demo.returncode == 0, demo.stderr[-3000:] + demo.stdout[-3000:]
     assert "every tenant saw exactly its own rows" in demo.stdout
     assert "rows visible with no tenant set: 0" in demo.stdout
+
+
+def check_quickstart(ctx: Context) -> None:
+    """Every command and Python session of the quickstart, in page order."""
+    redis = ctx.services.redis()
+    page = BarePage(
+        "tutorial/quickstart.md",
+        ctx.env.bin,
+        ctx.workdir,
+        # The page's worker and shell name Redis on localhost:6379; Celery lets the
+        # environment point both at the test run's own Redis database instead.
+        environ=ctx.env.environ(CELERY_BROKER_URL=redis, CELERY_RESULT_BACKEND=redis),
+        install=lambda args: ctx.env.install(args, ctx.wheel),
+    )
+    purge_redis_queue(redis, "celery")  # the page's worker reads Celery's default queue
+    try:
+        page.run()
+    finally:
+        purge_redis_queue(redis, "celery")
+
+
+def check_postgres_broker(ctx: Context) -> None:
+    """The how-to's steps: the bundled migration granted to the app role, then its
+    example app on the package's transport, a real worker, one tenant task."""
+    database = ctx.database()
+    for name in ("billing.py", "celeryconfig.py"):
+        (ctx.workdir / name).write_text((ROOT / "examples" / "postgres_broker" / name).read_text())
+    admin_url = database.url.set(drivername="postgresql+psycopg")
+    app_url = database.app_url.set(drivername="postgresql+psycopg")
+    migrate = ctx.env.run(
+        [
+            "python", "-c",
+            "import sys; from tenant_celery.migrations import upgrade;"
+            " upgrade(sys.argv[1], grant_to=[sys.argv[2]])",
+            admin_url.render_as_string(hide_password=False), str(app_url.username),
+        ],
+        cwd=ctx.workdir,
+    )  # fmt: skip
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    environ = {"BILLING_DATABASE_URL": app_url.render_as_string(hide_password=False)}
+    log = ctx.workdir / "worker.log"
+    with _background(
+        ctx.env,
+        ["celery", "-A", "billing", "worker", "--pool=solo", "--loglevel=INFO"],
+        ctx.workdir,
+        log,
+        environ,
+    ):
+        publish = ctx.env.run(
+            [
+                "python", "-c",
+                "from billing import send_invoice\n"
+                "from tenant_celery import tenant_context\n"
+                "with tenant_context('0b7e4c1a-5a43-4f5e-9d1c-2f6a1c9e7b10'):\n"
+                "    result = send_invoice.delay(7)\n"
+                "print(result.get(timeout=60))\n",
+            ],
+            cwd=ctx.workdir, timeout=120, **environ,
+        )  # fmt: skip
+        assert publish.returncode == 0, publish.stderr[-3000:] + "\n" + log.read_text()[-3000:]
+    assert publish.stdout.strip() == (
+        "invoice 7 sent for tenant 0b7e4c1a-5a43-4f5e-9d1c-2f6a1c9e7b10"
+    )
+
+
+_ASYNC_SCRIPT = """
+import asyncio, sys
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from tenant_celery import bind_tenant_guc, tenant_context
+
+async def main() -> None:
+    engine = create_async_engine(sys.argv[1])
+    bind_tenant_guc(engine)
+    with tenant_context("0b7e4c1a-5a43-4f5e-9d1c-2f6a1c9e7b10"):
+        async with engine.begin() as conn:
+            who = await conn.scalar(text("SELECT current_user"))
+            tenant = await conn.scalar(text("SELECT current_setting('app.current_tenant_id')"))
+    await engine.dispose()
+    print(who, tenant)
+
+asyncio.run(main())
+"""
+
+
+def check_asyncio(ctx: Context) -> None:
+    """An async engine bound with the package's helper reads its tenant, as the app role."""
+    database = ctx.database()
+    url = database.async_app_url
+    done = ctx.env.run(
+        ["python", "-c", _ASYNC_SCRIPT, url.render_as_string(hide_password=False)],
+        cwd=ctx.workdir,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(url.username), "0b7e4c1a-5a43-4f5e-9d1c-2f6a1c9e7b10"]
+
+
+_METRICS_SCRIPT = """
+from celery import Celery
+from prometheus_client import generate_latest
+from tenant_celery import tenant_context, tenant_task
+from tenant_celery.metrics import install_metrics
+
+app = Celery("shop", broker="memory://", set_as_current=False)
+app.conf.task_always_eager = True
+install_metrics(app)
+
+@tenant_task(app=app)
+def ping() -> str:
+    return "pong"
+
+with tenant_context("0b7e4c1a-5a43-4f5e-9d1c-2f6a1c9e7b10"):
+    ping.delay().get()
+print(generate_latest().decode())
+"""
+
+
+def check_prometheus(ctx: Context) -> None:
+    """The task metrics installed on an app count a task, in Prometheus' text format."""
+    done = ctx.env.run(["python", "-c", _METRICS_SCRIPT], cwd=ctx.workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '\ncelery_task_success_total{task_name="shop.ping"} 1.0\n' in done.stdout, done.stdout
+
+
+RUN_WHOLE_PAGE.add("docs/tutorial/quickstart.md")
+
+#: The page -> what its install line must make work.  Keyed by page, so a new
+#: page with an install line fails until it says what to run.
+PAGE_CHECKS: dict[str, Check] = {
+    "README.md": check_demo,
+    "docs/tutorial/demo.md": check_demo,
+    "docs/tutorial/quickstart.md": check_quickstart,
+    "docs/howto/postgres-broker.md": check_postgres_broker,
+    "docs/howto/sessions.md": check_asyncio,
+    "docs/reference/db.md": check_asyncio,
+    "docs/howto/monitoring.md": check_prometheus,
+    "docs/reference/metrics.md": check_prometheus,
+}
+
+
+def _user_lines() -> list[InstallLine]:
+    """The install lines a user runs, from PyPI or a checkout (the development line
+    is CI's own)."""
+    return [
+        line
+        for line in install_lines()
+        if line.args != DEV_LINE
+        and any(arg.startswith(("tenant-celery", ".[")) or arg == "." for arg in line.args)
+    ]
+
+
+def _pages() -> dict[str, list[InstallLine]]:
+    """Each page with user install lines -> those lines, in page order."""
+    found: dict[str, list[InstallLine]] = {}
+    for line in _user_lines():
+        found.setdefault(line.page, []).append(line)
+    return found
+
+
+def test_every_install_line_has_a_check() -> None:
+    lines = install_lines()
+    assert any(line.page == "README.md" for line in lines)
+    pages = _pages()
+    unchecked = [
+        str(line) for page, found in pages.items() if page not in PAGE_CHECKS for line in found
+    ]
+    assert not unchecked, "install lines with no check in PAGE_CHECKS:\n" + "\n".join(unchecked)
+    # A page whose check does not run the page itself gets one environment: it
+    # may give one install line (from PyPI, and the same from a checkout).
+    several = {
+        page: sorted({line.args for line in found if not any(a.startswith(".") for a in line.args)})
+        for page, found in pages.items()
+        if page not in RUN_WHOLE_PAGE
+    }
+    assert all(len(lines) == 1 for lines in several.values()), several
+    others = [
+        str(line)
+        for line in lines
+        if line.args != DEV_LINE
+        and line not in _user_lines()
+        # a package a page suggests beside the install line (psycopg's binary build)
+        and line.args != ("psycopg[binary]",)
+    ]
+    assert not others, "install lines this test does not know:\n" + "\n".join(others)
+
+
+def _cases() -> list[InstallLine]:
+    """One case per line, except a page that is run whole: one case, its first line."""
+    cases = []
+    for page, found in _pages().items():
+        cases.extend(found[:1] if page in RUN_WHOLE_PAGE else found)
+    return cases
+
+
+@pytest.mark.worker
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("line", _cases(), ids=str)
+def test_install_line_in_a_bare_env(
+    line: InstallLine,
+    bare_envs: BareEnvs,
+    tmp_path: Path,
+    services: Services,
+    request: pytest.FixtureRequest,
+) -> None:
+    env = bare_envs(line, fresh=line.page in RUN_WHOLE_PAGE)
+    # nothing of the development environment: the test tools are not there
+    assert "pytest" not in env.installed()
+    ctx = Context(
+        env=env,
+        line=line,
+        wheel=bare_envs.wheel,
+        workdir=tmp_path,
+        services=services,
+        database=lambda: request.getfixturevalue("database"),
+    )
+    PAGE_CHECKS[line.page](ctx)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@contextlib.contextmanager
+def _background(
+    env: BareEnv, command: list[str], cwd: Path, log: Path, extra: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``command`` running in the background (its output in ``log``) while the block
+    runs; stopped when it ends."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env.environ(**extra), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield process
+    finally:
+        stop_process_group(process)
