@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
@@ -31,6 +33,26 @@ if TYPE_CHECKING:
 __all__ = ["TENANT_ARG", "TenantTask", "tenant_task"]
 
 logger = logging.getLogger("tenant_celery")
+
+#: Where a worker's first refusal points its reader.
+REFUSAL_DOCS = (
+    "https://tenant-celery.readthedocs.io/en/latest/howto/tenant-tasks.html#refused-tasks"
+)
+
+#: What to do about a refusal whose exception does not say it already.
+_REMEDIES = {
+    signing.UNSIGNED: (
+        "if a producer of yours sent it, give that producer the signing keys "
+        "(tenant_celery_header_signing_keys); otherwise find who publishes to this queue"
+    ),
+    signing.BAD_SIGNATURE: (
+        "if a producer of yours sent it, check that it signs with a key this worker "
+        "accepts; otherwise find who publishes to this queue"
+    ),
+}
+#: Set on the exception a refusal raises, so that Celery's own failure line for it is
+#: dropped (the refusal has logged its one line) while the task still fails with it.
+_REFUSED_MARK = "_tenant_celery_refused"
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -311,8 +333,21 @@ class TenantTask(GenericTask[_P, _R]):
     # --- worker side ----------------------------------------------------------
 
     def _refuse(self, request: Context, exc: TenantCeleryError, reason: str) -> None:
+        """Announce a refusal and mark ``exc``, which the caller raises: one warning line
+        (task, reason, remedy) instead of Celery's error line and traceback."""
         tenant_rejected.send(sender=self, reason=reason, exc=exc, request=request)
-        logger.warning("tenant task %s[%s] refused: %s", self.name, request.id, exc)
+        setattr(exc, _REFUSED_MARK, True)
+        remedy = _REMEDIES.get(reason)
+        logger.warning(
+            "tenant task %s[%s] refused (%s): %s%s; the task fails without running and is "
+            "not retried%s",
+            self.name,
+            request.id,
+            reason,
+            exc,
+            f"; {remedy}" if remedy else "",
+            f". About refused tasks: {REFUSAL_DOCS}" if _first_refusal() else "",
+        )
 
     def _check_chord_tenant(self, request: Context, tenant: str) -> None:
         """Refuse a chord header part whose chord names another tenant."""
@@ -325,7 +360,8 @@ class TenantTask(GenericTask[_P, _R]):
         if named is not None and parse_tenant_id(named) != tenant:
             raise TenantConflict(
                 f"tenant task {self.name!r} is a header part of a chord whose callback "
-                "runs in another tenant; its result would reach that tenant"
+                "runs in another tenant; its result would reach that tenant: publish a "
+                "chord's header and callback in one tenant"
             )
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -394,6 +430,42 @@ class TenantTask(GenericTask[_P, _R]):
         # Call ``run`` directly: ``Task.__call__`` would push a second request
         # and hide this one (its id, headers, retries) from a bound task.
         return self.run(*args, **self._shape_kwargs(kwargs, tenant, positional))
+
+
+class _Refusals:
+    """Which process has pointed to :data:`REFUSAL_DOCS` already (a fork starts afresh)."""
+
+    def __init__(self) -> None:
+        self.pointed_in = 0
+        self.lock = threading.Lock()
+
+
+_refusals = _Refusals()
+
+
+def _first_refusal() -> bool:
+    """True once per process: for its first refusal."""
+    with _refusals.lock:
+        first = _refusals.pointed_in != os.getpid()
+        _refusals.pointed_in = os.getpid()
+        return first
+
+
+class _DropRefusalFailures(logging.Filter):
+    """Drop Celery's failure line for a refused task: the refusal logged its own line,
+    and a refusal is expected behaviour, not a crash worth a traceback.
+
+    Only the exceptions :meth:`TenantTask._refuse` marked are dropped; the same
+    exception types raised by a task's body are logged by Celery as usual.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not getattr(exc, _REFUSED_MARK, False)
+
+
+# Celery logs a task's failure, with its traceback, on this logger (celery.app.trace).
+logging.getLogger("celery.app.trace").addFilter(_DropRefusalFailures())
 
 
 @overload
