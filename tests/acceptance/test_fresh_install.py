@@ -406,10 +406,18 @@ def test_every_install_line_has_a_check() -> None:
 
 
 def _cases() -> list[InstallLine]:
-    """One case per line, except a page that is run whole: one case, its first line."""
-    cases = []
+    """One case per line, except a page that is run whole: one case, its first line.
+    A line whose check another page's identical line runs already is not run twice
+    (the README's and the demo page's)."""
+    cases: list[InstallLine] = []
+    seen: set[tuple[Check | None, tuple[str, ...]]] = set()
     for page, found in _pages().items():
-        cases.extend(found[:1] if page in RUN_WHOLE_PAGE else found)
+        for line in found[:1] if page in RUN_WHOLE_PAGE else found:
+            key = (PAGE_CHECKS.get(page), line.args)
+            if key[0] is not None and key in seen:
+                continue
+            seen.add(key)
+            cases.append(line)
     return cases
 
 
