@@ -14,6 +14,8 @@ from sphinx.pycode import ModuleAnalyzer
 
 import tenant_celery
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "_ext"))
+
 project = "tenant-celery"
 author = "tenant-celery developers"
 copyright = "tenant-celery developers"
@@ -24,6 +26,7 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
+    "benchmark_charts",
 ]
 
 source_suffix = {".md": "markdown"}

@@ -1,0 +1,989 @@
+"""Charts and tables of the benchmark results, drawn when the docs are built.
+
+Two directives read ``benchmarks/results/latest.json`` (the file ``python -m
+benchmarks`` writes) and put what it holds on the page::
+
+    ```{benchmark-chart} throughput
+    ```
+
+    ```{benchmark-table} targets
+    ```
+
+``benchmark-chart`` draws an inline SVG figure (``throughput``, ``fairness``,
+``overheads``, ``result-backend``); ``benchmark-table`` builds a table narrow
+enough for the page's column (``targets``, ``machine``, ``p1``, ``p2-times``,
+``p2-ratios``, ``p2-plans``, ``p3``, ``p4``, ``p5-latency``, ``p5-backlog``,
+``result-backend``).  Nothing is typed in by hand: every figure comes from the
+JSON, and the build fails (``-W``) when the JSON lacks what a directive needs.
+
+The SVG is drawn with plain string formatting.  Text and axes use
+``currentColor``, so they follow the theme's light or dark foreground; the
+series colours are mid-tones that read on both backgrounds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from docutils import nodes
+from docutils.parsers.rst import directives
+from sphinx.application import Sphinx
+from sphinx.errors import ExtensionError
+from sphinx.util.docutils import SphinxDirective
+
+Json = dict[str, Any]
+Cell = str | int | float | None
+
+DEFAULT_RESULTS = "../benchmarks/results/latest.json"
+
+#: Series colours: mid-tones with enough contrast on white and on furo's dark grey.
+BLUE = "#4c78a8"
+ORANGE = "#e8853a"
+GREEN = "#3d9a50"
+RED = "#d64545"
+GREY = "#8c8c8c"
+
+#: Long names in the benchmark's tables, and what the page calls them.
+SHORT_NAMES = {
+    "PostgreSQL (tenant_celery.transport)": "the package's transport",
+    "PostgreSQL (kombu SQLAlchemy)": "kombu's SQLAlchemy transport",
+    "NullPool (Celery's DatabaseBackend)": "Celery's DatabaseBackend (NullPool)",
+    "pooled (tenant_celery.results)": "PooledDatabaseBackend",
+}
+
+
+def short(name: str) -> str:
+    return SHORT_NAMES.get(name, name)
+
+
+# ---------------------------------------------------------------------- numbers
+
+
+def fmt(value: Cell) -> str:
+    """A number as the benchmark's Markdown tables print it."""
+    if value is None:
+        return "\N{EM DASH}"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "\N{EM DASH}"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.3f}"
+    return value
+
+
+def fmt_ms(value: float) -> str:
+    """Milliseconds, short: 5.9 ms, 20.9 ms, 17.9 s."""
+    if value >= 1000:
+        return f"{value / 1000:.1f} s"
+    return f"{value:.1f} ms"
+
+
+def pair_ratios(values: Sequence[float], baselines: Sequence[float]) -> list[float]:
+    """Each back-to-back pair's ratio, as the benchmark computes its median."""
+    return [v / b for v, b in zip(values, baselines, strict=True) if b]
+
+
+# ------------------------------------------------------------------ the results
+
+
+class Results:
+    """``latest.json``, with errors that say which key is missing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.raw: Json = json.loads(path.read_text(encoding="utf-8"))
+
+    def get(self, *keys: str | int) -> Any:
+        node: Any = self.raw
+        for depth, key in enumerate(keys):
+            try:
+                node = node[key]
+            except (KeyError, IndexError, TypeError):
+                where = ".".join(str(k) for k in keys[: depth + 1])
+                raise ExtensionError(f"{self.path}: no {where}") from None
+        return node
+
+    def table(self, section: str, index: int = 0) -> Json:
+        table: Json = self.get("sections", section, "tables", index)
+        return table
+
+    def section(self, section: str) -> Json:
+        data: Json = self.get("sections", section, "data")
+        return data
+
+
+@dataclass
+class Target:
+    """One "against a target of" verdict the benchmark wrote under a table."""
+
+    section: str
+    label: str
+    value: float
+    op: str
+    target: float
+    met: bool
+
+
+TARGET_NOTE = re.compile(
+    r"^(?P<label>.*?)[: ]*(?:ratio|p95 busy/idle)?\s*(?P<value>[\d.]+)"
+    r"(?: \(runs [^)]*\))? against a target of (?P<op>[≥≤]) (?P<target>[\d.]+): "
+    r"(?P<verdict>met|NOT met)$"
+)
+
+
+def targets(results: Results) -> list[Target]:
+    found: list[Target] = []
+    for section, body in results.get("sections").items():
+        for table in body.get("tables", []):
+            for note in table.get("notes", []):
+                match = TARGET_NOTE.match(note)
+                if match is None:
+                    continue
+                value = float(match["value"])
+                target = float(match["target"])
+                met = value >= target if match["op"] == "≥" else value <= target
+                if met != (match["verdict"] == "met"):
+                    raise ExtensionError(f"{results.path}: {note!r} does not add up")
+                found.append(
+                    Target(section, match["label"].strip(" :"), value, match["op"], target, met)
+                )
+    if not found:
+        raise ExtensionError(f"{results.path}: no target verdicts in the tables' notes")
+    return found
+
+
+def target_label(target: Target) -> str:
+    """What the summary table calls a target's measurement."""
+    section = target.section.upper()
+    if target.section == "p1":
+        return "P1 tenancy overhead: tenant/plain, end to end"
+    if target.section == "p2":
+        return "P2 RLS cost: package policy/explicit WHERE, worst query"
+    if target.section == "p4":
+        return "P4 observability overhead: metrics and JSON logs on/off"
+    label = target.label
+    for long, brief in SHORT_NAMES.items():
+        label = label.replace(long, brief)
+    if target.section == "p3":
+        label = label.replace(" + PostgreSQL, pooled", " + pooled results")
+        return f"P3 throughput: {label}, against Redis + Redis"
+    if target.section == "p5":
+        return f"P5 fairness: {label}, tenant B's p95 busy/idle"
+    return f"{section} {label}"
+
+
+# ------------------------------------------------------------------------ tables
+
+
+@dataclass
+class TableSpec:
+    title: str
+    header: list[str]
+    rows: list[list[Cell | nodes.Node]]
+    numeric: list[bool] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def build_table(spec: TableSpec) -> list[nodes.Node]:
+    table = nodes.table(classes=["benchmark-table"])
+    table += nodes.title(spec.title, spec.title)
+    group = nodes.tgroup(cols=len(spec.header))
+    table += group
+    numeric = spec.numeric or [False] * len(spec.header)
+    for _ in spec.header:
+        group += nodes.colspec(colwidth=1)
+
+    def row(cells: Iterable[Cell | nodes.Node], head: bool) -> nodes.row:
+        out = nodes.row()
+        for cell, right in zip(cells, numeric, strict=True):
+            entry = nodes.entry(classes=["text-right"] if right and not head else [])
+            if isinstance(cell, nodes.Node):
+                entry += nodes.paragraph("", "", cell)
+            else:
+                text = fmt(cell)
+                entry += nodes.paragraph(text, text)
+            out += entry
+        return out
+
+    thead = nodes.thead()
+    thead += row(spec.header, head=True)
+    group += thead
+    body = nodes.tbody()
+    for cells in spec.rows:
+        body += row(cells, head=False)
+    group += body
+    out: list[nodes.Node] = [table]
+    if spec.notes:
+        notes = nodes.bullet_list(classes=["benchmark-notes"])
+        for note in spec.notes:
+            item = nodes.list_item()
+            item += nodes.paragraph(note, note)
+            notes += item
+        out.append(notes)
+    return out
+
+
+def columns(table: Json, names: Sequence[str]) -> list[int]:
+    header: list[str] = table["columns"]
+    missing = [n for n in names if n not in header]
+    if missing:
+        raise ExtensionError(f"benchmark table {table['title']!r} has no column {missing}")
+    return [header.index(n) for n in names]
+
+
+def select(table: Json, names: Sequence[str]) -> list[list[Cell]]:
+    picked = columns(table, names)
+    return [[short(r[i]) if isinstance(r[i], str) else r[i] for i in picked] for r in table["rows"]]
+
+
+def strong(text: str) -> nodes.Node:
+    return nodes.strong(text, text)
+
+
+def table_targets(results: Results) -> TableSpec:
+    rows: list[list[Cell | nodes.Node]] = []
+    for target in targets(results):
+        verdict: Cell | nodes.Node = "met" if target.met else strong("not met")
+        rows.append(
+            [target_label(target), target.value, f"{target.op} {fmt(target.target)}", verdict]
+        )
+        if target.section == "p1":
+            extra = results.section("p1")["extra_statements"]
+            counted = sorted(set(extra.values()))
+            rows.append(
+                [
+                    "P1 statements a tenant task runs beyond the plain one",
+                    ", ".join(fmt(c) for c in counted),
+                    "exactly 1",
+                    "met" if counted == [1] else strong("not met"),
+                ]
+            )
+    machine = results.get("machine")
+    return TableSpec(
+        f"Every target of the run of {machine['date'][:10]}",
+        ["measurement", "measured", "target", "result"],
+        rows,
+        [False, True, False, False],
+    )
+
+
+def table_machine(results: Results) -> TableSpec:
+    machine = results.get("machine")
+    rows: list[list[Cell | nodes.Node]] = [
+        ["date (UTC)", machine["date"]],
+        ["CPU", f"{machine['cpu_count']} x {machine['cpu_model']}"],
+        ["memory", f"{machine['memory_gib']} GiB"],
+        ["OS", machine["os"]],
+        ["Python", machine["python"]],
+        ["PostgreSQL", machine["postgresql"]],
+        ["Redis", machine["redis"]],
+        ["RabbitMQ", machine["rabbitmq"]],
+    ]
+    rows += [[name, version] for name, version in machine["packages"].items()]
+    start, end = machine["load_average_start"], machine["load_average_end"]
+    rows.append(["load average at start / end", f"{start[0]} / {end[0]} (1 minute)"])
+    rows.append(["size, total time", f"{machine['size']}, {machine['duration_s']} s"])
+    return TableSpec("The machine of the run", ["", "value"], rows)
+
+
+def table_p1(results: Results) -> TableSpec:
+    table = results.table("p1")
+    names = ["path", "task", "per second", "statements", "body µs", "ratio tenant/plain"]
+    rows = select(table, names)
+    for row in rows:
+        row[0] = "apply()" if str(row[0]).startswith("apply()") else "worker"
+    return TableSpec(
+        table["title"],
+        ["path", "task", "per second", "statements", "body µs", "tenant/plain"],
+        list(rows),
+        [False, False, True, True, True, True],
+        [
+            "apply(): in the runner's process, 25 rounds of 200 calls; worker: a real worker, "
+            "Redis broker and results, prefork 2, 5 rounds of 2,000 tasks",
+            *(n for n in table["notes"] if "target" not in n),
+        ],
+    )
+
+
+def table_p2_times(results: Results) -> TableSpec:
+    table = results.table("p2")
+    names = ["query", "explicit med", "explicit p95", "package med", "package p95"]
+    return TableSpec(
+        "P2 query time, µs: explicit WHERE against the package's policy",
+        ["query", "explicit median", "explicit p95", "package median", "package p95"],
+        list(select(table, names)),
+        [False, True, True, True, True],
+        [table["notes"][0], table["notes"][1]],
+    )
+
+
+def table_p2_ratios(results: Results) -> TableSpec:
+    table = results.table("p2")
+    names = ["query", "package/explicit", "naive med", "naive/explicit", "txn package/explicit"]
+    return TableSpec(
+        "P2 ratios to the explicit WHERE (median query time)",
+        ["query", "package", "naive median µs", "naive", "package, whole transaction"],
+        list(select(table, names)),
+        [False, True, True, True, True],
+        [table["notes"][2]],
+    )
+
+
+def table_p2_plans(results: Results) -> TableSpec:
+    table = results.table("p2", 1)
+    names = ["query", "setup", "scan", "tenant in index cond", "InitPlan", "buffers", "exec ms"]
+    rows = select(table, names)
+    for row in rows:
+        row[2] = str(row[2]).replace("Bitmap Heap Scan/Bitmap Index Scan", "Bitmap Heap + Index")
+    indexes = {r[columns(table, ["index"])[0]] for r in table["rows"]}
+    return TableSpec(
+        table["title"],
+        ["query", "setup", "scan", "tenant in index cond", "InitPlan", "buffers", "exec ms"],
+        list(rows),
+        [False, False, False, False, False, True, True],
+        [f"index read by every plan: {', '.join(sorted(map(str, indexes)))}", table["notes"][1]],
+    )
+
+
+def table_p3(results: Results) -> TableSpec:
+    table = results.table("p3")
+    rows = select(
+        table, ["broker", "results", "pool", "tasks/s", "published/s", "ratio vs Redis + Redis"]
+    )
+    for row in rows:
+        row[2] = str(row[2]).replace("prefork 2", "prefork")
+        row[1] = str(row[1]).replace("synchronous_commit off", "no sync commit")
+    return TableSpec(
+        table["title"],
+        ["broker", "results", "pool", "tasks/s", "published/s", "vs Redis"],
+        list(rows),
+        [False, False, False, True, True, True],
+        [
+            *table["notes"][:3],
+            "no sync commit: the results' connections set synchronous_commit off; "
+            "prefork: concurrency 2",
+        ],
+    )
+
+
+def table_p4(results: Results) -> TableSpec:
+    table = results.table("p4")
+    return TableSpec(
+        table["title"],
+        table["columns"],
+        list(select(table, table["columns"])),
+        [False, True, False, True],
+        [n for n in table["notes"] if "target" not in n],
+    )
+
+
+def p5_case(row: Sequence[Cell]) -> str:
+    broker, settings, prefetch = short(str(row[0])), str(row[2]), row[3]
+    text = f"{broker}, prefetch {prefetch}"
+    return text if settings == "Celery's defaults" else f"{text}, {settings}"
+
+
+def table_p5_latency(results: Results) -> TableSpec:
+    table = results.table("p5")
+    idx = columns(table, ["idle p50", "idle p95", "busy p50", "busy p95", "p95 busy/idle"])
+    rows: list[list[Cell | nodes.Node]] = [
+        [p5_case(r), *(r[i] for i in idx)] for r in table["rows"]
+    ]
+    return TableSpec(
+        "P5 tenant B's latency, ms, with tenant A idle and with A's backlog queued (busy)",
+        ["worker", "idle p50", "idle p95", "busy p50", "busy p95", "busy/idle p95"],
+        rows,
+        [False, True, True, True, True, True],
+        [*table["notes"][:3]],
+    )
+
+
+def table_p5_backlog(results: Results) -> TableSpec:
+    table = results.table("p5")
+    idx = columns(table, ["A waiting at B's first / last probe", "A tasks/s meanwhile"])
+    rows: list[list[Cell | nodes.Node]] = [
+        [p5_case(r), *(r[i] for i in idx)] for r in table["rows"]
+    ]
+    return TableSpec(
+        "P5 tenant A's backlog while B's probes were sent",
+        ["worker", "A waiting at B's first / last probe", "A tasks/s"],
+        rows,
+        [False, True, True],
+        [table["notes"][3]],
+    )
+
+
+def table_result_backend(results: Results) -> TableSpec:
+    table = results.table("results")
+    return TableSpec(
+        table["title"],
+        ["backend", "operations/s", "connections per operation", "ratio"],
+        list(select(table, table["columns"])),
+        [False, True, True, True],
+        table["notes"][:2],
+    )
+
+
+TABLES: dict[str, Callable[[Results], TableSpec]] = {
+    "targets": table_targets,
+    "machine": table_machine,
+    "p1": table_p1,
+    "p2-times": table_p2_times,
+    "p2-ratios": table_p2_ratios,
+    "p2-plans": table_p2_plans,
+    "p3": table_p3,
+    "p4": table_p4,
+    "p5-latency": table_p5_latency,
+    "p5-backlog": table_p5_backlog,
+    "result-backend": table_result_backend,
+}
+
+
+# ------------------------------------------------------------------------ charts
+
+WIDTH = 720
+FONT = 14
+SMALL = 12.5
+CHAR = 0.55  # average glyph width, in ems, for laying out labels
+
+
+def text_width(text: str, size: float = FONT) -> float:
+    return len(text) * size * CHAR
+
+
+class Svg:
+    """An SVG document built up element by element."""
+
+    def __init__(self, height: float, title: str, desc: str) -> None:
+        self.height = height
+        self.title = title
+        self.desc = desc
+        self.parts: list[str] = []
+
+    def add(self, element: str, **attrs: Any) -> None:
+        content = attrs.pop("content", None)
+        rendered = " ".join(
+            f'{name.rstrip("_").replace("_", "-")}="{escape(str(value))}"'
+            for name, value in attrs.items()
+            if value is not None
+        )
+        if content is None:
+            self.parts.append(f"<{element} {rendered}/>")
+        else:
+            self.parts.append(f"<{element} {rendered}>{escape(str(content))}</{element}>")
+
+    def line(self, x1: float, y1: float, x2: float, y2: float, **attrs: Any) -> None:
+        self.add("line", x1=f"{x1:.1f}", y1=f"{y1:.1f}", x2=f"{x2:.1f}", y2=f"{y2:.1f}", **attrs)
+
+    def rect(self, x: float, y: float, w: float, h: float, **attrs: Any) -> None:
+        self.add(
+            "rect", x=f"{x:.1f}", y=f"{y:.1f}", width=f"{max(w, 0):.1f}", height=f"{h:.1f}", **attrs
+        )
+
+    def text(self, x: float, y: float, content: str, **attrs: Any) -> None:
+        attrs.setdefault("font_size", FONT)
+        attrs.setdefault("fill", "currentColor")
+        self.add("text", x=f"{x:.1f}", y=f"{y:.1f}", content=content, **attrs)
+
+    def circle(self, x: float, y: float, r: float, **attrs: Any) -> None:
+        self.add("circle", cx=f"{x:.1f}", cy=f"{y:.1f}", r=r, **attrs)
+
+    def render(self, ident: str) -> str:
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" class="benchmark-chart" role="img" '
+            f'viewBox="0 0 {WIDTH} {self.height:.0f}" width="100%" '
+            f'style="max-width:{WIDTH}px;height:auto;font-family:inherit" '
+            f'aria-labelledby="{ident}-title {ident}-desc">'
+            f'<title id="{ident}-title">{escape(self.title)}</title>'
+            f'<desc id="{ident}-desc">{escape(self.desc)}</desc>' + "".join(self.parts) + "</svg>"
+        )
+
+
+@dataclass
+class LinearAxis:
+    low: float
+    high: float
+    left: float
+    right: float
+
+    def x(self, value: float) -> float:
+        span = self.high - self.low
+        return self.left + (value - self.low) / span * (self.right - self.left)
+
+
+@dataclass
+class LogAxis:
+    low: float
+    high: float
+    left: float
+    right: float
+
+    def x(self, value: float) -> float:
+        span = math.log10(self.high) - math.log10(self.low)
+        position = (math.log10(max(value, self.low)) - math.log10(self.low)) / span
+        return self.left + position * (self.right - self.left)
+
+
+def nice_step(high: float, ticks: int = 6) -> float:
+    raw = high / ticks
+    power = float(10.0 ** math.floor(math.log10(raw)))
+    for factor in (1, 2, 2.5, 5, 10):
+        if raw <= factor * power:
+            return factor * power
+    return 10 * power
+
+
+def legend(svg: Svg, x: float, y: float, entries: Sequence[tuple[str, str, str]]) -> None:
+    """A row of keys, each ``(kind, colour, label)``: kind ``box``, ``dot``, ``ring``
+    (a hollow dot) or ``tick`` (a short vertical bar)."""
+    for kind, colour, label in entries:
+        if kind == "box":
+            svg.rect(x, y - 11, 14, 14, fill=colour, rx=2)
+        elif kind == "dot":
+            svg.circle(x + 7, y - 4, 6, fill=colour)
+        elif kind == "ring":
+            svg.circle(x + 7, y - 4, 6, fill="none", stroke=colour, stroke_width=1.5)
+        else:
+            svg.line(x + 7, y - 12, x + 7, y + 4, stroke=colour, stroke_width=2)
+        svg.text(x + 20, y, label, font_size=SMALL)
+        x += 20 + text_width(label, SMALL) + 22
+
+
+def wrap(text: str, width: float, size: float = SMALL) -> list[str]:
+    """``text`` in lines of at most ``width`` units, broken after commas."""
+    lines: list[str] = []
+    for part in text.split(", "):
+        if lines and text_width(f"{lines[-1]}, {part}", size) <= width:
+            lines[-1] = f"{lines[-1]}, {part}"
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(part)
+    return lines
+
+
+def vertical_grid(
+    svg: Svg,
+    axis: LinearAxis | LogAxis,
+    ticks: Sequence[tuple[float, str]],
+    top: float,
+    bottom: float,
+) -> None:
+    for value, label in ticks:
+        x = axis.x(value)
+        svg.line(x, top, x, bottom, stroke="currentColor", stroke_opacity=0.15)
+        svg.text(x, bottom + 18, label, font_size=SMALL, text_anchor="middle")
+    svg.line(axis.left, bottom, axis.right, bottom, stroke="currentColor", stroke_opacity=0.6)
+
+
+#: Result backends of P3's table, short enough for a chart's label column.
+RESULT_LABELS = {"PostgreSQL, pooled, synchronous_commit off": "pooled, sync commit off"}
+
+
+def chart_throughput(results: Results) -> tuple[str, str]:
+    """P3: tasks per second of each broker and result backend, prefork and solo."""
+    data = results.section("p3")
+    table = results.table("p3")
+    pairs = list(data["results"])
+    label_cols = columns(table, ["broker", "results", "tasks/s"])
+    labels: list[tuple[str, str]] = []
+    for n, pair in enumerate(pairs):
+        row = table["rows"][2 * n]
+        if row[label_cols[2]] != data["results"][pair]["prefork"]["tasks_per_second"]:
+            raise ExtensionError(f"P3: the table's rows are not in the order of {pairs}")
+        backend = str(row[label_cols[1]])
+        backend = RESULT_LABELS.get(backend, backend)
+        labels.append((short(str(row[label_cols[0]])), f"results: {backend}"))
+    pools = [("prefork", "prefork, concurrency 2", BLUE), ("solo", "solo", ORANGE)]
+    values = [[data["results"][p][pool]["tasks_per_second"] for pool, _, _ in pools] for p in pairs]
+    high = max(max(v) for v in values)
+    step = nice_step(high)
+    top_value = math.ceil(high / step) * step
+    bar, gap = 15.0, 18.0
+    top = 58.0
+    group = len(pools) * bar + gap
+    bottom = top + len(pairs) * group
+    svg = Svg(
+        bottom + 62,
+        "P3: tenant tasks per second by broker and result backend",
+        "Horizontal bars, two per broker and result backend pair (prefork and solo worker), "
+        "tasks per second end to end.",
+    )
+    axis = LinearAxis(0, top_value, 250, WIDTH - 100)
+    svg.text(2, 20, "Tasks per second, end to end (more is better)", font_weight="bold")
+    legend(svg, 2, 44, [("box", c, label) for _, label, c in pools])
+    ticks = [(v * step, f"{v * step:,.0f}") for v in range(int(top_value / step) + 1)]
+    vertical_grid(svg, axis, ticks, top - 6, bottom)
+    for n, (pair, (broker, backend)) in enumerate(zip(pairs, labels, strict=True)):
+        y = top + n * group
+        svg.text(axis.left - 10, y + bar - 2, broker, text_anchor="end")
+        svg.text(
+            axis.left - 10,
+            y + 2 * bar + 1,
+            backend,
+            text_anchor="end",
+            font_size=SMALL,
+            fill_opacity=0.75,
+        )
+        for k, (pool, _, colour) in enumerate(pools):
+            entry = data["results"][pair][pool]
+            value = entry["tasks_per_second"]
+            by = y + k * bar
+            svg.rect(axis.left, by + 1, axis.x(value) - axis.left, bar - 2, fill=colour)
+            svg.text(
+                axis.x(value) + 5,
+                by + bar - 3.5,
+                f"{fmt(value)} (\N{MULTIPLICATION SIGN}{fmt(float(entry['ratio']))})",
+                font_size=SMALL,
+            )
+    svg.text(
+        (axis.left + axis.right) / 2,
+        bottom + 40,
+        "tasks per second",
+        text_anchor="middle",
+        font_size=SMALL,
+    )
+    caption = (
+        "P3 throughput, from sections.p3.data.results in latest.json: tasks per second, "
+        "median of the runs, 2,000 tasks with no body per run. In brackets: the ratio to "
+        "Redis + Redis with the same pool, the median of each round's ratio."
+    )
+    return svg.render("chart-throughput"), caption
+
+
+def chart_fairness(results: Results) -> tuple[str, str]:
+    """P5: tenant B's latency, every probe, idle and busy, on a log scale."""
+    data = results.section("p5")
+    table = results.table("p5")
+    cases = list(data["results"])
+    if len(cases) != len(table["rows"]):
+        raise ExtensionError("P5: the table's rows do not match sections.p5.data.results")
+    row_h, lane = 62.0, 22.0
+    top = 62.0
+    bottom = top + len(cases) * row_h
+    svg = Svg(
+        bottom + 62,
+        "P5: tenant B's task latency with tenant A idle and with A's 10,000 tasks queued",
+        "For each worker setup, two lanes of dots, one per probe task, with the 95th percentile "
+        "marked, on a logarithmic axis of milliseconds from 1 ms to 100 s.",
+    )
+    axis = LogAxis(1, 100_000, 270, WIDTH - 80)
+    svg.text(2, 20, "Tenant B's latency, ms, log scale (less is better)", font_weight="bold")
+    legend(
+        svg,
+        2,
+        46,
+        [
+            ("dot", GREEN, "a probe, A idle"),
+            ("dot", RED, "a probe, A's backlog queued (busy)"),
+            ("tick", "currentColor", "95th percentile"),
+        ],
+    )
+    ticks = [
+        (10.0**p, label) for p, label in enumerate(["1 ms", "10", "100", "1 s", "10 s", "100 s"])
+    ]
+    vertical_grid(svg, axis, ticks, top - 8, bottom)
+    target = float(data["target"])
+    for n, case in enumerate(cases):
+        entry = data["results"][case]
+        y = top + n * row_h
+        label = p5_case(table["rows"][n])
+        first, _, rest = label.partition(", ")
+        svg.text(axis.left - 10, y + 13, first, text_anchor="end")
+        for k, line in enumerate(wrap(rest, axis.left - 20)):
+            svg.text(
+                axis.left - 10,
+                y + 29 + 15 * k,
+                line,
+                text_anchor="end",
+                font_size=SMALL,
+                fill_opacity=0.75,
+            )
+        for k, (kind, colour) in enumerate((("idle", GREEN), ("busy", RED))):
+            cy = y + 10 + k * lane
+            for value in entry[f"{kind}_ms"]:
+                svg.circle(axis.x(value), cy, 3.2, fill=colour, fill_opacity=0.45)
+            p95 = entry[f"{kind}_p95_ms"]
+            svg.line(
+                axis.x(p95), cy - 8, axis.x(p95), cy + 8, stroke="currentColor", stroke_width=2
+            )
+        ratio = entry["p95_ratio"]
+        verdict = "" if case.startswith("redis") else (" ✓" if ratio <= target else " ✗")
+        svg.text(
+            axis.right + 8,
+            y + 26,
+            f"\N{MULTIPLICATION SIGN}{fmt(ratio) if ratio < 100 else f'{ratio:,.0f}'}{verdict}",
+            font_size=SMALL,
+        )
+        if n:
+            svg.line(0, y - 6, WIDTH, y - 6, stroke="currentColor", stroke_opacity=0.08)
+    svg.text(axis.right + 8, top - 14, "busy/idle", font_size=SMALL)
+    svg.text(
+        (axis.left + axis.right) / 2,
+        bottom + 40,
+        "latency from publish to the start of the task (ms)",
+        text_anchor="middle",
+        font_size=SMALL,
+    )
+    caption = (
+        "P5 fairness, from sections.p5.data.results in latest.json: each dot is one of tenant "
+        "B's 40 probe tasks (busy_ms, idle_ms), the bar its 95th percentile; on the right the "
+        f"ratio of the busy p95 to the idle p95 (p95_ratio), target at most {fmt(target)} "
+        "for the package's transport (✓ met, ✗ not met). The axis is logarithmic: Redis's "
+        "busy probes waited seconds, not milliseconds."
+    )
+    return svg.render("chart-fairness"), caption
+
+
+@dataclass
+class RatioRow:
+    label: str
+    detail: str
+    median: float
+    pairs: list[float]
+    target: tuple[str, float] | None
+
+
+def chart_overheads(results: Results) -> tuple[str, str]:
+    """P1, P2 and P4: each variant against its baseline, with the target marked."""
+    p1 = results.section("p1")
+    p2 = results.section("p2")
+    p4 = results.section("p4")
+    apply_, worker = p1["apply"]["per_second"], p1["worker"]["per_second"]
+    rows = [
+        RatioRow(
+            "P1 tenant/plain",
+            "apply() in process",
+            p1["ratio_apply"],
+            pair_ratios(apply_["tenant"], apply_["plain"]),
+            None,
+        ),
+        RatioRow(
+            "P1 tenant/plain",
+            "real worker, end to end",
+            p1["ratio_end_to_end"],
+            pair_ratios(worker["tenant"], worker["plain"]),
+            ("≥", p1["target"]),
+        ),
+    ]
+    for query, ratio in p2["ratios_query_median"]["package"].items():
+        rows.append(
+            RatioRow(
+                "P2 policy/explicit WHERE", f"{query} query, median", ratio, [], ("≤", p2["target"])
+            )
+        )
+    tasks = p4["tasks_per_second"]
+    rows.append(
+        RatioRow(
+            "P4 observability on/off",
+            "real worker",
+            p4["ratio"],
+            pair_ratios(tasks["on"], tasks["off"]),
+            ("≥", p4["target"]),
+        )
+    )
+    everything = [v for r in rows for v in (r.median, *r.pairs)] + [
+        r.target[1] for r in rows if r.target
+    ]
+    low = math.floor(min(everything) * 20) / 20
+    high = math.ceil((max(everything) + 0.02) * 20) / 20
+    row_h = 42.0
+    top = 62.0
+    bottom = top + len(rows) * row_h
+    svg = Svg(
+        bottom + 62,
+        "P1, P2, P4: what tenancy, the policy and observability cost, as ratios",
+        "One row per measurement: small dots are back-to-back pairs of runs, the large dot "
+        "their median, the dashed mark the target.",
+    )
+    axis = LinearAxis(low, high, 250, WIDTH - 90)
+    svg.text(2, 20, "Ratio to the baseline measured beside it (1.0 = no cost)", font_weight="bold")
+    legend(
+        svg,
+        2,
+        46,
+        [
+            ("dot", BLUE, "median, target met"),
+            ("dot", RED, "median, not met"),
+            ("ring", "currentColor", "median, no target"),
+            ("dot", GREY, "a pair of runs"),
+        ],
+    )
+    steps = round((high - low) / 0.05)
+    ticks = [(low + i * 0.05, f"{low + i * 0.05:.2f}") for i in range(steps + 1)]
+    vertical_grid(svg, axis, ticks, top - 8, bottom)
+    svg.line(axis.x(1.0), top - 8, axis.x(1.0), bottom, stroke="currentColor", stroke_opacity=0.5)
+    for n, row in enumerate(rows):
+        y = top + n * row_h + row_h / 2
+        svg.text(axis.left - 10, y - 3, row.label, text_anchor="end")
+        svg.text(
+            axis.left - 10,
+            y + 13,
+            row.detail,
+            text_anchor="end",
+            font_size=SMALL,
+            fill_opacity=0.75,
+        )
+        met: bool | None = None
+        if row.target is not None:
+            op, value = row.target
+            met = row.median >= value if op == "≥" else row.median <= value
+            x = axis.x(value)
+            svg.line(
+                x, y - 14, x, y + 14, stroke="currentColor", stroke_width=2, stroke_dasharray="3 2"
+            )
+            svg.text(x, y - 17, f"{op} {value:g}", font_size=11, text_anchor="middle")
+        for value in row.pairs:
+            svg.circle(axis.x(value), y, 3.5, fill=GREY, fill_opacity=0.7)
+        if met is None:
+            svg.circle(axis.x(row.median), y, 6, fill="none", stroke="currentColor", stroke_width=2)
+        else:
+            colour = BLUE if met else RED
+            svg.circle(
+                axis.x(row.median), y, 7, fill=colour, stroke="currentColor", stroke_width=0.8
+            )
+        svg.text(axis.right + 10, y + 5, fmt(row.median), font_size=SMALL, font_weight="bold")
+    svg.text(
+        (axis.left + axis.right) / 2,
+        bottom + 40,
+        "ratio (variant / baseline)",
+        text_anchor="middle",
+        font_size=SMALL,
+    )
+    caption = (
+        "Overhead ratios from latest.json: P1 sections.p1.data (ratio_apply, ratio_end_to_end; "
+        "the pairs from apply.per_second and worker.per_second), P2 sections.p2.data."
+        "ratios_query_median.package, P4 sections.p4.data (ratio; pairs from "
+        "tasks_per_second). P2 keeps no per-pair ratio, only the median of each query. "
+        "Right of 1.0 a variant is faster than its baseline, left of it slower."
+    )
+    return svg.render("chart-overheads"), caption
+
+
+def chart_result_backend(results: Results) -> tuple[str, str]:
+    """Result backend: results stored and read back per second, NullPool against pooled."""
+    data = results.section("results")
+    backends = list(data["operations_per_second"])
+    rates = [statistics.median(data["operations_per_second"][b]) for b in backends]
+    connections = [
+        statistics.median(data["connections_per_run"][b]) / data["operations_per_run"]
+        for b in backends
+    ]
+    bar, top = 30.0, 50.0
+    bottom = top + len(backends) * (bar + 14)
+    svg = Svg(
+        bottom + 56,
+        "Result backend: results stored and read back per second",
+        "Two horizontal bars: Celery's database backend and the pooled backend, operations per "
+        "second in a process that has not forked.",
+    )
+    high = max(rates)
+    step = nice_step(high, 5)
+    axis = LinearAxis(0, math.ceil(high / step) * step, 280, WIDTH - 200)
+    svg.text(2, 20, "Store + read one result, per second (more is better)", font_weight="bold")
+    ticks = [(v * step, f"{v * step:,.0f}") for v in range(int(axis.high / step) + 1)]
+    vertical_grid(svg, axis, ticks, top - 8, bottom)
+    for n, (backend, rate, conns) in enumerate(zip(backends, rates, connections, strict=True)):
+        y = top + n * (bar + 14)
+        svg.text(axis.left - 10, y + bar / 2 + 5, short(backend), text_anchor="end")
+        svg.rect(axis.left, y, axis.x(rate) - axis.left, bar, fill=(GREY, BLUE)[n % 2])
+        svg.text(
+            axis.x(rate) + 6,
+            y + bar / 2 + 5,
+            f"{fmt(rate)}/s, {conns:g} connections each"
+            if conns
+            else f"{fmt(rate)}/s, no new connection",
+            font_size=SMALL,
+        )
+    svg.text(
+        (axis.left + axis.right) / 2,
+        bottom + 36,
+        "operations per second",
+        text_anchor="middle",
+        font_size=SMALL,
+    )
+    caption = (
+        "Result backend, from sections.results.data in latest.json: median of "
+        f"{data['runs']} runs of {data['operations_per_run']} operations "
+        "(operations_per_second), and connections opened per operation (connections_per_run)."
+    )
+    return svg.render("chart-result-backend"), caption
+
+
+CHARTS: dict[str, Callable[[Results], tuple[str, str]]] = {
+    "throughput": chart_throughput,
+    "fairness": chart_fairness,
+    "overheads": chart_overheads,
+    "result-backend": chart_result_backend,
+}
+
+
+# ---------------------------------------------------------------------- directives
+
+
+class _BenchmarkDirective(SphinxDirective):
+    required_arguments = 1
+    has_content = False
+    option_spec = {"results": directives.unchanged}  # noqa: RUF012
+
+    def results(self) -> Results:
+        name = self.options.get("results") or self.config.benchmark_results
+        path = (Path(self.env.srcdir) / name).resolve()
+        self.env.note_dependency(str(path))
+        if not path.is_file():
+            raise self.error(f"no benchmark results at {path}")
+        return Results(path)
+
+
+class BenchmarkChart(_BenchmarkDirective):
+    """``{benchmark-chart} NAME``: one of :data:`CHARTS`, as an inline SVG figure."""
+
+    def run(self) -> list[nodes.Node]:
+        name = self.arguments[0]
+        if name not in CHARTS:
+            raise self.error(f"unknown chart {name!r}; one of {sorted(CHARTS)}")
+        try:
+            svg, caption = CHARTS[name](self.results())
+        except ExtensionError as error:
+            raise self.error(str(error)) from None
+        figure = nodes.figure(classes=["benchmark-figure"])
+        figure += nodes.raw("", svg, format="html")
+        figure += nodes.caption(caption, caption)
+        self.add_name(figure)
+        return [figure]
+
+
+class BenchmarkTable(_BenchmarkDirective):
+    """``{benchmark-table} NAME``: one of :data:`TABLES`."""
+
+    def run(self) -> list[nodes.Node]:
+        name = self.arguments[0]
+        if name not in TABLES:
+            raise self.error(f"unknown table {name!r}; one of {sorted(TABLES)}")
+        try:
+            spec = TABLES[name](self.results())
+        except ExtensionError as error:
+            raise self.error(str(error)) from None
+        return build_table(spec)
+
+
+def setup(app: Sphinx) -> dict[str, Any]:
+    app.add_config_value("benchmark_results", DEFAULT_RESULTS, "env", [str])
+    app.add_directive("benchmark-chart", BenchmarkChart)
+    app.add_directive("benchmark-table", BenchmarkTable)
+    return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
