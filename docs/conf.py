@@ -33,6 +33,8 @@ source_suffix = {".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build"]
 nitpicky = False
+# Leave quotes and dashes as written: "--flag" must not become an en dash.
+smartquotes = False
 
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
