@@ -5,7 +5,8 @@ reference), each at a laptop width and at a narrow one:
 
 - every chart on the Performance page is drawn: displayed, not zero-sized, an
   ``<img>`` loaded (``naturalWidth > 0``), an inline ``<svg>`` with something
-  inside it; and it fits the column;
+  inside it; it fits the column, and no label of an inline chart runs past the
+  chart's edge (where the SVG clips it);
 - no table in the article is wider than the room it has: a table that needs its
   scroll container to scroll sideways counts as too wide;
 - no en or em dash directly before a lowercase letter (an en dash and "loglevel"
@@ -101,14 +102,16 @@ def save_full_page(driver: WebDriver, path: Path) -> None:
     """Save a PNG of the whole page, not only the part in the viewport."""
     import base64  # noqa: PLC0415
 
-    metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
-    size = metrics["cssContentSize"]
+    height = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]["height"]
+    # Captured beyond the viewport the page is laid out without a scrollbar, across
+    # the viewport's whole width (the content size leaves the scrollbar's out).
+    width = driver.execute_script("return window.innerWidth")
     shot = driver.execute_cdp_cmd(
         "Page.captureScreenshot",
         {
             "format": "png",
             "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
         },
     )
     path.write_bytes(base64.b64decode(shot["data"]))
@@ -281,6 +284,43 @@ def test_performance_charts_fit_the_column(
                 f"is past the column's at x={left + room:.0f}"
             )
     assert not problems, f"{PERFORMANCE} at {viewport.width}px:\n" + "\n".join(problems)
+
+
+# Text of an inline SVG chart drawn (partly) outside the chart's box, which clips it.
+_CLIPPED_LABELS_JS = """
+const svg = arguments[0];
+const box = svg.getBoundingClientRect();
+const out = [];
+for (const text of svg.querySelectorAll('text')) {
+    const r = text.getBoundingClientRect();
+    if (!text.textContent.trim() || (r.width === 0 && r.height === 0)) { continue; }
+    const over = Math.max(box.left - r.left, r.right - box.right,
+                          box.top - r.top, r.bottom - box.bottom);
+    if (over > arguments[1]) {
+        out.push({text: text.textContent.trim(), over: over});
+    }
+}
+return out;
+"""
+
+
+@pytest.mark.parametrize("viewport", VIEWPORTS, ids=lambda v: v.name)
+def test_performance_chart_labels_are_not_cut_off(
+    browser: WebDriver, docs_server: str, viewport: Viewport
+) -> None:
+    open_page(browser, docs_server, PERFORMANCE, viewport)
+    # Only inline charts: an <img>'s text is out of reach. No chart at all is
+    # test_performance_charts_are_drawn's failure, not this one's.
+    found = [c for c in charts(browser) if c.tag_name.lower() == "svg"]
+    problems = [
+        f"{describe(browser, chart)}: {label['text']!r} runs {label['over']:.0f}px "
+        "past the chart's edge"
+        for chart in found
+        for label in script(browser, _CLIPPED_LABELS_JS, chart, TOLERANCE_PX)
+    ]
+    assert not problems, f"{PERFORMANCE} at {viewport.width}px, labels cut off:\n" + "\n".join(
+        problems
+    )
 
 
 # --------------------------------------------------------------------------- tables
