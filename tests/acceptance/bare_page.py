@@ -13,7 +13,8 @@ environment.
 * ``pycon``: a doctest in that session, one interpreter (the virtualenv's
   ``python``, :mod:`tests.acceptance._session`) kept for the whole page, so a
   name defined in one session block is there in the next, as in a terminal;
-* ``console``: each ``$`` command runs in a shell; output shown after it must
+* ``console``: each ``$`` command runs in a shell (after the caller's
+  substitutions, e.g. a server URL the page shows as a placeholder); output shown after it must
   match (``...`` stands for any text); a command that does not end by itself
   (``celery ... worker``) runs in the background until the page is done, and
   the next block waits for it to be ready.  Creating and activating the
@@ -77,9 +78,11 @@ class BarePage:
         workdir: Path,
         environ: dict[str, str],
         install: Callable[[list[str]], None],
+        substitutions: dict[str, str] | None = None,
     ) -> None:
         self.page = page
         self.install = install
+        self.substitutions = substitutions or {}
         self.bin = bin_dir
         self.workdir = workdir
         self.environ = environ
@@ -138,6 +141,8 @@ class BarePage:
     # ------------------------------------------------------------- commands
 
     def _command(self, block: Block, command: str, expected: str) -> None:
+        for placeholder, value in self.substitutions.items():
+            command = command.replace(placeholder, value)
         if SETUP.match(command):
             return
         pip = PIP_INSTALL.match(command)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._rig.postgres import Database
+from tests._rig.postgres import Database, PgCluster
 from tests._rig.services import Services, purge_redis_queue
 from tests.acceptance.bare_page import BarePage, stop_process_group
 
@@ -205,6 +205,12 @@ class Context:
     workdir: Path
     services: Services
     database: Callable[[], Database]
+    cluster: Callable[[], PgCluster]
+
+    def superuser_dsn(self) -> str:
+        """A libpq URL of the test server, as its superuser."""
+        url = self.cluster().admin_url.set(drivername="postgresql")
+        return url.render_as_string(hide_password=False)
 
 
 Check = Callable[[Context], None]
@@ -219,6 +225,20 @@ def check_demo(ctx: Context) -> None:
     assert demo.returncode == 0, demo.stderr[-3000:] + demo.stdout[-3000:]
     assert "every tenant saw exactly its own rows" in demo.stdout
     assert "rows visible with no tenant set: 0" in demo.stdout
+
+
+def check_demo_page(ctx: Context) -> None:
+    """The demo page's commands: the demo on the embedded PostgreSQL, then with
+    ``--dsn`` on the test server (the URL the page shows is a placeholder for it)."""
+    page = BarePage(
+        "tutorial/demo.md",
+        ctx.env.bin,
+        ctx.workdir,
+        environ=ctx.env.environ(),
+        install=lambda args: ctx.env.install(args, ctx.wheel),
+        substitutions={"postgresql://postgres:secret@localhost:5432/postgres": ctx.superuser_dsn()},
+    )
+    page.run()
 
 
 def check_quickstart(ctx: Context) -> None:
@@ -343,13 +363,13 @@ def check_prometheus(ctx: Context) -> None:
     assert '\ncelery_task_success_total{task_name="shop.ping"} 1.0\n' in done.stdout, done.stdout
 
 
-RUN_WHOLE_PAGE.add("docs/tutorial/quickstart.md")
+RUN_WHOLE_PAGE.update({"docs/tutorial/quickstart.md", "docs/tutorial/demo.md"})
 
 #: The page -> what its install line must make work.  Keyed by page, so a new
 #: page with an install line fails until it says what to run.
 PAGE_CHECKS: dict[str, Check] = {
     "README.md": check_demo,
-    "docs/tutorial/demo.md": check_demo,
+    "docs/tutorial/demo.md": check_demo_page,
     "docs/tutorial/quickstart.md": check_quickstart,
     "docs/howto/postgres-broker.md": check_postgres_broker,
     "docs/howto/sessions.md": check_asyncio,
@@ -441,6 +461,7 @@ def test_install_line_in_a_bare_env(
         workdir=tmp_path,
         services=services,
         database=lambda: request.getfixturevalue("database"),
+        cluster=lambda: request.getfixturevalue("pg_cluster"),
     )
     PAGE_CHECKS[line.page](ctx)
 
