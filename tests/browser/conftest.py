@@ -35,7 +35,7 @@ import pytest
 from tests._rig.env import unavailable
 
 if TYPE_CHECKING:
-    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.chrome.webdriver import WebDriver
 
 #: An existing HTML build of the docs to test instead of building one.
 DOCS_HTML_ENV = "TENANT_CELERY_DOCS_HTML"

@@ -26,6 +26,7 @@ import contextlib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ import pytest
 from tests._rig.env import unavailable
 
 if TYPE_CHECKING:
-    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.chrome.webdriver import WebDriver
     from selenium.webdriver.remote.webelement import WebElement
 
 pytestmark = pytest.mark.browser
@@ -210,6 +211,14 @@ return state;
 """
 
 
+def _image_loaded(driver: WebDriver, image: WebElement) -> bool:
+    return bool(
+        driver.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth > 0", image
+        )
+    )
+
+
 def charts(driver: WebDriver) -> list[WebElement]:
     return list(script(driver, _CHARTS_JS))
 
@@ -234,11 +243,7 @@ def test_performance_charts_are_drawn(
         if chart.tag_name.lower() == "img":
             # A timeout is reported below, with the image's state.
             with contextlib.suppress(TimeoutException):
-                WebDriverWait(browser, 10).until(
-                    lambda d, c=chart: d.execute_script(
-                        "return arguments[0].complete && arguments[0].naturalWidth > 0", c
-                    )
-                )
+                WebDriverWait(browser, 10).until(partial(_image_loaded, image=chart))
         state = script(browser, _CHART_STATE_JS, chart)
         what = describe(browser, chart)
         if not chart.is_displayed() or not state["visible"]:
@@ -486,19 +491,25 @@ def test_internal_links_resolve(browser: WebDriver, docs_server: str, page: str)
 # ------------------------------------------------------------------------- console
 
 
+def console_log(driver: WebDriver) -> list[dict[str, Any]]:
+    """The browser console's entries since the last call (chromedriver's log API)."""
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return entries
+
+
 @pytest.mark.parametrize("viewport", VIEWPORTS, ids=lambda v: v.name)
 @pytest.mark.parametrize("page", PAGES)
 def test_no_console_errors(
     browser: WebDriver, docs_server: str, page: str, viewport: Viewport
 ) -> None:
     try:
-        browser.get_log("browser")  # drop what earlier pages logged
+        console_log(browser)  # drop what earlier pages logged
     except Exception as exc:  # a driver without the log API
         unavailable("chromium's console log", f"driver.get_log('browser') failed: {exc}")
     open_page(browser, docs_server, page, viewport)
     errors = [
-        entry["message"]
-        for entry in browser.get_log("browser")
+        str(entry["message"])
+        for entry in console_log(browser)
         if str(entry.get("level", "")).upper() == "SEVERE"
     ]
     assert not errors, f"{page} at {viewport.width}px, console errors:\n" + "\n".join(errors)
