@@ -253,11 +253,18 @@ def check_quickstart(ctx: Context) -> None:
         environ=ctx.env.environ(CELERY_BROKER_URL=redis, CELERY_RESULT_BACKEND=redis),
         install=lambda args: ctx.env.install(args, ctx.wheel),
     )
-    purge_redis_queue(redis, "celery")  # the page's worker reads Celery's default queue
+    queues = ("celery", "billing")  # part 1's worker reads Celery's default queue
+    for queue in queues:
+        purge_redis_queue(redis, queue)
     try:
         page.run()
     finally:
-        purge_redis_queue(redis, "celery")
+        for queue in queues:
+            purge_redis_queue(redis, queue)
+        # The page ends with `python setup_db.py --drop`; when it failed before
+        # that, remove what part 2 made all the same (the embedded server too).
+        if (ctx.workdir / "setup_db.py").exists():
+            ctx.env.run(["python", "setup_db.py", "--drop"], cwd=ctx.workdir)
 
 
 def check_postgres_broker(ctx: Context) -> None:
