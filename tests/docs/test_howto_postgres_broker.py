@@ -4,7 +4,8 @@ The page's migration runs on a scratch database; a real ``celery -A billing
 worker`` runs ``examples/postgres_broker`` as written (only the database URL
 points at the scratch database, as ``app_user``) and its tenant tasks, results
 and remote control are checked; the ``broker_transport`` form makes a round
-trip; the PgBouncer options run a real worker through a private PgBouncer in
+trip; the settings that keep a pool process free for other tenants are read by
+the transport; the PgBouncer options run a real worker through a private PgBouncer in
 transaction mode; the monitoring query runs as ``app_user`` on a backlog of two
 tenants, before and after a fair claim.  The options table is compared with the
 transport's own table and with the values the transport takes when no option is
@@ -156,6 +157,15 @@ def test_page(
             finally:
                 queue.close()
         assert messages(database, "docs.broker_transport") == 0
+
+    @run.on("python", "worker_prefetch_multiplier = 1")
+    def keep_room_for_other_tenants(block: Block) -> None:
+        namespace: dict[str, Any] = {"__name__": "fair_settings"}
+        run.exec(block, namespace)
+        assert namespace["task_acks_late"] is True
+        assert namespace["worker_prefetch_multiplier"] == 1
+        settings = tenant_celery.transport._Settings(namespace["broker_transport_options"])
+        assert settings.tenant_inflight_limit == 1
 
     @run.on("python", '"listen": False')
     def behind_pgbouncer(block: Block) -> None:
