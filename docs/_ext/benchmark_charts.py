@@ -630,7 +630,8 @@ def chart_throughput(results: Results) -> tuple[str, str]:
     )
     axis = LinearAxis(0, top_value, 250, WIDTH - 100)
     svg.text(2, 20, "Tasks per second, end to end (more is better)", font_weight="bold")
-    legend(svg, 2, 44, [("box", c, label) for _, label, c in pools])
+    keys = [("box", colour, label) for _, label, colour in pools]
+    legend(svg, 2, 44, [*keys, ("tick", "currentColor", "one run, where there were several")])
     ticks = [(v * step, f"{v * step:,.0f}") for v in range(int(top_value / step) + 1)]
     vertical_grid(svg, axis, ticks, top - 6, bottom)
     for n, (pair, (broker, backend)) in enumerate(zip(pairs, labels, strict=True)):
@@ -649,8 +650,19 @@ def chart_throughput(results: Results) -> tuple[str, str]:
             value = entry["tasks_per_second"]
             by = y + k * bar
             svg.rect(axis.left, by + 1, axis.x(value) - axis.left, bar - 2, fill=colour)
+            runs = entry.get("tasks_per_second_runs", [])
+            for run in runs if len(runs) > 1 else []:
+                svg.line(
+                    axis.x(run),
+                    by + 1,
+                    axis.x(run),
+                    by + bar - 1,
+                    stroke="currentColor",
+                    stroke_width=1.5,
+                )
+            end = max([value, *runs])
             svg.text(
-                axis.x(value) + 5,
+                axis.x(end) + 5,
                 by + bar - 3.5,
                 f"{fmt(value)} (\N{MULTIPLICATION SIGN}{fmt(float(entry['ratio']))})",
                 font_size=SMALL,
@@ -663,9 +675,11 @@ def chart_throughput(results: Results) -> tuple[str, str]:
         font_size=SMALL,
     )
     caption = (
-        "P3 throughput, from sections.p3.data.results in latest.json: tasks per second, "
-        "median of the runs, 2,000 tasks with no body per run. In brackets: the ratio to "
-        "Redis + Redis with the same pool, the median of each round's ratio."
+        "P3 throughput, from sections.p3.data.results in latest.json: tasks per second "
+        f"(tasks_per_second), the median of the runs, {fmt(data['tasks_per_row'])} tasks with "
+        "no body per run; where a pair ran more than once, a thin mark for each run "
+        "(tasks_per_second_runs). In brackets: the ratio to Redis + Redis with the same pool, "
+        "the median of each round's ratio (ratio)."
     )
     return svg.render("chart-throughput"), caption
 
@@ -703,6 +717,7 @@ def chart_fairness(results: Results) -> tuple[str, str]:
     ]
     vertical_grid(svg, axis, ticks, top - 8, bottom)
     target = float(data["target"])
+    probes = ", ".join(sorted({str(data["results"][c]["probes"]) for c in cases}))
     for n, case in enumerate(cases):
         entry = data["results"][case]
         y = top + n * row_h
@@ -746,10 +761,10 @@ def chart_fairness(results: Results) -> tuple[str, str]:
     )
     caption = (
         "P5 fairness, from sections.p5.data.results in latest.json: each dot is one of tenant "
-        "B's 40 probe tasks (busy_ms, idle_ms), the bar its 95th percentile; on the right the "
-        f"ratio of the busy p95 to the idle p95 (p95_ratio), target at most {fmt(target)} "
-        "for the package's transport (✓ met, ✗ not met). The axis is logarithmic: Redis's "
-        "busy probes waited seconds, not milliseconds."
+        f"B's {probes} probe tasks (busy_ms, idle_ms), the vertical mark their 95th "
+        "percentile; on the right the ratio of the busy p95 to the idle p95 (p95_ratio), "
+        f"target at most {target:g} for the package's transport (✓ met, ✗ not met). The "
+        "axis is logarithmic: behind Redis's list B's probes waited seconds, not milliseconds."
     )
     return svg.render("chart-fairness"), caption
 
@@ -874,7 +889,9 @@ def chart_overheads(results: Results) -> tuple[str, str]:
         "the pairs from apply.per_second and worker.per_second), P2 sections.p2.data."
         "ratios_query_median.package, P4 sections.p4.data (ratio; pairs from "
         "tasks_per_second). P2 keeps no per-pair ratio, only the median of each query. "
-        "Right of 1.0 a variant is faster than its baseline, left of it slower."
+        "P1 and P4 compare rates, so left of 1.0 is slower than the baseline; P2 compares "
+        "query times, so right of 1.0 is slower. The dashed mark is the target, on the side "
+        "that passes."
     )
     return svg.render("chart-overheads"), caption
 
@@ -949,6 +966,7 @@ class _BenchmarkDirective(SphinxDirective):
         name = self.options.get("results") or self.config.benchmark_results
         path = (Path(self.env.srcdir) / name).resolve()
         self.env.note_dependency(str(path))
+        self.env.note_dependency(__file__)  # a page is drawn again when this code changes
         if not path.is_file():
             raise self.error(f"no benchmark results at {path}")
         return Results(path)
