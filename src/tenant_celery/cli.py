@@ -3,12 +3,15 @@
 ``tenant-celery check`` inspects a live database with
 :func:`~tenant_celery.audit.audit_database` and prints the report;
 ``tenant-celery migrate`` applies the bundled migration
-(:mod:`tenant_celery.migrations`).  Each
-subcommand is one ``_add_<name>`` function that builds its parser and names
-the function that runs it; :data:`_SUBCOMMANDS` lists them.
+(:mod:`tenant_celery.migrations`); ``tenant-celery demo`` runs
+:func:`tenant_celery.demo.run_demo`.  Each subcommand is one ``_add_<name>``
+function that builds its parser and names the function that runs it;
+:data:`_SUBCOMMANDS` lists them.
 
-Exit codes: ``0`` clean, ``1`` a hole was found, ``2`` a usage or connection
-error (one line on standard error, no traceback).
+Every subcommand exits with the same codes: :data:`EXIT_CLEAN` (``0``),
+:data:`EXIT_HOLES` (``1``, a problem found), :data:`EXIT_USAGE` (``2``, a
+usage or connection error: one line on standard error, no traceback) and
+:data:`EXIT_INTERRUPTED` (``130``).
 """
 
 from __future__ import annotations
@@ -23,22 +26,35 @@ from typing import NoReturn
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from . import __version__
 from ._pg import database_url
 from .audit import AuditReport, audit_database
 from .config import DATABASE_URL_ENV, guc_name
 from .errors import ConfigurationError
-from .migrations import add_migrate_parser
 
-__all__ = ["DATABASE_URL_ENV", "EXIT_CLEAN", "EXIT_HOLES", "EXIT_USAGE", "main"]
+__all__ = [
+    "DATABASE_URL_ENV",
+    "EXIT_CLEAN",
+    "EXIT_HOLES",
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "main",
+    "parse_arguments",
+]
 
 PROG = "tenant-celery"
 
 EXIT_CLEAN = 0
-"""Exit code: the check found nothing wrong."""
+"""Exit code of every subcommand: done, nothing wrong."""
 EXIT_HOLES = 1
-"""Exit code: the check found at least one problem."""
+"""Exit code of every subcommand: a problem found (``check`` found a hole in the
+isolation; ``demo`` saw a tenant read rows not its own, or a step of it failed;
+``migrate`` was refused by the database, which changed nothing)."""
 EXIT_USAGE = 2
-"""Exit code: bad arguments, or the database could not be reached or read."""
+"""Exit code of every subcommand: bad arguments, a database that could not be
+reached or read, or a missing extra; one line on standard error, no traceback."""
+EXIT_INTERRUPTED = 130
+"""Exit code of every subcommand: interrupted (Ctrl-C, or SIGTERM for ``demo``)."""
 
 _CONNECT_TIMEOUT = 10
 
@@ -50,22 +66,58 @@ class _UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tenant-celery`` command with ``argv`` (default ``sys.argv[1:]``);
     return its exit code."""
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse has printed --help or a usage error
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args = parse_arguments(_parser(), argv)
+    if isinstance(args, int):
+        return args
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
     except _UsageError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def parse_arguments(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace | int:
+    """Parse ``argv``; return the namespace, or the exit code when argparse printed
+    ``--help``, ``--version`` or a usage error.
+
+    Arguments nobody recognizes are reported by the (sub)command that was
+    chosen, with its own usage line, not the top-level one.
+    """
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _chosen(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # argparse has printed --help, --version or a usage error
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    return args
+
+
+def _chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost subcommand's parser that ``args`` selected."""
+    while True:
+        subcommands = [
+            action
+            for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)
+        ]
+        name = getattr(args, subcommands[0].dest, None) if subcommands else None
+        if not subcommands or name not in subcommands[0].choices:
+            return parser
+        parser = subcommands[0].choices[name]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Tenant isolation tools for Celery on PostgreSQL."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"{PROG} {__version__}", help="print the version"
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _SUBCOMMANDS:
@@ -90,7 +142,8 @@ def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "widening it, an index leading with the column, and the role's rights; the role "
             "and the roles it can become; and the views, materialized views, referencing "
             "tables and SECURITY DEFINER routines that could show it other tenants' rows. "
-            "Exit 0 when clean, 1 when a hole is found, 2 on a usage or connection error."
+            "Exit 0 when clean, 1 when a hole is found, 2 on a usage or connection error, "
+            "130 when interrupted."
         ),
     )
     check.add_argument(
@@ -219,7 +272,9 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
             "bundled migration, create a table with row-level security, run a real celery "
             "worker as an unprivileged role, run tasks for three tenants and print what each "
             "tenant sees, the worker's /health and its metric totals. Everything it starts is "
-            "removed at the end. Exit 0 when every tenant saw only its own rows, 1 otherwise."
+            "removed at the end. Exit 0 when every tenant saw only its own rows, 1 when one "
+            "did not or a step failed, 2 on a usage or connection error (bad --dsn, a server "
+            "that cannot be reached, a missing extra), 130 when interrupted."
         ),
     )
     demo.add_argument(
@@ -230,22 +285,31 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoError, run_demo  # noqa: PLC0415 (starts servers; imported on use)
+    from .demo import DemoError, DemoUsageError, run_demo  # noqa: PLC0415 (imported on use)
 
     try:
         run_demo(args.dsn)
+    except DemoUsageError as exc:
+        _fail(str(exc))
     except DemoError as exc:
         print(f"{PROG} demo: error: {exc}", file=sys.stderr)
         return EXIT_HOLES
-    except KeyboardInterrupt:
-        print(f"{PROG} demo: interrupted; what it started was removed", file=sys.stderr)
-        return 130
     return EXIT_CLEAN
+
+
+# ----------------------------------------------------------------------- migrate
+
+
+def _add_migrate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Imported here: tenant_celery.migrations uses this module's exit codes.
+    from .migrations import add_migrate_parser  # noqa: PLC0415
+
+    add_migrate_parser(subparsers)
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_check,
-    add_migrate_parser,
+    _add_migrate,
     _add_demo,
 )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -359,3 +361,69 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0
     for option in ("--url", "--role", "--column", "--setting", "--schema", "--json"):
         assert option in result.stdout
+
+
+def test_a_database_that_does_not_exist_exits_2(database: Database) -> None:
+    missing = f"tc_missing_{secrets.token_hex(4)}"
+    result = check("--url", render(database.url.set(database=missing)))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tenant-celery check: error: cannot inspect ")
+    assert f'database "{missing}" does not exist' in lines[0]
+
+
+def test_unknown_arguments_are_reported_with_the_subcommands_usage() -> None:
+    result = check("--url", "postgresql:///x", "--frobnicate")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: tenant-celery check ")
+    assert result.stderr.splitlines()[-1] == (
+        "tenant-celery check: error: unrecognized arguments: --frobnicate"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_version() -> None:
+    from tenant_celery import __version__  # noqa: PLC0415
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tenant_celery.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        f"tenant-celery {__version__}\n",
+        "",
+    )
+
+
+@pytest.fixture
+def silent_server() -> Iterator[socket.socket]:
+    """A listening TCP socket that never answers: a client connecting to it waits."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.settimeout(60)
+        yield sock
+
+
+def test_interrupted_exits_130(silent_server: socket.socket) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TENANT_CELERY_")}
+    port = silent_server.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tenant_celery.cli", "check", "--url",
+         f"postgresql://u@127.0.0.1:{port}/x?connect_timeout=60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=base,
+    )  # fmt: skip
+    connection, _ = silent_server.accept()  # the command is connecting, and waits
+    with connection:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, out + err
+    assert err == "tenant-celery check: interrupted\n"

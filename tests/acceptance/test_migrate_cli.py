@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +162,7 @@ def test_errors_exit_non_zero_with_one_line(database: Database) -> None:
         "pass --url or set TENANT_CELERY_DATABASE_URL\n"
     )
 
+    # The database refused the migration (nothing was changed): a problem, exit 1.
     done = migrate("upgrade", "--url", render(database.url), "--grant-to", "no_such_role")
     assert done.returncode == 1
     assert done.stderr.startswith("tenant-celery migrate upgrade: error: tenant-celery upgrade of")
@@ -175,3 +179,59 @@ def test_errors_exit_non_zero_with_one_line(database: Database) -> None:
 
     done = migrate("frobnicate")
     assert done.returncode == 2
+
+
+def test_unreachable_or_missing_database_exits_2(database: Database) -> None:
+    missing = render(database.url.set(database=f"tc_missing_{secrets.token_hex(4)}"))
+    for args, where in [
+        (["upgrade", "--url", "postgresql://u:s3cret-pw@127.0.0.1:1/x"], "127.0.0.1:1/x"),
+        (["current", "--url", "postgresql://u:s3cret-pw@127.0.0.1:1/x"], "127.0.0.1:1/x"),
+        (["upgrade", "--url", missing], "does not exist"),
+        (["downgrade", "base", "--url", missing], "does not exist"),
+        (["current", "--url", missing], "does not exist"),
+    ]:
+        done = migrate(*args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert done.stdout == ""
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1, done.stderr  # no traceback
+        assert lines[0].startswith(f"tenant-celery migrate {args[0]}: error: cannot connect to ")
+        assert where in lines[0]
+        assert "s3cret-pw" not in done.stderr
+
+
+def test_usage_errors_exit_2_with_the_subcommands_usage(database: Database) -> None:
+    done = migrate("upgrade", "--url", render(database.url), "--frobnicate")
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: tenant-celery migrate upgrade ")
+    assert done.stderr.splitlines()[-1] == (
+        "tenant-celery migrate upgrade: error: unrecognized arguments: --frobnicate"
+    )
+    # An unknown revision is a usage error too, and nothing is changed.
+    done = migrate("upgrade", "no_such_revision", "--url", render(database.url))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "Can't locate revision identified by 'no_such_revision'" in done.stderr
+    assert migrate("current", "--url", render(database.url)).stdout == "none\n"
+    done = migrate("sql", "no_such_revision")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+
+
+def test_interrupted_exits_130() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(60)
+        port = server.getsockname()[1]
+        process = subprocess.Popen(
+            [*MIGRATE, "upgrade", "--url", f"postgresql://u@127.0.0.1:{port}/x?connect_timeout=60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env=environment(),
+        )  # fmt: skip
+        connection, _ = server.accept()  # the command is connecting, and waits for an answer
+        with connection:
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, out + err
+    assert err == "tenant-celery migrate: interrupted\n"

@@ -5,9 +5,11 @@
 it (``args.run``).  ``python -m tenant_celery.migrations migrate ...`` runs
 the same parser on its own.
 
-Exit codes: ``0`` done, ``1`` the database refused (a revision, the lock, the
-schema or a grant failed; nothing was changed), ``2`` bad arguments or no
-usable URL.  Errors are one line on standard error, without a traceback.
+Exit codes are the command line's (:mod:`tenant_celery.cli`): ``0`` done,
+``1`` the database refused the upgrade or downgrade (a revision, the lock,
+the schema or a grant failed; nothing was changed), ``2`` bad arguments, an
+unknown revision, or a database that could not be reached or read, ``130``
+interrupted.  Errors are one line on standard error, without a traceback.
 """
 
 from __future__ import annotations
@@ -15,23 +17,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from ..cli import EXIT_CLEAN, EXIT_HOLES, EXIT_INTERRUPTED, EXIT_USAGE, PROG, parse_arguments
 from ..config import DATABASE_URL_ENV, setting
 from ..errors import ConfigurationError, MigrationError
 from . import _api
 from ._objects import SEQUENCES, TABLE_PRIVILEGES, TABLES
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "add_migrate_parser", "main", "run_migrate"]
-
-EXIT_OK = 0
-"""Exit code: done."""
-EXIT_FAILED = 1
-"""Exit code: the database refused; nothing was changed."""
-EXIT_USAGE = 2
-"""Exit code: bad arguments, or no usable database URL."""
-
-_PROG = "tenant-celery"
+__all__ = ["add_migrate_parser", "main", "run_migrate"]
 
 
 def add_migrate_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -47,7 +46,8 @@ def add_migrate_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
             "Apply tenant-celery's bundled migration: kombu's SQLAlchemy broker tables and "
             "Celery's database result tables, under the version table "
             "tenant_celery_alembic_version. Exit 0 when done, 1 when the database refused "
-            "(nothing is changed), 2 on bad arguments."
+            "(nothing is changed), 2 on bad arguments or a database that cannot be reached "
+            "or read, 130 when interrupted."
         ),
     )
     migrate.set_defaults(run=run_migrate)
@@ -147,25 +147,33 @@ def run_migrate(args: argparse.Namespace) -> int:
                 ),
                 end="",
             )
-            return EXIT_OK
+            return EXIT_CLEAN
         url = args.url or setting(None, "database_url")
         if not url:
             raise ConfigurationError(f"no database URL: pass --url or set {DATABASE_URL_ENV}")
-        if action == "current":
-            print(_describe(_api.current(url, schema=args.schema)))
-            return EXIT_OK
-        if action == "upgrade":
-            roles = tuple(args.grant_to)
-            outcome = _api.run("upgrade", url, args.revision, args.schema, roles)
-        else:
-            roles = ()
-            outcome = _api.run("downgrade", url, args.revision, args.schema, roles)
-    except ConfigurationError as exc:
+        with _api._engine(url) as engine:
+            _connect(engine)
+            if action == "current":
+                print(_describe(_api.current(engine, schema=args.schema)))
+                return EXIT_CLEAN
+            direction: Literal["upgrade", "downgrade"] = (
+                "upgrade" if action == "upgrade" else "downgrade"
+            )
+            roles = tuple(args.grant_to) if direction == "upgrade" else ()
+            try:
+                outcome = _api.run(direction, engine, args.revision, args.schema, roles)
+            except MigrationError as exc:
+                if isinstance(exc.__cause__, (CommandError, RevisionError)):
+                    raise  # an unknown revision: a usage error
+                _error(action, exc)
+                return EXIT_HOLES
+    except (ConfigurationError, MigrationError, _Unreachable) as exc:
+        # Bad arguments, or a database that could not be reached or read.
         _error(action, exc)
         return EXIT_USAGE
-    except MigrationError as exc:
-        _error(action, exc)
-        return EXIT_FAILED
+    except (ArgumentError, ImportError) as exc:  # an unknown dialect, a driver not installed
+        _error(action, f"cannot use the database URL: {_reason(exc)}")
+        return EXIT_USAGE
     before, now = _describe(outcome.before), _describe(outcome.now)
     if outcome.applied:
         verb = "upgraded" if action == "upgrade" else "downgraded"
@@ -177,7 +185,27 @@ def run_migrate(args: argparse.Namespace) -> int:
             f"granted {', '.join(TABLE_PRIVILEGES)} on {len(TABLES)} tables and USAGE on "
             f"{len(SEQUENCES)} sequences to {', '.join(dict.fromkeys(roles))}"
         )
-    return EXIT_OK
+    return EXIT_CLEAN
+
+
+class _Unreachable(Exception):
+    """The database could not be connected to; the message is one line."""
+
+
+def _connect(engine: Engine) -> None:
+    """Connect once, so that a database that cannot be reached is a usage error (exit 2)
+    and not a refused migration (exit 1)."""
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect():
+            pass
+    except (SQLAlchemyError, ImportError) as exc:
+        raise _Unreachable(f"cannot connect to {shown}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    return " ".join(str(cause).split()) or type(cause).__name__
 
 
 def _describe(revision: str | None) -> str:
@@ -186,16 +214,19 @@ def _describe(revision: str | None) -> str:
     return f"{revision} (head)" if revision in _api.heads() else revision
 
 
-def _error(action: str, exc: BaseException) -> None:
-    print(f"{_PROG} migrate {action}: error: {exc}", file=sys.stderr)
+def _error(action: str, exc: BaseException | str) -> None:
+    print(f"{PROG} migrate {action}: error: {exc}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tenant_celery.migrations``: a ``tenant-celery`` parser with ``migrate`` only."""
-    parser = argparse.ArgumentParser(prog=_PROG, description="tenant-celery's bundled migration.")
+    parser = argparse.ArgumentParser(prog=PROG, description="tenant-celery's bundled migration.")
     add_migrate_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parse_arguments(parser, argv)
+    if isinstance(args, int):
+        return args
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse printed --help or a usage error
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    return int(args.run(args))
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print(f"{PROG} migrate: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
