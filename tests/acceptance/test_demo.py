@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,9 +33,16 @@ TENANT_ROW = re.compile(
 )
 
 
-def demo(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    """Run ``python -m tenant_celery.cli demo ARGS``; return the process and its seconds."""
+def demo(
+    *args: str, tmp: Path | None = None, runtime: Path | None = None
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``python -m tenant_celery.cli demo ARGS`` (with ``TMPDIR=tmp`` and
+    ``XDG_RUNTIME_DIR=runtime``); return the process and its seconds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENANT_CELERY_")}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
+    if runtime is not None:
+        env["XDG_RUNTIME_DIR"] = str(runtime)
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "tenant_celery.cli", "demo", *args],
@@ -41,6 +54,32 @@ def demo(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
         check=False,
     )
     return done, time.monotonic() - started
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line or environment contains ``text`` (Linux)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if text.encode() in cmdline or text.encode() in environ:
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{entry.name}: {command}")
+    return found
+
+
+def assert_nothing_left(done: subprocess.CompletedProcess[str], tmp: Path) -> None:
+    """The demo's processes, temporary files and monitor port are gone."""
+    assert list(tmp.iterdir()) == [], done.stdout
+    if Path("/proc/self/environ").exists():
+        assert processes_mentioning(str(tmp)) == [], done.stdout
+    monitor = re.search(r"its monitor listens on http://127\.0\.0\.1:(\d+)", done.stdout)
+    if monitor is not None:
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", int(monitor[1]))) != 0, "the monitor answers"
 
 
 def assert_isolated_report(done: subprocess.CompletedProcess[str], seconds: float) -> None:
@@ -73,10 +112,14 @@ def assert_isolated_report(done: subprocess.CompletedProcess[str], seconds: floa
     assert seconds < 60, f"the demo took {seconds:.1f}s"
 
 
-def test_demo_on_an_existing_server(pg_cluster: PgCluster) -> None:
-    done, seconds = demo("--dsn", render(pg_cluster.admin_url))
+def test_demo_on_an_existing_server(pg_cluster: PgCluster, tmp_path: Path) -> None:
+    done, seconds = demo("--dsn", render(pg_cluster.admin_url), tmp=tmp_path)
     assert_isolated_report(done, seconds)
     assert "using the server at" in done.stdout
+    assert "removing the worker, the database and the role\n" in done.stdout
+    assert "removed the worker, the database and the role\n" in done.stdout
+    assert "embedded" not in done.stdout
+    assert_nothing_left(done, tmp_path)
     # Everything it made is gone: its database and its role.
     made = re.search(r"created database (\S+) and role (\S+) ", done.stdout)
     assert made is not None, done.stdout
@@ -89,16 +132,96 @@ def test_demo_on_an_existing_server(pg_cluster: PgCluster) -> None:
     assert left == []
 
 
-def test_demo_with_no_arguments_starts_an_embedded_server() -> None:
-    done, seconds = demo()
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """An empty directory with a short path: the embedded server's Unix socket lives
+    under it, and socket paths are limited to about 100 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="tcd-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_demo_with_no_arguments_starts_an_embedded_server(short_tmp: Path, tmp_path: Path) -> None:
+    # pgserver keeps a lock file, shared by all its servers, in the user's runtime
+    # directory (platformdirs falls back to $TMPDIR/runtime-<uid> without one): not
+    # the demo's to remove, so it goes elsewhere here.
+    done, seconds = demo(tmp=short_tmp, runtime=tmp_path)
     assert_isolated_report(done, seconds)
     assert "starting an embedded PostgreSQL" in done.stdout
-    assert "and the embedded server" in done.stdout
+    assert "removed the worker, the database, the role and the embedded server\n" in done.stdout
+    assert_nothing_left(done, short_tmp)
 
 
-def test_demo_refuses_a_dsn_that_does_not_connect() -> None:
-    done, _ = demo("--dsn", "postgresql://nobody@127.0.0.1:1/postgres")
-    assert done.returncode == 1
+@pytest.mark.parametrize(
+    ("dsn", "message"),
+    [
+        ("postgresql://nobody:s3cret-pw@127.0.0.1:1/postgres", "cannot connect to "),
+        ("mysql://nobody:s3cret-pw@localhost/x", "--dsn: expected a PostgreSQL URL"),
+        ("not a url s3cret-pw", "--dsn: cannot parse the database URL"),
+    ],
+)
+def test_a_dsn_that_cannot_be_used_exits_2(dsn: str, message: str, tmp_path: Path) -> None:
+    done, _ = demo("--dsn", dsn, tmp=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("tenant-celery demo: error: ")
+    assert lines[0].startswith(f"tenant-celery demo: error: {message}")
+    assert "s3cret-pw" not in done.stdout + done.stderr
+    # It started nothing, so it says it removed nothing.
+    assert "remov" not in done.stdout
+    assert_nothing_left(done, tmp_path)
+
+
+def test_a_database_that_does_not_exist_exits_2(pg_cluster: PgCluster, tmp_path: Path) -> None:
+    missing = f"tc_missing_{uuid.uuid4().hex[:8]}"
+    done, _ = demo("--dsn", render(pg_cluster.admin_url.set(database=missing)), tmp=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("tenant-celery demo: error: cannot connect to ")
+    assert f'database "{missing}" does not exist' in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "remov" not in done.stdout
+
+
+def test_unknown_arguments_exit_2_with_the_demos_usage() -> None:
+    done, _ = demo("--frobnicate")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("usage: tenant-celery demo ")
+    assert done.stderr.splitlines()[-1] == (
+        "tenant-celery demo: error: unrecognized arguments: --frobnicate"
+    )
+
+
+def test_interrupted_demo_exits_130_and_removes_what_it_started(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANT_CELERY_")}
+    env["TMPDIR"] = str(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tenant_celery.cli", "demo", "--dsn", render(pg_cluster.admin_url)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:  # interrupt once the worker runs
+        lines.append(line)
+        if "worker ready" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    rest, err = process.communicate(timeout=60)
+    out = "".join(lines) + rest
+    assert process.returncode == 130, out + err
+    assert err == "tenant-celery demo: interrupted\n"
+    assert "removed the worker, the database and the role\n" in out
+    made = re.search(r"created database (\S+) and role (\S+) ", out)
+    assert made is not None, out
+    with pg_cluster.connect() as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname = %s"
+            " UNION ALL SELECT rolname FROM pg_roles WHERE rolname = %s",
+            (made[1], made[2]),
+        ).fetchall()
+    assert left == []
+    assert_nothing_left(subprocess.CompletedProcess([], 130, out, err), tmp_path)

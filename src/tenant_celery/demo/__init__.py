@@ -13,8 +13,11 @@ the tenant set, and prints them with the tasks each tenant ran, the worker's
 ``/health`` reply and the totals from ``/metrics``.
 
 Everything it started (worker, database, role, embedded server) is removed
-before it returns, also on failure, ``Ctrl-C`` or ``SIGTERM``.  Any failure
-raises :class:`DemoError` with a one-line message.
+before it returns, also on failure, ``Ctrl-C`` or ``SIGTERM``, and it says
+what it removed (nothing, when it failed before starting anything).  Any
+failure raises :class:`DemoError` with a one-line message;
+:class:`DemoUsageError` when the demo could not start for a reason the user
+can fix (a bad ``--dsn``, a server that cannot be reached, a missing extra).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from .._pg import database_url, quote
 from ..config import guc_name
 from ..errors import ConfigurationError, TenantCeleryError
 
-__all__ = ["DemoError", "DemoResult", "TenantReport", "run_demo"]
+__all__ = ["DemoError", "DemoResult", "DemoUsageError", "TenantReport", "run_demo"]
 
 #: The demo's tenants: a name for people and how many plain tasks each gets
 #: (besides a three-step chain and one fan-out message), so their counts differ.
@@ -65,7 +68,7 @@ _EMBEDDED_EXTRA = "embedded"
 _PROMETHEUS_EXTRA = "prometheus"
 _CONNECT_TIMEOUT = 10
 _READY_TIMEOUT = 30.0
-_STOP_TIMEOUT = 15.0
+_STOP_TIMEOUT = 10.0
 _MAX_MESSAGE = 400
 _METRICS = (
     ("started", "celery_task_started_total"),
@@ -78,6 +81,11 @@ _METRICS = (
 
 class DemoError(TenantCeleryError):
     """The demo could not run to the end, or showed something wrong; the message is one line."""
+
+
+class DemoUsageError(DemoError):
+    """The demo could not start: a bad ``--dsn``, a server that cannot be reached or is
+    not usable, or a missing extra (``tenant-celery demo`` exits 2)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,44 @@ class _Progress:
         print(message, file=self.out, flush=True)
 
 
+class _Cleanup:
+    """What the demo started, removed in reverse order, and named in its progress lines.
+
+    ``callback`` registers a removal (temporary directories, engines: not named);
+    ``started`` names a thing the user should hear was removed, once it exists.
+    """
+
+    def __init__(self) -> None:
+        self.stack = contextlib.ExitStack()
+        self.things: list[str] = []
+        self.failed: list[str] = []
+
+    def callback(self, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+        self.stack.callback(function, *args, **kwargs)
+
+    def started(self, thing: str) -> None:
+        self.things.append(thing)
+
+    def warn(self, thing: str, what: str, exc: BaseException) -> None:
+        """A removal failed: say so on standard error, and leave ``thing`` out of "removed"."""
+        self.failed.append(thing)
+        message = f"tenant-celery demo: warning: could not remove {what}: {_one_line(exc)}"
+        print(message, file=sys.stderr)
+
+    def close(self, progress: _Progress) -> None:
+        things = list(reversed(self.things))
+        if things:
+            progress.step(f"removing {_listing(things)}")
+        self.stack.close()
+        removed = [thing for thing in things if thing not in self.failed]
+        if removed:
+            progress.step(f"removed {_listing(removed)}")
+
+
+def _listing(things: list[str]) -> str:
+    return things[0] if len(things) == 1 else f"{', '.join(things[:-1])} and {things[-1]}"
+
+
 def _one_line(exc: BaseException) -> str:
     cause = getattr(exc, "orig", None) or exc
     text = " ".join(str(cause).split()) or type(cause).__name__
@@ -144,42 +190,49 @@ def _import_pgserver() -> Any:
             warnings.simplefilter("ignore")
             return importlib.import_module("pgserver")
     except ImportError as exc:
-        raise DemoError(
+        raise DemoUsageError(
             f"the embedded PostgreSQL server needs the {_EMBEDDED_EXTRA!r} extra "
             f"(pip install 'tenant-celery[{_EMBEDDED_EXTRA}]'), or pass --dsn to use "
             f"an existing server ({type(exc).__name__}: {_one_line(exc)})"
         ) from exc
 
 
-@contextlib.contextmanager
-def _embedded_server(progress: _Progress) -> Iterator[URL]:
+def _embedded_server(progress: _Progress, cleanup: _Cleanup) -> URL:
     pgserver = _import_pgserver()
     base = Path(tempfile.mkdtemp(prefix="tenant-celery-demo-pg-"))
-    server: Any = None
+    cleanup.callback(shutil.rmtree, base, ignore_errors=True)
+    progress.step(f"starting an embedded PostgreSQL (pgserver) in {base}")
     try:
-        progress.step(f"starting an embedded PostgreSQL (pgserver) in {base}")
-        try:
-            server = pgserver.get_server(base / "data", cleanup_mode="delete")
-            info = server.get_postmaster_info()
-        except Exception as exc:
-            raise DemoError(f"the embedded PostgreSQL did not start: {_one_line(exc)}") from exc
-        yield URL.create(
-            "postgresql+psycopg",
-            username="postgres",
-            database="postgres",
-            query={"host": str(info.socket_dir), "port": str(info.port or 5432)},
-        )
-    finally:
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+        server = pgserver.get_server(base / "data", cleanup_mode="delete")
+    except Exception as exc:
+        raise DemoUsageError(f"the embedded PostgreSQL did not start: {_one_line(exc)}") from exc
+    cleanup.callback(_stop_embedded, server, cleanup)
+    cleanup.started("the embedded server")
+    try:
+        info = server.get_postmaster_info()
+    except Exception as exc:
+        raise DemoUsageError(f"the embedded PostgreSQL did not start: {_one_line(exc)}") from exc
+    return URL.create(
+        "postgresql+psycopg",
+        username="postgres",
+        database="postgres",
+        query={"host": str(info.socket_dir), "port": str(info.port or 5432)},
+    )
+
+
+def _stop_embedded(server: Any, cleanup: _Cleanup) -> None:
+    """Stop the embedded server and delete its data; a failure is reported, not raised."""
+    try:
+        server.cleanup()
+    except Exception as exc:  # reported; the rest of the clean-up goes on
+        cleanup.warn("the embedded server", "the embedded PostgreSQL server", exc)
 
 
 def _existing_server(dsn: str) -> URL:
     try:
         return database_url(dsn)
     except ConfigurationError as exc:
-        raise DemoError(f"--dsn: {exc}") from exc
+        raise DemoUsageError(f"--dsn: {exc}") from exc
 
 
 def _engine(url: URL, **kwargs: Any) -> Engine:
@@ -207,23 +260,22 @@ class _Names:
 
 
 def _check_superuser(server: Engine) -> None:
-    with server.connect() as conn:
-        superuser = conn.execute(
-            sa.text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
-        ).scalar()
+    shown = server.url.render_as_string(hide_password=True)
+    try:
+        with server.connect() as conn:
+            superuser = conn.execute(
+                sa.text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            ).scalar()
+    except (SQLAlchemyError, ImportError) as exc:
+        raise DemoUsageError(f"cannot connect to {shown}: {_one_line(exc)}") from exc
     if not superuser:
-        raise DemoError(
+        raise DemoUsageError(
             "--dsn must connect as a superuser: the demo creates a database and a role, "
             "and counts rows past row-level security"
         )
 
 
-def _warn_cleanup(what: str, exc: BaseException) -> None:
-    message = f"tenant-celery demo: warning: could not remove {what}: {_one_line(exc)}"
-    print(message, file=sys.stderr)
-
-
-def _create_role(server: Engine, names: _Names, stack: contextlib.ExitStack) -> None:
+def _create_role(server: Engine, names: _Names, cleanup: _Cleanup) -> None:
     from ..rls import create_app_role  # noqa: PLC0415 (imports Alembic)
 
     with server.connect() as conn:
@@ -233,30 +285,37 @@ def _create_role(server: Engine, names: _Names, stack: contextlib.ExitStack) -> 
     if exists:
         raise DemoError(f"role {names.role} exists already; run the demo again")
 
-    stack.callback(_drop, server, f"DROP ROLE IF EXISTS {quote(names.role)}", f"role {names.role}")
+    role = f"role {names.role}"
+    cleanup.callback(
+        _drop, server, f"DROP ROLE IF EXISTS {quote(names.role)}", "the role", role, cleanup
+    )
     with server.begin() as conn:
         create_app_role(conn, names.role, login=True, password=names.password)
+    cleanup.started("the role")
 
 
-def _drop(server: Engine, statement: str, what: str) -> None:
+def _drop(server: Engine, statement: str, thing: str, what: str, cleanup: _Cleanup) -> None:
     """Run a DROP outside any transaction; a failure is reported, not raised."""
     try:
         with server.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(statement)
     except SQLAlchemyError as exc:
-        _warn_cleanup(what, exc)
+        cleanup.warn(thing, what, exc)
 
 
-def _create_database(server: Engine, names: _Names, stack: contextlib.ExitStack) -> None:
+def _create_database(server: Engine, names: _Names, cleanup: _Cleanup) -> None:
     with server.connect() as conn:
         autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
         autocommit.exec_driver_sql(f"CREATE DATABASE {quote(names.database)}")
-        stack.callback(
+        cleanup.callback(
             _drop,
             server,
             f"DROP DATABASE IF EXISTS {quote(names.database)} WITH (FORCE)",
+            "the database",
             f"database {names.database}",
+            cleanup,
         )
+        cleanup.started("the database")
         autocommit.exec_driver_sql(
             f"GRANT CONNECT ON DATABASE {quote(names.database)} TO {quote(names.role)}"
         )
@@ -323,8 +382,10 @@ class _Worker:
     def stop(self) -> None:
         group = self.process.pid
         if self.process.poll() is None:
+            # The demo app answers SIGTERM by stopping its pool's processes and exiting
+            # at once (see tenant_celery.demo.app): its work is done or abandoned.
             with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)  # warm shutdown
+                self.process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(_STOP_TIMEOUT)
         # The pool's children too: the worker runs in a session (group) of its own.
@@ -334,9 +395,7 @@ class _Worker:
             self.process.wait(5)
 
 
-def _start_worker(
-    app_url: URL, workdir: Path, stack: contextlib.ExitStack, deadline: float
-) -> _Worker:
+def _start_worker(app_url: URL, workdir: Path, cleanup: _Cleanup, deadline: float) -> _Worker:
     from .app import BACKEND_URL_ENV, BROKER_URL_ENV, DATABASE_URL_ENV, QUEUE  # noqa: PLC0415
 
     rendered = app_url.render_as_string(hide_password=False)
@@ -355,6 +414,9 @@ def _start_worker(
             "TENANT_CELERY_MONITOR_PORT": str(port),
             "TENANT_CELERY_MONITOR_HOST": "127.0.0.1",
             "PYTHONUNBUFFERED": "1",
+            # Its temporary files (the metrics' multiprocess directory) go where the
+            # demo removes them, however the worker ends.
+            "TMPDIR": str(workdir),
             # kombu's SQLAlchemy models use a loader option SQLAlchemy 2.1 deprecates.
             "PYTHONWARNINGS": "ignore::DeprecationWarning",
         }
@@ -376,7 +438,8 @@ def _start_worker(
             start_new_session=True,  # Ctrl-C reaches the demo, which stops the worker
         )
     worker = _Worker(process, node, log_path, port)
-    stack.callback(worker.stop)
+    cleanup.callback(worker.stop)
+    cleanup.started("the worker")
     worker.wait_ready(min(deadline, time.monotonic() + _READY_TIMEOUT))
     return worker
 
@@ -599,9 +662,9 @@ def run_demo(
     progress = _Progress(out if out is not None else sys.stdout)
     deadline = progress.started + timeout
     with _sigterm_as_interrupt():
-        stack = contextlib.ExitStack()
+        cleanup = _Cleanup()
         try:
-            result = _run(dsn, progress, deadline, stack)
+            result = _run(dsn, progress, deadline, cleanup)
         except (DemoError, KeyboardInterrupt):
             raise
         except (TenantCeleryError, SQLAlchemyError, OSError) as exc:
@@ -610,11 +673,7 @@ def run_demo(
             raise DemoError(f"{type(exc).__name__}: {_one_line(exc)}") from exc
         finally:
             with _no_interrupts():
-                progress.step("removing what the demo started")
-                stack.close()
-    progress.step(
-        "removed the worker, the database, the role" + ("" if dsn else " and the embedded server")
-    )
+                cleanup.close(progress)
     progress.line(f"done in {progress.elapsed():.1f}s")
     return result
 
@@ -629,10 +688,8 @@ class _Setup:
     worker: _Worker
 
 
-def _run(
-    dsn: str | None, progress: _Progress, deadline: float, stack: contextlib.ExitStack
-) -> DemoResult:
-    setup = _set_up(dsn, progress, deadline, stack)
+def _run(dsn: str | None, progress: _Progress, deadline: float, cleanup: _Cleanup) -> DemoResult:
+    setup = _set_up(dsn, progress, deadline, cleanup)
     tenants, refused, total = _exercise(setup, progress, deadline)
     written, visible, nobody = _count(setup.admin, setup.app_engine, tenants, setup.setting)
     monitor = setup.worker.monitor
@@ -685,34 +742,32 @@ def _run(
     )
 
 
-def _set_up(
-    dsn: str | None, progress: _Progress, deadline: float, stack: contextlib.ExitStack
-) -> _Setup:
+def _set_up(dsn: str | None, progress: _Progress, deadline: float, cleanup: _Cleanup) -> _Setup:
     try:
         importlib.import_module("prometheus_client")
     except ImportError as exc:
-        raise DemoError(
+        raise DemoUsageError(
             f"the demo's metrics need the {_PROMETHEUS_EXTRA!r} extra "
             f"(pip install 'tenant-celery[{_PROMETHEUS_EXTRA}]')"
         ) from exc
     setting = guc_name(None)
     if dsn is None:
-        server_url = stack.enter_context(_embedded_server(progress))
+        server_url = _embedded_server(progress, cleanup)
     else:
         server_url = _existing_server(dsn)
         progress.step(f"using the server at {server_url.render_as_string(hide_password=True)}")
     server = _engine(server_url)
-    stack.callback(server.dispose)
+    cleanup.callback(server.dispose)
     _check_superuser(server)
 
     names = _Names.fresh()
-    _create_role(server, names, stack)
-    _create_database(server, names, stack)
+    _create_role(server, names, cleanup)
+    _create_database(server, names, cleanup)
     admin = _engine(server_url.set(database=names.database))
-    stack.callback(admin.dispose)
+    cleanup.callback(admin.dispose)
     app_url = server_url.set(database=names.database, username=names.role, password=names.password)
     app_engine = _engine(app_url)
-    stack.callback(app_engine.dispose)
+    cleanup.callback(app_engine.dispose)
     progress.step(
         f"created database {names.database} and role {names.role} "
         "(login; not superuser, no BYPASSRLS, owns nothing)"
@@ -728,12 +783,12 @@ def _set_up(
     )
 
     workdir = Path(tempfile.mkdtemp(prefix="tenant-celery-demo-"))
-    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
     progress.step(
         f"starting a celery worker (prefork, concurrency {WORKER_CONCURRENCY}, PostgreSQL "
         f"broker and result backend) connected as {names.role}"
     )
-    worker = _start_worker(app_url, workdir, stack, deadline)
+    worker = _start_worker(app_url, workdir, cleanup, deadline)
     progress.step(f"worker ready; its monitor listens on {worker.monitor}")
     return _Setup(names, setting, admin, app_engine, app_url, worker)
 

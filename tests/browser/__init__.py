@@ -1,1 +1,0 @@
-"""The built HTML docs in a real browser (headless Chromium driven by Selenium)."""
