@@ -33,8 +33,11 @@ source_suffix = {".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build"]
 nitpicky = False
-# Leave quotes and dashes as written: "--flag" must not become an en dash.
-smartquotes = False
+# Smart quotes stay on (typographic quotes, and the en dash of "name -- text" in
+# field lists), so a command-line flag must be code, never prose: "--flag" in
+# prose becomes an en dash. tests/docs_site/test_built_docs.py fails on any flag
+# of the sources that became a dash.
+smartquotes = True
 
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3

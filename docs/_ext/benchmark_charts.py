@@ -200,6 +200,21 @@ class TableSpec:
     notes: list[str] = field(default_factory=list)
 
 
+_FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*(?:=\S*)?)")
+
+
+def _prose(text: str) -> nodes.paragraph:
+    """A paragraph of a note's text, its command-line flags set as code: literal
+    text, which smart quotes never turn into dashes, and which reads as a flag."""
+    paragraph = nodes.paragraph(text)
+    for index, part in enumerate(_FLAG.split(text)):
+        if index % 2:
+            paragraph += nodes.literal(part, part)
+        elif part:
+            paragraph += nodes.Text(part)
+    return paragraph
+
+
 def build_table(spec: TableSpec) -> list[nodes.Node]:
     table = nodes.table(classes=["benchmark-table"])
     table += nodes.title(spec.title, spec.title)
@@ -233,7 +248,7 @@ def build_table(spec: TableSpec) -> list[nodes.Node]:
         notes = nodes.bullet_list(classes=["benchmark-notes"])
         for note in spec.notes:
             item = nodes.list_item()
-            item += nodes.paragraph(note, note)
+            item += _prose(note)
             notes += item
         out.append(notes)
     return out

@@ -1,4 +1,9 @@
-"""Fixtures of the browser tests: the built docs, a local HTTP server, headless Chromium.
+"""Fixtures of the tests of the built docs site: the build, a local HTTP server,
+headless Chromium.
+
+These tests live outside ``tests/unit`` so that the compatibility cells (nox),
+which install no docs tools, do not collect them; wherever they run, a missing
+tool skips them on a laptop and fails them under ``CI=true``.
 
 ``docs_html``
     The HTML build: ``TENANT_CELERY_DOCS_HTML`` when it names a directory holding an

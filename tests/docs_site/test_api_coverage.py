@@ -8,19 +8,15 @@ export (``tenant_celery.tenant_task`` is ``tenant_celery.task.tenant_task``) is
 documented once; ``docs/conf.py`` enters its other names as aliases of that entry,
 so cross-references may use any of them.
 
-The build is ``TENANT_CELERY_DOCS_HTML`` when that names a built site, else a fresh
-``sphinx-build`` into a temporary directory, once for this module.
+The build is the session's ``docs_html`` (``tests/docs_site/conftest.py``).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 import posixpath
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +24,6 @@ import pytest
 import tenant_celery
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS_HTML_ENV = "TENANT_CELERY_DOCS_HTML"
 
 #: Public modules that their tool runs rather than imports: documented as modules,
 #: with no names of their own (Alembic's environment script).
@@ -47,29 +42,6 @@ def public_names(module: str) -> list[str]:
     if module in RUN_NOT_IMPORTED:
         return []
     return [f"{module}.{name}" for name in importlib.import_module(module).__all__]
-
-
-@pytest.fixture(scope="module")
-def docs_html(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    given = os.environ.get(DOCS_HTML_ENV, "").strip()
-    if given and (Path(given) / "objects.inv").is_file():
-        return Path(given).resolve()
-    pytest.importorskip("sphinx", reason="the docs tools (the dev extra) are not installed")
-    out = tmp_path_factory.mktemp("docs_html")
-    build = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-b", "html", "-q", "docs", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if build.returncode != 0 or not (out / "objects.inv").is_file():
-        pytest.fail(
-            f"sphinx-build exited {build.returncode}:\n{build.stdout[-4000:]}\n"
-            f"{build.stderr[-4000:]}",
-            pytrace=False,
-        )
-    return out
 
 
 @pytest.fixture(scope="module")
