@@ -10,7 +10,7 @@ from tenant_celery import bind_tenant_guc, current_tenant, tenant_task
 
 #: Where setup_db.py starts the embedded PostgreSQL (data and socket).
 EMBEDDED_DIR = "/tmp/tenant-celery-quickstart"
-#: A superuser of the database: yours if you set QUICKSTART_DATABASE_URL, else the embedded one.
+#: A superuser: yours if you set QUICKSTART_DATABASE_URL, else the embedded one's.
 ADMIN_URL = sa.make_url(
     os.environ.get("QUICKSTART_DATABASE_URL")
     or f"postgresql://postgres@/postgres?host={EMBEDDED_DIR}"
@@ -40,7 +40,7 @@ invoices = sa.Table(
 
 @functools.cache
 def engine() -> sa.Engine:
-    """This process's engine, made on first use (after the worker forks), as the app role."""
+    """This process's engine as the app role, made on first use (after the fork)."""
     new = sa.create_engine(APP_URL)
     bind_tenant_guc(new, strict=True)  # each transaction is set to the current tenant
     return new

@@ -36,5 +36,5 @@ admin.dispose()
 if drop:
     print(f"removed the invoices table and the role {APP_ROLE}")
 else:
-    print("invoices: row-level security enabled and forced, policy tenant_isolation_policy")
-    print(f"role {APP_ROLE}: logs in, may use invoices; no superuser, no BYPASSRLS, owns nothing")
+    print("invoices: row-level security on and forced, policy tenant_isolation_policy")
+    print(f"role {APP_ROLE}: logs in, uses invoices; no superuser, no BYPASSRLS, owns nothing")
