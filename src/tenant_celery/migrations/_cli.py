@@ -24,6 +24,7 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from .._pg import identifier
 from ..cli import EXIT_CLEAN, EXIT_HOLES, EXIT_INTERRUPTED, EXIT_USAGE, PROG, parse_arguments
 from ..config import DATABASE_URL_ENV, setting
 from ..errors import ConfigurationError, MigrationError
@@ -151,6 +152,11 @@ def run_migrate(args: argparse.Namespace) -> int:
         url = args.url or setting(None, "database_url")
         if not url:
             raise ConfigurationError(f"no database URL: pass --url or set {DATABASE_URL_ENV}")
+        # Names first: a bad argument is reported before anything connects.
+        if args.schema is not None:
+            identifier(args.schema, "schema")
+        for role in getattr(args, "grant_to", ()):
+            identifier(role, "a role in grant_to")
         with _api._engine(url) as engine:
             _connect(engine)
             if action == "current":
