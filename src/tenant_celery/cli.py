@@ -102,9 +102,7 @@ def _chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     """The innermost subcommand's parser that ``args`` selected."""
     while True:
         subcommands = [
-            action
-            for action in parser._actions
-            if isinstance(action, argparse._SubParsersAction)
+            action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
         ]
         name = getattr(args, subcommands[0].dest, None) if subcommands else None
         if not subcommands or name not in subcommands[0].choices:
