@@ -53,6 +53,8 @@ napoleon_numpy_docstring = False
 
 html_theme = "furo"
 html_title = f"tenant-celery {release}"
+html_static_path = ["_static"]
+html_css_files = ["benchmarks.css"]
 
 
 def _docstring_where_defined(

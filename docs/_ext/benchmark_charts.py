@@ -271,11 +271,20 @@ def strong(text: str) -> nodes.Node:
     return nodes.strong(text, text)
 
 
+#: A space that never breaks: "not met", "≥ 0.97" and "exactly 1" stay on one line
+#: in the targets table's narrow columns.
+NBSP = "\N{NO-BREAK SPACE}"
+
+
+def verdict(met: bool) -> Cell | nodes.Node:
+    return "met" if met else strong(f"not{NBSP}met")
+
+
 def table_targets(results: Results) -> TableSpec:
     rows: list[list[Cell | nodes.Node]] = []
     for target in targets(results):
-        verdict: Cell | nodes.Node = "met" if target.met else strong("not met")
-        rows.append([target_label(target), target.value, f"{target.op} {target.target:g}", verdict])
+        goal = f"{target.op}{NBSP}{target.target:g}"
+        rows.append([target_label(target), target.value, goal, verdict(target.met)])
         if target.section == "p1":
             extra = results.section("p1")["extra_statements"]
             counted = sorted(set(extra.values()))
@@ -283,8 +292,8 @@ def table_targets(results: Results) -> TableSpec:
                 [
                     "P1 statements a tenant task runs beyond the plain task",
                     ", ".join(fmt(c) for c in counted),
-                    "exactly 1",
-                    "met" if counted == [1] else strong("not met"),
+                    f"exactly{NBSP}1",
+                    verdict(counted == [1]),
                 ]
             )
     machine = results.get("machine")
@@ -295,8 +304,8 @@ def table_targets(results: Results) -> TableSpec:
         [False, True, False, False],
         [
             "transport: the package's PostgreSQL transport (tcpg+); prefork 2: a prefork "
-            "worker of concurrency 2; every figure but the statement count is a ratio to a "
-            "baseline measured in the same run"
+            "worker of concurrency 2; p95: the 95th percentile; every figure but the "
+            "statement count is a ratio to a baseline measured in the same run"
         ],
     )
 
@@ -690,11 +699,10 @@ def chart_throughput(results: Results) -> tuple[str, str]:
         font_size=SMALL,
     )
     caption = (
-        "P3 throughput, from sections.p3.data.results in latest.json: tasks per second "
-        f"(tasks_per_second), the median of the runs, {fmt(data['tasks_per_row'])} tasks with "
-        "no body per run; where a pair ran more than once, a thin mark for each run "
-        "(tasks_per_second_runs). In brackets: the ratio to Redis + Redis with the same pool, "
-        "the median of each round's ratio (ratio)."
+        "Tasks per second through each broker and result backend, with a prefork worker "
+        "and with a solo one: a longer bar is faster. In brackets, the rate as a multiple "
+        "of Redis + Redis with the same pool; a thin mark is one run, where a pair ran "
+        "several times."
     )
     return svg.render("chart-throughput"), caption
 
@@ -775,11 +783,10 @@ def chart_fairness(results: Results) -> tuple[str, str]:
         font_size=SMALL,
     )
     caption = (
-        "P5 fairness, from sections.p5.data.results in latest.json: each dot is one of tenant "
-        f"B's {probes} probe tasks (busy_ms, idle_ms), the vertical mark their 95th "
-        "percentile; on the right the ratio of the busy p95 to the idle p95 (p95_ratio), "
-        f"target at most {target:g} for the package's transport (✓ met, ✗ not met). The "
-        "axis is logarithmic: behind Redis's list B's probes waited seconds, not milliseconds."
+        f"Each dot is how long one of tenant B's {probes} single tasks waited from publish "
+        "to start: further left is better. On the right, B's 95th percentile with A's "
+        "backlog queued over the same with A idle; the target is at most "
+        f"{target:g} (✓ met, ✗ not met)."
     )
     return svg.render("chart-fairness"), caption
 
@@ -900,13 +907,9 @@ def chart_overheads(results: Results) -> tuple[str, str]:
         font_size=SMALL,
     )
     caption = (
-        "Overhead ratios from latest.json: P1 sections.p1.data (ratio_apply, ratio_end_to_end; "
-        "the pairs from apply.per_second and worker.per_second), P2 sections.p2.data."
-        "ratios_query_median.package, P4 sections.p4.data (ratio; pairs from "
-        "tasks_per_second). P2 keeps no per-pair ratio, only the median of each query. "
-        "P1 and P4 compare rates, so left of 1.0 is slower than the baseline; P2 compares "
-        "query times, so right of 1.0 is slower. The dashed mark is the target, on the side "
-        "that passes."
+        "A ratio of 1.0 means the variant costs nothing against its baseline; a dashed mark "
+        "is the target. P1 and P4 compare tasks per second, so left of 1.0 is slower; P2 "
+        "compares query times (medians only), so right of 1.0 is slower."
     )
     return svg.render("chart-overheads"), caption
 
@@ -954,9 +957,9 @@ def chart_result_backend(results: Results) -> tuple[str, str]:
         font_size=SMALL,
     )
     caption = (
-        "Result backend, from sections.results.data in latest.json: median of "
-        f"{data['runs']} runs of {data['operations_per_run']} operations "
-        "(operations_per_second), and connections opened per operation (connections_per_run)."
+        "One result stored and read back, per second, in a process that has not forked: a "
+        "longer bar is faster. Beside each bar, how many new connections each operation "
+        f"opened (the median of {data['runs']} runs of {data['operations_per_run']})."
     )
     return svg.render("chart-result-backend"), caption
 
@@ -968,6 +971,14 @@ CHARTS: dict[str, Callable[[Results], tuple[str, str]]] = {
     "result-backend": chart_result_backend,
 }
 
+#: The sections of the results file each chart draws, named under its caption.
+CHART_SECTIONS = {
+    "throughput": "section p3",
+    "fairness": "section p5",
+    "overheads": "sections p1, p2 and p4",
+    "result-backend": "section results",
+}
+
 
 # ---------------------------------------------------------------------- directives
 
@@ -977,9 +988,12 @@ class _BenchmarkDirective(SphinxDirective):
     has_content = False
     option_spec = {"results": directives.unchanged}  # noqa: RUF012
 
+    def results_name(self) -> str:
+        name: str = self.options.get("results") or self.config.benchmark_results
+        return name
+
     def results(self) -> Results:
-        name = self.options.get("results") or self.config.benchmark_results
-        path = (Path(self.env.srcdir) / name).resolve()
+        path = (Path(self.env.srcdir) / self.results_name()).resolve()
         self.env.note_dependency(str(path))
         self.env.note_dependency(__file__)  # a page is drawn again when this code changes
         if not path.is_file():
@@ -1001,6 +1015,13 @@ class BenchmarkChart(_BenchmarkDirective):
         figure = nodes.figure(classes=["benchmark-figure"])
         figure += nodes.raw("", svg, format="html")
         figure += nodes.caption(caption, caption)
+        # Where the figures come from, on a line of its own under the caption.
+        source = self.results_name().removeprefix("../")
+        data = nodes.paragraph(classes=["benchmark-source"])
+        data += nodes.Text("Data: ")
+        data += nodes.literal(source, source)
+        data += nodes.Text(f", {CHART_SECTIONS[name]}.")
+        figure += nodes.legend("", data)
         self.add_name(figure)
         return [figure]
 
