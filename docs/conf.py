@@ -14,7 +14,9 @@ from sphinx.pycode import ModuleAnalyzer
 
 import tenant_celery
 
+# The charts extension (docs/_ext) formats numbers with the benchmarks' own code.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "_ext"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 project = "tenant-celery"
 author = "tenant-celery developers"

@@ -33,6 +33,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import format_cell
 from docutils import nodes
 from docutils.parsers.rst import directives
 from sphinx.application import Sphinx
@@ -68,22 +69,8 @@ def short(name: str) -> str:
 
 
 def fmt(value: Cell) -> str:
-    """A number as the benchmark's Markdown tables print it."""
-    if value is None:
-        return "\N{EM DASH}"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "\N{EM DASH}"
-        if abs(value) >= 100:
-            return f"{value:,.0f}"
-        if abs(value) >= 10:
-            return f"{value:.1f}"
-        return f"{value:.3f}"
-    return value
+    """A number as the benchmark's Markdown tables print it (the same function)."""
+    return format_cell(value)
 
 
 def fmt_ms(value: float) -> str:
