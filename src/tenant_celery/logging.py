@@ -18,6 +18,15 @@ Every line is an object with these keys, ``null`` when unknown:
     :func:`~tenant_celery.correlation.current_correlation_id` on that thread.
 ``exception``
     The formatted traceback; present only when the record has one.
+
+A worker's main process logs about tasks it does not run: a message received,
+accepted by a pool process, revoked, timed out, or failed because its pool
+process was lost.  For a tenant task (its request is a
+:class:`~tenant_celery.request.TenantRequest`) those lines name the message's
+task, tenant and correlation id, read from its headers with the same reader as
+the pool's: a tenant header that is invalid, or with signing on not verified,
+and a correlation id that is not usable, are written as ``null``, never as the
+header's text.
 """
 
 from __future__ import annotations
@@ -25,8 +34,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from celery import signals
 from celery._state import get_current_task
@@ -51,12 +63,18 @@ class JsonFormatter(logging.Formatter):
     Subclass and extend :meth:`fields` to add keys.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # From now on a worker's main process keeps track of the message its lines
+        # are about; without a JSON formatter it does no such work.
+        _MainProcess.tracking = True
+
     def fields(self, record: logging.LogRecord) -> dict[str, Any]:
         """The keys and values of one line, before JSON encoding.
 
         Values that JSON cannot encode are written with ``str()``.
         """
-        task_name, task_id = _task_of(record)
+        task_name, task_id, tenant_id, correlation_id = _context_of(record)
         fields: dict[str, Any] = {
             "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
                 timespec="milliseconds"
@@ -66,8 +84,8 @@ class JsonFormatter(logging.Formatter):
             "message": _message(record),
             "task_name": task_name,
             "task_id": task_id,
-            "tenant_id": current_tenant(),
-            "correlation_id": current_correlation_id(),
+            "tenant_id": tenant_id,
+            "correlation_id": correlation_id,
         }
         if record.exc_info:
             fields["exception"] = self.formatException(record.exc_info)
@@ -89,19 +107,78 @@ def _message(record: logging.LogRecord) -> str:
         return f"{record.msg!r} (could not be formatted with its arguments)"
 
 
-def _task_of(record: logging.LogRecord) -> tuple[str | None, str | None]:
+class _MessageRequest(Protocol):
+    """What the formatter reads of a message the worker's main process handles
+    (:class:`~tenant_celery.request.TenantRequest`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+
+    def _log_context(self) -> tuple[str | None, str | None]:
+        """The message's verified tenant and usable correlation id, else ``None``."""
+        ...
+
+
+class _MainProcess:
+    #: Whether a JSON formatter exists in this process (set by its ``__init__``).
+    tracking = False
+    #: The message the worker's main process received last: Celery logs "received"
+    #: right after building its request, naming it in the record's ``data``.
+    received: ContextVar[_MessageRequest | None] = ContextVar(
+        "tenant_celery.log_received", default=None
+    )
+    #: The message whose handling (a lost pool process, a time limit, a revoke,
+    #: acceptance by a pool process) is logging now.
+    handling: ContextVar[_MessageRequest | None] = ContextVar(
+        "tenant_celery.log_handling", default=None
+    )
+
+
+@contextmanager
+def _handling(request: _MessageRequest) -> Iterator[None]:
+    """Make the block's lines name ``request``'s task, tenant and correlation id."""
+    if not _MainProcess.tracking:
+        yield
+        return
+    token = _MainProcess.handling.set(request)
+    try:
+        yield
+    finally:
+        _MainProcess.handling.reset(token)
+
+
+def _context_of(
+    record: logging.LogRecord,
+) -> tuple[str | None, str | None, str | None, str | None]:
+    """Task name, task id, tenant and correlation id of the line ``record`` makes."""
     task = get_current_task()
     if task is not None:
         request_id: str | None = task.request.id
         if request_id is not None:
-            return task.name, request_id
-    # The worker's main process logs about tasks it is not running ("received",
-    # a lost child); Celery passes their name and id as ``extra={"data": ...}``.
+            return task.name, request_id, current_tenant(), current_correlation_id()
+    # The worker's main process logs about tasks it is not running ("received", a
+    # lost child); Celery names the task in ``extra={"data": ...}`` on some lines.
     data = record.__dict__.get("data")
-    if isinstance(data, dict) and isinstance(data.get("id"), str):
+    if not isinstance(data, dict):
+        data = {}
+    data_id = data.get("id")
+    request = _MainProcess.handling.get()
+    if request is None and isinstance(data_id, str):
+        received = _MainProcess.received.get()
+        if received is not None and received.id == data_id:
+            request = received
+    if request is not None and (data_id is None or data_id == request.id):
+        tenant_id, correlation_id = request._log_context()
+        return request.name, request.id, tenant_id, correlation_id
+    if isinstance(data_id, str):
         name = data.get("name")
-        return (name if isinstance(name, str) else None), data["id"]
-    return None, None
+        task_name = name if isinstance(name, str) else None
+        if request is not None:  # about another message than the one being handled
+            return task_name, data_id, None, None
+        return task_name, data_id, current_tenant(), current_correlation_id()
+    return None, None, current_tenant(), current_correlation_id()
 
 
 def configure_logging(level: int | str = logging.INFO, *, stream: TextIO | None = None) -> None:

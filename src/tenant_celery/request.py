@@ -10,10 +10,15 @@ errbacks, completes or fails its chord and fails the chord's body, publishing
 tasks as it goes.  No tenant had been entered in that thread, so a tenant task
 published there raised :class:`~tenant_celery.TenantContextMissing` and was
 lost (Celery only logs "Pool callback raised exception").
+
+With JSON logs (:mod:`tenant_celery.logging`), the main process's lines about
+the message (received, accepted, lost, timed out, revoked) name its task,
+tenant and correlation id.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,11 +29,16 @@ from celery.worker.request import Request
 from . import signing
 from .config import header_name
 from .context import _enter, _exit, parse_tenant_id
-from .correlation import CORRELATION_HEADER, message_correlation
+from .correlation import CORRELATION_HEADER, _usable, message_correlation
 from .errors import TenantCeleryError
+from .logging import _handling, _MainProcess
 from .propagation import message_header, vouching
 
 __all__ = ["TenantRequest"]
+
+# Celery logs "Task accepted: name[id] pid:N" here, at DEBUG.
+_accepted_logger = logging.getLogger("celery.worker.request")
+_LOG_CONTEXT_ATTR = "_tenant_celery_log_context"
 
 
 class TenantRequest(Request):
@@ -41,29 +51,73 @@ class TenantRequest(Request):
     ``Request`` must derive it from this class.
     """
 
-    @contextmanager
-    def _message_tenant(self) -> Iterator[None]:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if _MainProcess.tracking:  # Celery logs "received" right after building it
+            _MainProcess.received.set(self)
+
+    def _verified_tenant(self) -> str | None:
+        """The message's tenant as the pool enters it: read, validated and, with
+        signing on, verified; ``None`` when it names none or one of those fails."""
         message = self.request_dict
-        tenant: str | None = None
         try:
             # The same reader as the pool's: one message, one tenant.
             raw = message_header(message, header_name(self.app))
-            if raw is not None:
-                tenant = parse_tenant_id(raw)
-                signature = message.get(signing.SIGNATURE_HEADER)
-                signing.check_signature(
-                    self.app, tenant, signature, message.get("id"), message.get("task")
-                )
+            if raw is None:
+                return None
+            tenant = parse_tenant_id(raw)
+            signature = message.get(signing.SIGNATURE_HEADER)
+            signing.check_signature(
+                self.app, tenant, signature, message.get("id"), message.get("task")
+            )
         except TenantCeleryError:
+            return None
+        return tenant
+
+    def _log_context(self) -> tuple[str | None, str | None]:
+        """Tenant and correlation id for log lines about this message, read once.
+
+        Only a verified tenant and a usable correlation id: a header that is
+        neither is logged as ``None``, never as its text.
+        """
+        cached: tuple[str | None, str | None] | None = getattr(self, _LOG_CONTEXT_ATTR, None)
+        if cached is not None:
+            return cached
+        try:
+            tenant = self._verified_tenant()
+        except Exception:  # a host's tenant parser must not break a log line
             tenant = None
+        try:
+            correlation_id = _usable(message_header(self.request_dict, CORRELATION_HEADER))
+        except TenantCeleryError:
+            correlation_id = None
+        context = (tenant, correlation_id)
+        setattr(self, _LOG_CONTEXT_ATTR, context)
+        return context
+
+    @contextmanager
+    def _message_tenant(self) -> Iterator[None]:
+        message = self.request_dict
+        tenant = self._verified_tenant()
         token = _enter(tenant)
         try:
             # What Celery publishes here (errbacks, a chord's failure) is replayed from
             # this message: it vouches for the message's verified tenant only.
-            with vouching(tenant), message_correlation(message.get(CORRELATION_HEADER)):
+            with (
+                vouching(tenant),
+                message_correlation(message.get(CORRELATION_HEADER)),
+                _handling(self),
+            ):
                 yield
         finally:
             _exit(token)
+
+    def on_accepted(self, pid: Any, time_accepted: float) -> None:
+        if _MainProcess.tracking and _accepted_logger.isEnabledFor(logging.DEBUG):
+            with _handling(self):
+                super().on_accepted(pid, time_accepted)
+        else:
+            super().on_accepted(pid, time_accepted)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         with self._message_tenant():

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -17,13 +18,16 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.contrib.testing.mocks import TaskMessage
 from celery.signals import after_setup_logger, after_setup_task_logger, celeryd_after_setup
 
 from tenant_celery import tenant_context, tenant_task
 from tenant_celery.correlation import correlation_context
-from tenant_celery.logging import JsonFormatter, configure_logging
+from tenant_celery.logging import JsonFormatter, _MainProcess, configure_logging
+from tenant_celery.request import TenantRequest
 
 A = "6f1c1b2e-8c1e-4b8e-9a57-1d3b1a0c000a"
+B = "6f1c1b2e-8c1e-4b8e-9a57-1d3b1a0c000b"
 KEYS = ["timestamp", "level", "logger", "message", "task_name", "task_id", "tenant_id"]
 KEYS += ["correlation_id"]
 
@@ -109,6 +113,162 @@ def test_celery_worker_lines_about_other_tasks() -> None:
     record = _record("received", data={"id": "abc", "name": "shop.invoice"})
     line = _format(record)
     assert (line["task_name"], line["task_id"]) == ("shop.invoice", "abc")
+
+
+# --------------------------------------------- the worker's main process, per message
+
+TASK_ID = "0b6b7c3e-1111-4a4a-8888-000000000001"
+HOSTILE = "\x1b[2J\r\nlevel=CRITICAL forged\x00" + "A" * 20_000
+
+
+@pytest.fixture
+def worker_app() -> Celery:
+    app = Celery("logging-main", set_as_current=False)
+
+    @tenant_task(app=app, shared=False, name="shop.invoice")
+    def invoice() -> None:
+        pass
+
+    return app
+
+
+def _request(app: Celery, task_id: str = TASK_ID, **headers: Any) -> TenantRequest:
+    """What Celery builds in the worker's main process for a message, as its strategy does."""
+    message = TaskMessage("shop.invoice", id=task_id, **headers)
+    return TenantRequest(message, app=app, task=app.tasks["shop.invoice"])
+
+
+def _received(task_id: str = TASK_ID) -> logging.LogRecord:
+    """Celery's "received" record, as celery.worker.strategy makes it."""
+    context = {"id": task_id, "name": "shop.invoice", "args": "()", "kwargs": "{}", "eta": None}
+    record = _record("Task %(name)s[%(id)s] received", context, data=context)
+    record.args = context  # a mapping, as Celery passes it
+    return record
+
+
+def test_received_line_names_the_message_tenant_and_correlation(worker_app: Celery) -> None:
+    JsonFormatter()  # a JSON formatter exists: the main process tracks its messages
+    _request(worker_app, tenant_id=A, x_correlation_id="web-request-7f3a")
+    line = _format(_received())
+    assert line["message"] == f"Task shop.invoice[{TASK_ID}] received"
+    assert (line["task_name"], line["task_id"]) == ("shop.invoice", TASK_ID)
+    assert (line["tenant_id"], line["correlation_id"]) == (A, "web-request-7f3a")
+
+
+def test_received_line_of_another_message_names_no_tenant(worker_app: Celery) -> None:
+    JsonFormatter()
+    _request(worker_app, tenant_id=A, x_correlation_id="web-request-7f3a")
+    other = "0b6b7c3e-1111-4a4a-8888-000000000002"
+    line = _format(_received(other))
+    assert (line["task_id"], line["tenant_id"], line["correlation_id"]) == (other, None, None)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"tenant_id": HOSTILE, "x_correlation_id": HOSTILE},
+        {"tenant_id": HOSTILE[:40], "x_correlation_id": HOSTILE[:40]},
+        {"tenant_id": A + "\n", "x_correlation_id": "two words"},
+        {"tenant_id": ["not", "text"], "x_correlation_id": {"nested": HOSTILE}},
+        # one message, two values: its nested headers disagree with its own
+        {"tenant_id": A, "x_correlation_id": "req-1", "headers": {"tenant_id": B}},
+    ],
+    ids=["long-control", "short-control", "trailing-newline", "not-text", "ambiguous"],
+)
+def test_hostile_headers_are_logged_as_absent(worker_app: Celery, headers: dict[str, Any]) -> None:
+    formatter = JsonFormatter()
+    request = _request(worker_app, **headers)
+    received = formatter.format(_received())
+    with request._message_tenant():
+        lost = formatter.format(_record("Task handler raised error: %r", "WorkerLostError()"))
+    for text in (received, lost):
+        line = json.loads(text)
+        assert line["task_id"] == TASK_ID
+        assert line["tenant_id"] is None
+        assert line["correlation_id"] in (None, "req-1")  # "req-1" only where it is usable
+        for hostile_part in ("forged", "AAAA", "\\u001b", "\\u0000"):
+            assert hostile_part not in text
+        assert len(text) < 1000
+
+
+def test_unverified_tenant_is_logged_as_absent(worker_app: Celery) -> None:
+    worker_app.conf.tenant_celery_header_signing_keys = ["new-signing-key-0123456789abcdef-NEW"]
+    JsonFormatter()
+    _request(worker_app, tenant_id=A, x_correlation_id="req-1")  # not signed
+    line = _format(_received())
+    assert (line["task_id"], line["tenant_id"], line["correlation_id"]) == (TASK_ID, None, "req-1")
+
+
+def test_a_tenant_parser_that_breaks_breaks_no_line(
+    worker_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(value: object) -> str:
+        raise RuntimeError("host parser bug")
+
+    monkeypatch.setattr("tenant_celery.request.parse_tenant_id", broken)
+    JsonFormatter()
+    _request(worker_app, tenant_id=A, x_correlation_id="req-1")
+    line = _format(_received())
+    assert (line["task_id"], line["tenant_id"], line["correlation_id"]) == (TASK_ID, None, "req-1")
+
+
+def test_lines_while_the_main_process_handles_a_message(worker_app: Celery) -> None:
+    # A lost pool process: Celery logs "Task handler raised error: WorkerLostError(...)"
+    # with no task in the record, from the request's on_failure.
+    JsonFormatter()
+    request = _request(worker_app, tenant_id=A, x_correlation_id="req-1")
+    with request._message_tenant():
+        lost = _format(_record("Task handler raised error: %r", "WorkerLostError()"))
+        other = "0b6b7c3e-1111-4a4a-8888-000000000002"
+        about_other = _format(_record("x", data={"id": other, "name": "shop.other"}))
+    assert (lost["task_name"], lost["task_id"]) == ("shop.invoice", TASK_ID)
+    assert (lost["tenant_id"], lost["correlation_id"]) == (A, "req-1")
+    # A line naming another message does not get this one's tenant.
+    assert (about_other["task_id"], about_other["tenant_id"]) == (other, None)
+    # Outside the handling, a line names no message.
+    after = _format(_record("Process 'ForkPoolWorker-1' pid:1 exited with 'signal 9 (SIGKILL)'"))
+    assert [after[key] for key in KEYS[4:]] == [None, None, None, None]
+
+
+def test_accepted_line_names_the_message(
+    worker_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import celery.worker.request as celery_request  # noqa: PLC0415
+    from celery.worker import state  # noqa: PLC0415
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("celery.worker.request")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    monkeypatch.setattr(celery_request, "_does_debug", True)
+    request = _request(worker_app, tenant_id=A, x_correlation_id="req-1")
+    try:
+        request.on_accepted(4242, time.monotonic())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        state.task_ready(request)
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["message"] == f"Task accepted: shop.invoice[{TASK_ID}] pid:4242"
+    assert (line["task_name"], line["task_id"]) == ("shop.invoice", TASK_ID)
+    assert (line["tenant_id"], line["correlation_id"]) == (A, "req-1")
+
+
+def test_no_tracking_without_a_json_formatter(
+    worker_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_MainProcess, "tracking", False)
+    token = _MainProcess.received.set(None)
+    try:
+        request = _request(worker_app, tenant_id=A)
+        assert _MainProcess.received.get() is None
+        with request._message_tenant():
+            assert _MainProcess.handling.get() is None
+    finally:
+        _MainProcess.received.reset(token)
 
 
 @pytest.fixture
