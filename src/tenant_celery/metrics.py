@@ -13,6 +13,18 @@ the worker's main process adds them up.  Counts of children that exited
 removed when the worker stops.  The threads, solo, gevent and eventlet pools
 run every task in one process and count in memory.
 
+Every series starts at zero, so that Prometheus's ``rate()`` and ``increase()``
+see a task's first executions: when a worker starts, each task in the app's
+registry (Celery's own ``celery.*`` tasks aside) gets its counters and its
+histogram at zero, labelled ``tenant=""`` with the tenant label; a task
+registered later, a Celery task, and each tenant label value get theirs with
+their first message.  Under the prefork pool the worker's main process writes
+those zeros in its own file, before the pool forks, and the children count in
+theirs: the monitor's sum shows the zeros and counts nothing twice.
+
+:data:`RULES_FILE` is a Prometheus rules file for these metrics: recording
+rules and the alerts the monitoring how-to documents.
+
 Needs the ``prometheus`` extra: ``pip install 'tenant-celery[prometheus]'``.
 """
 
@@ -28,7 +40,9 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
@@ -40,6 +54,7 @@ from celery.signals import (
     task_success,
     worker_init,
     worker_process_shutdown,
+    worker_ready,
     worker_shutdown,
 )
 
@@ -58,6 +73,7 @@ __all__ = [
     "OTHER_TENANTS",
     "QUEUE_LABEL",
     "QUEUE_LENGTH",
+    "RULES_FILE",
     "TASK_DURATION_SECONDS",
     "TASK_FAILURE_TOTAL",
     "TASK_NAME_LABEL",
@@ -106,12 +122,18 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 """Upper bounds (seconds) of the :data:`TASK_DURATION_SECONDS` buckets."""
 
+RULES_FILE = Path(__file__).parent / "prometheus" / "rules.yml"
+"""Path of the Prometheus rules file shipped with the package: recording rules and
+alerts for these metrics (``rule_files`` in Prometheus's configuration)."""
+
 _EXTRA = "prometheus"
 _MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DIR_PREFIX = "tenant-celery-metrics-"
 _STALE_DIR = re.compile(re.escape(_DIR_PREFIX) + r"(\d+)-")
 _TENANTS_FILE = "tenant-labels.jsonl"  # not *.db: the multiprocess collector skips it
 _ATTEMPT_ATTR = "_tenant_celery_metrics"
+# Celery's own tasks (celery.chord_unlock, ...): series from their first message.
+_CELERY_TASKS = "celery."
 
 
 def _prometheus() -> ModuleType:
@@ -208,6 +230,8 @@ class _Installation:
         self.tenant_label = tenant_label
         self.max_tenant_labels = max_tenant_labels
         self.tenants = _TenantLabels(max_tenant_labels)
+        #: Label sets whose series this process has created (at zero, then counted).
+        self.initialised: set[tuple[str, ...]] = set()
         names = [TASK_NAME_LABEL, TENANT_LABEL] if tenant_label else [TASK_NAME_LABEL]
         created: list[Any] = []
 
@@ -237,6 +261,34 @@ class _Installation:
             for metric in created:
                 registry.unregister(metric)
             raise
+        self.metrics: tuple[Counter | Histogram, ...] = (*created, self.duration)
+
+    def initialise(self, labels: tuple[str, ...]) -> None:
+        """Create every series of ``labels`` (at zero unless it already counted)."""
+        if labels in self.initialised:
+            return
+        for metric in self.metrics:
+            metric.labels(*labels)
+        self.initialised.add(labels)
+
+    def initialise_registered(self) -> None:
+        """Create at zero the series of every task the app has registered, but Celery's own."""
+        try:
+            names = sorted(self.app.tasks)
+        except RuntimeError:  # an app that must not be finalised yet
+            return
+        for name in names:
+            if not name.startswith(_CELERY_TASKS):
+                self.initialise((name, "") if self.tenant_label else (name,))
+
+    def forget_series(self) -> None:
+        """Drop every series this process created: they count elsewhere from now on."""
+        with warnings.catch_warnings():
+            # Only this process's objects go; the counts in files stay, as they must.
+            warnings.filterwarnings("ignore", "Clearing labels", UserWarning)
+            for metric in self.metrics:
+                metric.clear()
+        self.initialised.clear()
 
     def same_options(self, registry: CollectorRegistry, tenant_label: bool, limit: int) -> bool:
         return (self.registry, self.tenant_label, self.max_tenant_labels) == (
@@ -365,6 +417,7 @@ def _on_prerun(task: Task[Any, Any] | None = None, **_: Any) -> None:
         return
     request = task.request
     labels = installation.labels(task, request)
+    installation.initialise(labels)
     installation.started.labels(*labels).inc()
     setattr(request, _ATTEMPT_ATTR, _Attempt(labels, time.perf_counter()))
 
@@ -381,7 +434,10 @@ def _ended(
     attempt = _execution_of(request)
     # The main process reports some failures itself (a lost child, a hard time
     # limit): no execution of its own, so labels come from the request.
-    labels = attempt.labels if attempt else installation.labels(task, request)
+    if attempt is not None:
+        return installation, attempt, attempt.labels
+    labels = installation.labels(task, request)
+    installation.initialise(labels)
     return installation, attempt, labels
 
 
@@ -433,6 +489,7 @@ def _connect_receivers() -> None:
         (task_retry, _on_retry, "retry"),
         (tenant_rejected, _on_rejected, "rejected"),
         (worker_init, _on_worker_init, "worker_init"),
+        (worker_ready, _on_worker_ready, "worker_ready"),
         (worker_process_shutdown, _on_child_exit, "child_exit"),
         (worker_shutdown, _on_worker_shutdown, "worker_shutdown"),
     ):
@@ -476,9 +533,20 @@ def _forks_children(worker: Any) -> bool:
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    if _installation(sender) is None or not _forks_children(sender):
+    installation = _installation(sender)
+    if installation is None:
         return
-    _enable_multiprocess()
+    if _forks_children(sender):
+        _enable_multiprocess()
+    # Before the pool forks: under prefork, in the main process's own file.
+    installation.initialise_registered()
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    # Tasks registered after worker_init (another receiver's imports).
+    installation = _installation(sender)
+    if installation is not None:
+        installation.initialise_registered()
 
 
 def _enable_multiprocess() -> None:
@@ -496,6 +564,9 @@ def _enable_multiprocess() -> None:
     if not getattr(values.ValueClass, "_multiprocess", False):
         values.ValueClass = values.MultiProcessValue()
     _multiprocess.directory = path
+    # Series created so far (an eager task at import) count in memory, which the
+    # monitor does not read: create them anew, in files.
+    _forget_series()
     logger.debug("task metrics of this worker's processes are counted in %s", path)
 
 
@@ -517,7 +588,15 @@ def _on_worker_shutdown(**_: Any) -> None:
     else:
         os.environ[_MULTIPROCESS_ENV] = _multiprocess.previous_env
     _prometheus().values.ValueClass = _multiprocess.previous_class
+    _forget_series()
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _forget_series() -> None:
+    with _install_lock:
+        installations = list(_installed.values())
+    for installation in installations:
+        installation.forget_series()
 
 
 def _reap_stale_directories() -> None:

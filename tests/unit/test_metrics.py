@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import tempfile
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter
 from tenant_celery import ConfigurationError, current_tenant, tenant_context, tenant_task
 from tenant_celery import metrics as metrics_module
 from tenant_celery.metrics import (
+    DURATION_BUCKETS,
     OTHER_TENANTS,
     TASK_DURATION_SECONDS,
     TASK_FAILURE_TOTAL,
@@ -202,3 +205,128 @@ def test_bound_is_shared_by_processes(tmp_path: Path, monkeypatch: pytest.Monkey
     # A process started later (a recycled child) keeps the same admitted set.
     later = _TenantLabels(3)
     assert {later.label(tenant) for tenant in tenants} == admitted | {OTHER_TENANTS}
+
+
+# ------------------------------------------------------------- series at zero
+
+
+def _series(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for metric in registry.collect()
+        for sample in metric.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+def _worker(app: Celery, pool: str) -> Any:
+    """What the metrics read of a worker at ``worker_init``."""
+    return types.SimpleNamespace(app=app, pool_cls=pool)
+
+
+def _task_series(labels: dict[str, str]) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    """The names and labels of one task's series (one tenant's, with the tenant label)."""
+    names = [TASK_STARTED_TOTAL, TASK_SUCCESS_TOTAL, TASK_FAILURE_TOTAL, TASK_RETRY_TOTAL]
+    names += [TASK_REJECTED_TOTAL, TASK_DURATION_SECONDS + "_count"]
+    names += [TASK_DURATION_SECONDS + "_sum"]
+    found = {(name, tuple(sorted(labels.items()))) for name in names}
+    for bound in DURATION_BUCKETS:
+        le = "+Inf" if bound == float("inf") else str(bound)
+        found.add((TASK_DURATION_SECONDS + "_bucket", tuple(sorted({**labels, "le": le}.items()))))
+    return found
+
+
+@pytest.mark.parametrize("tenant_label", [False, True])
+def test_worker_start_creates_every_registered_task_series_at_zero(
+    tasks: Tasks, tenant_label: bool
+) -> None:
+    install_metrics(tasks.app, registry=tasks.registry, tenant_label=tenant_label)
+    assert _series(tasks.registry) == {}
+    metrics_module._on_worker_init(sender=_worker(tasks.app, "threads"))
+    tenant = {"tenant": ""} if tenant_label else {}
+    mine = [tasks.ping, tasks.tenant_ping, tasks.fail, tasks.retry_once]
+    series = _series(tasks.registry)
+    for task in mine:
+        expected = _task_series({"task_name": task.name, **tenant})
+        assert expected <= series.keys(), task.name
+        assert {series[key] for key in expected} == {0.0}
+    # Every registered task but Celery's own, and nothing else.
+    names = {dict(labels)["task_name"] for _, labels in series}
+    registered = {name for name in tasks.app.tasks if not name.startswith("celery.")}
+    assert names == registered
+    assert len(series) == len(registered) * len(_task_series({}))
+    # Counting adds to those series: no second series, no lost first count.
+    assert tasks.ping.apply().get() == "pong"
+    after = _series(tasks.registry)
+    assert after.keys() == series.keys()
+    assert (
+        after[(TASK_SUCCESS_TOTAL, tuple(sorted({"task_name": tasks.ping.name, **tenant}.items())))]
+        == 1.0
+    )
+
+
+def test_a_tenant_series_start_at_zero_with_its_first_message(tasks: Tasks) -> None:
+    install_metrics(tasks.app, registry=tasks.registry, tenant_label=True, max_tenant_labels=1)
+    for tenant in (A, B):  # B is past the limit: "other"
+        with tenant_context(tenant):
+            tasks.tenant_ping.apply().get()
+    series = _series(tasks.registry)
+    for tenant in (A, OTHER_TENANTS):
+        labels = {"task_name": tasks.tenant_ping.name, "tenant": tenant}
+        expected = _task_series(labels)
+        assert expected <= series.keys(), tenant
+        assert tasks.value(TASK_STARTED_TOTAL, tasks.tenant_ping, tenant=tenant) == 1.0
+        for outcome in (TASK_FAILURE_TOTAL, TASK_RETRY_TOTAL, TASK_REJECTED_TOTAL):
+            key = (outcome, tuple(sorted(labels.items())))
+            assert series[key] == 0.0
+    # Only the tenants that ran, only the task that ran: the label bound holds.
+    assert {dict(labels)["tenant"] for _, labels in series} == {A, OTHER_TENANTS}
+    assert {dict(labels)["task_name"] for _, labels in series} == {tasks.tenant_ping.name}
+
+
+def _count_in_child(tasks: Tasks) -> None:
+    assert tasks.ping.apply().get() == "pong"
+    assert tasks.ping.apply().get() == "pong"
+    assert tasks.fail.apply(throw=False).state == "FAILURE"
+
+
+def test_prefork_zeros_are_in_the_sum_and_counted_once(
+    tasks: Tasks, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tenant_celery.monitor import _multiprocess_metrics  # noqa: PLC0415
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    install_metrics(tasks.app, registry=tasks.registry)
+    assert tasks.ping.apply().get() == "pong"  # before the worker: not in its totals
+    metrics_module._on_worker_init(sender=_worker(tasks.app, "prefork"))
+    try:
+        directory = metrics_module.multiprocess_directory()
+        assert directory is not None
+        assert directory.startswith(str(tmp_path))
+        context = multiprocessing.get_context("fork")
+        for _ in range(2):  # two children, one after the other
+            child = context.Process(target=_count_in_child, args=(tasks,))
+            child.start()
+            child.join(30)
+            assert child.exitcode == 0
+        merged = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for metric in _multiprocess_metrics(directory)
+            for sample in metric.samples
+        }
+    finally:
+        metrics_module._on_worker_shutdown()
+    registered = {name for name in tasks.app.tasks if not name.startswith("celery.")}
+    assert {dict(labels)["task_name"] for _, labels in merged} == registered
+    assert len(merged) == len(registered) * len(_task_series({}))
+
+    def value(name: str, task: Task[Any, Any]) -> float:
+        return merged[(name, (("task_name", task.name),))]
+
+    assert value(TASK_STARTED_TOTAL, tasks.ping) == 4.0
+    assert value(TASK_SUCCESS_TOTAL, tasks.ping) == 4.0
+    assert value(TASK_DURATION_SECONDS + "_count", tasks.ping) == 4.0
+    assert value(TASK_FAILURE_TOTAL, tasks.fail) == 2.0
+    assert value(TASK_SUCCESS_TOTAL, tasks.fail) == 0.0
+    assert value(TASK_STARTED_TOTAL, tasks.retry_once) == 0.0
+    assert metrics_module.multiprocess_directory() is None
