@@ -230,11 +230,10 @@ def test_lines_while_the_main_process_handles_a_message(worker_app: Celery) -> N
     assert [after[key] for key in KEYS[4:]] == [None, None, None, None]
 
 
-def test_accepted_line_names_the_message(
-    worker_app: Celery, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def request_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """JSON lines of Celery's ``celery.worker.request`` logger, DEBUG included."""
     import celery.worker.request as celery_request  # noqa: PLC0415
-    from celery.worker import state  # noqa: PLC0415
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -244,17 +243,32 @@ def test_accepted_line_names_the_message(
     level = logger.level
     logger.setLevel(logging.DEBUG)
     monkeypatch.setattr(celery_request, "_does_debug", True)
-    request = _request(worker_app, tenant_id=A, x_correlation_id="req-1")
     try:
-        request.on_accepted(4242, time.monotonic())
+        yield stream
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_accepted_and_time_limit_lines_name_the_message(
+    worker_app: Celery, request_log: io.StringIO
+) -> None:
+    from celery.worker import state  # noqa: PLC0415
+
+    request = _request(worker_app, tenant_id=A, x_correlation_id="req-1")
+    try:
+        request.on_accepted(4242, time.monotonic())
+        request.on_timeout(True, 5.0)  # soft: only logged
+    finally:
         state.task_ready(request)
-    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
-    assert line["message"] == f"Task accepted: shop.invoice[{TASK_ID}] pid:4242"
-    assert (line["task_name"], line["task_id"]) == ("shop.invoice", TASK_ID)
-    assert (line["tenant_id"], line["correlation_id"]) == (A, "req-1")
+    lines = [json.loads(text) for text in request_log.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == [
+        f"Task accepted: shop.invoice[{TASK_ID}] pid:4242",
+        f"Soft time limit (5.0s) exceeded for shop.invoice[{TASK_ID}]",
+    ]
+    for line in lines:
+        assert (line["task_name"], line["task_id"]) == ("shop.invoice", TASK_ID)
+        assert (line["tenant_id"], line["correlation_id"]) == (A, "req-1")
 
 
 def test_no_tracking_without_a_json_formatter(
