@@ -21,6 +21,7 @@ from celery.result import AsyncResult
 
 from tenant_celery import TenantContextMissing, tenant_context
 from tenant_celery.metrics import (
+    DURATION_BUCKETS,
     OTHER_TENANTS,
     QUEUE_LENGTH,
     TASK_DURATION_SECONDS,
@@ -251,3 +252,62 @@ def test_queue_length_query_gives_up_at_its_statement_timeout(
     assert not [key for key in samples if key[0] == QUEUE_LENGTH]
     assert "could not read the queue lengths" in caplog.text
     assert "statement timeout" in caplog.text
+
+
+#: One task's series for one label set: five counters, and the histogram's
+#: buckets (``DURATION_BUCKETS``), ``_sum`` and ``_count``.
+SERIES_PER_TASK = 5 + len(DURATION_BUCKETS) + 2
+OWN_TASKS = [tasks.ping, tasks.work, tasks.fail, tasks.retry_once]
+OWN_TASKS += [tasks.log_and_spawn, tasks.log_child]
+
+
+def _task_samples(samples: Samples) -> Samples:
+    return {key: value for key, value in samples.items() if key[0].startswith("celery_task_")}
+
+
+def _labels_of(samples: Samples) -> dict[tuple[str, str], int]:
+    """(task name, tenant) -> how many series it has."""
+    found: dict[tuple[str, str], int] = {}
+    for _, labels in samples:
+        named = dict(labels)
+        key = (named["task_name"], named["tenant"])
+        found[key] = found.get(key, 0) + 1
+    return found
+
+
+def test_prefork_series_are_at_zero_from_worker_start(start_worker: WorkerFactory) -> None:
+    """Scraped as soon as the worker is ready, before any task: every registered task
+    has every series, at 0 (``tenant=""``); Celery's own tasks have none.  Then the
+    counts of a known mix are exact, and a tenant's series appear with its first
+    message, at 0 for what did not happen."""
+    handle, url = _start(
+        start_worker, "prefork", concurrency=2, extra_args=["--max-tasks-per-child=3"]
+    )
+    _, samples = scrape(url)
+    before = _task_samples(samples)
+    assert set(before.values()) == {0.0}
+    series = _labels_of(before)
+    for task in OWN_TASKS:
+        assert series.pop((task.name, "")) == SERIES_PER_TASK, task.name
+    # Whatever else the worker registered: at zero too, and never Celery's own tasks.
+    assert all(count == SERIES_PER_TASK and tenant == "" for (_, tenant), count in series.items())
+    assert not [name for name, _ in series if name.startswith("celery.")]
+
+    _run_mix(handle, **MIX)
+    _, after, differences = settled_scrape(url, _expected_mix(**MIX, pings=0))
+    assert differences == {}
+    _assert_tenant_labels(after)
+    counted = _task_samples(after)
+    # Every series of the start is still there; the mix added only tenants' series.
+    assert before.keys() <= counted.keys()
+    work = tasks.work.name
+    for tenant in (A, B, OTHER_TENANTS):
+        assert _labels_of(counted)[(work, tenant)] == SERIES_PER_TASK, tenant
+        labels = (("task_name", work), ("tenant", tenant))
+        assert counted[(TASK_FAILURE_TOTAL, labels)] == 0.0
+        assert counted[(TASK_REJECTED_TOTAL, labels)] == 0.0
+    assert counted[(TASK_SUCCESS_TOTAL, (("task_name", tasks.ping.name), ("tenant", "")))] == 0.0
+    untouched = {tasks.log_and_spawn.name, tasks.log_child.name, tasks.ping.name}
+    assert {
+        value for (_, labels), value in counted.items() if dict(labels)["task_name"] in untouched
+    } == {0.0}
