@@ -329,6 +329,10 @@ def install_metrics(
     without a tenant get ``""``, so the number of series cannot grow with the
     number of tenants.
 
+    Series start at zero: a worker creates those of every task it has
+    registered when it starts, and those of a tenant with its first message
+    (see the module docs), so that ``rate()`` and ``increase()`` miss no run.
+
     The metrics are created in ``registry`` (prometheus-client's default
     registry when ``None``).  Under the prefork pool the worker's totals are
     read from the multiprocess directory instead (see the module docs), so

@@ -215,17 +215,34 @@ def test_page(
             assert container[probe]["timeoutSeconds"] > monitor.CHECK_TIMEOUT + 1
         assert container["readinessProbe"]["httpGet"]["path"] == "/health"
 
-    @run.on("yaml", "alert: CeleryTaskFailures")
-    def alerts(block: Block) -> None:
-        (group,) = yaml.safe_load(block.source)["groups"]
-        expressions = " ".join(rule["expr"] for rule in group["rules"])
-        used = set(re.findall(r"\bcelery_\w+", expressions))
-        assert used <= sample_names(served["text"]), used - sample_names(served["text"])
-        constants = {getattr(metrics, n) for n in metrics.__all__ if n.isupper()}
-        assert {re.sub(r"_bucket$", "", name) for name in used} <= constants
-        labels = set(re.findall(r"by \(([\w, ]+)\)", expressions))
-        for label in {part.strip() for group_by in labels for part in group_by.split(",")}:
-            assert re.search(rf"[{{,]{label}=", served["text"]), label
-        assert 'job="celery-workers"' in expressions
+    @run.on("yaml", "rule_files:")
+    def rule_files(block: Block) -> None:
+        (name,) = yaml.safe_load(block.source)["rule_files"]
+        assert name.endswith(metrics.RULES_FILE.suffix)
+        printed = run.block("python", "print(RULES_FILE)")
+        assert metrics.RULES_FILE.name in printed.source  # the comment shows the file
 
     run.run()
+    # The shipped rules file (shown with a literalinclude, proven by
+    # tests/prometheus) reads what the page's worker serves: every metric it
+    # names, and every label it groups by, is in the worker's scrape, counted
+    # or at zero.
+    exprs = [rule["expr"] for group in rules_file()["groups"] for rule in group["rules"]]
+    expressions = " ".join(exprs)
+    used = set(re.findall(r"(?<![\w:])celery_\w+", expressions))
+    assert used <= sample_names(served["text"]), used - sample_names(served["text"])
+    constants = {getattr(metrics, n) for n in metrics.__all__ if n.isupper()}
+    assert {re.sub(r"_bucket$", "", name) for name in used} <= constants
+    labels = set(re.findall(r"by \(([\w, ]+)\)", expressions))
+    for label in {part.strip() for group_by in labels for part in group_by.split(",")}:
+        if label == metrics.TENANT_LABEL:  # the page's worker counts without it
+            continue
+        assert re.search(rf"[{{,]{label}=", served["text"]), label
+    assert 'job="celery-workers"' in expressions
+    included = [b for b in run.blocks if b.kind == "literalinclude"]
+    assert [b.included for b in included] == [metrics.RULES_FILE.resolve()]
+
+
+def rules_file() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(metrics.RULES_FILE.read_text())
+    return loaded
