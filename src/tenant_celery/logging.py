@@ -20,13 +20,12 @@ Every line is an object with these keys, ``null`` when unknown:
     The formatted traceback; present only when the record has one.
 
 A worker's main process logs about tasks it does not run: a message received,
-accepted by a pool process, revoked, timed out, or failed because its pool
-process was lost.  For a tenant task (its request is a
-:class:`~tenant_celery.request.TenantRequest`) those lines name the message's
-task, tenant and correlation id, read from its headers with the same reader as
-the pool's: a tenant header that is invalid, or with signing on not verified,
-and a correlation id that is not usable, are written as ``null``, never as the
-header's text.
+revoked, timed out, or failed because its pool process was lost.  For a
+tenant task (its request is a :class:`~tenant_celery.request.TenantRequest`)
+those lines name the message's task, tenant and correlation id, read from its
+headers with the same reader as the pool's: a tenant header that is invalid,
+or with signing on not verified, and a correlation id that is not usable, are
+written as ``null``, never as the header's text.
 """
 
 from __future__ import annotations
@@ -129,8 +128,8 @@ class _MainProcess:
     received: ContextVar[_MessageRequest | None] = ContextVar(
         "tenant_celery.log_received", default=None
     )
-    #: The message whose handling (a lost pool process, a time limit, a revoke,
-    #: acceptance by a pool process) is logging now.
+    #: The message whose handling (a lost pool process, a time limit, a revoke)
+    #: is logging now.
     handling: ContextVar[_MessageRequest | None] = ContextVar(
         "tenant_celery.log_handling", default=None
     )

@@ -12,13 +12,12 @@ published there raised :class:`~tenant_celery.TenantContextMissing` and was
 lost (Celery only logs "Pool callback raised exception").
 
 With JSON logs (:mod:`tenant_celery.logging`), the main process's lines about
-the message (received, accepted, lost, timed out, revoked) name its task,
+the message (received, lost, timed out, revoked) name its task,
 tenant and correlation id.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,8 +35,6 @@ from .propagation import message_header, vouching
 
 __all__ = ["TenantRequest"]
 
-# Celery logs "Task accepted: name[id] pid:N" here, at DEBUG.
-_accepted_logger = logging.getLogger("celery.worker.request")
 _LOG_CONTEXT_ATTR = "_tenant_celery_log_context"
 
 
@@ -111,13 +108,6 @@ class TenantRequest(Request):
                 yield
         finally:
             _exit(token)
-
-    def on_accepted(self, pid: Any, time_accepted: float) -> None:
-        if _MainProcess.tracking and _accepted_logger.isEnabledFor(logging.DEBUG):
-            with _handling(self):
-                super().on_accepted(pid, time_accepted)
-        else:
-            super().on_accepted(pid, time_accepted)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         with self._message_tenant():
