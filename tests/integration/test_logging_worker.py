@@ -1,17 +1,28 @@
-"""JSON logs of a real prefork worker whose app calls ``configure_logging()``."""
+"""JSON logs of a real prefork worker whose app calls ``configure_logging()``.
+
+Every line is JSON; lines logged inside a task name its task, tenant and
+correlation id; so do the lines the worker logs about a task from its main
+process (received, accepted, its pool process lost), with a hostile tenant
+header never echoed.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import chain
 
-from tenant_celery import tenant_context
+from tenant_celery import InvalidTenantId, TenantContextMissing, tenant_context
 from tenant_celery.correlation import correlation_context
 from tests._rig.worker import WorkerFactory
 
+from . import logging_app as logging_tasks
 from . import observability_app as tasks
 from .monitor_client import json_lines
 
@@ -21,6 +32,9 @@ A = str(uuid.uuid4())
 B = str(uuid.uuid4())
 KEYS = {"timestamp", "level", "logger", "message", "task_name", "task_id", "tenant_id"}
 KEYS |= {"correlation_id"}
+REQUEST_ID = "web-request-logs-5c1d"
+#: A tenant header no worker may echo: control characters, a forged log field, 10 kB.
+HOSTILE = "\x1b[2J\r\nlevel=CRITICAL forged\x00" + "Z" * 10_000
 
 
 def _lines_of(lines: list[dict[str, Any]], task_id: str) -> list[dict[str, Any]]:
@@ -115,3 +129,108 @@ def test_every_line_is_json_with_task_tenant_and_correlation(start_worker: Worke
     after = handle.log_text().splitlines()[len(lines) + 1 :]
     plain = [line for line in after if line.strip() and not line.startswith("{")]
     assert plain == ["worker: Warm shutdown (MainProcess)"]
+
+
+def _parent_of(pid: int) -> int:
+    # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, not ")".
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_every_line_about_a_task_names_it(start_worker: WorkerFactory) -> None:
+    """Received, retried, succeeded, failed, refused and lost: each line about a task
+    names its id, name, tenant and correlation id, whichever process logs it.  (Celery
+    logs no line when a pool process starts a task.)"""
+    handle = start_worker(logging_tasks.__name__, broker="redis", pool="prefork", concurrency=2)
+    app = logging_tasks.app
+    with handle.bind(app):
+        with correlation_context(REQUEST_ID):
+            with tenant_context(A):
+                succeeded = logging_tasks.work.delay(1)
+                failed = logging_tasks.fail.delay(2)
+                retried = logging_tasks.retry_once.delay(3)
+            refused = app.send_task(logging_tasks.work.name, args=(4,))
+            hostile = app.send_task(
+                logging_tasks.work.name, args=(5,), headers={"tenant_id": HOSTILE}
+            )
+        assert succeeded.get(timeout=30) == {"index": 1, "tenant": A}
+        with pytest.raises(ValueError, match="fails on purpose"):
+            failed.get(timeout=30)
+        assert retried.get(timeout=30) == 3
+        with pytest.raises(TenantContextMissing):
+            refused.get(timeout=30)
+        with pytest.raises(InvalidTenantId):
+            hostile.get(timeout=30)
+
+        # A pool process killed mid-task: the main process fails the task.
+        with correlation_context(REQUEST_ID), tenant_context(A):
+            lost = logging_tasks.linger.delay(60)
+        pid = int(handle.wait_for_log(rf"{logging_tasks.LINGERING} (\d+)", timeout=30).group(1))
+        assert _parent_of(pid) == handle.pid, "not a pool process of this worker"
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(Exception, match="exited prematurely"):
+            lost.get(timeout=30)
+
+    waits = [
+        rf"\[{succeeded.id}\] succeeded in",
+        rf"\[{failed.id}\] raised unexpected",
+        rf"\[{retried.id}\] succeeded in",
+        rf"\[{refused.id}\] refused \(missing\)",
+        rf"\[{hostile.id}\] refused \(invalid\)",
+        r"Task handler raised error: WorkerLostError",
+    ]
+    for pattern in waits:
+        handle.wait_for_log(pattern, timeout=15)
+    text = handle.log_text()
+    lines = json_lines(text)  # fails on the first line that is not JSON
+
+    def line_about(task_id: str, pattern: str, count: int = 1) -> list[dict[str, Any]]:
+        found = [line for line in _lines_of(lines, task_id) if re.search(pattern, line["message"])]
+        assert len(found) == count, (pattern, task_id, found)
+        return found
+
+    def names(line: dict[str, Any], task_name: str, tenant: str | None) -> None:
+        assert line["task_name"] == task_name, line
+        assert line["tenant_id"] == tenant, line
+        assert line["correlation_id"] == REQUEST_ID, line
+
+    tenant_tasks = [
+        (succeeded, logging_tasks.work.name, 1),
+        (failed, logging_tasks.fail.name, 1),
+        (retried, logging_tasks.retry_once.name, 2),  # the retry is a message of its own
+        (lost, logging_tasks.linger.name, 1),
+        (refused, logging_tasks.work.name, 1),
+        (hostile, logging_tasks.work.name, 1),
+    ]
+    for result, task_name, runs in tenant_tasks:
+        tenant = None if result in (refused, hostile) else A  # refused: it has none
+        # The main process, when the message arrives.
+        for line in line_about(result.id, r"\] received$", runs):
+            names(line, task_name, tenant)
+    # The pool process that ran it.
+    for result, pattern, task_name in (
+        (succeeded, r"\] succeeded in ", logging_tasks.work.name),
+        (failed, r"\] raised unexpected: ValueError", logging_tasks.fail.name),
+        (retried, r"\] retry: Retry in ", logging_tasks.retry_once.name),
+        (retried, r"\] succeeded in ", logging_tasks.retry_once.name),
+    ):
+        (line,) = line_about(result.id, pattern)
+        names(line, task_name, A)
+    (failure,) = line_about(failed.id, r"raised unexpected")
+    assert failure["level"] == "ERROR"
+    for result, reason in ((refused, "missing"), (hostile, "invalid")):
+        (refusal,) = line_about(result.id, rf"refused \({reason}\)")
+        assert refusal["level"] == "WARNING"
+        names(refusal, logging_tasks.work.name, None)
+    # The main process, for the task its pool process was running when killed.
+    (lost_line,) = line_about(lost.id, r"^Task handler raised error: WorkerLostError")
+    assert lost_line["level"] == "ERROR"
+    names(lost_line, logging_tasks.linger.name, A)
+    # Billiard's line about the process itself names no task.
+    assert any(re.search(rf"pid:{pid} exited with .*SIGKILL", line["message"]) for line in lines)
+
+    # A hostile tenant header is never written, in any form.  (At DEBUG, Celery's own
+    # "TaskPool: Apply ..." line shows a message's headers, escaped and cut short.)
+    assert {line["tenant_id"] for line in lines} <= {None, A}
+    assert "forged" not in text
+    assert "Z" * 64 not in text
