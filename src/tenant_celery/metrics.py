@@ -511,6 +511,7 @@ class _Multiprocess:
         self.directory: str | None = None
         self.previous_env: str | None = None
         self.previous_class: Any = None
+        self.value_class: Any = None  # the multiprocess value class this module made
 
 
 _multiprocess = _Multiprocess()
@@ -567,6 +568,7 @@ def _enable_multiprocess() -> None:
     os.environ[_MULTIPROCESS_ENV] = path
     if not getattr(values.ValueClass, "_multiprocess", False):
         values.ValueClass = values.MultiProcessValue()
+        _multiprocess.value_class = values.ValueClass
     _multiprocess.directory = path
     # Series created so far (an eager task at import) count in memory, which the
     # monitor does not read: create them anew, in files.
@@ -593,7 +595,34 @@ def _on_worker_shutdown(**_: Any) -> None:
         os.environ[_MULTIPROCESS_ENV] = _multiprocess.previous_env
     _prometheus().values.ValueClass = _multiprocess.previous_class
     _forget_series()
+    made, _multiprocess.value_class = _multiprocess.value_class, None
+    if made is not None:
+        _close_value_files(made)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _close_value_files(value_class: Any) -> None:
+    """Close the files a multiprocess value class of ours opened in this process.
+
+    prometheus-client keeps them in a dict its value class's methods close over, and
+    closes them only when the process id changes; left to the garbage collector they
+    would each raise a ResourceWarning.
+    """
+    for function in vars(value_class).values():
+        for cell in getattr(function, "__closure__", None) or ():
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if (
+                isinstance(contents, dict)
+                and contents
+                and all(callable(getattr(f, "close", None)) for f in contents.values())
+            ):
+                for file in contents.values():
+                    with contextlib.suppress(Exception):
+                        file.close()
+                contents.clear()
 
 
 def _forget_series() -> None:
