@@ -121,8 +121,13 @@ def test_demo_on_an_existing_server(pg_cluster: PgCluster, tmp_path: Path) -> No
     assert "embedded" not in done.stdout
     assert_nothing_left(done, tmp_path)
     # Everything it made is gone: its database and its role.
-    made = re.search(r"created database (\S+) and role (\S+) ", done.stdout)
-    assert made is not None, done.stdout
+    assert_database_and_role_dropped(done.stdout, pg_cluster)
+
+
+def assert_database_and_role_dropped(stdout: str, pg_cluster: PgCluster) -> None:
+    """The database and the role the demo says it created no longer exist."""
+    made = re.search(r"created database (\S+) and role (\S+) ", stdout)
+    assert made is not None, stdout
     with pg_cluster.connect() as conn:
         left = conn.execute(
             "SELECT datname FROM pg_database WHERE datname = %s"
@@ -215,13 +220,5 @@ def test_interrupted_demo_exits_130_and_removes_what_it_started(
     assert process.returncode == 130, out + err
     assert err == "tenant-celery demo: interrupted\n"
     assert "removed the worker, the database and the role\n" in out
-    made = re.search(r"created database (\S+) and role (\S+) ", out)
-    assert made is not None, out
-    with pg_cluster.connect() as conn:
-        left = conn.execute(
-            "SELECT datname FROM pg_database WHERE datname = %s"
-            " UNION ALL SELECT rolname FROM pg_roles WHERE rolname = %s",
-            (made[1], made[2]),
-        ).fetchall()
-    assert left == []
+    assert_database_and_role_dropped(out, pg_cluster)
     assert_nothing_left(subprocess.CompletedProcess([], 130, out, err), tmp_path)
