@@ -3,8 +3,9 @@
 ``promtool check rules`` parses every rule; ``promtool test rules`` runs
 ``rules_test.yml`` beside this module, whose input series reproduce what made
 earlier alerts miss (a task with failures and no success series, refused tasks
-in a series that is born above zero) and which states, for every alert, when
-it fires and when it must not.  Debian's ``prometheus`` package provides
+in a series that is born above zero) or fire falsely (old refusals after a gap
+in Prometheus's data) and which states, for every alert, when it fires and
+when it must not.  Debian's ``prometheus`` package provides
 ``promtool`` (``.ci/run`` installs it); without it these tests skip, and fail
 under ``CI=true``.
 """
