@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from kombu import transport as _kombu_transport
 
+from . import events as _events  # noqa: F401 (the tenant in events, Flower and inspect)
 from . import propagation as _propagation  # noqa: F401 (connects the signal receivers)
 from .config import DEFAULT_GUC, DEFAULT_HEADER
 from .context import (

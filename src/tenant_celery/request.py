@@ -13,7 +13,9 @@ lost (Celery only logs "Pool callback raised exception").
 
 With JSON logs (:mod:`tenant_celery.logging`), the main process's lines about
 the message (received, lost, timed out, revoked) name its task,
-tenant and correlation id.
+tenant and correlation id.  The task events it sends, and what ``celery
+inspect`` lists of it, carry the tenant as ``tenant_id``
+(:mod:`tenant_celery.events`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .config import header_name
 from .context import _enter, _exit, parse_tenant_id
 from .correlation import CORRELATION_HEADER, _usable, message_correlation
 from .errors import TenantCeleryError
+from .events import TENANT_FIELD
 from .logging import _handling, _MainProcess
 from .propagation import message_header, vouching
 
@@ -91,6 +94,23 @@ class TenantRequest(Request):
         context = (tenant, correlation_id)
         setattr(self, _LOG_CONTEXT_ATTR, context)
         return context
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        """Send a task event; a tenant task's carries its verified tenant."""
+        eventer: Any = getattr(self, "_eventer", None)
+        if eventer is None or not eventer.enabled or not self.task.send_events:
+            return  # events off: nothing is sent, and the tenant is not read
+        if TENANT_FIELD not in fields:
+            tenant = self._log_context()[0]
+            if tenant is not None:
+                fields[TENANT_FIELD] = tenant
+        eventer.send(type, uuid=self.id, **fields)
+
+    def info(self, safe: bool = False) -> Any:
+        """What ``celery inspect active/reserved/scheduled`` lists, with the tenant."""
+        info: dict[str, Any] = dict(super().info(safe))
+        info[TENANT_FIELD] = self._log_context()[0]
+        return info
 
     @contextmanager
     def _message_tenant(self) -> Iterator[None]:

@@ -48,6 +48,19 @@ How it works:
 * **Bindings** (exchange to queue) live in a table, so fanout exchanges reach
   every bound queue across processes: broadcast control commands such as
   ``revoke`` work.
+* **Auto-delete queues are not stored.**  The queues Celery declares for
+  events (``celery events``, Flower), remote control and its replies are
+  auto-delete: a message to one is sent with ``NOTIFY`` on a channel of its
+  own, which only the connection that declared the queue listens on, and
+  that connection keeps it in memory until it is consumed (up to 10,000 per
+  queue, the oldest dropped first).  Events cost no row, and no write at all
+  while nobody listens.  A message too large for a notification (over 7,900
+  bytes, such as a failure event with a long traceback) is stored as usual.
+  The declaring connection marks its auto-delete queues alive every 15
+  seconds; one not marked for a minute (its process was killed) is deleted,
+  with its bindings and messages, by any consumer of the database.  With
+  ``listen: False`` auto-delete queues are stored like the others and
+  deleted when their channel closes.
 
 Transport options (``broker_transport_options``):
 
@@ -68,12 +81,15 @@ option                       default      meaning
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import logging
 import os
 import select
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Sequence
 from queue import Empty
 from typing import Any
@@ -100,6 +116,7 @@ __all__ = [
     "QoS",
     "Transport",
     "queue_lengths",
+    "queue_lengths_by_tenant_query",
     "queue_lengths_query",
 ]
 
@@ -125,6 +142,11 @@ _ACK_DELAY = 0.05  # longest an acknowledged row waits for a claim to delete it
 _TABLE_TTL = 2.0  # seconds a direct or topic exchange's bindings are cached
 _SWEEP_EVERY = 30.0  # seconds between deletions of expired messages
 _MAX_TENANT = 200  # longest tenant value kept for fair claiming
+_NOTIFY_LIMIT = 7900  # largest message sent as a notification (PostgreSQL: < 8000 bytes)
+_INBOX_LIMIT = 10_000  # notified messages a queue keeps unconsumed; the oldest go first
+_TOUCH_EVERY = 15.0  # seconds between marks that a connection's auto-delete queues live
+_AUTO_DELETE_GRACE = 60.0  # an auto-delete queue not marked for this long is deleted
+_NOTIFIED_TAG = "n."  # delivery tags of notified messages (no row behind them)
 
 
 def _seconds(options: dict[str, Any], name: str, default: float, *, minimum: float) -> float:
@@ -204,7 +226,7 @@ _INSERT_FANOUT = (
     " LEAST(now() + %(expiration)s::float8 * interval '1 millisecond',"
     " now() + q.message_ttl * interval '1 millisecond'), %(payload)s"
     " FROM {binding} AS b LEFT JOIN {queue_table} AS q ON q.name = b.queue"
-    " WHERE b.exchange = %(exchange)s"
+    " WHERE b.exchange = %(exchange)s AND NOT coalesce(q.auto_delete, false)"
 )
 
 
@@ -333,7 +355,25 @@ _UNBIND = (
     "DELETE FROM {binding} WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s"
     " AND queue = %(queue)s"
 )
-_TABLE = "SELECT routing_key, pattern, queue FROM {binding} WHERE exchange = %(exchange)s"
+# Each binding with whether its queue is auto-delete (delivered by NOTIFY).
+_TABLE = (
+    "SELECT b.routing_key, b.pattern, b.queue, coalesce(q.auto_delete, false)"
+    " FROM {binding} AS b LEFT JOIN {queue_table} AS q ON q.name = b.queue"
+    " WHERE b.exchange = %(exchange)s"
+)
+_NOTIFY = "SELECT pg_notify(%(name)s, %(payload)s)"
+_TOUCH = (
+    "UPDATE {queue_table} SET declared_at = now()"
+    " WHERE name = ANY(%(names)s::text[]) RETURNING name"
+)
+# Auto-delete queues whose connection stopped marking them: it is gone.
+_SWEEP_QUEUES = (
+    "WITH dead AS (DELETE FROM {queue_table} WHERE auto_delete"
+    " AND declared_at < now() - %(grace)s::float8 * interval '1 second' RETURNING name),"
+    " b AS (DELETE FROM {binding} WHERE queue IN (SELECT name FROM dead)),"
+    " m AS (DELETE FROM {message} WHERE queue IN (SELECT name FROM dead))"
+    " SELECT count(*) FROM dead"
+)
 _DELETE_QUEUE = (
     "WITH b AS (DELETE FROM {binding} WHERE queue = %(queue)s),"
     " m AS (DELETE FROM {message} WHERE queue = %(queue)s)"
@@ -416,6 +456,32 @@ def queue_lengths(
     """Ready messages per declared queue (claimed and expired ones not counted)."""
     rows = conn.execute(queue_lengths_query(schema).encode()).fetchall()
     return [(str(name), int(count)) for name, count in rows]
+
+
+_QUEUE_LENGTHS_BY_TENANT = (
+    "SELECT q.name, coalesce(m.tenant, ''), count(m.id) FROM {queue_table} AS q"
+    " LEFT JOIN {message} AS m ON m.queue = q.name AND m.visible_at <= now()"
+    " AND (m.expires_at IS NULL OR m.expires_at > now())"
+    " WHERE q.name = ANY(%(queues)s::text[])"
+    " GROUP BY q.name, m.tenant ORDER BY q.name, m.tenant"
+)
+
+
+def queue_lengths_by_tenant_query(schema: str | None = None) -> str:
+    """SQL counting the ready messages of some queues per tenant, as :func:`queue_lengths`
+    counts them per queue: rows ``(queue, tenant, count)``.
+
+    Its one parameter, ``%(queues)s`` (psycopg's style; SQLAlchemy's
+    ``exec_driver_sql`` passes it on), is the list of queue names.  A queue
+    without ready messages gives ``(queue, "", 0)``; one that is not declared
+    gives no row.  The tenant is the message's tenant header as its publisher
+    wrote it, neither validated nor verified; ``""`` when it had none.
+    """
+    if schema is not None:
+        identifier(schema, "schema")
+    return _QUEUE_LENGTHS_BY_TENANT.format(
+        queue_table=qualified(QUEUE_TABLE, schema), message=qualified(MESSAGE_TABLE, schema)
+    )
 
 
 def _claim_statement(settings: _Settings, *, take: bool) -> str:
@@ -510,6 +576,17 @@ def _row_id(delivery_tag: str) -> int:
     return int(str(delivery_tag).split(".", 1)[0])
 
 
+def _row_ids(delivery_tags: Iterable[str]) -> list[int]:
+    """The rows behind ``delivery_tags`` (notified messages have none)."""
+    return [_row_id(tag) for tag in delivery_tags if not str(tag).startswith(_NOTIFIED_TAG)]
+
+
+def _notify_channel(queue: str, schema: str | None = None) -> str:
+    """The ``NOTIFY`` channel that messages to auto-delete ``queue`` are sent on."""
+    digest = hashlib.md5(f"{schema or ''}\0{queue}".encode(), usedforsecurity=False)
+    return f"{NOTIFY_CHANNEL}.{digest.hexdigest()}"
+
+
 def _expiration(message: dict[str, Any]) -> float | None:
     value = message.get("properties", {}).get("expiration")
     try:
@@ -535,6 +612,16 @@ class Channel(virtual.Channel):
         self.lease = uuid.uuid4()
         self._no_ack_queues: set[str] = set()
         self._auto_delete_queues: set[str] = set()
+        # Auto-delete queues delivered by NOTIFY: their messages, received by the
+        # transport's listening connection and kept here until consumed; and what
+        # declared and bound them, to declare them again if they were swept.
+        self._inbox: dict[str, deque[bytes]] = {}
+        self._inbox_dropped: dict[str, int] = {}
+        self._declared: dict[str, dict[str, Any]] = {}
+        self._bound: dict[str, set[tuple[str, str, str]]] = {}
+        self._notified_tags = itertools.count(1)
+        # Per queue, whether the last bindings read say it is delivered by NOTIFY.
+        self._notified_targets: dict[str, bool] = {}
         self._cursors: dict[str, str] = {}
         self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
         self._queue_turn = 0
@@ -557,6 +644,8 @@ class Channel(virtual.Channel):
     # --- publishing ---------------------------------------------------------------
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        if self._notified_targets.get(queue) and self._notify(queue, message):
+            return
         params = self._message_params(message)
         params["queue"] = queue
         self._transport.execute(_PUT[self.settings.listen], params, publish=True)
@@ -564,9 +653,29 @@ class Channel(virtual.Channel):
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
     ) -> None:
-        params = self._message_params(message)
-        params["exchange"] = exchange
-        self._transport.execute(_PUT_FANOUT[self.settings.listen], params, publish=True)
+        # The auto-delete queues bound (remote control's) are sent a notification
+        # each; one write stores the message for every other bound queue.
+        table = self.get_table(exchange)
+        stored = False
+        for queue in dict.fromkeys(queue for _, _, queue in table):
+            if not self._notified_targets.get(queue):
+                stored = True
+            elif not self._notify(queue, message):
+                self._put(queue, message)  # too large for a notification
+        if stored:
+            params = self._message_params(message)
+            params["exchange"] = exchange
+            self._transport.execute(_PUT_FANOUT[self.settings.listen], params, publish=True)
+
+    def _notify(self, queue: str, message: dict[str, Any]) -> bool:
+        """Send ``message`` to auto-delete ``queue`` as a notification; ``False``
+        when it is too large for one."""
+        payload = dumps(message)
+        if len(payload.encode()) > _NOTIFY_LIMIT:
+            return False
+        name = _notify_channel(queue, self.settings.schema)
+        self._transport.execute(_NOTIFY, {"name": name, "payload": payload}, publish=True)
+        return True
 
     def _message_params(self, message: dict[str, Any]) -> dict[str, Any]:
         tenant = (message.get("headers") or {}).get(self.settings.tenant_header)
@@ -596,17 +705,21 @@ class Channel(virtual.Channel):
         arguments = kwargs.get("arguments") or {}
         ttl = arguments.get("x-message-ttl")
         auto_delete = bool(kwargs.get("auto_delete"))
+        # Delivered by NOTIFY: listened for before the row says so, so that no
+        # message sent to it is missed.
+        notified = auto_delete and self.settings.listen
         if auto_delete:
             self._auto_delete_queues.add(queue)
-        self._transport.execute(
-            _DECLARE,
-            {
-                "queue": queue,
-                "ttl": int(ttl) if isinstance(ttl, (int, float)) else None,
-                "auto_delete": auto_delete,
-            },
-            publish=True,
-        )
+        params = {
+            "queue": queue,
+            "ttl": int(ttl) if isinstance(ttl, (int, float)) else None,
+            "auto_delete": notified,
+        }
+        if notified:
+            self._inbox.setdefault(queue, deque(maxlen=_INBOX_LIMIT))
+            self._declared[queue] = params
+            self._transport.listen_for(self, queue)
+        self._transport.execute(_DECLARE, params, publish=True)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         row = self._transport.execute(_HAS_QUEUE, {"queue": queue}, fetch=True, publish=True)
@@ -624,6 +737,8 @@ class Channel(virtual.Channel):
             publish=True,
         )
         self._tables.pop(exchange, None)
+        if queue in self._declared:
+            self._bound.setdefault(queue, set()).add((exchange, routing_key or "", pattern or ""))
 
     def queue_unbind(
         self,
@@ -650,11 +765,18 @@ class Channel(virtual.Channel):
         if cached is not None and not fanout and now - cached[0] < _TABLE_TTL:
             return cached[1]
         rows = self._transport.execute(_TABLE, {"exchange": exchange}, fetch=True, publish=True)
-        table = [(str(rk), str(pattern), str(queue)) for rk, pattern, queue in rows]
+        table = [(str(rk), str(pattern), str(queue)) for rk, pattern, queue, _ in rows]
+        for _, _, queue, notified in rows:
+            self._notified_targets[str(queue)] = bool(notified)
         self._tables[exchange] = (now, table)
         return table
 
     def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
+        if exchange and self.typeof(exchange).type == "topic":
+            # Events: one that matches no binding is dropped, as AMQP drops it,
+            # with no dead-letter queue written (and no warning) per event.
+            table = self.get_table(exchange)
+            return list(self.typeof(exchange).lookup(table, exchange, routing_key, None))
         queues = super()._lookup(exchange, routing_key, default)
         if not queues and exchange:
             # Bound a moment ago by another process: look again, uncached.
@@ -670,7 +792,14 @@ class Channel(virtual.Channel):
         self._transport.execute(_DELETE_QUEUE, {"queue": queue}, publish=True)
         self.state.queue_bindings_delete(queue)
         self._auto_delete_queues.discard(queue)
+        self._forget_notified(queue)
         self._tables.clear()
+
+    def _forget_notified(self, queue: str) -> None:
+        if self._inbox.pop(queue, None) is not None:
+            self._transport.unlisten(queue)
+        self._declared.pop(queue, None)
+        self._bound.pop(queue, None)
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
         self._transport.execute(_DELETE_QUEUE, {"queue": queue}, publish=True)
@@ -728,10 +857,78 @@ class Channel(virtual.Channel):
         return messages
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        messages = self._claim(queue, 1, take=queue in self._no_ack_queues)
+        messages = self._take_notified(queue, 1) or self._claim(
+            queue, 1, take=queue in self._no_ack_queues
+        )
         if not messages:
             raise Empty()
         return messages[0]
+
+    # --- messages delivered by NOTIFY ----------------------------------------------
+
+    def _notified(self, queue: str, payload: bytes) -> None:
+        """Keep a message the listening connection received for ``queue``."""
+        inbox = self._inbox.get(queue)
+        if inbox is None:
+            return
+        if len(inbox) == inbox.maxlen:
+            dropped = self._inbox_dropped[queue] = self._inbox_dropped.get(queue, 0) + 1
+            if dropped == 1 or dropped % _INBOX_LIMIT == 0:
+                logger.warning(
+                    "queue %r holds %d messages nobody consumed; dropped the oldest (%d so far)",
+                    queue,
+                    len(inbox),
+                    dropped,
+                )
+        inbox.append(payload)
+
+    def has_notified(self) -> bool:
+        """Whether messages received by notification wait to be delivered."""
+        return any(self._inbox.values())
+
+    def _take_notified(self, queue: str, n: int) -> list[dict[str, Any]]:
+        inbox = self._inbox.get(queue)
+        messages: list[dict[str, Any]] = []
+        while inbox and len(messages) < n:
+            try:
+                payload = inbox.popleft()
+            except IndexError:  # taken meanwhile
+                break
+            try:
+                message = loads(payload)
+            except ValueError:
+                logger.warning("dropped a notification for queue %r that is not a message", queue)
+                continue
+            properties = message.setdefault("properties", {})
+            properties["delivery_tag"] = f"{_NOTIFIED_TAG}{next(self._notified_tags)}"
+            properties.setdefault("delivery_info", {})["redelivered"] = False
+            messages.append(message)
+        return messages
+
+    def _touch_queues(self) -> None:
+        """Mark this channel's notified queues alive; declare again (with their
+        bindings) any that were deleted as dead meanwhile."""
+        names = list(self._declared)
+        if not names:
+            return
+        rows = self._transport.execute(_TOUCH, {"names": names}, fetch=True, publish=True)
+        for queue in set(names) - {str(row[0]) for row in rows}:
+            params = self._declared.get(queue)
+            if params is None:  # deleted meanwhile
+                continue
+            logger.warning("queue %r had been deleted as abandoned; declaring it again", queue)
+            self._transport.execute(_DECLARE, params, publish=True)
+            for exchange, routing_key, pattern in list(self._bound.get(queue, ())):
+                self._transport.execute(
+                    _BIND,
+                    {
+                        "exchange": exchange,
+                        "routing_key": routing_key,
+                        "pattern": pattern,
+                        "queue": queue,
+                    },
+                    publish=True,
+                )
 
     def _get_many(self, queues: Sequence[str], timeout: float | None = None) -> None:
         """Claim up to the free prefetch from the first of ``queues`` (taken in turn)
@@ -754,9 +951,10 @@ class Channel(virtual.Channel):
         quiet = self.quiet
         for offset in range(count):
             queue = queues[(start + offset) % count]
-            if queue in quiet:
+            messages = self._take_notified(queue, n)
+            if not messages and queue in quiet:
                 continue
-            messages = self._claim(queue, n, take=queue in self._no_ack_queues)
+            messages = messages or self._claim(queue, n, take=queue in self._no_ack_queues)
             if not messages:
                 if self.settings.listen:
                     quiet.add(queue)
@@ -769,6 +967,8 @@ class Channel(virtual.Channel):
 
     def _ack(self, delivery_tag: str) -> None:
         """Delete an acknowledged message: with the next claim, or now if closed."""
+        if str(delivery_tag).startswith(_NOTIFIED_TAG):
+            return  # delivered by notification: nothing stored
         row_id = _row_id(delivery_tag)
         with self._acks_lock:
             if self._defer_acks:
@@ -814,7 +1014,7 @@ class Channel(virtual.Channel):
                 raise
 
     def _release(self, delivery_tags: Iterable[str]) -> None:
-        ids = [_row_id(tag) for tag in delivery_tags]
+        ids = _row_ids(delivery_tags)
         if ids:
             self._transport.execute(
                 _RELEASE[self.settings.listen],
@@ -826,7 +1026,7 @@ class Channel(virtual.Channel):
         # lapse, in case no claim has carried them (a long task on the solo pool).
         self.flush_acks()
         qos: Any = self._qos
-        ids = [_row_id(tag) for tag in qos.held()] if qos is not None else []
+        ids = _row_ids(qos.held()) if qos is not None else []
         if ids:
             self._transport.execute(
                 _RENEW,
@@ -848,8 +1048,12 @@ class Channel(virtual.Channel):
                     self.queue_delete(queue)
             except transport.connection_errors:
                 pass  # unflushed acknowledgements: their leases run out, delivered again
+        for queue in list(self._inbox):
+            self._forget_notified(queue)
         super().close()
 
+
+_PgChannel = Channel  # the name Channel is the transport's attribute inside its class
 
 # ------------------------------------------------------------------------- transport
 
@@ -861,7 +1065,8 @@ class Transport(virtual.Transport):
     Channel = Channel
     can_parse_url = True
     default_port = 5432
-    driver_type = "sql"
+    # Not "sql": Celery turns events off for that value (kombu's SQLAlchemy transport).
+    driver_type = "postgresql"
     driver_name = "psycopg"
     connection_errors = (
         *virtual.Transport.connection_errors,
@@ -881,6 +1086,8 @@ class Transport(virtual.Transport):
         self._lock = threading.RLock()
         self._conns: dict[bool, psycopg.Connection[Any]] = {}
         self._listener: psycopg.Connection[Any] | None = None
+        # NOTIFY channel -> (channel, auto-delete queue) the listener receives for.
+        self._listens: dict[str, tuple[_PgChannel, str]] = {}
         self._pid = os.getpid()
         self._rendered: dict[str, str] = {}
         self._swept_at = 0.0
@@ -932,6 +1139,7 @@ class Transport(virtual.Transport):
             # Inherited across fork: never use the parent's sockets.
             self._conns = {}
             self._listener = None
+            self._listens = {}
             self._pid = os.getpid()
         conn = self._conns.get(publish)
         if conn is None or conn.closed:
@@ -1063,7 +1271,13 @@ class Transport(virtual.Transport):
                 cycle.get(self._deliver, timeout=0)
             except Empty:
                 break
+        if self._has_notified():  # more notified messages than one round delivers
+            self._loop.call_soon(self._drain_ready)
         self._schedule_ack_flush()
+
+    def _has_notified(self) -> bool:
+        channels: list[Any] = list(self.channels or ())
+        return any(channel.has_notified() for channel in channels)
 
     def _schedule_ack_flush(self) -> None:
         if self._loop is None or self._ack_timer is not None:
@@ -1093,9 +1307,38 @@ class Transport(virtual.Transport):
             return None
         listener = self._listener
         if listener is None or listener.closed:
-            listener = self._listener = self._connect()
-            listener.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(NOTIFY_CHANNEL)))
+            with self._lock:
+                listener = self._listener
+                if listener is None or listener.closed:
+                    listener = self._connect()
+                    for name in (NOTIFY_CHANNEL, *self._listens):
+                        listener.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(name)))
+                    self._listener = listener
         return listener
+
+    def listen_for(self, channel: _PgChannel, queue: str) -> None:
+        """Receive the messages sent by notification to auto-delete ``queue`` (for
+        ``channel``), from now on."""
+        name = _notify_channel(queue, self.settings.schema)
+        with self._lock:
+            fresh = name not in self._listens
+            self._listens[name] = (channel, queue)
+            listener = self._listening()
+            if fresh and listener is not None and listener is self._listener:
+                with contextlib.suppress(psycopg.errors.DuplicateObject):
+                    listener.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(name)))
+
+    def unlisten(self, queue: str) -> None:
+        name = _notify_channel(queue, self.settings.schema)
+        with self._lock:
+            if self._listens.pop(name, None) is None:
+                return
+            listener = self._listener
+            if listener is not None and not listener.closed:
+                with contextlib.suppress(psycopg.Error):
+                    listener.execute(
+                        sql.SQL("UNLISTEN {channel}").format(channel=sql.Identifier(name))
+                    )
 
     def wake(self) -> None:
         """End a wait of the consuming thread early (called after an acknowledgement,
@@ -1134,6 +1377,8 @@ class Transport(virtual.Transport):
         listener = self._listening()
         if listener is not None and self._heard(listener.pgconn):
             return  # read with an earlier reply on the connection: no wait
+        if self._has_notified():
+            return
         sockets = [wakeup] if listener is None else [wakeup, listener.fileno()]
         ready, _, _ = select.select(sockets, [], [], seconds)
         if wakeup in ready:
@@ -1158,6 +1403,12 @@ class Transport(virtual.Transport):
         heard = False
         while (notify := pgconn.notifies()) is not None:
             heard = True
+            name = bytes(notify.relname).decode("utf-8", "replace")
+            if name != NOTIFY_CHANNEL:
+                target = self._listens.get(name)
+                if target is not None:
+                    target[0]._notified(target[1], bytes(notify.extra))
+                continue
             queue = bytes(notify.extra).decode("utf-8", "replace")
             for channel in channels:
                 channel.quiet.discard(queue)
@@ -1176,15 +1427,23 @@ class Transport(virtual.Transport):
     def _renew_leases(self) -> None:
         """Renew the leases of every message the channels hold, every third of the
         visibility timeout, in a thread of its own: a task that runs in the
-        consuming thread (the solo pool) or for long keeps its message."""
-        period = self.settings.visibility_timeout / 3
+        consuming thread (the solo pool) or for long keeps its message.  Every
+        15 seconds, mark the channels' auto-delete queues alive."""
+        renew_every = self.settings.visibility_timeout / 3
+        period = min(renew_every, _TOUCH_EVERY)
+        renewed_at = time.monotonic()
         while not self._stopping.wait(period):
             if self._pid != os.getpid():
                 return
+            renew = time.monotonic() - renewed_at >= renew_every - 0.5
+            if renew:
+                renewed_at = time.monotonic()
             channels: list[Any] = list(self.channels or ())
             for channel in channels:
                 try:
-                    channel._renew()
+                    channel._touch_queues()
+                    if renew:
+                        channel._renew()
                 except Exception as exc:  # the consuming thread reconnects; try again later
                     logger.warning("could not renew the broker leases: %s", exc)
 
@@ -1199,12 +1458,14 @@ class Transport(virtual.Transport):
             self._renewer.start()
 
     def _maintain(self) -> None:
-        """Keep the lease renewer running; now and then delete expired messages."""
+        """Keep the lease renewer running; now and then delete expired messages and
+        abandoned auto-delete queues."""
         self._start_renewing()
         now = time.monotonic()
         if now - self._swept_at >= _SWEEP_EVERY and self.channels:
             self._swept_at = now
             self.execute(_SWEEP, {})
+            self.execute(_SWEEP_QUEUES, {"grace": _AUTO_DELETE_GRACE}, publish=True)
 
     def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver ready messages; between empty polls wait for ``NOTIFY`` (or sleep)
