@@ -1,0 +1,243 @@
+"""Auto-delete queues on the package's transport: delivered by ``NOTIFY``, never stored.
+
+Celery's events (``celery events``, Flower), remote control and its replies
+use auto-delete queues.  These tests drive kombu directly against a migrated
+database, as ``app_user``: what such a queue receives is delivered without a
+row in the message table (read as the superuser), a message too large for a
+notification is stored and delivered all the same, an event nobody listens
+for writes nothing, and a queue whose connection is gone is deleted with its
+bindings and messages while a live one is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.message import Message
+
+from tenant_celery import transport
+from tests._rig.postgres import Database, libpq_kwargs
+from tests._rig.worker import TRANSPORT_SCHEMA, transport_url
+
+pytestmark = pytest.mark.worker
+
+MESSAGE = f"{TRANSPORT_SCHEMA}.tenant_celery_message"
+QUEUES = f"{TRANSPORT_SCHEMA}.tenant_celery_queue"
+BINDINGS = f"{TRANSPORT_SCHEMA}.tenant_celery_binding"
+
+
+@pytest.fixture
+def url(database: Database) -> str:
+    return transport_url(database, "app")
+
+
+@contextlib.contextmanager
+def superuser(database: Database) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(**libpq_kwargs(database.url), autocommit=True) as conn:
+        yield conn
+
+
+def stored(database: Database, queue: str) -> int:
+    with superuser(database) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {MESSAGE} WHERE queue = %s", (queue,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def auto_delete_flag(database: Database, queue: str) -> bool | None:
+    with superuser(database) as conn:
+        row = conn.execute(f"SELECT auto_delete FROM {QUEUES} WHERE name = %s", (queue,)).fetchone()
+    return None if row is None else bool(row[0])
+
+
+def listening(conn: Connection, queue: Queue, *, no_ack: bool = True) -> list[Message]:
+    """Declare ``queue`` and consume it on ``conn``; the list deliveries are added to."""
+    got: list[Message] = []
+    consumer = Consumer(
+        conn.channel(),
+        [queue],
+        callbacks=[lambda body, message: got.append(message)],
+        no_ack=no_ack,
+    )
+    consumer.consume()
+    return got
+
+
+def drain(conn: Connection, got: list[Message], count: int, timeout: float = 10.0) -> None:
+    deadline = timeout
+    while len(got) < count and deadline > 0:
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.5)
+        deadline -= 0.5
+
+
+def event_queue(exchange: Exchange) -> Queue:
+    return Queue(
+        f"ev.{uuid.uuid4().hex[:8]}",
+        exchange,
+        routing_key="#",
+        auto_delete=True,
+        durable=False,
+        message_ttl=5.0,
+        expires=60.0,
+    )
+
+
+def test_messages_to_an_auto_delete_queue_are_notified_not_stored(
+    url: str, database: Database
+) -> None:
+    exchange = Exchange(f"events.{uuid.uuid4().hex[:6]}", "topic", durable=False)
+    queue = event_queue(exchange)
+    with Connection(url) as listener, Connection(url) as publisher:
+        got = listening(listener, queue)
+        assert auto_delete_flag(database, queue.name) is True
+        producer = Producer(publisher.default_channel, exchange=exchange)
+        for index in range(50):
+            producer.publish({"n": index}, routing_key=f"task.{index}", declare=[exchange])
+        # Sent and not yet consumed: kept by the listening connection, not stored.
+        assert stored(database, queue.name) == 0
+        drain(listener, got, 50)
+        assert [message.payload["n"] for message in got] == list(range(50))
+        assert stored(database, queue.name) == 0
+    # The channel's close deleted the queue and its binding.
+    assert auto_delete_flag(database, queue.name) is None
+
+
+def test_a_message_too_large_for_a_notification_is_stored_and_delivered(
+    url: str, database: Database
+) -> None:
+    exchange = Exchange(f"events.{uuid.uuid4().hex[:6]}", "topic", durable=False)
+    queue = event_queue(exchange)
+    large = "x" * (transport._NOTIFY_LIMIT + 100)
+    with Connection(url) as listener, Connection(url) as publisher:
+        got = listening(listener, queue)
+        producer = Producer(publisher.default_channel, exchange=exchange)
+        producer.publish({"n": 0}, routing_key="task.small", declare=[exchange])
+        producer.publish({"n": 1, "traceback": large}, routing_key="task.large")
+        assert stored(database, queue.name) == 1
+        drain(listener, got, 2)
+        assert sorted(message.payload["n"] for message in got) == [0, 1]
+        assert stored(database, queue.name) == 0  # taken (no_ack): deleted
+
+
+def test_a_fanout_reaches_stored_and_notified_queues_once_each(
+    url: str, database: Database
+) -> None:
+    exchange = Exchange(f"fan.{uuid.uuid4().hex[:6]}", "fanout", durable=False)
+    notified = Queue(f"nq.{uuid.uuid4().hex[:6]}", exchange, auto_delete=True, durable=False)
+    durable = Queue(f"dq.{uuid.uuid4().hex[:6]}", exchange)
+    with Connection(url) as listener, Connection(url) as publisher:
+        got_notified = listening(listener, notified)
+        got_durable = listening(listener, durable, no_ack=False)
+        Producer(publisher.default_channel, exchange=exchange).publish(
+            {"hello": 1}, declare=[exchange]
+        )
+        assert stored(database, durable.name) == 1
+        assert stored(database, notified.name) == 0
+        drain(listener, got_notified, 1)
+        drain(listener, got_durable, 1)
+        assert [m.payload for m in got_notified] == [{"hello": 1}]
+        assert [m.payload for m in got_durable] == [{"hello": 1}]
+        got_durable[0].ack()
+        got_notified[0].ack()  # a notified message has no row: acknowledging is a no-op
+        got_durable[0].channel.flush_acks()  # deleted now, not with the next claim
+        assert stored(database, durable.name) == 0
+        with contextlib.suppress(TimeoutError):
+            listener.drain_events(timeout=0.5)
+        assert len(got_notified) == 1
+
+
+def test_an_event_nobody_listens_for_writes_nothing(url: str, database: Database) -> None:
+    exchange = Exchange(f"events.{uuid.uuid4().hex[:6]}", "topic", durable=False)
+    with superuser(database) as conn:
+        before = conn.execute(f"SELECT count(*) FROM {QUEUES}").fetchone()
+    with Connection(url) as publisher:
+        producer = Producer(publisher.default_channel, exchange=exchange)
+        for index in range(20):
+            producer.publish({"n": index}, routing_key="worker.heartbeat", declare=[exchange])
+    with superuser(database) as conn:
+        # No dead-letter queue declared, and no message stored, for events dropped.
+        assert conn.execute(f"SELECT count(*) FROM {QUEUES}").fetchone() == before
+        assert conn.execute(f"SELECT count(*) FROM {MESSAGE}").fetchone() == (0,)
+
+
+def test_with_listen_off_auto_delete_queues_are_stored(database: Database) -> None:
+    url = transport_url(database, "app")
+    exchange = Exchange(f"events.{uuid.uuid4().hex[:6]}", "topic", durable=False)
+    queue = event_queue(exchange)
+    options = {"listen": False, "polling_interval": 0.1}
+    with (
+        Connection(url, transport_options=options) as listener,
+        Connection(url, transport_options=options) as publisher,
+    ):
+        got = listening(listener, queue)
+        assert auto_delete_flag(database, queue.name) is False
+        Producer(publisher.default_channel, exchange=exchange).publish(
+            {"n": 1}, routing_key="task.x", declare=[exchange]
+        )
+        assert stored(database, queue.name) == 1
+        drain(listener, got, 1)
+        assert [m.payload for m in got] == [{"n": 1}]
+    assert auto_delete_flag(database, queue.name) is None
+
+
+def test_an_abandoned_auto_delete_queue_is_deleted_and_a_live_one_kept(
+    url: str, database: Database
+) -> None:
+    dead = f"ev.dead.{uuid.uuid4().hex[:6]}"
+    with superuser(database) as conn:
+        # What a process killed with SIGKILL leaves: its queue, binding and a message.
+        conn.execute(
+            f"INSERT INTO {QUEUES} (name, auto_delete, declared_at)"
+            " VALUES (%s, true, now() - interval '61 seconds')",
+            (dead,),
+        )
+        conn.execute(
+            f"INSERT INTO {BINDINGS} (exchange, routing_key, pattern, queue)"
+            " VALUES ('celeryev', '#', '.*', %s)",
+            (dead,),
+        )
+        conn.execute(
+            f"INSERT INTO {MESSAGE} (queue, tenant, priority, payload) VALUES (%s, '', 0, '{{}}')",
+            (dead,),
+        )
+    exchange = Exchange(f"events.{uuid.uuid4().hex[:6]}", "topic", durable=False)
+    live = event_queue(exchange)
+    with Connection(url) as consumer:
+        listening(consumer, live)
+        with contextlib.suppress(TimeoutError):
+            consumer.drain_events(timeout=0.2)  # maintains: deletes what is abandoned
+        assert auto_delete_flag(database, dead) is None
+        assert auto_delete_flag(database, live.name) is True
+        with superuser(database) as conn:
+            assert conn.execute(
+                f"SELECT count(*) FROM {BINDINGS} WHERE queue = %s", (dead,)
+            ).fetchone() == (0,)
+        assert stored(database, dead) == 0
+
+
+def test_a_live_queue_deleted_as_abandoned_is_declared_again_with_its_bindings(
+    url: str, database: Database
+) -> None:
+    exchange = Exchange(f"events.{uuid.uuid4().hex[:6]}", "topic", durable=False)
+    queue = event_queue(exchange)
+    with Connection(url) as listener, Connection(url) as publisher:
+        got = listening(listener, queue)
+        with superuser(database) as conn:  # as a sweep would, after a long pause
+            conn.execute(f"DELETE FROM {QUEUES} WHERE name = %s", (queue.name,))
+            conn.execute(f"DELETE FROM {BINDINGS} WHERE queue = %s", (queue.name,))
+        channels: list[Any] = list(listener.transport.channels)  # type: ignore[attr-defined]
+        for channel in channels:
+            channel._touch_queues()  # what the lease thread does every 15 s
+        assert auto_delete_flag(database, queue.name) is True
+        Producer(publisher.default_channel, exchange=exchange).publish(
+            {"n": 1}, routing_key="task.x", declare=[exchange]
+        )
+        drain(listener, got, 1)
+        assert [m.payload for m in got] == [{"n": 1}]
