@@ -126,6 +126,10 @@ RULES_FILE = Path(__file__).parent / "prometheus" / "rules.yml"
 """Path of the Prometheus rules file shipped with the package: recording rules and
 alerts for these metrics (``rule_files`` in Prometheus's configuration)."""
 
+DASHBOARD_FILE = Path(__file__).parent / "prometheus" / "dashboard.json"
+"""Path of the Grafana dashboard shipped with the package: panels for these metrics,
+read from a Prometheus data source chosen when it is imported."""
+
 _EXTRA = "prometheus"
 _MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DIR_PREFIX = "tenant-celery-metrics-"
