@@ -10,8 +10,11 @@ the worker runs on without its monitor.
 ``GET /metrics``
     Prometheus text exposition of the task metrics (see
     :func:`~tenant_celery.metrics.install_metrics`), added up over the prefork
-    pool's children, and :data:`~tenant_celery.metrics.QUEUE_LENGTH` when the
-    broker is PostgreSQL.  Without the prefork pool, everything in the
+    pool's children, and the queue gauges: messages waiting in each queue the
+    worker consumes (:data:`~tenant_celery.metrics.QUEUE_LENGTH`), per tenant
+    too on the package's transport (:data:`QUEUE_LENGTH_BY_TENANT`), and
+    whether the broker could be read (:data:`QUEUE_LENGTH_UP`), all read from
+    the broker at each scrape.  Without the prefork pool, everything in the
     registry the metrics were installed in is served (prometheus-client's
     default registry unless another was given); under it, everything the
     worker's processes counted in its multiprocess directory.
@@ -23,7 +26,10 @@ the worker runs on without its monitor.
     dead server is seen even where a pooled connection would look fine, and
     the result is reused for a couple of seconds so that probes cannot flood
     the database.  The database is ``tenant_celery_database_url``, else the
-    result backend's when that is a database.
+    result backend's when that is a database.  In a worker, ``broker`` is
+    also the worker's consumer's view: not ``"ok"`` until the consumer has
+    connected and declared its queues, nor from a lost connection until it
+    has reconnected (a bootstep of the consumer tells).
 
 Any other path answers 404.
 """
@@ -46,14 +52,23 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.engine import Engine
 
 from . import (
+    _queue_lengths,
+    _readiness,
     _worker_fixes,  # noqa: F401 (connects its worker_init receiver)
     metrics,
 )
-from ._pg import database_url
+from ._probes import (
+    TimedOut,
+    broker_url,
+    describe,
+    engine,
+    password,
+    run_with_deadline,
+    sql_broker,
+)
 from .config import setting
 from .errors import ConfigurationError
 
@@ -61,7 +76,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector
 
-__all__ = ["DEFAULT_MONITOR_HOST", "WorkerMonitor"]
+__all__ = ["DEFAULT_MONITOR_HOST", "QUEUE_LENGTH_BY_TENANT", "QUEUE_LENGTH_UP", "WorkerMonitor"]
 
 logger = logging.getLogger("tenant_celery.monitor")
 
@@ -74,9 +89,15 @@ CHECK_TIMEOUT = 2.0
 #: Seconds a ``/health`` result is reused.
 HEALTH_CACHE_SECONDS = 2.0
 
+QUEUE_LENGTH_BY_TENANT = "celery_queue_length_by_tenant"
+"""Gauge: messages waiting in each queue the worker consumes, per tenant (labels
+``queue`` and ``tenant``); the package's transport only, with the task metrics'
+tenant label and its bound."""
+QUEUE_LENGTH_UP = "celery_queue_length_up"
+"""Gauge: 1 when the scrape read the queue lengths from the broker, 0 when it could not."""
+
 _OK = "ok"
 _NOT_CONFIGURED = "not configured"
-_MAX_ERROR = 300
 
 
 def _monitor_port(app: Celery | None) -> int | None:
@@ -133,54 +154,6 @@ def _database_url(app: Celery | None) -> str | None:
     return None
 
 
-def _broker_url(app: Celery) -> str:
-    url: object = app.conf.get("broker_write_url") or app.conf.get("broker_url") or ""
-    if isinstance(url, (list, tuple)):
-        url = url[0] if url else ""
-    return str(url).split(";")[0].strip()
-
-
-def _sqlalchemy_broker(url: str) -> str | None:
-    """The SQLAlchemy URL of a PostgreSQL broker URL (kombu's SQLAlchemy transport
-    or the package's ``tcpg+`` transport), else ``None``."""
-    for prefix in ("sqla+", "sqlalchemy+"):
-        if url.startswith(prefix):
-            return url[len(prefix) :]
-    if url.startswith("tcpg+"):
-        return database_url(url[len("tcpg+") :]).render_as_string(hide_password=False)
-    return None
-
-
-def _engine(what: str, url: str, timeout: float) -> Engine:
-    """An engine that opens a new connection for every use, with a connect timeout.
-
-    Raises:
-        ConfigurationError: SQLAlchemy cannot use ``url``; the message names
-            ``what`` and never shows the URL, which may hold a password.
-    """
-    try:
-        parsed = make_url(url)
-        connect_args: dict[str, Any] = {}
-        if parsed.get_backend_name() == "postgresql":
-            connect_args["connect_timeout"] = max(1, round(timeout))
-        return sa.create_engine(parsed, poolclass=sa.NullPool, connect_args=connect_args)
-    except Exception as exc:  # ArgumentError, NoSuchModuleError, a missing driver
-        detail = "it does not parse" if isinstance(exc, ArgumentError) else str(exc)
-        raise ConfigurationError(
-            f"the {what} URL cannot be used by SQLAlchemy ({type(exc).__name__}: {detail}); "
-            "it must look like dialect+driver://user:password@host/database"
-        ) from None
-
-
-def _describe(exc: BaseException, secret: str | None) -> str:
-    """A one-line description of a failed check, without the URL's password."""
-    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    text = " ".join(f"{type(cause).__name__}: {cause}".split())
-    if secret:
-        text = text.replace(secret, "***")
-    return text[:_MAX_ERROR]
-
-
 # ----------------------------------------------------------------------------- checks
 
 
@@ -193,14 +166,13 @@ class _Checks:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._result: tuple[float, dict[str, str]] | None = None
-        broker = _broker_url(app)
-        self._broker_secret = _password(broker)
-        broker_database = _sqlalchemy_broker(broker)
+        self._broker_secret = password(broker_url(app))
+        broker_database = sql_broker(app)
         self._broker_engine = (
-            None if broker_database is None else _engine("broker", broker_database, timeout)
+            None if broker_database is None else engine("broker", broker_database, timeout)
         )
-        self._database_secret = _password(database)
-        self._database_engine = None if database is None else _engine("database", database, timeout)
+        self._database_secret = password(database)
+        self._database_engine = None if database is None else engine("database", database, timeout)
 
     def report(self) -> dict[str, str]:
         # One check at a time; concurrent probes wait for it and share its result.
@@ -216,7 +188,7 @@ class _Checks:
         checks: dict[str, Callable[[], None]] = {"broker": self._broker}
         if self._database_engine is not None:
             checks["database"] = self._database
-        results = _run_with_deadline(checks, self.timeout + 1.0)
+        results = run_with_deadline(checks, self.timeout + 1.0)
         report = {
             "broker": _outcome(results["broker"], self._broker_secret),
             "database": (
@@ -242,116 +214,97 @@ class _Checks:
         _select_one(self._database_engine)
 
 
-def _password(url: str | None) -> str | None:
-    if not url:
-        return None
-    with contextlib.suppress(Exception):
-        return urlsplit(url).password
-    return None
-
-
 def _select_one(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(sa.text("SELECT 1"))
 
 
-class _TimedOut:
-    """A check still running at its deadline."""
-
-
-def _outcome(result: BaseException | _TimedOut | None, secret: str | None) -> str:
+def _outcome(result: BaseException | TimedOut | None, secret: str | None) -> str:
     if result is None:
         return _OK
-    if isinstance(result, _TimedOut):
+    if isinstance(result, TimedOut):
         return "timed out"
-    return _describe(result, secret)
+    return describe(result, secret)
 
 
-def _run_with_deadline(
-    checks: dict[str, Callable[[], None]], deadline: float
-) -> dict[str, BaseException | _TimedOut | None]:
-    """Run each check on its own thread: ``None`` for success, else the exception,
-    or :class:`_TimedOut` when it was still running at the deadline (its thread is
-    left to finish on its own; a daemon thread cannot be killed)."""
-    results: dict[str, BaseException | None] = {}
-
-    def run(name: str, check: Callable[[], None]) -> None:
-        try:
-            check()
-        except Exception as exc:
-            results[name] = exc
-        else:
-            results[name] = None
-
-    threads = [
-        threading.Thread(target=run, args=item, name=f"tenant-celery-check-{item[0]}", daemon=True)
-        for item in checks.items()
-    ]
-    end = time.monotonic() + deadline
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(max(0.0, end - time.monotonic()))
-    return {name: results[name] if name in results else _TimedOut() for name in checks}
+# ----------------------------------------------------------------------- queue gauges
 
 
-# ----------------------------------------------------------------------- queue length
+class _QueueGauges:
+    """The queue gauges of each scrape, read from the broker (see
+    :mod:`tenant_celery._queue_lengths`) under a deadline.
 
-_VISIBLE_MESSAGES = (
-    "SELECT q.name, count(m.id) FROM {queue} AS q"
-    " LEFT JOIN {message} AS m ON m.queue_id = q.id AND m.visible"
-    " GROUP BY q.name ORDER BY q.name"
-)
-_STATEMENT_TIMEOUT = sa.text("SELECT set_config('statement_timeout', :ms, true)")
+    A read that fails or times out leaves the length gauges without samples
+    and sets :data:`QUEUE_LENGTH_UP` to 0: a scrape without the lengths beats
+    a failed scrape, and the outage is a series of its own.  The first failure
+    after a success is logged as a warning, the next ones at debug level, and
+    the recovery at info.
+    """
 
-
-class _QueueLengths:
-    """:data:`~tenant_celery.metrics.QUEUE_LENGTH` read from the PostgreSQL broker's tables
-    (kombu's SQLAlchemy transport's or the package's own)."""
-
-    def __init__(self, app: Celery, url: str, timeout: float) -> None:
+    def __init__(self, app: Celery, reader: _queue_lengths.QueueReader, timeout: float) -> None:
+        self.app = app
+        self.reader = reader
         self.timeout = timeout
-        self.engine = _engine("broker", url, timeout)
-        options = app.conf.get("broker_transport_options") or {}
-        preparer = self.engine.dialect.identifier_preparer
-        if _broker_url(app).startswith("tcpg+"):
-            # The package's transport: ready messages, neither claimed nor expired.
-            from .transport import queue_lengths_query  # noqa: PLC0415 (psycopg, kombu)
+        self._secret = password(broker_url(app))
+        self._lock = threading.Lock()
+        self._up: bool | None = None
 
-            schema = options.get("schema")
-            self.query = sa.text(queue_lengths_query(None if schema is None else str(schema)))
-            return
-        self.query = sa.text(
-            _VISIBLE_MESSAGES.format(
-                queue=preparer.quote(str(options.get("queue_tablename", "kombu_queue"))),
-                message=preparer.quote(str(options.get("message_tablename", "kombu_message"))),
-            )
-        )
+    def read(self) -> _queue_lengths.Reading | str:
+        """The lengths, or why they could not be read."""
+        readings: list[_queue_lengths.Reading] = []
 
-    def read(self) -> list[tuple[str, int]]:
-        """Visible messages per queue.  Raises the database's error, or its
-        statement timeout's after :attr:`timeout` seconds."""
-        with self.engine.begin() as conn:
-            conn.execute(_STATEMENT_TIMEOUT, {"ms": str(max(1, int(self.timeout * 1000)))})
-            return [(str(name), int(count)) for name, count in conn.execute(self.query)]
+        def read() -> None:
+            readings.append(self.reader.read(_queue_lengths.worker_queues(self.app)))
+
+        outcome = run_with_deadline({"queues": read}, self.timeout + 1.0)["queues"]
+        if outcome is None:
+            self._note(None)
+            return readings[0]
+        error = "timed out" if isinstance(outcome, TimedOut) else describe(outcome, self._secret)
+        self._note(error)
+        return error
+
+    def _note(self, error: str | None) -> None:
+        with self._lock:
+            was_up, self._up = self._up, error is None
+        if error is None:
+            if was_up is False:
+                logger.info("the queue lengths can be read again")
+        elif was_up is False:
+            logger.debug("could not read the queue lengths: %s", error)
+        else:
+            logger.warning(
+                "could not read the queue lengths: %s; %s is 0 until a read works",
+                error, QUEUE_LENGTH_UP,
+            )  # fmt: skip
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
 
-        family = GaugeMetricFamily(
+        result = self.read()
+        lengths = GaugeMetricFamily(
             metrics.QUEUE_LENGTH,
-            "Messages waiting in each queue of the PostgreSQL broker.",
+            "Messages waiting in each queue the worker consumes.",
             labels=[metrics.QUEUE_LABEL],
         )
-        try:
-            rows = self.read()
-        except Exception as exc:
-            # A scrape without the gauge beats a failed scrape.
-            logger.warning("could not read the queue lengths: %s", _describe(exc, None))
-            rows = []
-        for name, count in rows:
-            family.add_metric([name], count)
-        yield family
+        if isinstance(result, _queue_lengths.Reading):
+            for name, count in sorted(result.totals.items()):
+                lengths.add_metric([name], count)
+        yield lengths
+        if isinstance(result, _queue_lengths.Reading) and result.by_tenant is not None:
+            by_tenant = GaugeMetricFamily(
+                QUEUE_LENGTH_BY_TENANT,
+                "Messages waiting in each queue the worker consumes, per tenant.",
+                labels=[metrics.QUEUE_LABEL, metrics.TENANT_LABEL],
+            )
+            for (name, tenant), count in sorted(result.by_tenant.items()):
+                by_tenant.add_metric([name, tenant], count)
+            yield by_tenant
+        yield GaugeMetricFamily(
+            QUEUE_LENGTH_UP,
+            "1 when this scrape read the queue lengths from the broker, 0 when it could not.",
+            value=0 if isinstance(result, str) else 1,
+        )
 
 
 # A process creates its file empty, then sizes it: a file read in between has
@@ -384,7 +337,7 @@ def _multiprocess_metrics(directory: str) -> Iterable[Metric]:
 class _Scrape:
     """Every collector ``/metrics`` serves, gathered anew at each scrape."""
 
-    def __init__(self, app: Celery, queues: _QueueLengths | None) -> None:
+    def __init__(self, app: Celery, queues: _QueueGauges | None) -> None:
         self.app = app
         self.queues = queues
 
@@ -491,11 +444,12 @@ class WorkerMonitor:
         self.port = resolved
         database = database_url if database_url is not None else _database_url(app)
         self._checks = _Checks(app, database, check_timeout, cache_seconds)
-        broker_database = _sqlalchemy_broker(_broker_url(app))
-        queues = None
-        if broker_database is not None and broker_database.startswith("postgresql"):
-            queues = _QueueLengths(app, broker_database, check_timeout)
-        self._scrape = _Scrape(app, queues)
+        reader = _queue_lengths.reader(app, check_timeout)
+        self._scrape = _Scrape(
+            app, None if reader is None else _QueueGauges(app, reader, check_timeout)
+        )
+        #: What the worker's consumer last said, when the monitor serves a worker.
+        self._consumer: _readiness.ConsumerState | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
@@ -558,9 +512,15 @@ class WorkerMonitor:
 
         Runs the checks, which take ``check_timeout`` plus one second at
         most, unless a result younger than ``cache_seconds`` exists; callers
-        arriving meanwhile wait for that run and share its result.
+        arriving meanwhile wait for that run and share its result.  In a
+        worker, a consumer that is not consuming fails ``broker`` too; that
+        state is read afresh at every call.
         """
         report = self._checks.report()
+        consumer = None if self._consumer is None else self._consumer.problem()
+        if consumer is not None:
+            broker = consumer if report["broker"] == _OK else f"{report['broker']}; {consumer}"
+            report = {**report, "status": "degraded", "broker": broker}
         return (200 if report["status"] == "ok" else 503), report
 
     def metrics(self, accept: str = "") -> tuple[int, str, bytes]:
@@ -590,7 +550,8 @@ def _start_for_worker(sender: Any = None, **_: Any) -> None:
     """Start the monitor in the worker's main process, before the pool forks.
 
     ``worker_init`` comes before the broker connection, so ``/health`` answers
-    (with the broker's error) while a worker waits for its broker."""
+    (with the broker's error) while a worker waits for its broker; and before
+    the consumer is made, so its readiness step can still be added."""
     app: Celery | None = getattr(sender, "app", None)
     if app is None or _worker.monitor is not None:
         return
@@ -602,6 +563,7 @@ def _start_for_worker(sender: Any = None, **_: Any) -> None:
     except ConfigurationError as exc:
         logger.error("worker monitor not started: %s", exc)
         return
+    consumer = monitor._consumer = _readiness.ConsumerState()
     try:
         monitor.start()
     except OSError as exc:
@@ -614,6 +576,7 @@ def _start_for_worker(sender: Any = None, **_: Any) -> None:
         )  # fmt: skip
         return
     _worker.monitor = monitor
+    _readiness.watch(app, consumer)
 
 
 @worker_ready.connect(weak=False, dispatch_uid="tenant_celery.monitor.ready")

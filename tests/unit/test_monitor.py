@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,12 +22,15 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from kombu import Queue
 from prometheus_client.parser import text_string_to_metric_families
 
-from tenant_celery import ConfigurationError
+from tenant_celery import ConfigurationError, _queue_lengths
 from tenant_celery import metrics as metrics_module
 from tenant_celery import monitor as monitor_module
-from tenant_celery.monitor import DEFAULT_MONITOR_HOST, WorkerMonitor
+from tenant_celery._readiness import ConsumerState
+from tenant_celery.metrics import QUEUE_LENGTH
+from tenant_celery.monitor import DEFAULT_MONITOR_HOST, QUEUE_LENGTH_UP, WorkerMonitor
 
 
 def _closed_port() -> int:
@@ -125,7 +129,10 @@ def test_scrape_skips_a_file_a_process_has_only_just_created(
     (tmp_path / "counter_4242.db").touch()
     monkeypatch.setattr(metrics_module._multiprocess, "directory", str(tmp_path))
     status, _, body = _get(f"{serve().url}/metrics")
-    assert (status, body) == (200, b"")
+    assert status == 200
+    # Nothing counted: only the queue gauges, read from the in-memory broker.
+    families = {family.name for family in text_string_to_metric_families(body.decode())}
+    assert families == {QUEUE_LENGTH, QUEUE_LENGTH_UP}
 
 
 def test_health_is_cached_and_probes_share_one_check(
@@ -228,3 +235,95 @@ def test_unusable_database_url_is_a_configuration_error(app: Celery, url: str) -
     with pytest.raises(ConfigurationError, match="the database URL cannot be used") as info:
         WorkerMonitor(app, port=0, database_url=url)
     assert "hunter22" not in str(info.value)
+
+
+# ------------------------------------------------------------------- queue gauges
+
+
+def _samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def test_queue_gauges_read_the_queues_the_worker_consumes(app: Celery, serve: Any) -> None:
+    queue = f"work-{uuid.uuid4().hex[:8]}"
+    app.conf.task_default_queue = queue
+    for _ in range(3):
+        app.send_task("some.task")
+    app.send_task("some.task", queue=f"elsewhere-{uuid.uuid4().hex[:8]}")
+    status, _, body = _get(f"{serve().url}/metrics")
+    assert status == 200
+    samples = _samples(body)
+    assert {key: value for key, value in samples.items() if key[0] == QUEUE_LENGTH} == {
+        (QUEUE_LENGTH, (("queue", queue),)): 3.0
+    }
+    assert samples[(QUEUE_LENGTH_UP, ())] == 1.0
+
+
+def test_worker_queues_leave_out_event_and_remote_control_queues(app: Celery) -> None:
+    app.conf.task_queues = [
+        Queue(name)
+        for name in ("a", "b", "celeryev.1f2e", "w1@host.celery.pidbox", "1f2e.reply.celery.pidbox")
+    ]
+    assert _queue_lengths.worker_queues(app) == ["a", "b"]
+    app.amqp.queues.select(["b", "celeryev.1f2e"])  # the worker's -Q b,celeryev.1f2e
+    assert _queue_lengths.worker_queues(app) == ["b"]
+
+
+def test_an_unreachable_broker_sets_up_to_0_and_is_logged_once(
+    app: Celery, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app.conf.update(broker_url=f"redis://:hunter22@127.0.0.1:{_closed_port()}/0")
+    monitor = serve(check_timeout=0.5)
+    for _ in range(3):
+        started = time.monotonic()
+        status, _, body = _get(f"{monitor.url}/metrics")
+        assert time.monotonic() - started < 2.0
+        samples = _samples(body)
+        assert status == 200
+        assert samples[(QUEUE_LENGTH_UP, ())] == 0.0
+        assert not [key for key in samples if key[0] == QUEUE_LENGTH]
+    warnings = [r for r in caplog.records if r.getMessage().startswith("could not read the queue")]
+    assert len(warnings) == 1
+    assert warnings[0].levelname == "WARNING"
+    assert "refused" in warnings[0].getMessage().lower()
+    assert "hunter22" not in caplog.text
+
+
+def _per_tenant(app: Celery) -> bool | None:
+    """Whether the queue reader of ``app``'s broker reads per tenant; None: no reader."""
+    reader = _queue_lengths.reader(app, 1.0)
+    return None if reader is None else reader.per_tenant
+
+
+def test_the_package_transport_is_read_per_tenant_whichever_way_it_is_named(app: Celery) -> None:
+    app.conf.update(broker_url="tcpg+postgresql://u@db/shop")
+    assert _per_tenant(app) is True
+    app.conf.update(
+        broker_url="postgresql://u@db/shop", broker_transport="tenant_celery.transport:Transport"
+    )
+    assert _per_tenant(app) is True
+    app.conf.update(broker_url="sqla+postgresql+psycopg://u@db/shop", broker_transport=None)
+    assert _per_tenant(app) is False
+    app.conf.update(broker_url="redis://127.0.0.1:6379/0")
+    assert _per_tenant(app) is False
+    app.conf.update(broker_url="sqla+sqlite:///kombu.db")  # kombu's tables, not PostgreSQL
+    assert _per_tenant(app) is None
+
+
+def test_health_is_503_until_the_worker_consumer_consumes(serve: Any) -> None:
+    monitor = serve()
+    monitor._consumer = consumer = ConsumerState()
+    status, report = monitor.health()
+    assert status == 503
+    assert report["status"] == "degraded"
+    assert report["broker"].startswith("the worker's consumer has not connected to the broker yet")
+    consumer.mark(True)
+    assert monitor.health() == (200, {"status": "ok", "broker": "ok", "database": "not configured"})
+    consumer.mark(False, "is reconnecting to the broker")
+    status, report = monitor.health()
+    assert status == 503
+    assert report["broker"].startswith("the worker's consumer is reconnecting to the broker (")
