@@ -10,11 +10,12 @@ tools never show.  The package adds it, as ``tenant_id``, to what they read:
   can read it.  A worker adds it in its main process from the message, read
   and checked as the pool reads it (with signing on, only a tenant whose
   signature verifies), never the header's text as such.
-* **Flower, and any** :class:`celery.events.state.State`: importing the
-  package adds ``tenant_id`` to the fields of Celery's task state, so
-  Flower's task page shows it, its task API returns it, and it can be a
-  column of its task list (``--tasks_columns``).  Flower imports the package
-  when it loads the app (``celery -A proj flower``).
+* **Flower, ``celery events``, and any** :class:`celery.events.state.State`:
+  importing the package adds ``tenant_id`` to the fields of Celery's task
+  state, so Flower's task page shows it and its task API returns it, and
+  ``celery events``' task details list it.  Flower and ``celery events``
+  import the package when they load the app (``celery -A proj flower``).
+  Flower's task list shows only columns Flower knows (``--tasks_columns``).
 * **Remote control.**  ``celery inspect active``, ``reserved`` and
   ``scheduled`` list each tenant task's ``tenant_id``.
 
@@ -55,6 +56,8 @@ def _show_tenant_in_task_state() -> None:
     task_class: Any = _state.Task
     if TENANT_FIELD not in task_class._fields:
         task_class._fields = (*task_class._fields, TENANT_FIELD)
+    if TENANT_FIELD not in task_class._info_fields:  # `celery events`' task details
+        task_class._info_fields = (*task_class._info_fields, TENANT_FIELD)
     if not hasattr(task_class, TENANT_FIELD):
         setattr(task_class, TENANT_FIELD, None)
 
