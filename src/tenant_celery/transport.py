@@ -4,7 +4,7 @@ Select it with ``broker_transport = "tenant_celery.transport:Transport"`` and a
 libpq URL (``broker_url = "postgresql://user@host/db"``), or with the URL alone,
 ``broker_url = "tcpg+postgresql://user@host/db"`` (the ``tcpg`` scheme is
 registered with kombu when :mod:`tenant_celery` is imported).  Its tables come
-from the bundled migration (revision ``tc0002``).
+from the bundled migration (revisions ``tc0002`` and ``tc0003``).
 
 How it works:
 
@@ -53,7 +53,9 @@ How it works:
   auto-delete: a message to one is sent with ``NOTIFY`` on a channel of its
   own, which only the connection that declared the queue listens on, and
   that connection keeps it in memory until it is consumed (up to 10,000 per
-  queue, the oldest dropped first).  Events cost no row, and no write at all
+  queue, the oldest dropped first).  The channel's name is random, kept in
+  the queue's row (revision ``tc0003``): only a role that may read the queue
+  table can listen to it or send on it.  Events cost no row, and no write at all
   while nobody listens.  A message too large for a notification (over 7,900
   bytes, such as a failure event with a long traceback) is stored as usual.
   The declaring connection marks its auto-delete queues alive every 15
@@ -81,10 +83,10 @@ option                       default      meaning
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import logging
 import os
+import secrets
 import select
 import threading
 import time
@@ -226,7 +228,7 @@ _INSERT_FANOUT = (
     " LEAST(now() + %(expiration)s::float8 * interval '1 millisecond',"
     " now() + q.message_ttl * interval '1 millisecond'), %(payload)s"
     " FROM {binding} AS b LEFT JOIN {queue_table} AS q ON q.name = b.queue"
-    " WHERE b.exchange = %(exchange)s AND NOT coalesce(q.auto_delete, false)"
+    " WHERE b.exchange = %(exchange)s AND q.notify_channel IS NULL"
 )
 
 
@@ -341,10 +343,10 @@ _SWEEP = (
     " WHERE expires_at <= now() LIMIT 1000 FOR UPDATE SKIP LOCKED)"
 )
 _DECLARE = (
-    "INSERT INTO {queue_table} (name, message_ttl, auto_delete) VALUES"
-    " (%(queue)s, %(ttl)s, %(auto_delete)s) ON CONFLICT (name) DO UPDATE SET"
-    " message_ttl = EXCLUDED.message_ttl, auto_delete = EXCLUDED.auto_delete,"
-    " declared_at = now()"
+    "INSERT INTO {queue_table} (name, message_ttl, auto_delete, notify_channel) VALUES"
+    " (%(queue)s, %(ttl)s, %(auto_delete)s, %(notify_channel)s) ON CONFLICT (name) DO UPDATE"
+    " SET message_ttl = EXCLUDED.message_ttl, auto_delete = EXCLUDED.auto_delete,"
+    " notify_channel = EXCLUDED.notify_channel, declared_at = now()"
 )
 _HAS_QUEUE = "SELECT EXISTS (SELECT 1 FROM {queue_table} WHERE name = %(queue)s)"
 _BIND = (
@@ -355,9 +357,9 @@ _UNBIND = (
     "DELETE FROM {binding} WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s"
     " AND queue = %(queue)s"
 )
-# Each binding with whether its queue is auto-delete (delivered by NOTIFY).
+# Each binding with its queue's NOTIFY channel (NULL: its messages are stored).
 _TABLE = (
-    "SELECT b.routing_key, b.pattern, b.queue, coalesce(q.auto_delete, false)"
+    "SELECT b.routing_key, b.pattern, b.queue, q.notify_channel"
     " FROM {binding} AS b LEFT JOIN {queue_table} AS q ON q.name = b.queue"
     " WHERE b.exchange = %(exchange)s"
 )
@@ -581,10 +583,10 @@ def _row_ids(delivery_tags: Iterable[str]) -> list[int]:
     return [_row_id(tag) for tag in delivery_tags if not str(tag).startswith(_NOTIFIED_TAG)]
 
 
-def _notify_channel(queue: str, schema: str | None = None) -> str:
-    """The ``NOTIFY`` channel that messages to auto-delete ``queue`` are sent on."""
-    digest = hashlib.md5(f"{schema or ''}\0{queue}".encode(), usedforsecurity=False)
-    return f"{NOTIFY_CHANNEL}.{digest.hexdigest()}"
+def _new_notify_channel() -> str:
+    """A ``NOTIFY`` channel for one declaration of an auto-delete queue: random, so
+    that only a role that may read the queue table (where it is kept) learns it."""
+    return f"{NOTIFY_CHANNEL}.{secrets.token_hex(16)}"
 
 
 def _expiration(message: dict[str, Any]) -> float | None:
@@ -620,8 +622,8 @@ class Channel(virtual.Channel):
         self._declared: dict[str, dict[str, Any]] = {}
         self._bound: dict[str, set[tuple[str, str, str]]] = {}
         self._notified_tags = itertools.count(1)
-        # Per queue, whether the last bindings read say it is delivered by NOTIFY.
-        self._notified_targets: dict[str, bool] = {}
+        # Per queue, its NOTIFY channel as the last bindings read say (None: stored).
+        self._notified_targets: dict[str, str | None] = {}
         self._cursors: dict[str, str] = {}
         self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
         self._queue_turn = 0
@@ -644,11 +646,9 @@ class Channel(virtual.Channel):
     # --- publishing ---------------------------------------------------------------
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        if self._notified_targets.get(queue) and self._notify(queue, message):
+        if self._notify(queue, message):
             return
-        params = self._message_params(message)
-        params["queue"] = queue
-        self._transport.execute(_PUT[self.settings.listen], params, publish=True)
+        self._store(queue, message)
 
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
@@ -658,24 +658,31 @@ class Channel(virtual.Channel):
         table = self.get_table(exchange)
         stored = False
         for queue in dict.fromkeys(queue for _, _, queue in table):
-            if not self._notified_targets.get(queue):
+            if self._notified_targets.get(queue) is None:
                 stored = True
             elif not self._notify(queue, message):
-                self._put(queue, message)  # too large for a notification
+                self._store(queue, message)  # too large for a notification
         if stored:
             params = self._message_params(message)
             params["exchange"] = exchange
             self._transport.execute(_PUT_FANOUT[self.settings.listen], params, publish=True)
 
     def _notify(self, queue: str, message: dict[str, Any]) -> bool:
-        """Send ``message`` to auto-delete ``queue`` as a notification; ``False``
-        when it is too large for one."""
+        """Send ``message`` as a notification if ``queue`` is delivered by them (an
+        auto-delete queue) and it fits in one; whether it was."""
+        name = self._notified_targets.get(queue)
+        if name is None:
+            return False
         payload = dumps(message)
         if len(payload.encode()) > _NOTIFY_LIMIT:
             return False
-        name = _notify_channel(queue, self.settings.schema)
         self._transport.execute(_NOTIFY, {"name": name, "payload": payload}, publish=True)
         return True
+
+    def _store(self, queue: str, message: dict[str, Any]) -> None:
+        params = self._message_params(message)
+        params["queue"] = queue
+        self._transport.execute(_PUT[self.settings.listen], params, publish=True)
 
     def _message_params(self, message: dict[str, Any]) -> dict[str, Any]:
         tenant = (message.get("headers") or {}).get(self.settings.tenant_header)
@@ -714,11 +721,15 @@ class Channel(virtual.Channel):
             "queue": queue,
             "ttl": int(ttl) if isinstance(ttl, (int, float)) else None,
             "auto_delete": notified,
+            "notify_channel": None,
         }
         if notified:
+            previous = self._declared.get(queue)
+            name = _new_notify_channel() if previous is None else previous["notify_channel"]
+            params["notify_channel"] = name
             self._inbox.setdefault(queue, deque(maxlen=_INBOX_LIMIT))
             self._declared[queue] = params
-            self._transport.listen_for(self, queue)
+            self._transport.listen_for(self, queue, name)
         self._transport.execute(_DECLARE, params, publish=True)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
@@ -766,8 +777,8 @@ class Channel(virtual.Channel):
             return cached[1]
         rows = self._transport.execute(_TABLE, {"exchange": exchange}, fetch=True, publish=True)
         table = [(str(rk), str(pattern), str(queue)) for rk, pattern, queue, _ in rows]
-        for _, _, queue, notified in rows:
-            self._notified_targets[str(queue)] = bool(notified)
+        for _, _, queue, channel in rows:
+            self._notified_targets[str(queue)] = None if channel is None else str(channel)
         self._tables[exchange] = (now, table)
         return table
 
@@ -796,9 +807,10 @@ class Channel(virtual.Channel):
         self._tables.clear()
 
     def _forget_notified(self, queue: str) -> None:
-        if self._inbox.pop(queue, None) is not None:
-            self._transport.unlisten(queue)
-        self._declared.pop(queue, None)
+        self._inbox.pop(queue, None)
+        params = self._declared.pop(queue, None)
+        if params is not None:
+            self._transport.unlisten(params["notify_channel"])
         self._bound.pop(queue, None)
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
@@ -1181,6 +1193,13 @@ class Transport(virtual.Transport):
                     + "; create them with tenant_celery.migrations.upgrade(url) or "
                     "`tenant-celery migrate` as the tables' owner"
                 ) from None
+            except psycopg.errors.UndefinedColumn as exc:
+                raise ConfigurationError(
+                    "the PostgreSQL transport's tables are older than this version of "
+                    f"tenant-celery ({exc.diag.message_primary}); upgrade them with "
+                    "tenant_celery.migrations.upgrade(url) or `tenant-celery migrate` as "
+                    "the tables' owner"
+                ) from None
             except psycopg.OperationalError:
                 self._discard()
                 raise
@@ -1316,10 +1335,9 @@ class Transport(virtual.Transport):
                     self._listener = listener
         return listener
 
-    def listen_for(self, channel: _PgChannel, queue: str) -> None:
-        """Receive the messages sent by notification to auto-delete ``queue`` (for
-        ``channel``), from now on."""
-        name = _notify_channel(queue, self.settings.schema)
+    def listen_for(self, channel: _PgChannel, queue: str, name: str) -> None:
+        """Receive the messages sent to auto-delete ``queue`` (for ``channel``) as
+        notifications on ``name``, from now on."""
         with self._lock:
             fresh = name not in self._listens
             self._listens[name] = (channel, queue)
@@ -1328,8 +1346,7 @@ class Transport(virtual.Transport):
                 with contextlib.suppress(psycopg.errors.DuplicateObject):
                     listener.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(name)))
 
-    def unlisten(self, queue: str) -> None:
-        name = _notify_channel(queue, self.settings.schema)
+    def unlisten(self, name: str) -> None:
         with self._lock:
             if self._listens.pop(name, None) is None:
                 return

@@ -37,7 +37,7 @@ from tests._rig.postgres import APP_ROLE, Database, DatabaseFactory, libpq_kwarg
 from .schema_catalog import create_with_libraries, differences, snapshot
 
 VERSIONS = f"kombu-{kombu.__version__}-celery-{celery.__version__}"
-HEAD = "tc0002"
+HEAD = "tc0003"
 #: The revision that builds exactly what kombu's SQLAlchemy transport and Celery build.
 LIBRARY_TABLES = "tc0001"
 

@@ -12,6 +12,7 @@ bindings and messages while a live one is kept.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -241,3 +242,57 @@ def test_a_live_queue_deleted_as_abandoned_is_declared_again_with_its_bindings(
         )
         drain(listener, got, 1)
         assert [m.payload for m in got] == [{"n": 1}]
+
+
+def test_a_role_without_the_tables_can_neither_hear_nor_send_on_a_queue_s_channel(
+    url: str, database: Database
+) -> None:
+    """Any role that can connect may LISTEN and NOTIFY on any channel: the channel of
+    an auto-delete queue is random and kept in the queue table, which such a role
+    cannot read, so it can neither guess it nor forge a message (a remote-control
+    command, a reply) into the queue."""
+    exchange = Exchange(f"ctl.{uuid.uuid4().hex[:6]}", "fanout", durable=False)
+    queue = Queue(f"w1.celery.pidbox.{uuid.uuid4().hex[:6]}", exchange, auto_delete=True)
+    intruder = f"intruder_{uuid.uuid4().hex[:6]}"
+    with superuser(database) as conn:
+        conn.execute(f"CREATE ROLE {intruder} LOGIN")
+    try:
+        intruder_url = database.url.set(username=intruder, password=None)
+        with Connection(url) as listener:
+            got = listening(listener, queue)
+            with superuser(database) as conn:
+                row = conn.execute(
+                    f"SELECT notify_channel FROM {QUEUES} WHERE name = %s", (queue.name,)
+                ).fetchone()
+            assert row is not None
+            channel = str(row[0])
+            assert queue.name not in channel  # nothing of the queue's name in it
+            with psycopg.connect(**libpq_kwargs(intruder_url), autocommit=True) as attacker:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    attacker.execute(f"SELECT notify_channel FROM {QUEUES}")
+                forged = '{"body": "e30=", "properties": {}, "headers": {}}'
+                # Names an attacker could derive from the queue's (predictable) name.
+                derived = [
+                    hashlib.md5(f"{schema}\0{queue.name}".encode()).hexdigest()
+                    for schema in ("", TRANSPORT_SCHEMA)
+                ]
+                for guess in (
+                    transport.NOTIFY_CHANNEL,
+                    queue.name,
+                    f"{transport.NOTIFY_CHANNEL}.{queue.name}",
+                    *(f"{transport.NOTIFY_CHANNEL}.{digest}" for digest in derived),
+                ):
+                    attacker.execute("SELECT pg_notify(%s, %s)", (guess, forged))
+            with contextlib.suppress(TimeoutError):
+                listener.drain_events(timeout=1.0)
+            assert got == []
+            # What a role with the tables sends is delivered: the channel works.
+            with Connection(url) as publisher:
+                Producer(publisher.default_channel, exchange=exchange).publish(
+                    {"method": "ping"}, declare=[exchange]
+                )
+            drain(listener, got, 1)
+            assert [m.payload for m in got] == [{"method": "ping"}]
+    finally:
+        with superuser(database) as conn:
+            conn.execute(f"DROP ROLE {intruder}")
