@@ -869,6 +869,7 @@ class Channel(virtual.Channel):
         return messages
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        # basic_get: a queue need not be consumed to be read.
         messages = self._take_notified(queue, 1) or self._claim(
             queue, 1, take=queue in self._no_ack_queues
         )
@@ -895,8 +896,14 @@ class Channel(virtual.Channel):
         inbox.append(payload)
 
     def has_notified(self) -> bool:
-        """Whether messages received by notification wait to be delivered."""
-        return any(self._inbox.values())
+        """Whether messages received by notification wait, ready to be delivered
+        (to a consumer of their queue, with room for them)."""
+        return any(self._deliverable(queue) for queue in list(self._inbox))
+
+    def _deliverable(self, queue: str) -> bool:
+        if not self._inbox.get(queue) or queue not in self._active_queues:
+            return False
+        return queue in self._no_ack_queues or bool(self.qos.can_consume())
 
     def _take_notified(self, queue: str, n: int) -> list[dict[str, Any]]:
         inbox = self._inbox.get(queue)
@@ -953,6 +960,13 @@ class Channel(virtual.Channel):
         """
         free = self.qos.can_consume_max_estimate()
         n = _DEFAULT_BATCH if free is None else free
+        deliver = self.connection._deliver
+        # Messages received by notification first, as far as the window allows.
+        for queue in queues:
+            if self._deliverable(queue):
+                for message in self._take_notified(queue, _DEFAULT_BATCH if n <= 0 else n):
+                    deliver(message, queue)
+                return
         window = self.qos.prefetch_count
         if n <= 0 or not queues or (free is not None and window and free < (window + 1) // 2):
             self.flush_due_acks()  # no claim has come to carry them in time
@@ -963,15 +977,13 @@ class Channel(virtual.Channel):
         quiet = self.quiet
         for offset in range(count):
             queue = queues[(start + offset) % count]
-            messages = self._take_notified(queue, n)
-            if not messages and queue in quiet:
+            if queue in quiet:
                 continue
-            messages = messages or self._claim(queue, n, take=queue in self._no_ack_queues)
+            messages = self._claim(queue, n, take=queue in self._no_ack_queues)
             if not messages:
                 if self.settings.listen:
                     quiet.add(queue)
                 continue
-            deliver = self.connection._deliver
             for message in messages:
                 deliver(message, queue)
             return

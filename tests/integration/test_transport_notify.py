@@ -296,3 +296,42 @@ def test_a_role_without_the_tables_can_neither_hear_nor_send_on_a_queue_s_channe
     finally:
         with superuser(database) as conn:
             conn.execute(f"DROP ROLE {intruder}")
+
+
+def test_messages_waiting_for_a_queue_nobody_consumes_do_not_spin_the_consumer(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A declared auto-delete queue that is not (or no longer) consumed keeps what it
+    receives; the connection's wait still waits instead of looping over it."""
+    exchange = Exchange(f"events.{uuid.uuid4().hex[:6]}", "topic", durable=False)
+    idle = event_queue(exchange)
+    consumed = event_queue(Exchange(f"other.{uuid.uuid4().hex[:6]}", "topic", durable=False))
+    with Connection(url) as listener, Connection(url) as publisher:
+        idle(listener.default_channel).declare()  # declared, never consumed
+        listening(listener, consumed)
+        Producer(publisher.default_channel, exchange=exchange).publish(
+            {"n": 1}, routing_key="task.x", declare=[exchange]
+        )
+        channel_class = type(listener.default_channel)
+        calls: list[int] = []
+        get_many = channel_class._get_many
+
+        def counted(self: Any, queues: Any, timeout: float | None = None) -> None:
+            calls.append(1)
+            return get_many(self, queues, timeout)
+
+        monkeypatch.setattr(channel_class, "_get_many", counted)
+        with contextlib.suppress(TimeoutError):
+            listener.drain_events(timeout=2.0)
+        # A poll a second (polling_interval), not a loop: a spin makes thousands.
+        assert len(calls) < 20, len(calls)
+        # The message waits for its queue's consumer, which still gets it.
+        got: list[Message] = []
+        Consumer(
+            listener.default_channel,
+            [idle],
+            callbacks=[lambda body, message: got.append(message)],
+            no_ack=True,
+        ).consume()
+        drain(listener, got, 1)
+        assert [m.payload for m in got] == [{"n": 1}]
