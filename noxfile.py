@@ -47,7 +47,13 @@ OLDEST = {
 EXTRAS = "prometheus,embedded,redis,asyncio,psycopg2"
 #: What the tests need besides the package (its ``dev`` extra without the linters
 #: and the docs tools).
-TEST_TOOLS = ["pytest>=8", "pytest-timeout>=2.2", "pytest-postgresql>=6", "hypothesis>=6.100"]
+TEST_TOOLS = [
+    "pytest>=8",
+    "pytest-timeout>=2.2",
+    "pytest-postgresql>=6",
+    "hypothesis>=6.100",
+    "flower>=2.0",
+]
 
 _SHOW_VERSIONS = (
     "import importlib.metadata as m, sys; "
