@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tenant_celery import metrics
+from tenant_celery import metrics, monitor
 from tests.docs.blocks import page_blocks
 
 from . import dashboard
@@ -127,6 +127,8 @@ def test_every_query_is_filtered_by_the_variables(board: dict[str, Any]) -> None
                 wanted |= {'task_name=~"$task_name"', 'tenant=~"$tenant"'}
             elif metric == metrics.QUEUE_LENGTH:
                 wanted |= {'queue=~"$queue"'}
+            elif metric == monitor.QUEUE_LENGTH_BY_TENANT:
+                wanted |= {'queue=~"$queue"', 'tenant=~"$tenant"'}
             assert found == wanted, f"{target}: {metric}{{{matchers}}}"
         assert not re.search(r"\b(celery_\w+|up)\b(?!\{)", target.expr), target
 
@@ -134,9 +136,14 @@ def test_every_query_is_filtered_by_the_variables(board: dict[str, Any]) -> None
 def test_the_queries_read_the_package_metrics(board: dict[str, Any]) -> None:
     exprs = " ".join(target.expr for target in dashboard.targets(board))
     used = set(re.findall(r"\bcelery_\w+", exprs))
-    constants = {getattr(metrics, name) for name in metrics.__all__ if name.isupper()}
+    constants = {
+        getattr(module, name)
+        for module in (metrics, monitor)
+        for name in module.__all__
+        if name.isupper()
+    }
     assert {re.sub(r"_bucket$", "", name) for name in used} <= constants
-    assert set(TASK_METRICS) | {metrics.QUEUE_LENGTH} <= used
+    assert {*TASK_METRICS, metrics.QUEUE_LENGTH, monitor.QUEUE_LENGTH_BY_TENANT} <= used
 
 
 def page_section(title: str) -> str:

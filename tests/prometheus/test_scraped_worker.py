@@ -256,6 +256,8 @@ def test_every_panel_shows_the_mix(scraped: Scraped) -> None:
     assert tenants == {A, B, metrics.OTHER_TENANTS, "(none)"}
     queues = by_label(query("Messages waiting per queue"), "queue")
     assert queues[scraped.worker.queue] == WAITING
+    waiting = by_label(query("Messages waiting per tenant"), "tenant")
+    assert waiting == {A: (WAITING + 1) // 2, B: WAITING // 2}
     instances = by_label(query("Workers up"), "instance")
     assert instances == {scraped.worker_target: 1.0, scraped.dead_target: 0.0}
 
