@@ -33,7 +33,7 @@ extensions = [
 
 source_suffix = {".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "_tools"]  # _tools: scripts that make files for the docs
 nitpicky = False
 # Smart quotes stay on (typographic quotes, and the en dash of "name -- text" in
 # field lists), so a command-line flag must be code, never prose: "--flag" in

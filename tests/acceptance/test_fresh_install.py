@@ -16,7 +16,10 @@ against the real services, through the checks in :data:`PAGE_CHECKS`:
 * the sessions how-to and the db reference (``asyncio``): an async engine bound
   with the package's helper, reading its tenant as the app role;
 * the monitoring how-to and the metrics reference (``prometheus``): the metrics
-  installed on an app and exposed in Prometheus' text format.
+  installed on an app and exposed in Prometheus' text format;
+* the Flower how-to (``tenant-celery flower``): the broker how-to's steps, then
+  the page's worker with events on, Flower, the event dump, a tenant task, and
+  what the page shows Flower's API, the dump and ``celery inspect active`` print.
 
 ``pip install -e '.[dev]'`` (the README's test-suite line, and the pages that
 run the benchmarks and the compatibility matrix) is the line ``.ci/run`` itself
@@ -28,22 +31,32 @@ A page with an install line and no check here fails
 
 from __future__ import annotations
 
+import ast
+import base64
 import contextlib
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import time
+import urllib.request
 import venv
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from tests._rig.postgres import Database, PgCluster
+from tests._rig.redis_server import free_port
 from tests._rig.services import Services, purge_redis_queue
 from tests.acceptance.bare_page import BarePage, stop_process_group
+from tests.docs.blocks import Block, page_blocks
+from tests.docs.harness import Command, commands
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -370,6 +383,194 @@ def check_prometheus(ctx: Context) -> None:
     assert '\ncelery_task_success_total{task_name="shop.ping"} 1.0\n' in done.stdout, done.stdout
 
 
+FLOWER_PAGE = "howto/flower.md"
+#: A task event line of ``celery events --dump``: the event and what follows the task.
+_DUMP_EVENT = re.compile(
+    r"\] (?P<event>task \w+): (?P<name>[\w.]+)\((?P<id>[0-9a-f-]{36})\) (?P<rest>.*)$"
+)
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def _page_commands(page: str) -> tuple[list[Command], list[Block]]:
+    """The ``$`` commands of a page's console blocks, and its other blocks, in order."""
+    found: list[Command] = []
+    others: list[Block] = []
+    for block in page_blocks(page):
+        if block.kind == "console":
+            found.extend(commands(block))
+        else:
+            others.append(block)
+    return found, others
+
+
+def _one(found: list[Command], pattern: str) -> Command:
+    """The one command of ``found`` that ``pattern`` matches from its start."""
+    matching = [command for command in found if re.match(pattern, command.text)]
+    assert len(matching) == 1, f"{FLOWER_PAGE}: commands matching {pattern!r}: {matching}"
+    return matching[0]
+
+
+def _dump_fields(line: str) -> tuple[str, set[str], str | None]:
+    """A dump line's event (``task received``), its field names and its ``tenant_id``."""
+    match = _DUMP_EVENT.search(line)
+    assert match is not None, line
+    rest = match["rest"]
+    tenant = re.search(r"(?:^|, )tenant_id=([^,]*)", rest)
+    names = set(re.findall(r"(?:^|[ ,])([a-z_]+)=", rest))
+    return match["event"], names, tenant.group(1) if tenant else None
+
+
+def _inspect_entry(output: str) -> dict[str, object]:
+    """The one task ``celery inspect active`` printed (a ``* {...}`` line)."""
+    assert re.search(r"^->\s+celery@\S+: OK$", output, re.M), output
+    assert re.search(r"^1 node online\.$", output, re.M), output
+    (entry,) = [line.strip()[2:] for line in output.splitlines() if line.strip().startswith("* {")]
+    parsed = ast.literal_eval(entry)
+    assert isinstance(parsed, dict), entry
+    return parsed
+
+
+def check_flower(ctx: Context) -> None:
+    """The Flower how-to, as a reader runs it after the broker how-to: the page's
+    worker with events on, its Flower and event dump, its tenant task; then the page's
+    API query, dump excerpt and ``inspect active`` output are what the tools print
+    (field names, the tenant; not times and ids)."""
+    check_postgres_broker(ctx)  # the page starts from the broker how-to's database
+    database = ctx.database()
+    found, others = _page_commands(FLOWER_PAGE)
+    export = re.fullmatch(r"export (\w+)=postgresql\+psycopg://\S+", _one(found, "export ").text)
+    assert export is not None, found
+    worker = _one(found, r"celery -A billing worker ")
+    flower = _one(found, r"celery -A billing flower\b")
+    dump = _one(found, r"celery -A billing events --dump$")
+    query = _one(found, r"curl ")
+    inspect = _one(found, r"celery -A billing inspect active$")
+    (send,) = [block for block in others if block.kind == "python"]
+    (dumped_excerpt,) = [block for block in others if block.kind == "text"]
+    assert "-E" in shlex.split(worker.text), worker
+    credentials = re.search(r"--basic-auth=(\S+)", flower.text)
+    assert credentials is not None, flower
+    tenant = re.search(r'tenant_context\("([^"]+)"\)', send.source)
+    assert tenant is not None, send
+    tenant_id = tenant.group(1)
+
+    app_url = database.app_url.set(drivername="postgresql+psycopg")
+    environ = {export.group(1): app_url.render_as_string(hide_password=False)}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    auth = "Basic " + base64.b64encode(credentials.group(1).encode()).decode()
+
+    def flower_get(path: str) -> str:
+        request = urllib.request.Request(base + path, headers={"Authorization": auth})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return str(response.read().decode())
+        except OSError:
+            return ""
+
+    def run(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        command = command.replace("http://localhost:5555", base)
+        return ctx.env.run(["bash", "-c", command], cwd=ctx.workdir, timeout=timeout, **environ)
+
+    dump_log = ctx.workdir / "events.log"
+    flower_env = {**environ, "FLOWER_PORT": str(port), "FLOWER_ADDRESS": "127.0.0.1"}
+    with contextlib.ExitStack() as running:
+        worker_log = ctx.workdir / "worker-events.log"
+        running.enter_context(
+            _background(ctx.env, shlex.split(worker.text), ctx.workdir, worker_log, environ)
+        )
+        _wait_for("the worker", lambda: "ready." in worker_log.read_text(), worker_log)
+        flower_log = ctx.workdir / "flower.log"
+        running.enter_context(
+            _background(ctx.env, shlex.split(flower.text), ctx.workdir, flower_log, flower_env)
+        )
+        running.enter_context(
+            _background(ctx.env, shlex.split(dump.text), ctx.workdir, dump_log, environ)
+        )
+        # Both monitors hear the worker before the task is sent.
+        _wait_for(
+            "Flower to hear the worker",
+            lambda: "flower_worker_online{" in flower_get("/metrics"),
+            flower_log,
+        )
+        _wait_for(
+            "the dump to print a heartbeat", lambda: "heartbeat" in dump_log.read_text(), dump_log
+        )
+
+        sent = ctx.env.run(["python", "-c", send.source], cwd=ctx.workdir, **environ)
+        assert sent.returncode == 0, sent.stderr[-3000:] + "\n" + worker_log.read_text()[-3000:]
+        assert sent.stdout.strip() == f"invoice 1001 sent for tenant {tenant_id}", sent.stdout
+
+        # The page's API query lists the task, as the page shows it.
+        def listed() -> str:
+            done = run(query.text)
+            return done.stdout if done.returncode == 0 and "SUCCESS" in done.stdout else ""
+
+        output = _wait_for("Flower's API to list the task", listed, flower_log)
+        line = rf"{_UUID} billing\.send_invoice SUCCESS"
+        assert re.fullmatch(line, query.expected.strip()), query.expected
+        assert re.fullmatch(line, output.strip()), output
+        task_id = output.split()[0]
+        info = json.loads(flower_get(f"/api/task/info/{task_id}"))
+        assert info["tenant_id"] == tenant_id, info
+        assert json.loads(flower_get("/api/tasks"))[task_id]["tenant_id"] == tenant_id
+
+        # The dump printed the task's events with the fields the page's excerpt shows.
+        def dumped() -> str:
+            text = dump_log.read_text()
+            return text if f"task succeeded: billing.send_invoice({task_id})" in text else ""
+
+        text = _wait_for("the dump to print the task's success", dumped, dump_log)
+        printed = {
+            event: (names, tenant)
+            for event, names, tenant in map(
+                _dump_fields, [ln for ln in text.splitlines() if f"({task_id})" in ln]
+            )
+        }
+        shown = [_dump_fields(ln) for ln in dumped_excerpt.source.splitlines() if ln.strip()]
+        assert [event for event, _, _ in shown] == [
+            "task received",
+            "task started",
+            "task succeeded",
+        ]
+        for event, names, shown_tenant in shown:
+            assert shown_tenant == tenant_id, event
+            assert printed[event] == (names, tenant_id), (event, printed[event], names)
+
+        # inspect active, while a task runs: results held back with a lock, so the
+        # task waits to store its result, still active, until the lock goes.
+        with database.admin_engine().begin() as conn:
+            conn.execute(sa.text("LOCK TABLE celery_taskmeta IN SHARE MODE"))
+            held = ctx.env.run(
+                ["python", "-c",
+                 "from billing import send_invoice\n"
+                 "from tenant_celery import tenant_context\n"
+                 f"with tenant_context({tenant_id!r}):\n"
+                 "    print(send_invoice.delay(1002).id)\n"],
+                cwd=ctx.workdir, **environ,
+            )  # fmt: skip
+            assert held.returncode == 0, held.stderr[-3000:]
+            held_id = held.stdout.strip()
+
+            def active() -> str:
+                done = run(inspect.text)
+                return done.stdout if held_id in done.stdout else ""
+
+            entry = _inspect_entry(_wait_for("inspect active to list the task", active, worker_log))
+        page_entry = _inspect_entry(inspect.expected)
+        assert entry["id"] == held_id
+        assert entry["tenant_id"] == page_entry["tenant_id"] == tenant_id, entry
+        assert entry.keys() == page_entry.keys(), (sorted(entry), sorted(page_entry))
+        _wait_for(
+            "the held task to finish",
+            lambda: (
+                json.loads(flower_get(f"/api/task/info/{held_id}") or "{}").get("state")
+                == "SUCCESS"
+            ),
+            worker_log,
+        )
+
+
 RUN_WHOLE_PAGE.update({"docs/tutorial/quickstart.md", "docs/tutorial/demo.md"})
 
 #: The page -> what its install line must make work.  Keyed by page, so a new
@@ -383,6 +584,7 @@ PAGE_CHECKS: dict[str, Check] = {
     "docs/reference/db.md": check_asyncio,
     "docs/howto/monitoring.md": check_prometheus,
     "docs/reference/metrics.md": check_prometheus,
+    "docs/howto/flower.md": check_flower,
 }
 
 
@@ -491,3 +693,17 @@ def _background(
         yield process
     finally:
         stop_process_group(process)
+
+
+def _wait_for(what: str, check: Callable[[], object], log: Path, timeout: float = 60) -> Any:
+    """``check()``'s first true value, polled until ``timeout``; on a timeout, fail
+    with the last lines of ``log``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+            pytest.fail(f"timed out waiting for {what}; {log.name}:\n{tail}", pytrace=False)
+        time.sleep(0.3)
