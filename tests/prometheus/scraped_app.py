@@ -6,7 +6,8 @@ tenants, then "other") and the worker monitor, which the test turns on with
 pool process until the test lets them go.  A pool process reserves no message
 beyond the one it runs (late acknowledgement, a prefetch multiplier of 1), so
 while every process holds, the messages published next wait in the queue,
-where the queue-length gauges count them.
+where the queue-length gauges count them.  Its metrics are in a registry of
+the app's own: other test apps of the session use the default one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
+from prometheus_client import CollectorRegistry
 
 import tenant_celery.monitor  # noqa: F401 (connects the worker monitor)
 from tenant_celery import current_tenant, tenant_task
@@ -24,7 +26,7 @@ from tests._rig.appconf import apply_test_config
 
 app = apply_test_config(Celery("scraped_app"))
 app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1)
-install_metrics(app, tenant_label=True, max_tenant_labels=2)
+install_metrics(app, registry=CollectorRegistry(), tenant_label=True, max_tenant_labels=2)
 
 #: Longest a ``hold`` waits for its release, so that a failed test leaves no busy worker.
 HOLD_TIMEOUT = 120.0
