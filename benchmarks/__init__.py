@@ -9,6 +9,9 @@ ratios, which hold across machines where absolute figures do not:
     what row-level security costs the database;
 ``p3`` (:mod:`benchmarks.throughput`)
     tenant tasks per second through each broker and result backend;
+``p3-events`` (:mod:`benchmarks.events_overhead`)
+    the same with worker events (``-E``) on, with and without a listener,
+    against off, on the package's transport and on Redis;
 ``p4`` (:mod:`benchmarks.observability`)
     metrics and JSON logs on, against off.
 

@@ -58,6 +58,11 @@ BENCHMARKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "p1": ("benchmarks.tenancy_overhead", "Tenancy overhead", ("redis",)),
     "p2": ("benchmarks.rls_cost", "RLS cost", ()),
     "p3": ("benchmarks.throughput", "Throughput by broker and result backend", ("redis", "amqp")),
+    "p3-events": (
+        "benchmarks.events_overhead",
+        "Throughput with worker events on and off",
+        ("redis",),
+    ),
     "p4": ("benchmarks.observability", "Observability overhead", ("redis",)),
     "p5": ("benchmarks.fairness", "Tenant fairness", ("redis",)),
     "results": (

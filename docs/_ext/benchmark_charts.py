@@ -12,9 +12,10 @@ benchmarks`` writes) and put what it holds on the page::
 ``benchmark-chart`` draws an inline SVG figure (``throughput``, ``fairness``,
 ``overheads``, ``result-backend``); ``benchmark-table`` builds a table narrow
 enough for the page's column (``targets``, ``machine``, ``p1``, ``p2-times``,
-``p2-ratios``, ``p2-plans``, ``p3``, ``p4``, ``p5-latency``, ``p5-backlog``,
-``result-backend``).  Nothing is typed in by hand: every figure comes from the
-JSON, and the build fails (``-W``) when the JSON lacks what a directive needs.
+``p2-ratios``, ``p2-plans``, ``p3``, ``p3-events``, ``p4``, ``p5-latency``,
+``p5-backlog``, ``result-backend``).  Nothing is typed in by hand: every figure
+comes from the JSON, and the build fails (``-W``) when the JSON lacks what a
+directive needs.
 
 The SVG is drawn with plain string formatting.  Text and axes use
 ``currentColor``, so they follow the theme's light or dark foreground; the
@@ -396,6 +397,26 @@ def table_p3(results: Results) -> TableSpec:
     )
 
 
+def table_p3_events(results: Results) -> TableSpec:
+    table = results.table("p3-events")
+    names = ["broker", "events", "tasks/s", "ratio to off", "events per task", "rows per task"]
+    notes = list(table["notes"])
+    run = results.section("p3-events").get("run")
+    if run is not None:  # measured apart from the run the rest of the page shows
+        notes.append(
+            f"measured in a run of its own on {run['date'][:10]}, load average "
+            f"{run['load_average_start'][0]} at its start and {run['load_average_end'][0]} "
+            "at its end (1 minute)"
+        )
+    return TableSpec(
+        table["title"],
+        ["broker", "events", "tasks/s", "on/off", "events per task", "rows per task"],
+        list(select(table, names)),
+        [False, False, True, True, True, True],
+        notes,
+    )
+
+
 def table_p4(results: Results) -> TableSpec:
     table = results.table("p4")
     return TableSpec(
@@ -462,6 +483,7 @@ TABLES: dict[str, Callable[[Results], TableSpec]] = {
     "p2-ratios": table_p2_ratios,
     "p2-plans": table_p2_plans,
     "p3": table_p3,
+    "p3-events": table_p3_events,
     "p4": table_p4,
     "p5-latency": table_p5_latency,
     "p5-backlog": table_p5_backlog,
