@@ -69,10 +69,13 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
 __all__ = [
+    "DASHBOARD_FILE",
     "DURATION_BUCKETS",
     "OTHER_TENANTS",
     "QUEUE_LABEL",
     "QUEUE_LENGTH",
+    "QUEUE_LENGTH_BY_TENANT",
+    "QUEUE_LENGTH_UP",
     "RULES_FILE",
     "TASK_DURATION_SECONDS",
     "TASK_FAILURE_TOTAL",
@@ -102,7 +105,14 @@ TASK_REJECTED_TOTAL = "celery_task_rejected_total"
 TASK_DURATION_SECONDS = "celery_task_duration_seconds"
 """Histogram: seconds from the start of an execution to its success or failure."""
 QUEUE_LENGTH = "celery_queue_length"
-"""Gauge: messages waiting in each queue of the PostgreSQL broker, read at scrape time."""
+"""Gauge: messages waiting in each queue the worker consumes, read from the broker at
+scrape time by the worker monitor."""
+QUEUE_LENGTH_BY_TENANT = "celery_queue_length_by_tenant"
+"""Gauge: messages waiting in each queue the worker consumes, per tenant (labels
+``queue`` and ``tenant``); the package's transport only, with the task metrics'
+tenant label and its bound."""
+QUEUE_LENGTH_UP = "celery_queue_length_up"
+"""Gauge: 1 when the scrape read the queue lengths from the broker, 0 when it could not."""
 
 TASK_NAME_LABEL = "task_name"
 """Label of every task metric: the task's registered name."""

@@ -12,8 +12,8 @@ the worker runs on without its monitor.
     :func:`~tenant_celery.metrics.install_metrics`), added up over the prefork
     pool's children, and the queue gauges: messages waiting in each queue the
     worker consumes (:data:`~tenant_celery.metrics.QUEUE_LENGTH`), per tenant
-    too on the package's transport (:data:`QUEUE_LENGTH_BY_TENANT`), and
-    whether the broker could be read (:data:`QUEUE_LENGTH_UP`), all read from
+    too on the package's transport (:data:`~tenant_celery.metrics.QUEUE_LENGTH_BY_TENANT`), and
+    whether the broker could be read (:data:`~tenant_celery.metrics.QUEUE_LENGTH_UP`), all read from
     the broker at each scrape.  Without the prefork pool, everything in the
     registry the metrics were installed in is served (prometheus-client's
     default registry unless another was given); under it, everything the
@@ -76,7 +76,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector
 
-__all__ = ["DEFAULT_MONITOR_HOST", "QUEUE_LENGTH_BY_TENANT", "QUEUE_LENGTH_UP", "WorkerMonitor"]
+__all__ = ["DEFAULT_MONITOR_HOST", "WorkerMonitor"]
 
 logger = logging.getLogger("tenant_celery.monitor")
 
@@ -89,12 +89,6 @@ CHECK_TIMEOUT = 2.0
 #: Seconds a ``/health`` result is reused.
 HEALTH_CACHE_SECONDS = 2.0
 
-QUEUE_LENGTH_BY_TENANT = "celery_queue_length_by_tenant"
-"""Gauge: messages waiting in each queue the worker consumes, per tenant (labels
-``queue`` and ``tenant``); the package's transport only, with the task metrics'
-tenant label and its bound."""
-QUEUE_LENGTH_UP = "celery_queue_length_up"
-"""Gauge: 1 when the scrape read the queue lengths from the broker, 0 when it could not."""
 
 _OK = "ok"
 _NOT_CONFIGURED = "not configured"
@@ -235,7 +229,7 @@ class _QueueGauges:
     :mod:`tenant_celery._queue_lengths`) under a deadline.
 
     A read that fails or times out leaves the length gauges without samples
-    and sets :data:`QUEUE_LENGTH_UP` to 0: a scrape without the lengths beats
+    and sets :data:`~tenant_celery.metrics.QUEUE_LENGTH_UP` to 0: a scrape without the lengths beats
     a failed scrape, and the outage is a series of its own.  The first failure
     after a success is logged as a warning, the next ones at debug level, and
     the recovery at info.
@@ -275,7 +269,7 @@ class _QueueGauges:
         else:
             logger.warning(
                 "could not read the queue lengths: %s; %s is 0 until a read works",
-                error, QUEUE_LENGTH_UP,
+                error, metrics.QUEUE_LENGTH_UP,
             )  # fmt: skip
 
     def collect(self) -> Iterator[Metric]:
@@ -293,7 +287,7 @@ class _QueueGauges:
         yield lengths
         if isinstance(result, _queue_lengths.Reading) and result.by_tenant is not None:
             by_tenant = GaugeMetricFamily(
-                QUEUE_LENGTH_BY_TENANT,
+                metrics.QUEUE_LENGTH_BY_TENANT,
                 "Messages waiting in each queue the worker consumes, per tenant.",
                 labels=[metrics.QUEUE_LABEL, metrics.TENANT_LABEL],
             )
@@ -301,7 +295,7 @@ class _QueueGauges:
                 by_tenant.add_metric([name, tenant], count)
             yield by_tenant
         yield GaugeMetricFamily(
-            QUEUE_LENGTH_UP,
+            metrics.QUEUE_LENGTH_UP,
             "1 when this scrape read the queue lengths from the broker, 0 when it could not.",
             value=0 if isinstance(result, str) else 1,
         )

@@ -21,7 +21,7 @@ import pytest
 from tests._rig.postgres import PgCluster, render
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = {"p1", "p2", "p3", "p4", "p5", "results", "guard"}
+SECTIONS = {"p1", "p2", "p3", "p3-events", "p4", "p5", "results", "guard"}
 
 pytestmark = pytest.mark.worker
 
@@ -91,6 +91,15 @@ def test_benchmarks_run_at_smoke_size(
     for transport, pools in p3.items():
         assert set(pools) == {"prefork", "solo"}, transport
         assert all(found["tasks_per_second"] > 0 for found in pools.values()), transport
+
+    # Events on against off: the monitor hears 3 events per task, and on the
+    # package's transport each task is the only row stored (events are not).
+    events = sections["p3-events"]["data"]["results"]
+    assert set(events) == {"tcpg+pooled", "redis+redis"}
+    for broker, variants in events.items():
+        assert set(variants) == {"off", "on", "on+listener"}, broker
+        assert all(n == 3.0 for n in variants["on+listener"]["events_per_task_runs"]), broker
+    assert all(r == 1.0 for v in events["tcpg+pooled"].values() for r in v["rows_per_task_runs"])
 
     p4 = sections["p4"]["data"]
     assert all(r > 0 for runs in p4["tasks_per_second"].values() for r in runs)

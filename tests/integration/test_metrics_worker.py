@@ -24,6 +24,7 @@ from tenant_celery.metrics import (
     DURATION_BUCKETS,
     OTHER_TENANTS,
     QUEUE_LENGTH,
+    QUEUE_LENGTH_UP,
     TASK_DURATION_SECONDS,
     TASK_FAILURE_TOTAL,
     TASK_REJECTED_TOTAL,
@@ -31,7 +32,7 @@ from tenant_celery.metrics import (
     TASK_STARTED_TOTAL,
     TASK_SUCCESS_TOTAL,
 )
-from tenant_celery.monitor import QUEUE_LENGTH_UP, WorkerMonitor
+from tenant_celery.monitor import WorkerMonitor
 from tests._rig.postgres import Database, render
 from tests._rig.worker import Pool, WorkerFactory, WorkerHandle
 

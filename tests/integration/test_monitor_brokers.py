@@ -15,13 +15,14 @@ import sqlalchemy as sa
 from celery import Celery
 
 from tenant_celery import tenant_context
-from tenant_celery.metrics import OTHER_TENANTS, QUEUE_LENGTH, TASK_SUCCESS_TOTAL
-from tenant_celery.monitor import (
-    CHECK_TIMEOUT,
+from tenant_celery.metrics import (
+    OTHER_TENANTS,
+    QUEUE_LENGTH,
     QUEUE_LENGTH_BY_TENANT,
     QUEUE_LENGTH_UP,
-    WorkerMonitor,
+    TASK_SUCCESS_TOTAL,
 )
+from tenant_celery.monitor import CHECK_TIMEOUT, WorkerMonitor
 from tests._rig.postgres import Database
 from tests._rig.services import Services
 from tests._rig.tcp_proxy import TcpProxy

@@ -127,7 +127,7 @@ def test_every_query_is_filtered_by_the_variables(board: dict[str, Any]) -> None
                 wanted |= {'task_name=~"$task_name"', 'tenant=~"$tenant"'}
             elif metric == metrics.QUEUE_LENGTH:
                 wanted |= {'queue=~"$queue"'}
-            elif metric == monitor.QUEUE_LENGTH_BY_TENANT:
+            elif metric == metrics.QUEUE_LENGTH_BY_TENANT:
                 wanted |= {'queue=~"$queue"', 'tenant=~"$tenant"'}
             assert found == wanted, f"{target}: {metric}{{{matchers}}}"
         assert not re.search(r"\b(celery_\w+|up)\b(?!\{)", target.expr), target
@@ -143,7 +143,7 @@ def test_the_queries_read_the_package_metrics(board: dict[str, Any]) -> None:
         if name.isupper()
     }
     assert {re.sub(r"_bucket$", "", name) for name in used} <= constants
-    assert {*TASK_METRICS, metrics.QUEUE_LENGTH, monitor.QUEUE_LENGTH_BY_TENANT} <= used
+    assert {*TASK_METRICS, metrics.QUEUE_LENGTH, metrics.QUEUE_LENGTH_BY_TENANT} <= used
 
 
 def page_section(title: str) -> str:

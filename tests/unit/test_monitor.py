@@ -29,8 +29,8 @@ from tenant_celery import ConfigurationError, _queue_lengths
 from tenant_celery import metrics as metrics_module
 from tenant_celery import monitor as monitor_module
 from tenant_celery._readiness import ConsumerState
-from tenant_celery.metrics import QUEUE_LENGTH
-from tenant_celery.monitor import DEFAULT_MONITOR_HOST, QUEUE_LENGTH_UP, WorkerMonitor
+from tenant_celery.metrics import QUEUE_LENGTH, QUEUE_LENGTH_UP
+from tenant_celery.monitor import DEFAULT_MONITOR_HOST, WorkerMonitor
 
 
 def _closed_port() -> int:
