@@ -36,7 +36,7 @@ from kombu.exceptions import ChannelError
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
-from . import metrics, signing
+from . import _readiness, metrics, signing
 from ._probes import engine, owns_transport, sql_broker
 from .context import parse_tenant_id
 from .errors import TenantCeleryError
@@ -51,9 +51,13 @@ _VISIBLE_MESSAGES = (
 
 def worker_queues(app: Celery) -> list[str]:
     """The names of the task queues ``app``'s worker consumes, sorted (see the module docs)."""
-    # consume_from is the -Q selection (remote control's add_consumer and
-    # cancel_consumer change it), else every queue the app defines.
-    names = list(app.amqp.queues.consume_from)
+    # The worker's task consumer knows (remote control's add_consumer and
+    # cancel_consumer change it); before it starts, and outside a worker, the
+    # -Q selection or else every queue the app defines.  Not the app's queues
+    # once the worker runs: Celery 5.3 adds there every queue a task is sent to.
+    names = _readiness.consumed_queues(app)
+    if names is None:
+        names = list(app.amqp.queues.consume_from)
     return sorted(name for name in names if not _transient(name))
 
 

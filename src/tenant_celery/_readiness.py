@@ -27,10 +27,22 @@ class ConsumerState:
         self._consuming = False
         self._why = "has not connected to the broker yet"
         self._since = time.monotonic()
+        self._task_consumer: Any = None
 
-    def mark(self, consuming: bool, why: str = "") -> None:
+    def mark(self, consuming: bool, why: str = "", task_consumer: Any = None) -> None:
         with self._lock:
             self._consuming, self._why, self._since = consuming, why, time.monotonic()
+            if task_consumer is not None:
+                self._task_consumer = task_consumer
+
+    def queues(self) -> list[str] | None:
+        """The queues the worker's task consumer consumes now (remote control's
+        ``add_consumer`` and ``cancel_consumer`` included); ``None`` before it started."""
+        with self._lock:
+            task_consumer = self._task_consumer
+        if task_consumer is None:
+            return None
+        return [str(queue.name) for queue in list(task_consumer.queues)]
 
     def problem(self) -> str | None:
         """``None`` while the consumer consumes, else what it does instead and since when."""
@@ -52,10 +64,19 @@ def watch(app: Celery, state: ConsumerState) -> None:
     app.steps["consumer"].add(ConsumerReadiness)
 
 
-def _mark(app: Any, consuming: bool, why: str = "") -> None:
+def _mark(app: Any, consuming: bool, why: str = "", task_consumer: Any = None) -> None:
     app_and_state = _watched.get(id(app))
     if app_and_state is not None and app_and_state[0] is app:
-        app_and_state[1].mark(consuming, why)
+        app_and_state[1].mark(consuming, why, task_consumer)
+
+
+def consumed_queues(app: Celery) -> list[str] | None:
+    """The queues ``app``'s worker consumes, as its task consumer says; ``None``
+    outside a watched worker or before its consumer started."""
+    app_and_state = _watched.get(id(app))
+    if app_and_state is None or app_and_state[0] is not app:
+        return None
+    return app_and_state[1].queues()
 
 
 class ConsumerReadiness(bootsteps.StartStopStep):
@@ -71,7 +92,7 @@ class ConsumerReadiness(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, parent: Any) -> None:
-        _mark(parent.app, True)
+        _mark(parent.app, True, task_consumer=getattr(parent, "task_consumer", None))
 
     def stop(self, parent: Any) -> None:
         stopping = parent.blueprint.human_state() in _STOPPING
