@@ -50,15 +50,18 @@ How it works:
   ``revoke`` work.
 * **Auto-delete queues are not stored.**  The queues Celery declares for
   events (``celery events``, Flower), remote control and its replies are
-  auto-delete: a message to one is sent with ``NOTIFY`` on a channel of its
-  own, which only the connection that declared the queue listens on, and
-  that connection keeps it in memory until it is consumed (up to 10,000 per
-  queue, the oldest dropped first).  The channel's name is random, kept in
-  the queue's row (revision ``tc0003``): only a role that may read the queue
-  table can listen to it or send on it.  Events cost no row, and no write at all
-  while nobody listens.  A message too large for a notification (over 7,900
-  bytes, such as a failure event with a long traceback) is stored as usual.
-  The declaring connection marks its auto-delete queues alive every 15
+  auto-delete: once the connection that declared one consumes it, a message
+  to it is sent with ``NOTIFY`` on a channel of its own, which only that
+  connection listens on, and that connection keeps it in memory until it is
+  consumed (up to 10,000 per queue, the oldest dropped first).  Messages sent
+  before (the first replies to a remote-control command, say) are stored and
+  claimed as usual.  The channel's name is random, kept in the queue's row
+  (revision ``tc0003``): only a role that may read the queue table can learn
+  it.  A publisher's own declaration of the queue leaves it in place.
+  Events cost no row, and no write at all while nobody listens.  A message
+  too large for a notification (over 7,900 bytes, such as a failure event
+  with a long traceback) is stored as usual.
+  The consuming connection marks its notified queues alive every 15
   seconds; one not marked for a minute (its process was killed) is deleted,
   with its bindings and messages, by any consumer of the database.  With
   ``listen: False`` auto-delete queues are stored like the others and
@@ -343,12 +346,16 @@ _SWEEP = (
     " WHERE expires_at <= now() LIMIT 1000 FOR UPDATE SKIP LOCKED)"
 )
 _DECLARE = (
-    "INSERT INTO {queue_table} (name, message_ttl, auto_delete, notify_channel) VALUES"
+    "INSERT INTO {queue_table} AS q (name, message_ttl, auto_delete, notify_channel) VALUES"
     " (%(queue)s, %(ttl)s, %(auto_delete)s, %(notify_channel)s) ON CONFLICT (name) DO UPDATE"
     " SET message_ttl = EXCLUDED.message_ttl, auto_delete = EXCLUDED.auto_delete,"
-    " notify_channel = EXCLUDED.notify_channel, declared_at = now()"
+    # A declaration by a publisher (kombu declares auto-delete queues at every
+    # publish) keeps the channel of the consumer that registered one.
+    " notify_channel = coalesce(EXCLUDED.notify_channel, q.notify_channel),"
+    " declared_at = now()"
 )
 _HAS_QUEUE = "SELECT EXISTS (SELECT 1 FROM {queue_table} WHERE name = %(queue)s)"
+_HAS_TTL = "SELECT message_ttl FROM {queue_table} WHERE name = %(queue)s"
 _BIND = (
     "INSERT INTO {binding} (exchange, routing_key, pattern, queue)"
     " VALUES (%(exchange)s, %(routing_key)s, %(pattern)s, %(queue)s) ON CONFLICT DO NOTHING"
@@ -370,7 +377,7 @@ _TOUCH = (
 )
 # Auto-delete queues whose connection stopped marking them: it is gone.
 _SWEEP_QUEUES = (
-    "WITH dead AS (DELETE FROM {queue_table} WHERE auto_delete"
+    "WITH dead AS (DELETE FROM {queue_table} WHERE notify_channel IS NOT NULL"
     " AND declared_at < now() - %(grace)s::float8 * interval '1 second' RETURNING name),"
     " b AS (DELETE FROM {binding} WHERE queue IN (SELECT name FROM dead)),"
     " m AS (DELETE FROM {message} WHERE queue IN (SELECT name FROM dead))"
@@ -712,24 +719,16 @@ class Channel(virtual.Channel):
         arguments = kwargs.get("arguments") or {}
         ttl = arguments.get("x-message-ttl")
         auto_delete = bool(kwargs.get("auto_delete"))
-        # Delivered by NOTIFY: listened for before the row says so, so that no
-        # message sent to it is missed.
-        notified = auto_delete and self.settings.listen
         if auto_delete:
             self._auto_delete_queues.add(queue)
+        registered = self._declared.get(queue)
         params = {
             "queue": queue,
             "ttl": int(ttl) if isinstance(ttl, (int, float)) else None,
-            "auto_delete": notified,
-            "notify_channel": None,
+            "auto_delete": auto_delete,
+            # Declaring registers no channel (a publisher declares too): consuming does.
+            "notify_channel": None if registered is None else registered["notify_channel"],
         }
-        if notified:
-            previous = self._declared.get(queue)
-            name = _new_notify_channel() if previous is None else previous["notify_channel"]
-            params["notify_channel"] = name
-            self._inbox.setdefault(queue, deque(maxlen=_INBOX_LIMIT))
-            self._declared[queue] = params
-            self._transport.listen_for(self, queue, name)
         self._transport.execute(_DECLARE, params, publish=True)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
@@ -748,7 +747,7 @@ class Channel(virtual.Channel):
             publish=True,
         )
         self._tables.pop(exchange, None)
-        if queue in self._declared:
+        if queue in self._auto_delete_queues:
             self._bound.setdefault(queue, set()).add((exchange, routing_key or "", pattern or ""))
 
     def queue_unbind(
@@ -833,7 +832,30 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         else:
             self._no_ack_queues.discard(queue)
+        if queue in self._auto_delete_queues and self.settings.listen:
+            self._deliver_by_notify(queue)
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+
+    def _deliver_by_notify(self, queue: str) -> None:
+        """From now on, have messages to auto-delete ``queue`` (declared by this
+        channel, consumed by it) sent to this connection by notification: listen
+        on a new random channel, then name it in the queue's row.  What was stored
+        before, or by a publisher that read the row earlier, is claimed as usual."""
+        if queue in self._declared:
+            return
+        name = _new_notify_channel()
+        rows = self._transport.execute(_HAS_TTL, {"queue": queue}, fetch=True, publish=True)
+        params: dict[str, Any] = {
+            "queue": queue,
+            "ttl": rows[0][0] if rows else None,
+            "auto_delete": True,
+            "notify_channel": name,
+        }
+        self._inbox.setdefault(queue, deque(maxlen=_INBOX_LIMIT))
+        self._declared[queue] = params
+        self._transport.listen_for(self, queue, name)
+        self._transport.execute(_DECLARE, params, publish=True)
+        self._transport._start_renewing()  # marks it alive, whoever drains or not
 
     def _claim(self, queue: str, n: int, *, take: bool) -> list[dict[str, Any]]:
         cursor = self._cursors.get(queue, "")
@@ -870,6 +892,8 @@ class Channel(virtual.Channel):
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         # basic_get: a queue need not be consumed to be read.
+        if queue in self._inbox:
+            self._transport.poll_notifies()
         messages = self._take_notified(queue, 1) or self._claim(
             queue, 1, take=queue in self._no_ack_queues
         )
@@ -1110,6 +1134,7 @@ class Transport(virtual.Transport):
         self._lock = threading.RLock()
         self._conns: dict[bool, psycopg.Connection[Any]] = {}
         self._listener: psycopg.Connection[Any] | None = None
+        self._watched_listener: psycopg.Connection[Any] | None = None  # in the loop
         # NOTIFY channel -> (channel, auto-delete queue) the listener receives for.
         self._listens: dict[str, tuple[_PgChannel, str]] = {}
         self._pid = os.getpid()
@@ -1252,11 +1277,8 @@ class Transport(virtual.Transport):
         wakeup = self._wakeup_pipe()[0]
         loop.add_reader(wakeup, self._on_readable, wakeup)
         self._readers = [wakeup]
-        listener = self._listening()
-        if listener is not None:
-            fd = listener.fileno()
-            loop.add_reader(fd, self._on_readable, fd)
-            self._readers.append(fd)
+        self._watched_listener = None
+        self._watch_listener()
         self._timers = [loop.call_repeatedly(self.settings.polling_interval, self._on_poll)]
         loop.call_soon(self._on_poll)
 
@@ -1288,7 +1310,41 @@ class Transport(virtual.Transport):
 
     def _on_poll(self) -> None:
         self._polled_at = 0.0  # the timer is the poll, even if it fires a moment early
+        try:
+            self._watch_listener()
+        except psycopg.Error as exc:  # the server is away: the claims will say so
+            logger.warning("could not listen for the broker's notifications: %s", exc)
         self._drain_ready()
+
+    def _watch_listener(self) -> None:
+        """Have the loop read the ``LISTEN`` connection; a new one if it was lost
+        (closed after a failed statement, or by the server), listening again on
+        every channel: the auto-delete queues (remote control's) hear nothing but
+        notifications."""
+        loop = self._loop
+        if loop is None or not self.settings.listen:
+            return
+        listener = self._listener
+        if listener is not None and not listener.closed and listener is self._watched_listener:
+            return
+        for fd in self._readers[1:]:  # the first is the wake pipe
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+        self._readers = self._readers[:1]
+        self._watched_listener = None
+        listener = self._listening()
+        if listener is not None:
+            fd = listener.fileno()
+            loop.add_reader(fd, self._on_readable, fd)
+            self._readers.append(fd)
+            self._watched_listener = listener
+
+    def poll_notifies(self) -> None:
+        """Take the notifications already received, without waiting (for basic_get)."""
+        listener = self._listener
+        if listener is not None and not listener.closed:
+            with self._lock:
+                self._consume_notifies(listener)
 
     def _drain_ready(self) -> None:
         """Claim and deliver what the channels have room for, without waiting."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -55,6 +56,15 @@ def auto_delete_flag(database: Database, queue: str) -> bool | None:
     with superuser(database) as conn:
         row = conn.execute(f"SELECT auto_delete FROM {QUEUES} WHERE name = %s", (queue,)).fetchone()
     return None if row is None else bool(row[0])
+
+
+def notify_channel_of(database: Database, queue: str) -> str | None:
+    with superuser(database) as conn:
+        row = conn.execute(
+            f"SELECT notify_channel FROM {QUEUES} WHERE name = %s", (queue,)
+        ).fetchone()
+    assert row is not None, queue
+    return None if row[0] is None else str(row[0])
 
 
 def listening(conn: Connection, queue: Queue, *, no_ack: bool = True) -> list[Message]:
@@ -178,7 +188,7 @@ def test_with_listen_off_auto_delete_queues_are_stored(database: Database) -> No
         Connection(url, transport_options=options) as publisher,
     ):
         got = listening(listener, queue)
-        assert auto_delete_flag(database, queue.name) is False
+        assert notify_channel_of(database, queue.name) is None  # stored
         Producer(publisher.default_channel, exchange=exchange).publish(
             {"n": 1}, routing_key="task.x", declare=[exchange]
         )
@@ -192,12 +202,19 @@ def test_an_abandoned_auto_delete_queue_is_deleted_and_a_live_one_kept(
     url: str, database: Database
 ) -> None:
     dead = f"ev.dead.{uuid.uuid4().hex[:6]}"
+    older = f"ev.older.{uuid.uuid4().hex[:6]}"
     with superuser(database) as conn:
         # What a process killed with SIGKILL leaves: its queue, binding and a message.
         conn.execute(
-            f"INSERT INTO {QUEUES} (name, auto_delete, declared_at)"
-            " VALUES (%s, true, now() - interval '61 seconds')",
+            f"INSERT INTO {QUEUES} (name, auto_delete, declared_at, notify_channel)"
+            " VALUES (%s, true, now() - interval '61 seconds', 'tenant_celery_message.0ff')",
             (dead,),
+        )
+        # A queue of a process of an earlier version (no channel, never marked): kept.
+        conn.execute(
+            f"INSERT INTO {QUEUES} (name, auto_delete, declared_at)"
+            " VALUES (%s, true, now() - interval '1 hour')",
+            (older,),
         )
         conn.execute(
             f"INSERT INTO {BINDINGS} (exchange, routing_key, pattern, queue)"
@@ -216,6 +233,7 @@ def test_an_abandoned_auto_delete_queue_is_deleted_and_a_live_one_kept(
             consumer.drain_events(timeout=0.2)  # maintains: deletes what is abandoned
         assert auto_delete_flag(database, dead) is None
         assert auto_delete_flag(database, live.name) is True
+        assert auto_delete_flag(database, older) is True
         with superuser(database) as conn:
             assert conn.execute(
                 f"SELECT count(*) FROM {BINDINGS} WHERE queue = %s", (dead,)
@@ -335,3 +353,84 @@ def test_messages_waiting_for_a_queue_nobody_consumes_do_not_spin_the_consumer(
         ).consume()
         drain(listener, got, 1)
         assert [m.payload for m in got] == [{"n": 1}]
+
+
+def test_a_publisher_declaring_the_queue_does_not_take_its_messages(
+    url: str, database: Database
+) -> None:
+    """kombu declares an auto-delete queue at every publish: a publisher must leave
+    the consumer's channel in place, or the messages would go to the publisher."""
+    name = f"ad.{uuid.uuid4().hex[:6]}"
+    queue = Queue(name, Exchange(name, "direct"), name, auto_delete=True)
+    with Connection(url) as consumer, Connection(url) as publisher:
+        got = listening(consumer, queue, no_ack=False)
+        channel = notify_channel_of(database, name)
+        assert channel is not None
+        producer = Producer(publisher.default_channel)
+        for index in range(20):
+            producer.publish(
+                {"n": index}, exchange=queue.exchange, routing_key=name, declare=[queue]
+            )
+        assert notify_channel_of(database, name) == channel
+        drain(consumer, got, 20)
+        assert sorted(m.payload["n"] for m in got) == list(range(20))
+        for message in got:
+            message.ack()
+
+
+def test_basic_get_reads_what_was_notified(url: str) -> None:
+    """A client that polls its queue (the rpc result backend's ``ready()``) without
+    draining the connection gets what was sent to it by notification."""
+    name = f"rpc.{uuid.uuid4().hex[:6]}"
+    queue = Queue(name, Exchange("rpc-test", "direct"), name, auto_delete=True, durable=False)
+    with Connection(url) as client, Connection(url) as worker:
+        # Consumed: its messages now come by notification (as the rpc backend does,
+        # on the connection's default channel, which its polling reads too).
+        Consumer(client.default_channel, [queue], callbacks=[], no_ack=True).consume()
+        Producer(worker.default_channel).publish(
+            {"result": 42}, exchange=queue.exchange, routing_key=name, declare=[queue.exchange]
+        )
+        bound = queue(client.default_channel)
+        message = None
+        for _ in range(50):
+            message = bound.get(no_ack=True)
+            if message is not None:
+                break
+            time.sleep(0.05)
+        assert message is not None
+        assert message.payload == {"result": 42}
+
+
+def test_in_the_event_loop_a_lost_listen_connection_is_replaced(url: str) -> None:
+    """A worker's remote control hears only notifications: when its LISTEN connection
+    is closed (a failed statement discards it, or the server ends it), the next poll
+    listens again on every channel, and what is sent afterwards is delivered."""
+    from kombu.asynchronous import Hub  # noqa: PLC0415
+
+    exchange = Exchange(f"ctl.{uuid.uuid4().hex[:6]}", "fanout", durable=False)
+    queue = Queue(f"w.celery.pidbox.{uuid.uuid4().hex[:6]}", exchange, auto_delete=True)
+    hub = Hub()
+    try:
+        with Connection(url, transport_options={"polling_interval": 0.2}) as conn:
+            got = listening(conn, queue)
+            transport: Any = conn.transport
+            transport.register_with_event_loop(conn.connection, hub)
+            loop = hub.create_loop()
+
+            def spin(until: Any, seconds: float = 10.0) -> None:
+                deadline = time.monotonic() + seconds
+                while not until():
+                    assert time.monotonic() < deadline, "the hub did not get there"
+                    next(loop)
+
+            old = transport._listener
+            old.close()  # as _discard() does after a failed statement
+            spin(lambda: transport._watched_listener not in (None, old))
+            with Connection(url) as publisher:
+                Producer(publisher.default_channel, exchange=exchange).publish(
+                    {"method": "ping"}, declare=[exchange]
+                )
+            spin(lambda: len(got) == 1)
+            assert got[0].payload == {"method": "ping"}
+    finally:
+        hub.close()

@@ -2,11 +2,12 @@
 
 Messages to an auto-delete queue (Celery's events, remote control and its
 replies) are sent with ``pg_notify`` on a channel that only the connection
-that declared the queue listens on.  Any role that can connect to the
+that consumes the queue listens on.  Any role that can connect to the
 database may ``LISTEN`` and ``NOTIFY`` on any channel, so the channel's name
-is random, chosen at each declaration and kept in this column: only a role
-that may read the queue table can learn it, as only such a role can read the
-messages the table holds.  ``NULL`` for a queue whose messages are stored.
+is random, chosen when a connection starts to consume the queue and kept in
+this column: only a role that may read the queue table can learn it, as only
+such a role can read the messages the table holds.  ``NULL`` for a queue
+whose messages are stored.
 
 Revision ID: tc0003
 Revises: tc0002
