@@ -34,10 +34,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from ._setting import send_before
 from .context import current_tenant
 from .errors import TenantCeleryError, TransactionTenantMismatch
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import ExceptionContext
     from sqlalchemy.engine.interfaces import DBAPIConnection
     from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 
@@ -54,7 +56,7 @@ _DIRTY = "tenant_celery.setting_touched"
 class _Transaction:
     """The tenant one transaction of a bound engine serves, and who may end it."""
 
-    __slots__ = ("connection", "frame", "pending", "refused", "session", "tenant")
+    __slots__ = ("connection", "frame", "pending", "refused", "sending", "session", "tenant")
 
     def __init__(self, connection: Connection, tenant: str | None) -> None:
         self.connection = connection
@@ -63,8 +65,12 @@ class _Transaction:
         self.refused: TenantCeleryError | None = None
         self.session: Session | None = None
         self.frame: _TaskFrame | None = None
-        #: Driver-level SQL and parameters to run before the transaction's first statement.
-        self.pending: tuple[str, Any] | None = None
+        #: The ``set_config`` to send with the transaction's first statement (see
+        #: :mod:`tenant_celery._setting`); ``None`` once it was sent.
+        self.pending: str | None = None
+        #: The ``set_config`` sent with the statement being executed: pending again if
+        #: that statement fails (it may not have reached the server).
+        self.sending: str | None = None
 
     def refusal(self) -> TenantCeleryError:
         if self.refused is not None:
@@ -172,15 +178,33 @@ class _EngineGuard:
         parameters: Any,
         context: Any,
         executemany: bool,
-    ) -> None:
+    ) -> tuple[str, Any]:
         tx = conn.__dict__.get(_ATTR)
         if tx is not None:
+            tx.sending = None
             if tx.refused is not None or tx.tenant != current_tenant():
                 raise tx.refusal()
-            if tx.pending is not None:  # a two-phase transaction's setting
-                sql, params = tx.pending
-                tx.pending = None
-                cursor.execute(sql, params)
+            if tx.pending is not None:  # the transaction's first statement
+                sql, tx.pending, tx.sending = tx.pending, None, tx.pending
+                sent = send_before(conn, cursor, statement, executemany, sql)
+                self._note(conn, statement, context)
+                return sent, parameters
+        self._note(conn, statement, context)
+        return statement, parameters
+
+    @staticmethod
+    def failed(context: ExceptionContext) -> None:
+        """A statement failed: a setting sent with it is pending again (``handle_error``).
+
+        Sending it twice is harmless; a statement after one that failed before
+        anything reached the server must not run without it.
+        """
+        conn = context.connection
+        tx = conn.__dict__.get(_ATTR) if conn is not None else None
+        if tx is not None and tx.sending is not None:
+            tx.pending, tx.sending = tx.sending, None
+
+    def _note(self, conn: Connection, statement: str, context: Any) -> None:
         lowered = statement.lower()
         for needle in self._needles:
             if needle in lowered:
@@ -254,7 +278,8 @@ def guard(engine: Engine, name: str, own: tuple[object, ...]) -> None:
         found = _EngineGuard()
         found.own = own
         found.add_name(name)
-        event.listen(engine, "before_cursor_execute", found.check_statement)
+        event.listen(engine, "before_cursor_execute", found.check_statement, retval=True)
+        event.listen(engine, "handle_error", found.failed)
         for ending in ("commit", "rollback", "commit_twophase", "rollback_twophase"):
             event.listen(engine, ending, clear)
         event.listen(engine, "checkout", found.checked_out)

@@ -33,6 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from . import _transaction_guard as _guard
+from ._setting import setting_sql
 from .config import guc_name
 from .context import current_tenant, parse_tenant_id, require_tenant, tenant_context
 from .errors import (
@@ -223,7 +224,8 @@ class _Begin:
         return tenant
 
     def begin(self, conn: Connection, session: Session | None = None) -> None:
-        """Set the tenant (or '' outside one: a session-level value must not show)."""
+        """Record the tenant (or '' outside one: a session-level value must not show);
+        its setting goes with the transaction's first statement (:mod:`._setting`)."""
         try:
             tenant = self.tenant_for(conn)
         except TenantCeleryError as exc:
@@ -231,21 +233,14 @@ class _Begin:
             # next statements would run without this hook: refuse them too.
             _guard.refuse(conn, exc, session)
             raise
-        conn.execute(_SET_CONFIG, {"name": self.name, "value": tenant or ""})
-        _guard.record(conn, tenant, session)
+        _guard.record(conn, tenant, session).pending = setting_sql(self.name, tenant or "")
 
     def begin_twophase(self, conn: Connection, xid: Any) -> None:
         # The event fires before the Connection holds its transaction (a
         # Connection.execute() here would begin another one) and, with psycopg 3,
-        # before tpc_begin(), which needs an idle connection: set the tenant with
-        # the driver just before the transaction's first statement.
+        # before tpc_begin(); the setting goes with the first statement, as above.
         tenant = self.tenant_for(conn)
-        compiled = _SET_CONFIG.compile(dialect=conn.dialect)
-        values = compiled.construct_params({"name": self.name, "value": tenant or ""})
-        params: Any = values
-        if compiled.positiontup is not None:
-            params = tuple(values[key] for key in compiled.positiontup)
-        _guard.record(conn, tenant).pending = (compiled.string, params)
+        _guard.record(conn, tenant).pending = setting_sql(self.name, tenant or "")
 
     def after_begin(
         self, session: Session, transaction: SessionTransaction, conn: Connection

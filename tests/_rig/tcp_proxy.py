@@ -8,14 +8,19 @@ Starting it again listens on the same port, so clients configured with it
 find the server back.  The target is ``(host, port)`` or a Unix socket path
 (a PostgreSQL that listens on a socket only).
 
+``tap``, if given, is called with every chunk forwarded, before it is sent on:
+``tap(connection_number, from_client, data)`` (see :mod:`tests._rig.pg_wire`).
+
 Threads and blocking sockets only, no pytest: the reliability suite uses it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from tests._rig.redis_server import free_port
@@ -27,8 +32,16 @@ _ACCEPT_POLL = 0.2
 class TcpProxy:
     """Forward ``127.0.0.1:<port>`` to ``target`` while started (see the module docs)."""
 
-    def __init__(self, target: tuple[str, int] | str, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int] | str,
+        *,
+        port: int | None = None,
+        tap: Callable[[int, bool, bytes], None] | None = None,
+    ) -> None:
         self.target = target
+        self.tap = tap
+        self._numbers = itertools.count(1)
         self.port = free_port() if port is None else port
         self.accepted = 0
         self._lock = threading.Lock()
@@ -117,12 +130,20 @@ class TcpProxy:
                 _close(upstream)
                 return
             self._open.update((client, upstream))
-        for source, sink in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+        number = next(self._numbers)
+        for source, sink, from_client in ((client, upstream, True), (upstream, client, False)):
+            threading.Thread(
+                target=self._pump, args=(source, sink, number, from_client), daemon=True
+            ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, number: int, from_client: bool
+    ) -> None:
+        tap = self.tap
         try:
             while data := source.recv(_CHUNK):
+                if tap is not None:
+                    tap(number, from_client, data)
                 sink.sendall(data)
         except OSError:
             pass

@@ -39,6 +39,8 @@ from tenant_celery import (
     tenant_session,
     tenant_task,
 )
+from tenant_celery._setting import setting_sql
+from tests._rig.pg_wire import PgWire, first_statement
 from tests._rig.postgres import Database
 
 from .notes import count_all, create_notes
@@ -199,42 +201,74 @@ def test_tenant_session_refuses_missing_tenant_before_opening(app_engine: Engine
 # --- bind_tenant_guc ----------------------------------------------------------
 
 
-def test_bind_adds_exactly_one_statement_per_transaction(
-    notes: Engine, app_engine: Engine, statements: list[str]
+@pytest.fixture
+def wire(database: Database) -> Iterator[PgWire]:
+    """A proxy in front of the server that reads what clients send it."""
+    with PgWire.to(database.app_url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def wire_engine(database: Database, wire: PgWire) -> Engine:
+    """``app_user`` through :func:`wire`; psycopg never prepares statements (preparing
+    one costs a round trip of its own, which would blur the counts)."""
+    psycopg3 = database.app_url.get_driver_name() == "psycopg"
+    return database.engine(
+        wire.url(database.app_url),
+        pool_size=1,
+        max_overflow=0,
+        connect_args={"prepare_threshold": None} if psycopg3 else {},
+    )
+
+
+def _settings_sent(wire: PgWire, since: int) -> list[str]:
+    return [sql for sql in wire.sql(since) if "set_config" in sql]
+
+
+def test_bind_sets_the_tenant_once_per_transaction_before_its_statements(
+    notes: Engine, wire: PgWire, wire_engine: Engine
 ) -> None:
-    unbind = bind_tenant_guc(app_engine)
+    unbind = bind_tenant_guc(wire_engine)
+    with wire_engine.connect():
+        pass  # the dialect's first-connect queries
+    mark = wire.mark()
     try:
         with tenant_context(A):
             for _ in range(3):
-                with app_engine.begin() as conn:
+                with wire_engine.begin() as conn:
                     for _ in range(4):
                         assert conn.execute(COUNT).scalar_one() == 3
     finally:
         unbind()
-    guc = [s for s in statements if "set_config" in s]
-    queries = [s for s in statements if "count(*)" in s]
-    assert len(guc) == 3
-    assert len(queries) == 12
-    assert len(statements) == 15
+    transactions = wire.transactions(mark)
+    assert len(transactions) == 3
+    assert len(_settings_sent(wire, mark)) == 3
+    for messages in transactions:
+        # BEGIN, the four queries and COMMIT: the setting travels with one of them
+        assert sum(1 for m in messages if m.kind == "Z") == 6
+        assert first_statement(messages).startswith(setting_sql(GUC, A))
 
 
 def test_bind_outside_tenant_sets_empty_or_refuses(
-    notes: Engine, app_engine: Engine, statements: list[str]
+    notes: Engine, wire: PgWire, wire_engine: Engine
 ) -> None:
-    unbind = bind_tenant_guc(app_engine)
+    unbind = bind_tenant_guc(wire_engine)
+    mark = wire.mark()
     try:
-        with app_engine.begin() as conn:
+        with wire_engine.begin() as conn:
             assert conn.execute(COUNT).scalar_one() == 0
             assert conn.execute(READ_GUC).scalar_one() == ""
     finally:
         unbind()
-    assert len([s for s in statements if "set_config" in s]) == 1  # '' for this transaction
-    unbind = bind_tenant_guc(app_engine, strict=True)
+    assert len(_settings_sent(wire, mark)) == 1  # '' for this transaction
+    unbind = bind_tenant_guc(wire_engine, strict=True)
+    mark = wire.mark()
     try:
-        with pytest.raises(TenantContextMissing), app_engine.begin() as conn:
+        with pytest.raises(TenantContextMissing), wire_engine.begin() as conn:
             conn.execute(text("INSERT INTO notes (tenant_id, body) VALUES (:a, 'x')"), {"a": A})
     finally:
         unbind()
+    assert wire.sql(mark) == []  # refused before anything reached the server
     assert count_all(notes) == 5
 
 
@@ -251,9 +285,10 @@ def test_bind_sessionmaker(notes: Engine, app_engine: Engine) -> None:
 
 
 def test_savepoint_in_another_tenant_is_refused(
-    notes: Engine, app_engine: Engine, statements: list[str]
+    notes: Engine, wire: PgWire, wire_engine: Engine
 ) -> None:
-    factory = sessionmaker(app_engine)
+    factory = sessionmaker(wire_engine)
+    mark = wire.mark()
     unbind = bind_tenant_guc(factory)
     try:
         with tenant_context(A), factory() as session:
@@ -268,7 +303,7 @@ def test_savepoint_in_another_tenant_is_refused(
             assert session.execute(COUNT).scalar_one() == 3  # a new transaction, in A
     finally:
         unbind()
-    assert len([s for s in statements if "set_config" in s]) == 2  # one per transaction
+    assert len(_settings_sent(wire, mark)) == 2  # one per transaction
 
 
 def test_bind_twice(app_engine: Engine) -> None:
