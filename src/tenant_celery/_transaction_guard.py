@@ -51,6 +51,8 @@ _ATTR = "_tenant_celery_transaction"
 # Flags in the pool record's info: the connection may hold a session-level setting.
 _RAW = "tenant_celery.raw_checkout"
 _DIRTY = "tenant_celery.setting_touched"
+# Statement texts whose scan is remembered per engine (then forgotten all at once).
+_SCANNED_MAX = 2048
 
 
 class _Transaction:
@@ -162,10 +164,14 @@ class _EngineGuard:
         self.own: tuple[object, ...] = ()
         self._needles: tuple[str, ...] = ("set_config",)
         self._set_statement: re.Pattern[str] | None = None
+        # statement text -> its lowercase form when it names a needle, else None:
+        # SQLAlchemy sends the same few texts again and again
+        self._scanned: dict[str, str | None] = {}
 
     def add_name(self, name: str) -> None:
         self.names.add(name)
         self._needles = ("set_config", *sorted(self.names))
+        self._scanned = {}
         names = "|".join(re.escape(n) for n in sorted(self.names))
         # SET [SESSION] name: what leaves a session-level value (SET LOCAL does not).
         self._set_statement = re.compile(rf'\bset\s+(?:session\s+)?"?(?:{names})\b')
@@ -205,11 +211,18 @@ class _EngineGuard:
             tx.pending, tx.sending = tx.sending, None
 
     def _note(self, conn: Connection, statement: str, context: Any) -> None:
-        lowered = statement.lower()
-        for needle in self._needles:
-            if needle in lowered:
-                self._note_setting(conn, lowered, context)
-                break
+        scanned = self._scanned
+        try:
+            lowered = scanned[statement]
+        except KeyError:
+            lowered = statement.lower()
+            if not any(needle in lowered for needle in self._needles):
+                lowered = None
+            if len(scanned) >= _SCANNED_MAX:
+                scanned.clear()
+            scanned[statement] = lowered
+        if lowered is not None:
+            self._note_setting(conn, lowered, context)
 
     def _note_setting(self, conn: Connection, lowered: str, context: Any) -> None:
         """A statement that may leave a session-level setting: reset it at check-in."""

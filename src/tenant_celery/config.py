@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from typing import Any
 
 from celery import Celery
+from celery.app.utils import Settings
+from celery.local import Proxy
 
 from .errors import ConfigurationError
 
@@ -55,13 +58,50 @@ def setting(app: Celery | None, name: str, default: Any = None) -> Any:
     """Read setting ``name`` from ``app.conf``, then the environment, then ``default``."""
     key = f"tenant_celery_{name}"
     if app is not None:
-        value = app.conf.get(key)
+        value = _conf_value(app, key)
         if value is not None:
             return value
     env = os.environ.get(key.upper())
     if env not in (None, ""):
         return env
     return default
+
+
+# Per app: the configuration's maps after its first (the changes), as they
+# were when read, and the values found in them.  Those maps hold the
+# configuration source and Celery's defaults; add_defaults() adds one.
+_read: weakref.WeakKeyDictionary[Celery, tuple[int, int, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _conf_value(app: Celery, key: str) -> Any:
+    """``app.conf.get(key)``, read once per app from the maps that do not change.
+
+    Tasks read settings for every message, and a miss in Celery's configuration
+    costs an exception per map.  A value set on ``app.conf`` (the changes map)
+    is read every time; the other maps are read again when one is added.
+    """
+    found_app: Any = app
+    if type(found_app) is Proxy:  # current_app
+        app = found_app._get_current_object()
+    conf: Any = app.conf
+    if type(conf) is not Settings or conf.prefix or conf.key_t is not None:
+        return conf.get(key)  # not loaded yet, or keys Celery rewrites
+    changed = (conf.changes or {}).get(key)
+    if changed is not None:
+        return changed
+    maps: list[Any] = conf.maps or []
+    found = _read.get(app)
+    if found is None or found[0] != id(conf) or found[1] != len(maps):
+        found = (id(conf), len(maps), {})
+        _read[app] = found
+    values = found[2]
+    if key not in values:
+        if any(rename(key) != key for rename in conf._keys or ()):
+            return conf.get(key)  # an old-style name: Celery reads both
+        values[key] = next((m[key] for m in maps[1:] if key in m), None)
+    return values[key]
 
 
 def header_name(app: Celery | None) -> str:
