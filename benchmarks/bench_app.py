@@ -13,7 +13,10 @@ The P1 body is one indexed ``SELECT`` and one ``INSERT`` on the RLS-protected
 * :func:`tenant_rw` is a tenant task on an engine bound with
   :func:`~tenant_celery.bind_tenant_guc`, connected as the app role (RLS
   applies): the tenant travels in the message header and the GUC is set by
-  the hook, one statement per transaction.
+  the hook, in a round trip the transaction makes anyway;
+* :func:`tenant_rw_own_statement` is the same tenant task on an engine that
+  is not bound, setting the GUC with :func:`~tenant_celery.set_tenant_guc`:
+  a statement of its own, as the binding's fallback sends it.
 
 Both return the wall-clock time the body finished, how long the body took
 (the transaction, ``set_config`` included) and the number of statements
@@ -41,7 +44,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from tenant_celery import bind_tenant_guc, current_tenant, tenant_task
+from tenant_celery import bind_tenant_guc, current_tenant, set_tenant_guc, tenant_task
 
 BROKER_URL_ENV = "TC_BENCH_BROKER_URL"
 BACKEND_URL_ENV = "TC_BENCH_BACKEND_URL"
@@ -58,6 +61,7 @@ and counts tasks (:func:`~tenant_celery.metrics.install_metrics`)."""
 
 PLAIN_RW = "bench.plain_rw"
 TENANT_RW = "bench.tenant_rw"
+TENANT_RW_OWN_STATEMENT = "bench.tenant_rw_own_statement"
 TENANT_NOOP = "bench.tenant_noop"
 TENANT_SLEEP = "bench.tenant_sleep"
 
@@ -113,15 +117,19 @@ class Engines:
     def __init__(self, *, app_url: str, plain_url: str) -> None:
         self.plain = _Counted(plain_url, tenant_guc=False)
         self.tenant = _Counted(app_url, tenant_guc=True)
+        self.own_statement = _Counted(app_url, tenant_guc=False)
 
     def dispose(self) -> None:
         self.plain.dispose()
         self.tenant.dispose()
+        self.own_statement.dispose()
 
 
-def _body(sessions: sessionmaker[Session], tenant: str) -> None:
+def _body(sessions: sessionmaker[Session], tenant: str, own_statement: bool = False) -> None:
     """The P1 body: read the tenant's newest item, then add one."""
     with sessions() as session, session.begin():
+        if own_statement:
+            set_tenant_guc(session, tenant)
         session.execute(SELECT_LAST, {"tenant": tenant}).first()
         session.execute(INSERT_ITEM, {"tenant": tenant, "payload": "benchmark"})
 
@@ -167,10 +175,14 @@ def make_app(
             raise RuntimeError(
                 f"the P1 tasks need databases: set {APP_DB_URL_ENV} and {PLAIN_DB_URL_ENV}"
             )
-        engine = engines.plain if which == "plain" else engines.tenant
+        engine = {
+            "plain": engines.plain,
+            "tenant": engines.tenant,
+            "own_statement": engines.own_statement,
+        }[which]
         sessions = engine.sessions()
         before, started = engine.statements, time.perf_counter()
-        _body(sessions, tenant_id)
+        _body(sessions, tenant_id, own_statement=which == "own_statement")
         return {
             "done": time.time(),
             "body_s": time.perf_counter() - started,
@@ -187,6 +199,13 @@ def make_app(
         if found is None:  # cannot happen: a tenant task's body runs inside its tenant
             raise RuntimeError("tenant_rw ran without a tenant")
         return counted("tenant", found)
+
+    @tenant_task(app=app, name=TENANT_RW_OWN_STATEMENT, shared=False)
+    def tenant_rw_own_statement() -> dict[str, Any]:
+        found = current_tenant()
+        if found is None:  # cannot happen: a tenant task's body runs inside its tenant
+            raise RuntimeError("tenant_rw_own_statement ran without a tenant")
+        return counted("own_statement", found)
 
     @tenant_task(app=app, name=TENANT_NOOP, shared=False)
     def tenant_noop() -> dict[str, Any]:
