@@ -64,7 +64,12 @@ def test_environment_when_the_app_says_nothing(monkeypatch: pytest.MonkeyPatch) 
 def test_current_app_proxy() -> None:
     from celery import current_app  # noqa: PLC0415
 
-    app = Celery("config-test-current")
+    previous = current_app._get_current_object()
+    app = Celery("config-test-current", set_as_current=False)
     app.conf.tenant_celery_guc = "current.app"
-    with app:  # makes it the current app
+    app.set_current()
+    try:
         assert setting(current_app, "guc") == "current.app"
+    finally:
+        previous.set_current()
+    assert setting(current_app, "guc") != "current.app"
