@@ -20,9 +20,10 @@ psycopg2
     (``SELECT set_config(...); <statement>``): psycopg2 sends a statement as a
     simple query and reports the last result.
 Anything else
-    (another driver, an ``executemany``, a server-side cursor, a psycopg 3
-    connection whose transaction was begun by other means, a pipeline): the
-    ``set_config`` runs as a statement of its own, as before.
+    (another driver; on psycopg2 an ``executemany`` or a server-side cursor as
+    the first statement; a psycopg 3 connection whose transaction was begun
+    on the DBAPI connection, in pipeline mode, or two-phase): the
+    ``set_config`` runs as a statement of its own.
 
 Either way it reaches the server before the first statement, in the same
 transaction, or the statement is not sent.  The value is a SQL literal, never
@@ -46,15 +47,27 @@ from .config import validate_guc_name
 _PLAIN = re.compile(r"[A-Za-z0-9_.:@+-]*\Z")
 
 
-@lru_cache(maxsize=4096)
+Setting = tuple[str, str]
+"""A setting name and the value to give it for the transaction."""
+
+
 def setting_sql(name: str, value: str) -> str:
     """``SELECT pg_catalog.set_config('<name>', <value literal>, true)``: no parameters.
 
     ``name`` must be a ``word.word`` setting name
     (:func:`~tenant_celery.config.validate_guc_name` raises otherwise).
     """
-    validate_guc_name(name)
-    return f"SELECT pg_catalog.set_config('{name}', {_literal(value)}, true)"
+    return settings_sql(((name, value),))
+
+
+@lru_cache(maxsize=4096)
+def settings_sql(settings: tuple[Setting, ...]) -> str:
+    """One ``SELECT`` that makes each setting, in order."""
+    calls = []
+    for name, value in settings:
+        validate_guc_name(name)
+        calls.append(f"pg_catalog.set_config('{name}', {_literal(value)}, true)")
+    return "SELECT " + ", ".join(calls)
 
 
 def _literal(value: str) -> str:

@@ -34,7 +34,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ._setting import send_before
+from ._setting import Setting, send_before, settings_sql
 from .context import current_tenant
 from .errors import TenantCeleryError, TransactionTenantMismatch
 
@@ -69,10 +69,10 @@ class _Transaction:
         self.frame: _TaskFrame | None = None
         #: The ``set_config`` to send with the transaction's first statement (see
         #: :mod:`tenant_celery._setting`); ``None`` once it was sent.
-        self.pending: str | None = None
-        #: The ``set_config`` sent with the statement being executed: pending again if
+        self.pending: tuple[Setting, ...] | None = None
+        #: The settings sent with the statement being executed: pending again if
         #: that statement fails (it may not have reached the server).
-        self.sending: str | None = None
+        self.sending: tuple[Setting, ...] | None = None
 
     def refusal(self) -> TenantCeleryError:
         if self.refused is not None:
@@ -129,6 +129,22 @@ def record(
         _forget(previous)
     connection.__dict__[_ATTR] = tx
     return tx
+
+
+def begin(
+    connection: Connection, tenant: str | None, setting: Setting, session: Session | None = None
+) -> None:
+    """Record a new transaction serving ``tenant``, with ``setting`` to make first.
+
+    An engine and a session factory on it may both be bound: the second hook
+    of one transaction adds its setting to the first's, unsent yet.
+    """
+    previous = connection.__dict__.get(_ATTR)
+    tx = record(connection, tenant, session)
+    settings: tuple[Setting, ...] = (setting,)
+    if previous is not None and previous.pending is not None and previous.tenant == tenant:
+        settings = (*(s for s in previous.pending if s[0] != setting[0]), setting)
+    tx.pending = settings
 
 
 def refuse(
@@ -191,8 +207,8 @@ class _EngineGuard:
             if tx.refused is not None or tx.tenant != current_tenant():
                 raise tx.refusal()
             if tx.pending is not None:  # the transaction's first statement
-                sql, tx.pending, tx.sending = tx.pending, None, tx.pending
-                sent = send_before(conn, cursor, statement, executemany, sql)
+                settings, tx.pending, tx.sending = tx.pending, None, tx.pending
+                sent = send_before(conn, cursor, statement, executemany, settings_sql(settings))
                 self._note(conn, statement, context)
                 return sent, parameters
         self._note(conn, statement, context)

@@ -33,7 +33,6 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from . import _transaction_guard as _guard
-from ._setting import setting_sql
 from .config import guc_name
 from .context import current_tenant, parse_tenant_id, require_tenant, tenant_context
 from .errors import (
@@ -233,14 +232,14 @@ class _Begin:
             # next statements would run without this hook: refuse them too.
             _guard.refuse(conn, exc, session)
             raise
-        _guard.record(conn, tenant, session).pending = setting_sql(self.name, tenant or "")
+        _guard.begin(conn, tenant, (self.name, tenant or ""), session)
 
     def begin_twophase(self, conn: Connection, xid: Any) -> None:
         # The event fires before the Connection holds its transaction (a
         # Connection.execute() here would begin another one) and, with psycopg 3,
         # before tpc_begin(); the setting goes with the first statement, as above.
         tenant = self.tenant_for(conn)
-        _guard.record(conn, tenant).pending = setting_sql(self.name, tenant or "")
+        _guard.begin(conn, tenant, (self.name, tenant or ""))
 
     def after_begin(
         self, session: Session, transaction: SessionTransaction, conn: Connection

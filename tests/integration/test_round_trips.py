@@ -291,3 +291,36 @@ def test_pgbouncer_transaction_pooling_no_extra_round_trip(
         bound.dispose()
     assert counts == [0] * 4 + [2] * 4
     assert _round_trips(tenant_txs) == _round_trips(plain_txs) == [4, 4, 4]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_engine_and_session_factory_both_bound_send_both_settings(
+    database: Database, wire: PgWire, driver: str
+) -> None:
+    """A session factory bound with another setting name than its engine: the
+    transaction makes both settings, in the one message that carries the first."""
+    plain, bound = _engines(database, wire, driver)
+    factory = sessionmaker(bound)
+    unbind = bind_tenant_guc(factory, setting="app.other_tenant")
+    other = sa.text("SELECT current_setting('app.other_tenant', true)")
+    try:
+
+        def body(maker: Callable[[], Session]) -> Callable[[], None]:
+            def run() -> None:
+                with tenant_context(A), maker() as session, session.begin():
+                    session.execute(COUNT)
+
+            return run
+
+        plain_txs = _per_transaction(wire, body(sessionmaker(plain)))
+        tenant_txs = _per_transaction(wire, body(factory))
+        assert _round_trips(tenant_txs) == _round_trips(plain_txs)
+        for tx in tenant_txs:
+            first = first_statement(tx)
+            assert first.startswith(setting_sql(GUC, A)[: -len(", true)")]), first
+            assert "pg_catalog.set_config('app.other_tenant'" in first.split(";")[0]
+        with tenant_context(A), factory() as session:
+            assert session.execute(SETTING).scalar_one() == A
+            assert session.execute(other).scalar_one() == A
+    finally:
+        unbind()
