@@ -2,40 +2,49 @@
 
 A bound engine compares each statement's transaction tenant with the current
 tenant before the statement is sent (and looks for statements that could leave
-a session-level setting); a pooled connection is reset at check-in only when
-it may hold one.  Both engines below connect as the app role to the RLS-protected
-items table, with one pooled connection each, in the same process:
+a session-level setting), and sends the transaction's ``set_config`` in a round
+trip the transaction makes anyway (on psycopg 3, in one message with its
+``BEGIN``); a pooled connection is reset at check-in only when it may hold a
+session-level setting.  The engines below connect with psycopg 3 as the app
+role to the RLS-protected items table, with one pooled connection each, in the
+same process:
 
 ``unbound``
     the baseline: ``set_tenant_guc`` called by hand at the start of each
     transaction, no listener at all;
-``bound``
-    ``bind_tenant_guc(engine)``, queried inside ``tenant_context``.
-
 ``no-op listener``
     the baseline plus a ``before_cursor_execute`` listener that does nothing:
     SQLAlchemy's own price for any statement listener;
+``bound``
+    ``bind_tenant_guc(engine)``, queried inside ``tenant_context``.
 
 (a) Client CPU per statement (``time.process_time``), a transaction of
     :data:`STATEMENTS` indexed ``SELECT``\\ s, the variants alternating round by
-    round; and the check alone, called directly.
-(b) Round trips to the server per checkout, counted by the driver (psycopg 3:
-    each query, the ``BEGIN`` it implies, each ``COMMIT``/``ROLLBACK`` of an open
-    transaction): a transaction of one query on each engine, the same outside
-    any tenant, and a raw DBAPI checkout (which is reset at check-in).
+    round; and the check alone, called directly.  These engines connect to the
+    server directly.
+(b) Round trips to the server per checkout, check-in included, counted on the
+    wire: a second pair of engines (unbound and bound) connects through
+    :class:`~tests._rig.pg_wire.PgWire`, a proxy that parses the PostgreSQL
+    protocol, and a round trip is a ``ReadyForQuery`` the server sends (one per
+    simple query, one per extended-protocol ``Sync``), whatever the driver sends
+    it through (the bound engine's ``BEGIN; SELECT set_config(...)`` goes through
+    psycopg's ``pgconn``, unseen by its cursors).  The cases: a transaction of
+    one query in a tenant (on the unbound engine both without a setting and with
+    ``set_tenant_guc`` by hand), the same outside any tenant, and a raw DBAPI
+    checkout (which the bound engine resets at check-in).  The proxy is kept out
+    of (a): it adds latency to every round trip.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import sqlalchemy as sa
-from psycopg.pq import TransactionStatus
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 
 from tenant_celery import bind_tenant_guc, set_tenant_guc, tenant_context
 from tenant_celery._transaction_guard import _guards
@@ -43,48 +52,38 @@ from tenant_celery._transaction_guard import _guards
 from ._common import ITEMS_TABLE, BenchContext, Section, alternate, median, ratio
 from ._scratch import seed_tenants
 
+if TYPE_CHECKING:
+    from tests._rig.pg_wire import PgWire
+
 STATEMENTS = 50
 """Statements per measured transaction."""
 QUERY = sa.text(f"SELECT id, payload FROM {ITEMS_TABLE} WHERE id = :id")
+TRIP_REPEATS = 3
+"""Checkouts counted per case and engine; the count is per checkout."""
+TRIP_WARM = 8
+"""Checkouts run before counting: psycopg 3 prepares a statement on the server at its
+sixth execution (``prepare_threshold``, 5 by default), which costs one round trip
+once; counted before it, that one-off shows up as a fraction."""
+
+IN_TENANT = "transaction in a tenant, one query"
+OUTSIDE = "transaction outside any tenant, one query"
+RAW = "raw DBAPI checkout, one query"
+PLAIN, BY_HAND, BOUND = "plain", "by hand", "bound"
+"""Round-trip variants: the unbound engine without any setting, the unbound engine with
+``set_tenant_guc`` by hand (in a tenant only), the bound engine."""
 
 
-class _CountingCursor(psycopg.Cursor[Any]):
-    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        connection = self.connection
-        assert isinstance(connection, _CountingConnection)
-        idle = connection.info.transaction_status == TransactionStatus.IDLE
-        connection.trips += 1 + (1 if idle and not connection.autocommit else 0)
-        return super().execute(query, params, **kwargs)
+def _url(ctx: BenchContext) -> URL:
+    """The app role's URL with psycopg 3, whatever the rig's driver."""
+    return ctx.app_url.set(drivername="postgresql+psycopg")
 
 
-class _CountingConnection(psycopg.Connection[Any]):
-    """A psycopg connection that counts what it sends to the server."""
-
-    trips = 0
-
-    def _ends(self) -> None:
-        if self.info.transaction_status != TransactionStatus.IDLE:
-            self.trips += 1
-
-    def commit(self) -> None:
-        self._ends()
-        super().commit()
-
-    def rollback(self) -> None:
-        self._ends()
-        super().rollback()
-
-
-def _engines(ctx: BenchContext) -> tuple[Engine, Engine, Engine]:
-    conninfo = ctx.app_url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-    def connect() -> _CountingConnection:
-        return _CountingConnection.connect(conninfo, cursor_factory=_CountingCursor)
-
-    unbound = ctx.engine(ctx.app_url, pool_size=1, max_overflow=0, creator=connect)
-    listened = ctx.engine(ctx.app_url, pool_size=1, max_overflow=0, creator=connect)
+def _engines(ctx: BenchContext, url: URL) -> tuple[Engine, Engine, Engine]:
+    """(unbound, no-op listener, bound) on ``url``, one pooled connection each."""
+    unbound = ctx.engine(url, pool_size=1, max_overflow=0)
+    listened = ctx.engine(url, pool_size=1, max_overflow=0)
     event.listen(listened, "before_cursor_execute", _nothing_done)
-    bound = ctx.engine(ctx.app_url, pool_size=1, max_overflow=0, creator=connect)
+    bound = ctx.engine(url, pool_size=1, max_overflow=0)
     bind_tenant_guc(bound)
     return unbound, listened, bound
 
@@ -129,29 +128,45 @@ def _check_alone(bound: Engine, tenant: str) -> float:
     calls = 200_000
     with tenant_context(tenant), bound.begin() as conn:
         statement = str(QUERY.compile(dialect=bound.dialect))
-        check: Callable[..., None] = guard.check_statement
+        check: Callable[..., object] = guard.check_statement
         started = time.perf_counter()
         for _ in range(calls):
             check(conn, None, statement, {}, None, False)
         return (time.perf_counter() - started) / calls * 1e9
 
 
-def _trips(engine: Engine, action: Callable[[], None]) -> int:
-    """Round trips ``action`` costs on ``engine``'s one pooled connection, check-in included."""
-    with engine.connect() as conn:  # the same DBAPI connection serves the action
-        dbapi = conn.connection.dbapi_connection
-    assert isinstance(dbapi, _CountingConnection)
-    before = dbapi.trips
-    action()
-    return dbapi.trips - before
+@contextmanager
+def _wire(ctx: BenchContext) -> Iterator[tuple[PgWire, Engine, Engine]]:
+    """A PgWire proxy to the server, and (unbound, bound) engines connecting through it."""
+    from tests._rig.pg_wire import PgWire  # noqa: PLC0415 (the benchmarks run from a checkout)
+
+    with PgWire.to(ctx.app_url) as wire:
+        url = wire.url(_url(ctx))
+        unbound = ctx.engine(url, pool_size=1, max_overflow=0)
+        bound = ctx.engine(url, pool_size=1, max_overflow=0)
+        bind_tenant_guc(bound)
+        try:
+            yield wire, unbound, bound
+        finally:  # close their connections while the proxy still runs
+            unbound.dispose()
+            bound.dispose()
 
 
-def _round_trips(engines: dict[str, Engine], tenant: str) -> dict[str, dict[str, int]]:
-    unbound, bound = engines["unbound"], engines["bound"]
+def _trips(wire: PgWire, action: Callable[[], None]) -> float | int:
+    """``ReadyForQuery`` messages per ``action`` (one checkout, check-in included)."""
+    for _ in range(TRIP_WARM):  # connect, the dialect's first queries, psycopg's prepare
+        action()
+    mark = wire.mark()
+    for _ in range(TRIP_REPEATS):
+        action()
+    per_checkout = wire.round_trips(mark) / TRIP_REPEATS
+    return int(per_checkout) if per_checkout.is_integer() else per_checkout
 
+
+def _round_trips(ctx: BenchContext, tenant: str) -> dict[str, dict[str, float | int]]:
     def one_query(engine: Engine, in_tenant: bool, by_hand: bool) -> Callable[[], None]:
         def run() -> None:
-            with tenant_context(tenant) if in_tenant else _nothing(), engine.begin() as conn:
+            with tenant_context(tenant) if in_tenant else nullcontext(), engine.begin() as conn:
                 if by_hand:
                     set_tenant_guc(conn, tenant)
                 conn.execute(QUERY, {"id": 1}).all()
@@ -170,41 +185,56 @@ def _round_trips(engines: dict[str, Engine], tenant: str) -> dict[str, dict[str,
 
         return run
 
-    cases = {
-        "transaction in a tenant, one query": (
-            one_query(unbound, True, True),
-            one_query(bound, True, False),
+    with _wire(ctx) as (wire, unbound, bound):
+        cases: dict[str, dict[str, Callable[[], None]]] = {
+            IN_TENANT: {
+                PLAIN: one_query(unbound, True, False),
+                BY_HAND: one_query(unbound, True, True),
+                BOUND: one_query(bound, True, False),
+            },
+            OUTSIDE: {
+                PLAIN: one_query(unbound, False, False),
+                BOUND: one_query(bound, False, False),
+            },
+            RAW: {PLAIN: raw(unbound), BOUND: raw(bound)},
+        }
+        return {
+            label: {variant: _trips(wire, action) for variant, action in actions.items()}
+            for label, actions in cases.items()
+        }
+
+
+def _expectations(trips: dict[str, dict[str, float | int]]) -> dict[str, bool]:
+    """What the counts must show now that the setting rides with ``BEGIN``, and whether they do."""
+    tenant, outside, raw = trips[IN_TENANT], trips[OUTSIDE], trips[RAW]
+    return {
+        "in a tenant the bound engine's setting rides with BEGIN: bound = plain": (
+            tenant[BOUND] == tenant[PLAIN]
         ),
-        "transaction outside any tenant, one query": (
-            one_query(unbound, False, False),
-            one_query(bound, False, False),
+        "set_tenant_guc by hand costs a round trip of its own: by hand = plain + 1": (
+            tenant[BY_HAND] == tenant[PLAIN] + 1
         ),
-        "raw DBAPI checkout, one query": (raw(unbound), raw(bound)),
+        "outside any tenant the bound engine's '' rides with BEGIN too: bound = plain": (
+            outside[BOUND] == outside[PLAIN]
+        ),
+        "a raw DBAPI checkout is reset when it returns to the pool: bound = plain + 1": (
+            raw[BOUND] == raw[PLAIN] + 1
+        ),
     }
-    found: dict[str, dict[str, int]] = {}
-    for label, (baseline, guarded) in cases.items():
-        _trips(unbound, baseline)  # warm
-        _trips(bound, guarded)
-        found[label] = {"unbound": _trips(unbound, baseline), "bound": _trips(bound, guarded)}
-    return found
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def run(ctx: BenchContext) -> Section:
-    """Measure both engines and return the section (key ``guard``)."""
-    unbound, listened, bound = _engines(ctx)
+    """Measure the engines and return the section (key ``guard``)."""
+    unbound, listened, bound = _engines(ctx, _url(ctx))
     engines = {"unbound": unbound, "no-op listener": listened, "bound": bound}
     tenant = seed_tenants()[0]
     cpu = _cpu_per_statement(ctx, engines, tenant)
     alone_ns = _check_alone(bound, tenant)
-    trips = _round_trips(engines, tenant)
+    trips = _round_trips(ctx, tenant)
+    expected = _expectations(trips)
+    for claim, holds in expected.items():
+        if not holds:
+            ctx.say(f"guard round trips: expected {claim}, found {trips}")
     section = Section("guard", "bind_tenant_guc: per-statement check and check-in reset")
     cpu_median = {name: median(values) for name, values in cpu["cpu_us"].items()}
     wall_median = {name: median(values) for name, values in cpu["wall_us"].items()}
@@ -227,24 +257,43 @@ def run(ctx: BenchContext) -> Section:
                 "unbound: set_tenant_guc by hand in each transaction; no-op listener: the same "
                 "with a before_cursor_execute listener that does nothing; bound: bind_tenant_guc",
                 f"the check alone, called directly: {alone_ns:.0f} ns per statement",
+                "psycopg 3, straight to the server (no proxy in the timed path)",
             ],
         )
     )
     section.tables.append(
         ctx.report(
-            "Round trips to the server per checkout, check-in included",
-            ["case", "unbound", "bound", "extra"],
+            "Round trips to the server per checkout, check-in included (psycopg 3, on the wire)",
             [
-                [label, c["unbound"], c["bound"], c["bound"] - c["unbound"]]
+                "case",
+                "unbound, plain",
+                "unbound, set_tenant_guc by hand",
+                "bound",
+                "extra (bound - plain)",
+            ],
+            [
+                [label, c[PLAIN], c.get(BY_HAND), c[BOUND], c[BOUND] - c[PLAIN]]
                 for label, c in trips.items()
             ],
             [
-                "counted by the driver: queries, the BEGIN each transaction implies, "
-                "COMMIT/ROLLBACK of an open transaction",
-                "outside a tenant the bound engine sets '' for the transaction; "
-                "a raw checkout is reset when it returns to the pool",
+                "counted on the wire: ReadyForQuery messages the server sent (one per simple "
+                "query or Sync, each a round trip) through a PgWire proxy, per checkout, "
+                f"the mean of {TRIP_REPEATS} after {TRIP_WARM} to warm up (psycopg's one-off "
+                "prepare of a repeated statement is then behind)",
+                "plain: the unbound engine with no tenant setting at all; on psycopg 3 a "
+                "transaction is BEGIN, the query, COMMIT; the bound engine sends BEGIN and its "
+                "set_config in one message",
+                *(
+                    f"{claim}: {'holds' if holds else 'DOES NOT HOLD'}"
+                    for claim, holds in expected.items()
+                ),
             ],
         )
     )
-    section.data = {"cpu": cpu, "check_alone_ns": round(alone_ns, 1), "round_trips": trips}
+    section.data = {
+        "cpu": cpu,
+        "check_alone_ns": round(alone_ns, 1),
+        "round_trips": trips,
+        "round_trips_expected": expected,
+    }
     return section
