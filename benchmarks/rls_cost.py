@@ -1,34 +1,52 @@
-"""P2, RLS cost: the same queries under the package's policy, an explicit WHERE and a naive policy.
+"""P2, RLS cost: the same queries under the package's policy, an explicit WHERE, a
+control without row-level security and a naive policy.
 
-One table, ``p2_items`` (``id``, ``tenant_id uuid``, ``created_at``, ``amount``,
-``payload``), indexed on ``(tenant_id, created_at)`` and filled with
-``INSERT ... SELECT`` from ``generate_series``: tenants take turns row by row,
-so every tenant's rows are spread over the whole table, as they are in a
-table that many tenants append to.  Three setups read the very same table and
-index, in the same run, interleaved:
+Four setups, each on a connection of its own and each reading a table of its
+own, ``p2_items_<setup>`` (``id``, ``tenant_id uuid``, ``created_at``,
+``amount``, ``payload``), indexed on ``(tenant_id, created_at)``.  The first
+is filled with ``INSERT ... SELECT`` from ``generate_series``: tenants take
+turns row by row, so every tenant's rows are spread over the whole table, as
+they are in a table that many tenants append to.  The others are copies of
+it, the same rows in the same order, indexed and analysed the same way.
 
 ``explicit``
-    the baseline: a role that row-level security does not filter (the run's
-    ``BYPASSRLS`` role, because the package's policy is ``FORCE``\\ d and so
-    filters the table's owner too), with ``WHERE tenant_id = %s`` written into
-    each query;
+    the baseline: the run's ``BYPASSRLS`` role (no superuser, owns nothing) on
+    a table without row-level security, with ``WHERE tenant_id = %s`` written
+    into each query: what a host without tenancy runs;
+``control``
+    the app role (no superuser, no ``BYPASSRLS``, owns nothing) on a table
+    without row-level security, with the same explicit ``WHERE``.  No policy
+    is involved, so control/explicit is what another role, another connection
+    and another copy of the table cost by themselves: the noise floor the
+    policy's ratio is read against;
 ``package``
-    the app role (no superuser, no ``BYPASSRLS``, owns nothing) under the
-    policy :func:`tenant_celery.rls.enable_tenant_rls_sql` writes, the tenant
-    set with ``set_config(name, value, true)`` in each transaction, the
+    the app role on a table under the policy
+    :func:`tenant_celery.rls.enable_tenant_rls_sql` writes (forced), the
+    tenant set with ``set_config(name, value, true)`` in each transaction, the
     queries without any tenant predicate;
 ``naive``
-    a role of its own under ``tenant_id =
-    current_setting('app.current_tenant_id')::uuid`` (no scalar subquery,
-    no ``NULLIF``), set and queried the same way.
+    a role of its own on a table under ``tenant_id =
+    current_setting('app.current_tenant_id')::uuid`` (forced, no scalar
+    subquery, no ``NULLIF``), set and queried the same way.
 
-Both policies live on the table at once, each limited to its role
-(``CREATE POLICY ... TO role``), so the setups can take turns query by query
-on the same pages.  Each round picks one random tenant and position and runs
-the three queries in every setup, the setups in a new random order each
-round.  A query's time is its ``execute`` plus ``fetchall`` on the client
-(psycopg, prepared after five runs as psycopg does by default); the
+A table of its own per setup, rather than one table for all: a table read by
+more setups than another was measured faster, even with every page in shared
+buffers, so setups sharing a table would not compare with the control on its
+copy.  Every query runs twice per round and setup: as a server-side prepared
+statement (psycopg's ``prepare=True``) and unprepared, parsed and planned at
+each execution (``prepare=False``).  Each round picks one random tenant and
+position and runs the three queries in every setup both ways, the eight
+(setup, statement) pairs in a new random order each round.  Just before each
+timed query, a connection of its own runs the same query on the same table,
+untimed, so every setup finds the pages it reads in shared buffers.  A
+query's time is its ``execute`` plus ``fetchall`` on the client; the
 transaction's time adds ``BEGIN``, the ``set_config`` and ``COMMIT``.
+
+The rounds are split into several runs, each with new connections and a
+warm-up of its own.  Every ratio is taken within a run, between the medians
+of the same rounds, and reported as the median of the runs with the lowest and
+highest run beside it.  The target compares the policy with the control:
+(package/explicit) / (control/explicit), that is package/control, run by run.
 """
 
 from __future__ import annotations
@@ -46,23 +64,36 @@ from psycopg import sql
 from tenant_celery.config import DEFAULT_GUC
 from tenant_celery.rls import enable_tenant_rls_sql
 
-from ._common import BenchContext, Section, median, percentile, ratio, stopwatch
+from ._common import BenchContext, Cell, Section, median, percentile, ratio, stopwatch
 from ._scratch import connect
 
-TABLE = "p2_items"
-INDEX = "p2_items_tenant_created"
+SETUPS = ("explicit", "control", "package", "naive")
+TABLES = {setup: f"p2_items_{setup}" for setup in SETUPS}
+"""Each setup's own copy of the table: the same rows in the same order, the same index."""
 TARGET = 1.1
-"""Published target: package policy / explicit WHERE, query medians."""
+"""Published target: (package/explicit) / (control/explicit), query medians."""
 
-SETUPS = ("explicit", "package", "naive")
+MODES = ("prepared", "unprepared")
+"""``prepared``: psycopg's ``prepare=True``; ``unprepared``: ``prepare=False``."""
 START = datetime(2024, 1, 1, tzinfo=timezone.utc)
 """``created_at`` of every tenant's first row; each next row is one minute later."""
 _SET_GUC = "SELECT set_config(%s, %s, true)"
+RATIOS = (
+    "control/explicit",
+    "package/explicit",
+    "package/control",
+    "naive/explicit",
+    "txn package/explicit",
+)
+"""The ratios each run gives, for every query and statement; ``txn``: whole transactions."""
 
 
 @dataclass(frozen=True)
 class Query:
-    """One measured query: its text under RLS, and with the explicit tenant predicate."""
+    """One measured query: its text under RLS, and with the explicit tenant predicate.
+
+    ``{table}`` stands for the table the setup reads.
+    """
 
     name: str
     label: str
@@ -73,24 +104,24 @@ class Query:
 QUERIES = (
     Query(
         "point",
-        "point lookup (tenant, created_at)",
-        f"SELECT id, tenant_id, created_at, amount, payload FROM {TABLE} WHERE created_at = %s",
-        f"SELECT id, tenant_id, created_at, amount, payload FROM {TABLE} "
+        "one row by (tenant, created_at)",
+        "SELECT id, tenant_id, created_at, amount, payload FROM {table} WHERE created_at = %s",
+        "SELECT id, tenant_id, created_at, amount, payload FROM {table} "
         "WHERE tenant_id = %s AND created_at = %s",
     ),
     Query(
         "range",
-        "100-row range by created_at",
-        f"SELECT id, created_at, amount FROM {TABLE} WHERE created_at >= %s "
+        "the tenant's 100 rows from a created_at on",
+        "SELECT id, created_at, amount FROM {table} WHERE created_at >= %s "
         "ORDER BY created_at LIMIT 100",
-        f"SELECT id, created_at, amount FROM {TABLE} WHERE tenant_id = %s AND created_at >= %s "
+        "SELECT id, created_at, amount FROM {table} WHERE tenant_id = %s AND created_at >= %s "
         "ORDER BY created_at LIMIT 100",
     ),
     Query(
         "aggregate",
-        "count + sum over the tenant",
-        f"SELECT count(*), sum(amount) FROM {TABLE} WHERE %s::timestamptz IS NOT NULL",
-        f"SELECT count(*), sum(amount) FROM {TABLE} WHERE tenant_id = %s "
+        "count and sum over the tenant's rows",
+        "SELECT count(*), sum(amount) FROM {table} WHERE %s::timestamptz IS NOT NULL",
+        "SELECT count(*), sum(amount) FROM {table} WHERE tenant_id = %s "
         "AND %s::timestamptz IS NOT NULL",
     ),
 )
@@ -98,24 +129,35 @@ QUERIES = (
 so every query has the same parameters."""
 
 
+def index_name(table: str) -> str:
+    """The ``(tenant_id, created_at)`` index of ``table``."""
+    return f"{table}_tenant_created"
+
+
 def tenant_ids(count: int) -> list[str]:
     """The tenants of the table, in the order the build assigns them (fixed across runs)."""
     return [str(uuid.uuid5(uuid.NAMESPACE_URL, f"tenant-celery-p2-{n}")) for n in range(count)]
 
 
+_COLUMNS = (
+    "(id bigint PRIMARY KEY, tenant_id uuid NOT NULL, "
+    "created_at timestamptz NOT NULL, amount integer NOT NULL, payload text NOT NULL)"
+)
+
+
 def _build(ctx: BenchContext, rows: int, tenants: int, naive_role: str) -> dict[str, Any]:
-    """Create and fill the table, its index and both policies; return what was built."""
+    """Create and fill every setup's table, their indexes and both policies."""
     plain_role = ctx.plain_url.username
+    assert plain_role is not None
+    source = TABLES["package"]
     with connect(ctx.admin_url, autocommit=True) as conn, stopwatch() as elapsed:
         conn.execute(
             sql.SQL("CREATE ROLE {} NOLOGIN NOSUPERUSER NOBYPASSRLS").format(
                 sql.Identifier(naive_role)
             )
         )
-        conn.execute(
-            f"CREATE TABLE {TABLE} (id bigint PRIMARY KEY, tenant_id uuid NOT NULL, "
-            "created_at timestamptz NOT NULL, amount integer NOT NULL, payload text NOT NULL)"
-        )
+        for table in TABLES.values():
+            conn.execute(f"CREATE TABLE {table} {_COLUMNS}")
         conn.execute("CREATE TEMPORARY TABLE p2_tenants (n integer PRIMARY KEY, id uuid NOT NULL)")
         with conn.cursor().copy("COPY p2_tenants (n, id) FROM STDIN") as copy:
             for n, tenant in enumerate(tenant_ids(tenants)):
@@ -123,55 +165,89 @@ def _build(ctx: BenchContext, rows: int, tenants: int, naive_role: str) -> dict[
         # Row g belongs to tenant g % tenants and is that tenant's (g / tenants)-th row,
         # one minute after its previous one: every tenant has the same timeline.
         conn.execute(
-            f"INSERT INTO {TABLE} (id, tenant_id, created_at, amount, payload) "
+            f"INSERT INTO {source} (id, tenant_id, created_at, amount, payload) "
             "SELECT g + 1, t.id, %s::timestamptz + (g / %s) * interval '1 minute', "
             "((g::bigint * 7919) %% 1000)::integer, md5(g::text) "
             "FROM generate_series(0, %s - 1) AS g JOIN p2_tenants AS t ON t.n = g %% %s",
             (START, tenants, rows, tenants),
         )
+        # The copies: the same rows in the same physical order.
+        for table in TABLES.values():
+            if table != source:
+                conn.execute(f"INSERT INTO {table} SELECT * FROM {source} ORDER BY id")
         filled = elapsed()
-        conn.execute(f"CREATE INDEX {INDEX} ON {TABLE} (tenant_id, created_at)")
-        conn.execute(f"VACUUM ANALYZE {TABLE}")
+        for table in TABLES.values():
+            conn.execute(f"CREATE INDEX {index_name(table)} ON {table} (tenant_id, created_at)")
+            conn.execute(f"VACUUM ANALYZE {table}")
         indexed = elapsed() - filled
-        for statement in enable_tenant_rls_sql(TABLE, column_type="uuid", roles=[ctx.app_role]):
+        for statement in enable_tenant_rls_sql(source, column_type="uuid", roles=[ctx.app_role]):
             conn.execute(statement)
+        naive = sql.Identifier(TABLES["naive"])
+        conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(naive))
+        conn.execute(sql.SQL("ALTER TABLE {} FORCE ROW LEVEL SECURITY").format(naive))
         conn.execute(
             sql.SQL(
                 "CREATE POLICY p2_naive_policy ON {} AS PERMISSIVE FOR ALL TO {} "
                 "USING (tenant_id = current_setting({})::uuid)"
-            ).format(sql.Identifier(TABLE), sql.Identifier(naive_role), sql.Literal(DEFAULT_GUC))
+            ).format(naive, sql.Identifier(naive_role), sql.Literal(DEFAULT_GUC))
         )
-        for role in (ctx.app_role, naive_role, plain_role):
+        readers = {
+            "explicit": plain_role,
+            "control": ctx.app_role,
+            "package": ctx.app_role,
+            "naive": naive_role,
+        }
+        for setup, role in readers.items():
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(role)))
             conn.execute(
                 sql.SQL("GRANT SELECT ON {} TO {}").format(
-                    sql.Identifier(TABLE), sql.Identifier(role)
+                    sql.Identifier(TABLES[setup]), sql.Identifier(role)
                 )
             )
         policies = conn.execute(
-            "SELECT policyname, roles::text[], qual FROM pg_policies WHERE tablename = %s "
-            "ORDER BY policyname",
-            (TABLE,),
+            "SELECT tablename, policyname, roles::text[], qual FROM pg_policies "
+            "WHERE tablename = ANY(%s) ORDER BY tablename, policyname",
+            (list(TABLES.values()),),
         ).fetchall()
+        security = {
+            str(name): bool(enabled)
+            for name, enabled in conn.execute(
+                "SELECT relname, relrowsecurity AND relforcerowsecurity FROM pg_class "
+                "WHERE relname = ANY(%s)",
+                (list(TABLES.values()),),
+            ).fetchall()
+        }
+        expected = {TABLES[s]: s in ("package", "naive") for s in SETUPS}
+        if security != expected:
+            raise RuntimeError(f"p2: row-level security is not as intended: {security}")
+        sizes = {
+            table: conn.execute(
+                "SELECT pg_table_size(%s), pg_relation_size(%s)", (table, index_name(table))
+            ).fetchone()
+            for table in TABLES.values()
+        }
         size = conn.execute(
             "SELECT pg_size_pretty(pg_table_size(%s)), pg_size_pretty(pg_relation_size(%s))",
-            (TABLE, INDEX),
+            (source, index_name(source)),
         ).fetchone()
     assert size is not None
+    if len(set(sizes.values())) != 1:
+        raise RuntimeError(f"p2: the copies differ in size: {sizes}")
     return {
         "rows": rows,
         "tenants": tenants,
+        "tables": TABLES,
         "fill_s": round(filled, 2),
         "index_and_analyze_s": round(indexed, 2),
         "table_size": size[0],
         "index_size": size[1],
-        "policies": [{"name": p[0], "roles": p[1], "qual": p[2]} for p in policies],
+        "policies": [{"table": p[0], "name": p[1], "roles": p[2], "qual": p[3]} for p in policies],
     }
 
 
 def _drop(ctx: BenchContext, naive_role: str) -> None:
     with connect(ctx.admin_url, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        conn.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES.values())}")
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (naive_role,))
         if exists.fetchone():
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(naive_role)))
@@ -179,22 +255,28 @@ def _drop(ctx: BenchContext, naive_role: str) -> None:
 
 
 class _Setup:
-    """One connection, the role it queries as, and how it names the tenant."""
+    """One connection, the role it queries as, the table it reads, how it names the tenant."""
 
     def __init__(self, name: str, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
         self.name = name
         self.conn = conn
-        self.uses_guc = name != "explicit"
+        self.uses_guc = name in ("package", "naive")
+        self.table = TABLES[name]
 
     def sql_and_params(
         self, query: Query, tenant: str, at: datetime
     ) -> tuple[str, tuple[object, ...]]:
         if self.uses_guc:
-            return query.rls, (at,)
-        return query.explicit, (tenant, at)
+            return query.rls.format(table=self.table), (at,)
+        return query.explicit.format(table=self.table), (tenant, at)
 
-    def run(self, query: Query, tenant: str, at: datetime) -> tuple[float, float, list[Any]]:
-        """Run ``query`` in its own transaction: (query seconds, transaction seconds, rows)."""
+    def run(
+        self, query: Query, tenant: str, at: datetime, *, prepare: bool
+    ) -> tuple[float, float, list[Any]]:
+        """Run ``query`` in its own transaction: (query seconds, transaction seconds, rows).
+
+        ``prepare`` applies to the query and to the ``set_config`` before it.
+        """
         text, params = self.sql_and_params(query, tenant, at)
         cur = self.conn.cursor()
         # BEGIN and COMMIT are sent as statements of their own (the connection is in
@@ -202,9 +284,9 @@ class _Setup:
         start = time.perf_counter()
         cur.execute("BEGIN")
         if self.uses_guc:
-            cur.execute(_SET_GUC, (DEFAULT_GUC, tenant))
+            cur.execute(_SET_GUC, (DEFAULT_GUC, tenant), prepare=prepare)
         begin = time.perf_counter()
-        cur.execute(text, params)
+        cur.execute(text, params, prepare=prepare)
         rows = cur.fetchall()
         end = time.perf_counter()
         cur.execute("COMMIT")
@@ -239,7 +321,9 @@ def plan_summary(plan: dict[str, Any]) -> dict[str, Any]:
     """The facts worth a column: top node, the index used and how, buffers, time."""
     top = plan["Plan"]
     nodes = _nodes(top)
-    scans = [n for n in nodes if "Scan" in n["Node Type"] and n.get("Relation Name") == TABLE]
+    scans = [
+        n for n in nodes if "Scan" in n["Node Type"] and n.get("Relation Name") in TABLES.values()
+    ]
     scans += [n for n in nodes if n["Node Type"] == "Bitmap Index Scan"]
     index_nodes = [n for n in scans if n.get("Index Name")]
     index_cond = next((n.get("Index Cond") for n in index_nodes if n.get("Index Cond")), None)
@@ -267,8 +351,9 @@ def run(ctx: BenchContext) -> Section:
     """Measure P2 and return its section."""
     rows = ctx.pick(smoke=10_000, default=1_000_000)
     tenants = ctx.pick(smoke=10, default=1_000)
-    rounds = ctx.pick(smoke=60, default=1_500)
-    warm = ctx.pick(smoke=10, default=150)
+    runs = ctx.pick(smoke=2, default=5)
+    rounds = ctx.pick(smoke=30, default=300)
+    warm = ctx.pick(smoke=10, default=30)
     per_tenant = rows // tenants
     naive_role = f"{ctx.admin_url.database}_naive"
     rng = random.Random(20_240_101)
@@ -278,18 +363,82 @@ def run(ctx: BenchContext) -> Section:
     try:
         build = _build(ctx, rows, tenants, naive_role)
         ctx.say(
-            f"p2: {rows:,} rows over {tenants:,} tenants built in "
+            f"p2: {len(TABLES)} tables of {rows:,} rows over {tenants:,} tenants built in "
             f"{build['fill_s'] + build['index_and_analyze_s']:.1f} s "
             f"(table {build['table_size']}, index {build['index_size']})"
         )
-        result = _measure(ctx, rounds, warm, rng, ids, per_tenant, naive_role)
+        samples = _Samples()
+        plans: dict[str, dict[str, Any]] = {}
+        for number in range(runs):
+            plans = _measure(ctx, samples, rounds, warm, rng, ids, per_tenant, naive_role)
+            ctx.say(
+                f"p2: run {number + 1} of {runs}: {rounds:,} rounds x {len(SETUPS)} setups x "
+                f"{len(MODES)} statements x {len(QUERIES)} queries timed"
+            )
     finally:
         _drop(ctx, naive_role)
-    return _section(ctx, build, rounds, result)
+    return _section(ctx, build, runs, rounds, warm, samples, plans)
+
+
+class _Samples:
+    """Every timing, by setup, statement and query, one list per run."""
+
+    def __init__(self) -> None:
+        def empty() -> dict[str, dict[str, dict[str, list[list[float]]]]]:
+            return {s: {m: {q.name: [] for q in QUERIES} for m in MODES} for s in SETUPS}
+
+        self.query_s = empty()
+        self.transaction_s = empty()
+        self.rows_returned: dict[str, set[int]] = {q.name: set() for q in QUERIES}
+
+    def new_run(self) -> None:
+        for by_setup in (self.query_s, self.transaction_s):
+            for by_mode in by_setup.values():
+                for by_query in by_mode.values():
+                    for runs in by_query.values():
+                        runs.append([])
+
+    def add(self, setup: str, mode: str, query: str, query_s: float, txn_s: float) -> None:
+        self.query_s[setup][mode][query][-1].append(query_s)
+        self.transaction_s[setup][mode][query][-1].append(txn_s)
+
+
+def _open(ctx: BenchContext, naive_role: str) -> dict[str, psycopg.Connection[tuple[Any, ...]]]:
+    """A new connection for every setup, and one that reads the pages before each query."""
+    urls = {
+        "explicit": ctx.plain_url,
+        "control": ctx.app_url,
+        "package": ctx.app_url,
+        "naive": ctx.admin_url,
+        "prime": ctx.admin_url,
+    }
+    conns: dict[str, psycopg.Connection[tuple[Any, ...]]] = {}
+    try:
+        for name, url in urls.items():
+            conns[name] = connect(url, autocommit=True)
+        # The naive policy's role cannot log in: the superuser session becomes it, and
+        # row-level security then filters it like any other role (current_user).
+        conns["naive"].execute(sql.SQL("SET ROLE {}").format(sql.Identifier(naive_role)))
+    except BaseException:
+        for conn in conns.values():
+            conn.close()
+        raise
+    pids = {conn.info.backend_pid for conn in conns.values()}
+    if len(pids) != len(conns):
+        raise RuntimeError("p2: two setups share a server connection")
+    return conns
+
+
+def _prime(
+    conn: psycopg.Connection[tuple[Any, ...]], table: str, query: Query, tenant: str, at: datetime
+) -> None:
+    """Read what ``query`` reads in ``table``, untimed, just before a setup times it."""
+    conn.execute(query.explicit.format(table=table), (tenant, at), prepare=False).fetchall()
 
 
 def _measure(
     ctx: BenchContext,
+    samples: _Samples,
     rounds: int,
     warm: int,
     rng: random.Random,
@@ -297,126 +446,222 @@ def _measure(
     per_tenant: int,
     naive_role: str,
 ) -> dict[str, Any]:
-    conns = {
-        "explicit": connect(ctx.plain_url, autocommit=True),
-        "package": connect(ctx.app_url, autocommit=True),
-        "naive": connect(ctx.admin_url, autocommit=True),
-    }
+    """One run: new connections, ``warm`` rounds untimed, ``rounds`` timed; its plans."""
+    conns = _open(ctx, naive_role)
+    samples.new_run()
     try:
-        # The naive policy's role cannot log in: the superuser session becomes it, and
-        # row-level security then filters it like any other role (current_user).
-        conns["naive"].execute(sql.SQL("SET ROLE {}").format(sql.Identifier(naive_role)))
-        setups = {name: _Setup(name, conn) for name, conn in conns.items()}
-        query_s: dict[str, dict[str, list[float]]] = {
-            s: {q.name: [] for q in QUERIES} for s in SETUPS
-        }
-        txn_s: dict[str, dict[str, list[float]]] = {
-            s: {q.name: [] for q in QUERIES} for s in SETUPS
-        }
-        row_counts: dict[str, set[int]] = {q.name: set() for q in QUERIES}
-        order = list(SETUPS)
+        setups = {name: _Setup(name, conns[name]) for name in SETUPS}
+        order = [(setup, mode) for setup in SETUPS for mode in MODES]
         for n in range(warm + rounds):
             tenant = rng.choice(ids)
             minute = rng.randrange(0, max(1, per_tenant - 100))
             at = START + timedelta(minutes=minute)
             rng.shuffle(order)
-            answers: dict[str, dict[str, list[Any]]] = {q.name: {} for q in QUERIES}
-            for name in order:
+            answers: dict[str, dict[tuple[str, str], list[Any]]] = {q.name: {} for q in QUERIES}
+            for setup, mode in order:
                 for query in QUERIES:
-                    q, t, found = setups[name].run(query, tenant, at)
-                    answers[query.name][name] = found
+                    _prime(conns["prime"], setups[setup].table, query, tenant, at)
+                    q, t, found = setups[setup].run(query, tenant, at, prepare=mode == "prepared")
+                    answers[query.name][setup, mode] = found
                     if n >= warm:
-                        query_s[name][query.name].append(q)
-                        txn_s[name][query.name].append(t)
-            # The three setups must read exactly the same rows, or the timings
+                        samples.add(setup, mode, query.name, q, t)
+            # Every setup must read exactly the same rows both ways, or the timings
             # compare different work.
             for query in QUERIES:
-                first = answers[query.name][SETUPS[0]]
-                if any(answers[query.name][s] != first for s in SETUPS[1:]):
+                returned = answers[query.name]
+                first = returned[order[0]]
+                if any(rows != first for rows in returned.values()):
                     raise RuntimeError(
                         f"p2: {query.name} for tenant {tenant} returned different rows per "
                         "setup: "
-                        + ", ".join(f"{s} {len(answers[query.name][s])} rows" for s in SETUPS)
+                        + ", ".join(
+                            f"{s} {m} {len(rows)} rows" for (s, m), rows in returned.items()
+                        )
                     )
-                row_counts[query.name].add(len(first))
-        ctx.say(f"p2: {rounds:,} rounds x {len(SETUPS)} setups x {len(QUERIES)} queries timed")
+                samples.rows_returned[query.name].add(len(first))
         tenant = ids[len(ids) // 2]
         at = START + timedelta(minutes=max(0, per_tenant // 2 - 50))
-        plans = {s: {q.name: setups[s].explain(q, tenant, at) for q in QUERIES} for s in SETUPS}
+        plans: dict[str, dict[str, Any]] = {}
+        for s in SETUPS:
+            plans[s] = {}
+            for query in QUERIES:
+                _prime(conns["prime"], setups[s].table, query, tenant, at)
+                plans[s][query.name] = setups[s].explain(query, tenant, at)
+        return plans
     finally:
         for conn in conns.values():
             conn.close()
-    return {
-        "query_s": query_s,
-        "transaction_s": txn_s,
-        "rows_returned": {q: sorted(v) for q, v in row_counts.items()},
-        "plans": plans,
-    }
 
 
 def _index_note(summaries: dict[str, dict[str, Any]]) -> str:
-    """One line: did every plan find the tenant's rows through the index?"""
+    """One line: did every plan find the tenant's rows through its table's index?"""
     missed = [
         f"{setup}/{query}"
         for setup, by_query in summaries.items()
         for query, summary in by_query.items()
-        if summary["index"] != INDEX or not summary["tenant_in_index_cond"]
+        if summary["index"] != index_name(TABLES[setup]) or not summary["tenant_in_index_cond"]
     ]
     if not missed:
-        return f"every plan reads {INDEX} with tenant_id in its Index Cond"
-    return f"NOT through {INDEX} with tenant_id in the Index Cond: {', '.join(missed)}"
+        return (
+            "every plan reads its own table's (tenant_id, created_at) index, "
+            "with tenant_id in its Index Cond"
+        )
+    return f"NOT through the table's index with tenant_id in the Index Cond: {', '.join(missed)}"
+
+
+@dataclass(frozen=True)
+class _RunRatio:
+    """One ratio taken run by run: the median of the runs, and each run's."""
+
+    median: float
+    runs: list[float]
+
+    @classmethod
+    def of(cls, values: dict[str, list[float]], setup: str, baseline: str) -> _RunRatio:
+        """``setup``'s run medians over ``baseline``'s, run by run."""
+        runs = [ratio(v, b) for v, b in zip(values[setup], values[baseline], strict=True)]
+        return cls(ratio(median(runs), 1.0), runs)
+
+    @property
+    def spread(self) -> str:
+        """The lowest and the highest run, as ``"a to b"``."""
+        return f"{min(self.runs):.3f} to {max(self.runs):.3f}" if self.runs else "—"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"median": self.median, "runs": self.runs}
 
 
 def _section(
-    ctx: BenchContext, build: dict[str, Any], rounds: int, result: dict[str, Any]
+    ctx: BenchContext,
+    build: dict[str, Any],
+    runs: int,
+    rounds: int,
+    warm: int,
+    samples: _Samples,
+    plans: dict[str, dict[str, Any]],
 ) -> Section:
-    query_s = result["query_s"]
-    txn_s = result["transaction_s"]
-    rows_out = []
-    ratios: dict[str, dict[str, float]] = {"package": {}, "naive": {}}
+    def run_medians(
+        found: dict[str, dict[str, dict[str, list[list[float]]]]], mode: str, query: str
+    ) -> dict[str, list[float]]:
+        return {s: [median(r) for r in found[s][mode][query]] for s in SETUPS}
+
+    ratios: dict[str, dict[str, dict[str, _RunRatio]]] = {
+        name: {m: {} for m in MODES} for name in RATIOS
+    }
+    medians_us: dict[str, dict[str, dict[str, list[float]]]] = {
+        s: {m: {} for m in MODES} for s in SETUPS
+    }
+    txn_medians_us: dict[str, dict[str, dict[str, list[float]]]] = {
+        s: {m: {} for m in MODES} for s in SETUPS
+    }
+    time_rows: list[list[Cell]] = []
+    ratio_rows: list[list[Cell]] = []
     for query in QUERIES:
-        med = {s: median(query_s[s][query.name]) for s in SETUPS}
-        p95 = {s: percentile(query_s[s][query.name], 0.95) for s in SETUPS}
-        txn = {s: median(txn_s[s][query.name]) for s in SETUPS}
-        for s in ("package", "naive"):
-            ratios[s][query.name] = ratio(med[s], med["explicit"])
-        rows_out.append(
-            [
-                query.label,
-                _us(med["explicit"]),
-                _us(p95["explicit"]),
-                _us(med["package"]),
-                _us(p95["package"]),
-                ratios["package"][query.name],
-                _us(med["naive"]),
-                ratios["naive"][query.name],
-                ratio(txn["package"], txn["explicit"]),
-            ]
-        )
-    worst = max(ratios["package"].values())
-    timing = ctx.report(
-        f"P2 RLS cost: {build['rows']:,} rows, {build['tenants']:,} tenants, "
-        f"{rounds:,} rounds (µs)",
+        for mode in MODES:
+            per_run = run_medians(samples.query_s, mode, query.name)
+            txn_per_run = run_medians(samples.transaction_s, mode, query.name)
+            for s in SETUPS:
+                medians_us[s][mode][query.name] = [_us(v) for v in per_run[s]]
+                txn_medians_us[s][mode][query.name] = [_us(v) for v in txn_per_run[s]]
+            found = {
+                "control/explicit": _RunRatio.of(per_run, "control", "explicit"),
+                "package/explicit": _RunRatio.of(per_run, "package", "explicit"),
+                "package/control": _RunRatio.of(per_run, "package", "control"),
+                "naive/explicit": _RunRatio.of(per_run, "naive", "explicit"),
+                "txn package/explicit": _RunRatio.of(txn_per_run, "package", "explicit"),
+            }
+            for name, value in found.items():
+                ratios[name][mode][query.name] = value
+            med = {s: median(per_run[s]) for s in SETUPS}
+            every = {
+                s: [v for r in samples.query_s[s][mode][query.name] for v in r] for s in SETUPS
+            }
+            time_rows.append(
+                [
+                    query.name,
+                    mode,
+                    _us(med["explicit"]),
+                    _us(percentile(every["explicit"], 0.95)),
+                    _us(med["control"]),
+                    _us(med["package"]),
+                    _us(percentile(every["package"], 0.95)),
+                    _us(med["naive"]),
+                ]
+            )
+            ratio_rows.append(
+                [
+                    query.name,
+                    mode,
+                    found["control/explicit"].median,
+                    found["control/explicit"].spread,
+                    found["package/explicit"].median,
+                    found["package/explicit"].spread,
+                    found["package/control"].median,
+                    found["package/control"].spread,
+                    found["naive/explicit"].median,
+                    found["txn package/explicit"].median,
+                ]
+            )
+    worst_query, worst_mode = max(
+        ((q.name, m) for q in QUERIES for m in MODES),
+        key=lambda case: ratios["package/control"][case[1]][case[0]].median,
+    )
+    worst = ratios["package/control"][worst_mode][worst_query]
+    worst_package = max(r.median for by in ratios["package/explicit"].values() for r in by.values())
+    times = ctx.report(
+        f"P2 query time: {build['rows']:,} rows, {build['tenants']:,} tenants, "
+        f"{runs} runs of {rounds:,} rounds (µs)",
         [
             "query",
+            "statement",
             "explicit med",
             "explicit p95",
+            "control med",
             "package med",
             "package p95",
-            "package/explicit",
             "naive med",
+        ],
+        time_rows,
+        [
+            "µs per query on the client (execute + fetch): the median of the runs' medians, "
+            "and the 95th percentile of every round; each setup on its own connection (new "
+            "in each run) and its own copy of the table; the setups and both statements in "
+            "random order every round, same random tenant and position; each query's pages "
+            "read just before it on another connection, untimed",
+            "explicit: BYPASSRLS role, WHERE tenant_id = …, no row-level security; control: "
+            "the app role, WHERE tenant_id = …, no row-level security; package: the app role "
+            "under enable_tenant_rls's policy; naive: tenant_id = current_setting(…)::uuid",
+            "prepared: a server-side prepared statement (psycopg prepare=True); unprepared: "
+            "parsed and planned at every execution (prepare=False)",
+            "; ".join(f"{q.name}: {q.label}" for q in QUERIES),
+        ],
+    )
+    ratio_table = ctx.report(
+        f"P2 ratios, median of {runs} runs, lowest to highest run beside",
+        [
+            "query",
+            "statement",
+            "control/explicit",
+            "control/explicit runs",
+            "package/explicit",
+            "package/explicit runs",
+            "package/control",
+            "package/control runs",
             "naive/explicit",
             "txn package/explicit",
         ],
-        rows_out,
+        ratio_rows,
         [
-            "µs per query on the client (execute + fetch), median and 95th percentile; "
-            "setups interleaved in random order every round, same random tenant and position",
-            "explicit: BYPASSRLS role with WHERE tenant_id = …; package: the app role under "
-            "enable_tenant_rls's policy; naive: tenant_id = current_setting(…)::uuid",
+            "each ratio is taken within a run, between the medians of the same rounds; "
+            "the table gives the median of the runs, and the lowest and highest run",
+            "control/explicit: what another role, connection and copy of the table cost "
+            "with no policy at all, the noise floor; package/control, that is "
+            "(package/explicit) / (control/explicit): what the policy itself costs",
             "txn: whole transaction (BEGIN, set_config for the RLS setups, query, COMMIT)",
-            f"worst package/explicit ratio {worst} against a target of ≤ {TARGET}: "
-            + ("met" if worst <= TARGET else "NOT met"),
+            f"worst package/explicit ratio {worst_package}, not the target: it holds the "
+            "noise floor too",
+            f"worst package/control ratio {worst.median} (runs {worst.spread}) against a "
+            f"target of ≤ {TARGET}: " + ("met" if worst.median <= TARGET else "NOT met"),
         ],
     )
     plan_rows = []
@@ -424,7 +669,7 @@ def _section(
     for s in SETUPS:
         summaries[s] = {}
         for query in QUERIES:
-            summary = plan_summary(result["plans"][s][query.name]["json"])
+            summary = plan_summary(plans[s][query.name]["json"])
             summaries[s][query.name] = summary
             plan_rows.append(
                 [
@@ -439,7 +684,7 @@ def _section(
                     summary["execution_ms"],
                 ]
             )
-    plans = ctx.report(
+    plan_table = ctx.report(
         "P2 plans: EXPLAIN (ANALYZE, BUFFERS), one tenant",
         [
             "query",
@@ -458,21 +703,37 @@ def _section(
     return Section(
         key="p2",
         title="RLS cost",
-        tables=[timing, plans],
+        tables=[times, ratio_table, plan_table],
         data={
             "build": build,
-            "rounds": rounds,
+            "runs": runs,
+            "rounds_per_run": rounds,
+            "warm_rounds_per_run": warm,
+            "rounds": runs * rounds,
+            "setups": list(SETUPS),
+            "modes": list(MODES),
+            "queries": {q.name: q.label for q in QUERIES},
             "target": TARGET,
-            "ratios_query_median": ratios,
-            "worst_package_ratio": worst,
+            "ratios": {
+                name: {m: {q: r.to_json() for q, r in by.items()} for m, by in by_mode.items()}
+                for name, by_mode in ratios.items()
+            },
+            "worst_policy_ratio": worst.median,
+            "worst_policy_case": {"query": worst_query, "mode": worst_mode},
+            "worst_package_ratio": worst_package,
+            "run_medians_us": medians_us,
+            "run_transaction_medians_us": txn_medians_us,
             "query_us": {
-                s: {q: [_us(v) for v in vals] for q, vals in query_s[s].items()} for s in SETUPS
+                s: {
+                    m: {
+                        q: [[_us(v) for v in r] for r in per_run] for q, per_run in by_query.items()
+                    }
+                    for m, by_query in by_mode.items()
+                }
+                for s, by_mode in samples.query_s.items()
             },
-            "transaction_us": {
-                s: {q: [_us(v) for v in vals] for q, vals in txn_s[s].items()} for s in SETUPS
-            },
-            "rows_returned": result["rows_returned"],
+            "rows_returned": {q: sorted(v) for q, v in samples.rows_returned.items()},
             "plan_summaries": summaries,
-            "plans": result["plans"],
+            "plans": plans,
         },
     )
