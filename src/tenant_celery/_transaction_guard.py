@@ -34,7 +34,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ._setting import Setting, send_before, settings_sql
+from ._setting import Setting, send_before
 from .context import current_tenant
 from .errors import TenantCeleryError, TransactionTenantMismatch
 
@@ -208,7 +208,7 @@ class _EngineGuard:
                 raise tx.refusal()
             if tx.pending is not None:  # the transaction's first statement
                 settings, tx.pending, tx.sending = tx.pending, None, tx.pending
-                sent = send_before(conn, cursor, statement, executemany, settings_sql(settings))
+                sent = send_before(conn, cursor, statement, executemany, settings)
                 self._note(conn, statement, context)
                 return sent, parameters
         self._note(conn, statement, context)

@@ -39,7 +39,7 @@ from tenant_celery import (
     tenant_session,
     tenant_task,
 )
-from tenant_celery._setting import setting_sql
+from tenant_celery._setting import inline_sql
 from tests._rig.pg_wire import PgWire, first_statement
 from tests._rig.postgres import Database
 
@@ -222,7 +222,7 @@ def wire_engine(database: Database, wire: PgWire) -> Engine:
 
 
 def _settings_sent(wire: PgWire, since: int) -> list[str]:
-    return [sql for sql in wire.sql(since) if "set_config" in sql]
+    return [sql for sql in wire.sql(since) if f"SET LOCAL {GUC} = " in sql]
 
 
 def test_bind_sets_the_tenant_once_per_transaction_before_its_statements(
@@ -246,7 +246,7 @@ def test_bind_sets_the_tenant_once_per_transaction_before_its_statements(
     for messages in transactions:
         # BEGIN, the four queries and COMMIT: the setting travels with one of them
         assert sum(1 for m in messages if m.kind == "Z") == 6
-        assert first_statement(messages).startswith(setting_sql(GUC, A))
+        assert first_statement(messages).startswith(inline_sql(((GUC, A),)))
 
 
 def test_bind_outside_tenant_sets_empty_or_refuses(
