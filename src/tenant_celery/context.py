@@ -44,6 +44,8 @@ _current: ContextVar[str | None] = ContextVar("tenant_celery.current_tenant", de
 _UUID_TEXT = re.compile(
     r"(?:urn:uuid:)?(\{)?[0-9A-Fa-f]{8}(-?)(?:[0-9A-Fa-f]{4}\2){3}[0-9A-Fa-f]{12}(?(1)\})\Z"
 )
+# The canonical form itself: returned as it is, without building a UUID.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 _SLUG = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,62})\Z")
 _DIGITS = re.compile(r"[0-9]{1,19}\Z")
 _MAX_BIGINT = 2**63 - 1
@@ -64,6 +66,8 @@ def uuid_tenant_id(value: object) -> str:
     This is the default parser."""
     if isinstance(value, uuid.UUID):
         return str(value)
+    if type(value) is str and len(value) == 36 and _CANONICAL_UUID.match(value):
+        return value
     if isinstance(value, str) and len(value) <= 45 and _UUID_TEXT.match(value):
         return str(uuid.UUID(value))
     raise _refuse("a UUID", value)

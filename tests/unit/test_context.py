@@ -155,3 +155,10 @@ def test_parser_must_return_text() -> None:
             parse_tenant_id("x")
     finally:
         set_tenant_id_parser(previous)
+
+
+def test_canonical_uuid_text_is_returned_as_it_is() -> None:
+    value = str(uuid.uuid4())
+    assert uuid_tenant_id(value) is value
+    assert uuid_tenant_id(value.upper()) == value  # other forms are still normalised
+    assert uuid_tenant_id(value.replace("-", "")) == value
