@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-import weakref
 from typing import Any
 
 from celery import Celery
 from celery.app.utils import Settings
-from celery.local import Proxy
 
 from .errors import ConfigurationError
 
@@ -56,52 +54,53 @@ _PACKAGE_HEADERS = frozenset({"tenant_signature", "x_correlation_id"})
 
 def setting(app: Celery | None, name: str, default: Any = None) -> Any:
     """Read setting ``name`` from ``app.conf``, then the environment, then ``default``."""
-    key = f"tenant_celery_{name}"
+    keys = _KEYS.get(name)
+    if keys is None:
+        keys = _KEYS[name] = (f"tenant_celery_{name}", f"TENANT_CELERY_{name.upper()}")
     if app is not None:
-        value = _conf_value(app, key)
+        value = _conf_value(app, keys[0])
         if value is not None:
             return value
-    env = os.environ.get(key.upper())
+    env = os.environ.get(keys[1])
     if env not in (None, ""):
         return env
     return default
 
 
-# Per app: the configuration's maps after its first (the changes), as they
-# were when read, and the values found in them.  Those maps hold the
-# configuration source and Celery's defaults; add_defaults() adds one.
-_read: weakref.WeakKeyDictionary[Celery, tuple[int, int, dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+# setting name -> its app.conf key and its environment variable
+_KEYS: dict[str, tuple[str, str]] = {}
+# Where a configuration keeps what was read from its maps after the first: the
+# count of its maps then, and the values found (add_defaults() adds a map).
+_READ = "_tenant_celery_read"
 
 
 def _conf_value(app: Celery, key: str) -> Any:
-    """``app.conf.get(key)``, read once per app from the maps that do not change.
+    """``app.conf.get(key)``, read once per configuration from the maps that do not change.
 
     Tasks read settings for every message, and a miss in Celery's configuration
     costs an exception per map.  A value set on ``app.conf`` (the changes map)
     is read every time; the other maps are read again when one is added.
     """
-    found_app: Any = app
-    if type(found_app) is Proxy:  # current_app
-        app = found_app._get_current_object()
-    conf: Any = app.conf
+    conf: Any = app.conf  # current_app's too: the proxy hands over the real one
     if type(conf) is not Settings or conf.prefix or conf.key_t is not None:
         return conf.get(key)  # not loaded yet, or keys Celery rewrites
-    changed = (conf.changes or {}).get(key)
+    own = conf.__dict__  # not conf.<name>: a Settings reads attributes as settings
+    changed = own["changes"].get(key)
     if changed is not None:
         return changed
-    maps: list[Any] = conf.maps or []
-    found = _read.get(app)
-    if found is None or found[0] != id(conf) or found[1] != len(maps):
-        found = (id(conf), len(maps), {})
-        _read[app] = found
-    values = found[2]
-    if key not in values:
-        if any(rename(key) != key for rename in conf._keys or ()):
-            return conf.get(key)  # an old-style name: Celery reads both
-        values[key] = next((m[key] for m in maps[1:] if key in m), None)
-    return values[key]
+    maps: list[Any] = own["maps"]
+    read = own.get(_READ)
+    if read is None or read[0] != len(maps):
+        read = own[_READ] = (len(maps), {})
+    values: dict[str, Any] = read[1]
+    try:
+        return values[key]
+    except KeyError:
+        pass
+    if any(rename(key) != key for rename in own.get("_keys") or ()):
+        return conf.get(key)  # an old-style name: Celery reads both
+    found = values[key] = next((m[key] for m in maps[1:] if key in m), None)
+    return found
 
 
 def header_name(app: Celery | None) -> str:
