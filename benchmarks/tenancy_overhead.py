@@ -45,6 +45,8 @@ from ._common import (
 from ._scratch import seed_tenants
 from ._workers import BenchError, run_batch, running, transports, warm_up
 
+_REWARM = 10
+"""Calls before each timed in-process run, on its new connections."""
 _WIRE_CALLS = 20
 """Tasks per variant in the round-trip count (after as many to warm up)."""
 
@@ -127,6 +129,13 @@ def _in_process(ctx: BenchContext) -> dict[str, Any]:
         for n in range(tally.runs):
             for name in alternate(list(variants), n):
                 call = variants[name]
+                # New connections, so new server processes, for every run: a server
+                # process keeps the CPU placement it started with, which makes one
+                # connection's round trips faster or slower than another's for as
+                # long as it lives.
+                engines.dispose()
+                for i in range(_REWARM):  # past psycopg's prepare threshold again
+                    call(i)
                 with stopwatch() as elapsed:
                     results = [call(i) for i in range(tally.per_run)]
                 tally.add(name, rate(tally.per_run, elapsed()), results)
@@ -191,7 +200,7 @@ def _in_tenant(app: Any, name: str, tenant: str) -> Any:
 
 def _end_to_end(ctx: BenchContext) -> dict[str, Any]:
     tally = _Tally(
-        ctx.pick(smoke=1, default=5), ctx.pick(smoke=100, default=2000), ("plain", "tenant")
+        ctx.pick(smoke=1, default=8), ctx.pick(smoke=100, default=1500), ("plain", "tenant")
     )
     warm = ctx.pick(smoke=20, default=200)
     tenants = seed_tenants()
