@@ -85,6 +85,8 @@ class _Counted:
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
         self.statements = 0
+        #: The measured run the engine's connections were opened for (see ``counted``).
+        self.run = 0
 
     def sessions(self) -> sessionmaker[Session]:
         # Built lazily in the process that runs tasks: a prefork child must not
@@ -170,7 +172,7 @@ def make_app(
         worker_hijack_root_logger=True,
     )
 
-    def counted(which: str, tenant_id: str) -> dict[str, Any]:
+    def counted(which: str, tenant_id: str, run: int) -> dict[str, Any]:
         if engines is None:
             raise RuntimeError(
                 f"the P1 tasks need databases: set {APP_DB_URL_ENV} and {PLAIN_DB_URL_ENV}"
@@ -180,6 +182,12 @@ def make_app(
             "tenant": engines.tenant,
             "own_statement": engines.own_statement,
         }[which]
+        if run != engine.run:
+            # A new run, new connections: a server process keeps the CPU placement it
+            # started with for life, which can make one engine's round trips faster
+            # or slower than another's for a whole measurement.
+            engine.dispose()
+            engine.run = run
         sessions = engine.sessions()
         before, started = engine.statements, time.perf_counter()
         _body(sessions, tenant_id, own_statement=which == "own_statement")
@@ -190,22 +198,22 @@ def make_app(
         }
 
     @app.task(name=PLAIN_RW, shared=False)
-    def plain_rw(tenant: str) -> dict[str, Any]:
-        return counted("plain", tenant)
+    def plain_rw(tenant: str, run: int = 0) -> dict[str, Any]:
+        return counted("plain", tenant, run)
 
     @tenant_task(app=app, name=TENANT_RW, shared=False)
-    def tenant_rw() -> dict[str, Any]:
+    def tenant_rw(run: int = 0) -> dict[str, Any]:
         found = current_tenant()
         if found is None:  # cannot happen: a tenant task's body runs inside its tenant
             raise RuntimeError("tenant_rw ran without a tenant")
-        return counted("tenant", found)
+        return counted("tenant", found, run)
 
     @tenant_task(app=app, name=TENANT_RW_OWN_STATEMENT, shared=False)
     def tenant_rw_own_statement() -> dict[str, Any]:
         found = current_tenant()
         if found is None:  # cannot happen: a tenant task's body runs inside its tenant
             raise RuntimeError("tenant_rw_own_statement ran without a tenant")
-        return counted("own_statement", found)
+        return counted("own_statement", found, 0)
 
     @tenant_task(app=app, name=TENANT_NOOP, shared=False)
     def tenant_noop() -> dict[str, Any]:

@@ -47,6 +47,8 @@ from ._workers import BenchError, run_batch, running, transports, warm_up
 
 _REWARM = 10
 """Calls before each timed in-process run, on its new connections."""
+_REWARM_WORKER = 40
+"""Tasks before each timed end-to-end run, which open its new connections."""
 _WIRE_CALLS = 20
 """Tasks per variant in the round-trip count (after as many to warm up)."""
 
@@ -208,18 +210,22 @@ def _end_to_end(ctx: BenchContext) -> dict[str, Any]:
         plain = worker.app.tasks[bench_app.PLAIN_RW]
         tenant = worker.app.tasks[bench_app.TENANT_RW]
 
+        run = [0]  # a new number makes each worker process open new connections
+
         def publish_plain(i: int) -> AsyncResult[Any]:
-            return plain.apply_async(args=(tenants[i % len(tenants)],))
+            return plain.apply_async(args=(tenants[i % len(tenants)],), kwargs={"run": run[0]})
 
         def publish_tenant(i: int) -> AsyncResult[Any]:
             with tenant_context(tenants[i % len(tenants)]):
-                return tenant.apply_async()
+                return tenant.apply_async(kwargs={"run": run[0]})
 
         variants = {"plain": publish_plain, "tenant": publish_tenant}
         for publish in variants.values():
             warm_up(worker, publish, warm)
         for n in range(tally.runs):
             for name in alternate(list(variants), n):
+                run[0] += 1
+                warm_up(worker, variants[name], _REWARM_WORKER)
                 batch = run_batch(worker, variants[name], tally.per_run)
                 tally.add(name, batch.per_second, batch.results)
                 ctx.say(f"p1 worker run {n + 1}/{tally.runs} {name}: {batch.per_second} tasks/s")
