@@ -321,18 +321,38 @@ def table_machine(results: Results) -> TableSpec:
 
 def table_p1(results: Results) -> TableSpec:
     table = results.table("p1")
-    names = ["path", "task", "per second", "statements", "body µs", "ratio tenant/plain"]
+    names = [
+        "path",
+        "task",
+        "per second",
+        "statements",
+        "round trips (psycopg 3)",
+        "round trips (psycopg2)",
+        "body µs",
+        "runs",
+        "ratio tenant/plain",
+    ]
     rows = select(table, names)
     for row in rows:
         row[0] = "apply()" if str(row[0]).startswith("apply()") else "worker"
     return TableSpec(
         table["title"],
-        ["path", "task", "per second", "statements", "body µs", "tenant/plain"],
-        list(rows),
-        [False, False, True, True, True, True],
         [
-            "apply(): in the runner's process, 25 rounds of 200 calls; worker: a real worker, "
-            "Redis broker and results, prefork 2, 5 rounds of 2,000 tasks",
+            "path",
+            "task",
+            "per second",
+            "statements",
+            "round trips, psycopg 3",
+            "round trips, psycopg2",
+            "body µs",
+            "runs",
+            "/ plain",
+        ],
+        list(rows),
+        [False, False, True, True, True, True, True, False, True],
+        [
+            "apply(): in the runner's process, no broker; worker: a real worker, Redis broker "
+            "and results, prefork 2; runs: rounds x calls or tasks per variant",
             *(n for n in table["notes"] if "target" not in n),
         ],
     )

@@ -67,8 +67,8 @@ class _Transaction:
         self.refused: TenantCeleryError | None = None
         self.session: Session | None = None
         self.frame: _TaskFrame | None = None
-        #: The ``set_config`` to send with the transaction's first statement (see
-        #: :mod:`tenant_celery._setting`); ``None`` once it was sent.
+        #: The settings to send with the transaction's first statement (see
+        #: :mod:`tenant_celery._setting`); ``None`` once they were sent.
         self.pending: tuple[Setting, ...] | None = None
         #: The settings sent with the statement being executed: pending again if
         #: that statement fails (it may not have reached the server).
