@@ -263,20 +263,21 @@ def bind_tenant_guc(
     :class:`~sqlalchemy.orm.sessionmaker` or
     :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`.  What holds from then on:
 
-    * Each transaction (two-phase ones included) runs
-      ``set_config(setting, tenant, true)`` before its first statement, with
-      the current tenant, or with ``''`` outside any tenant, so that a
-      session-level value left on the server connection (by other code, or by
-      another client through a transaction-mode pooler) is never seen.  It
-      costs no round trip of its own on psycopg 3 (it goes in one message
-      with ``BEGIN``) and psycopg2 (in one message with the first statement);
-      other drivers, an ``executemany`` or a server-side cursor as the first
-      statement, and a transaction begun on the DBAPI connection behind
-      SQLAlchemy's back send it as a statement of its own.  A statement sent
-      on the DBAPI connection directly, before the first one SQLAlchemy
-      runs, runs without it.  With ``strict=True`` a transaction begun
-      outside any tenant raises :class:`~tenant_celery.TenantContextMissing`
-      instead.
+    * Each transaction (two-phase ones included) makes the setting
+      transaction-local before its first statement, with the current tenant,
+      or with ``''`` outside any tenant, so that a session-level value left on
+      the server connection (by other code, or by another client through a
+      transaction-mode pooler) is never seen.  It costs no round trip of its
+      own on psycopg 3 (``SET LOCAL setting = 'tenant'`` in one message with
+      ``BEGIN``) and psycopg2 (in one message with the first statement).
+      Other drivers, on psycopg2 an ``executemany`` or a server-side cursor
+      as the first statement, and on psycopg 3 a transaction begun on the
+      DBAPI connection behind SQLAlchemy's back, a pipeline or a two-phase
+      transaction, get ``SELECT set_config(setting, tenant, true)`` as a
+      statement of its own.  A statement sent on the DBAPI connection
+      directly, before the first one SQLAlchemy runs, runs without it.  With
+      ``strict=True`` a transaction begun outside any tenant raises
+      :class:`~tenant_celery.TenantContextMissing` instead.
     * A transaction in ``AUTOCOMMIT`` mode raises
       :class:`~tenant_celery.TransactionRequired` at its start, whatever
       ``strict`` says: the setting would last one statement.
