@@ -56,15 +56,6 @@ Setting = tuple[str, str]
 """A setting name and the value to give it for the transaction."""
 
 
-def setting_sql(name: str, value: str) -> str:
-    """``SELECT pg_catalog.set_config('<name>', <value literal>, true)``: no parameters.
-
-    ``name`` must be a ``word.word`` setting name
-    (:func:`~tenant_celery.config.validate_guc_name` raises otherwise).
-    """
-    return settings_sql(((name, value),))
-
-
 @lru_cache(maxsize=4096)
 def settings_sql(settings: tuple[Setting, ...]) -> str:
     """One ``SELECT`` statement that makes each setting, in order."""
