@@ -127,7 +127,7 @@ class Engines:
         self.own_statement.dispose()
 
 
-def _body(sessions: sessionmaker[Session], tenant: str, own_statement: bool = False) -> None:
+def p1_body(sessions: sessionmaker[Session], tenant: str, own_statement: bool = False) -> None:
     """The P1 body: read the tenant's newest item, then add one."""
     with sessions() as session, session.begin():
         if own_statement:
@@ -190,7 +190,7 @@ def make_app(
             engine.run = run
         sessions = engine.sessions()
         before, started = engine.statements, time.perf_counter()
-        _body(sessions, tenant_id, own_statement=which == "own_statement")
+        p1_body(sessions, tenant_id, own_statement=which == "own_statement")
         return {
             "done": time.time(),
             "body_s": time.perf_counter() - started,

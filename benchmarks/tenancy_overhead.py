@@ -23,6 +23,7 @@ the first statement (psycopg2).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ from celery.result import AsyncResult
 
 from tenant_celery import tenant_context
 
-from . import bench_app
+from . import bench_app, tenancy_parts
 from ._common import (
     BenchContext,
     Cell,
@@ -40,7 +41,6 @@ from ._common import (
     pair_spread,
     paired_ratio,
     rate,
-    stopwatch,
 )
 from ._scratch import seed_tenants
 from ._workers import BenchError, run_batch, running, transports, warm_up
@@ -128,19 +128,27 @@ def _in_process(ctx: BenchContext) -> dict[str, Any]:
         for call in variants.values():
             for i in range(warm):
                 call(i)
+        names = list(variants)
         for n in range(tally.runs):
-            for name in alternate(list(variants), n):
-                call = variants[name]
-                # New connections, so new server processes, for every run: a server
-                # process keeps the CPU placement it started with, which makes one
-                # connection's round trips faster or slower than another's for as
-                # long as it lives.
-                engines.dispose()
+            # New connections, so new server processes, for every run: a server
+            # process keeps the CPU placement it started with, which makes one
+            # connection's round trips faster or slower than another's for as
+            # long as it lives.
+            engines.dispose()
+            for call in variants.values():
                 for i in range(_REWARM):  # past psycopg's prepare threshold again
                     call(i)
-                with stopwatch() as elapsed:
-                    results = [call(i) for i in range(tally.per_run)]
-                tally.add(name, rate(tally.per_run, elapsed()), results)
+            # The variants take turns call by call, the order reversed every other call, so a
+            # slow spell of the machine falls on all of them alike.
+            spent = dict.fromkeys(names, 0.0)
+            results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for i in range(tally.per_run):
+                for name in alternate(names, n + i):
+                    started = time.perf_counter()
+                    results[name].append(variants[name](i))
+                    spent[name] += time.perf_counter() - started
+            for name in names:
+                tally.add(name, rate(tally.per_run, spent[name]), results[name])
         ctx.say(f"p1 apply(): {tally.runs} rounds of {tally.per_run} calls per variant done")
     finally:
         engines.dispose()
@@ -236,6 +244,7 @@ def run(ctx: BenchContext) -> Section:
     """Measure P1 and return its section."""
     trips = _round_trips(ctx)
     measured = {"apply": _in_process(ctx), "worker": _end_to_end(ctx)}
+    parts = tenancy_parts.measure(ctx)
     paths = {"apply": "apply() in process", "worker": "real worker, Redis, prefork 2"}
     rows: list[list[Cell]] = []
     ratios: dict[str, float] = {}
@@ -269,8 +278,10 @@ def run(ctx: BenchContext) -> Section:
         "tenant: bind_tenant_guc sends the setting with a round trip the transaction makes "
         "anyway; tenant, own statement: set_tenant_guc() sends it as a statement of its own, "
         "as the binding does where it cannot (another driver, an executemany first)",
-        "per second: median of the runs, plain and tenant alternating (AB BA AB …); "
-        "ratio: median of tenant / plain over each back-to-back pair of runs",
+        "per second: median of the runs; apply(): the variants take turns call by call "
+        "within each run, the order reversed every other call; worker: plain and tenant runs alternate "
+        "(AB BA AB …); ratio: median of tenant / plain over the runs (apply()) or over "
+        "each back-to-back pair of runs (worker)",
         "pairs' ratios ranged "
         + ", ".join(
             f"{pair_spread(d['per_second']['tenant'], d['per_second']['plain'])} ({k})"
@@ -314,7 +325,7 @@ def run(ctx: BenchContext) -> Section:
     return Section(
         key="p1",
         title="Tenancy overhead",
-        tables=[table],
+        tables=[table, parts],
         data={
             **measured,
             "ratio_apply": ratios["apply"],

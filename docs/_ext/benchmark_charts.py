@@ -11,7 +11,7 @@ benchmarks`` writes) and put what it holds on the page::
 
 ``benchmark-chart`` draws an inline SVG figure (``throughput``, ``fairness``,
 ``overheads``, ``result-backend``); ``benchmark-table`` builds a table narrow
-enough for the page's column (``targets``, ``machine``, ``p1``, ``p2-times``,
+enough for the page's column (``targets``, ``machine``, ``p1``, ``p1-parts``, ``p2-times``,
 ``p2-ratios``, ``p2-plans``, ``p3``, ``p3-events``, ``p4``, ``p5-latency``,
 ``p5-backlog``, ``result-backend``).  Nothing is typed in by hand: every figure
 comes from the JSON, and the build fails (``-W``) when the JSON lacks what a
@@ -360,6 +360,17 @@ def table_p1(results: Results) -> TableSpec:
     )
 
 
+def table_p1_parts(results: Results) -> TableSpec:
+    table = results.table("p1", 1)
+    return TableSpec(
+        table["title"],
+        ["part", "measured as", "µs", "rounds ranged"],
+        select(table, ["part", "measured as", "µs", "rounds ranged"]),
+        [False, False, True, False],
+        list(table["notes"]),
+    )
+
+
 def table_p2_times(results: Results) -> TableSpec:
     table = results.table("p2")
     names = ["query", "statement", "explicit med", "control med", "package med", "naive med"]
@@ -518,6 +529,7 @@ TABLES: dict[str, Callable[[Results], TableSpec]] = {
     "targets": table_targets,
     "machine": table_machine,
     "p1": table_p1,
+    "p1-parts": table_p1_parts,
     "p2-times": table_p2_times,
     "p2-ratios": table_p2_ratios,
     "p2-plans": table_p2_plans,
