@@ -105,6 +105,7 @@ BROKERS = {
     "postgres": "PostgreSQL (kombu SQLAlchemy)",
     "postgresql": "PostgreSQL (kombu SQLAlchemy)",
     "sqla": "PostgreSQL (kombu SQLAlchemy)",
+    "tcpg": "PostgreSQL (tenant-celery transport)",
 }
 """How the summary names each broker, by short name or URL scheme."""
 

@@ -1,6 +1,6 @@
 """Faults injected into real workers, and what survived them.
 
-Four faults, each one scenario function that starts real ``celery worker``
+Six faults, each one scenario function that starts real ``celery worker``
 processes (the app is :mod:`tests.integration.faults_app`), injects the fault
 while tasks are running, and reads back what every task did from the
 ``fault_runs`` table:
@@ -29,6 +29,15 @@ while tasks are running, and reads back what every task did from the
     starts.  The worker's ``/health`` must answer 503 naming the database
     while the worker stays up, then 200 once the proxy is back, and a task
     published meanwhile must complete.
+:func:`worker_frozen`
+    (e) on the package's transport, a prefork worker is frozen (``SIGSTOP``)
+    past the leases of the tasks it runs, a second worker takes them, and the
+    first is resumed while the second still runs them: its acknowledgements
+    must delete nothing the second holds.
+:func:`transport_connections_killed`
+    (f) every connection of the package's transport is terminated, several
+    times, while a worker claims, runs and acknowledges: it must reconnect by
+    itself and lose nothing.
 
 A scenario takes a :class:`Setup` (the database), brokers, and a ``launch``
 callable that starts a worker for a :class:`WorkerSpec` and returns a handle
@@ -85,6 +94,8 @@ __all__ = [
     "prepare",
     "redis_restarted",
     "run",
+    "transport_connections_killed",
+    "worker_frozen",
     "worker_killed",
 ]
 
@@ -567,6 +578,241 @@ def worker_killed(
     return result
 
 
+# ------------------------------------- (f) the transport's own connections terminated
+
+_TERMINATE_TRANSPORT = sa.text(
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+    " WHERE application_name = :name AND usename = :role AND datname = current_database()"
+)
+
+
+def transport_connections_killed(
+    setup: Setup,
+    launch: Launch,
+    *,
+    broker_url: str,
+    backend_url: str,
+    tasks: int = 60,
+    kills: int = 3,
+    hold: float = 0.3,
+    visibility_timeout: float = 6.0,
+    timeout: float = 120.0,
+) -> FaultResult:
+    """(f) Terminate every connection of the package's transport, ``kills`` times, while a
+    prefork worker (concurrency 2, late acks, prefetch 1) claims, runs and acknowledges.
+
+    Each kill lands wherever the worker is: claiming, renewing leases,
+    acknowledging, or waiting on ``LISTEN``.  The worker must reconnect by
+    itself and every task must complete in its tenant.  An acknowledgement
+    lost with its connection leaves the message to be claimed again when its
+    lease runs out: a duplicate, which late acknowledgement allows.
+    """
+    from tenant_celery.transport import APPLICATION_NAME  # noqa: PLC0415
+
+    result = FaultResult("transport connections terminated", _label(broker_url), "prefork 2")
+    queue = new_queue("tcpg-kill")
+    tenants = new_tenants(2)
+    spec = WorkerSpec(
+        broker_url,
+        backend_url,
+        queue,
+        render(setup.app_url),
+        environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+    )
+    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    terminated: list[int] = []
+    runs: list[Run] = []
+    try:
+        with workers(launch) as start, publisher(broker_url, queue) as app:
+            worker = start(spec)
+            expected = publish(app, faults_app.RECORD, tenants, tasks, hold=hold)
+            deadline = time.monotonic() + timeout
+            for _ in range(kills):
+                # Wait for progress between kills, so each lands on a working consumer.
+                before = len(done_ids(read_runs(admin, list(expected))))
+                while time.monotonic() < deadline:
+                    if len(done_ids(read_runs(admin, list(expected)))) >= before + 4:
+                        break
+                    time.sleep(_POLL)
+                with admin.connect() as conn:
+                    count = conn.execute(
+                        _TERMINATE_TRANSPORT, {"name": APPLICATION_NAME, "role": setup.app_role}
+                    ).scalar_one()
+                    conn.commit()
+                terminated.append(int(count))
+                if result.require(count > 0, "no transport connection to terminate"):
+                    result.injected += 1
+            runs = wait_done(admin, expected, timeout, worker)
+            result.require(worker.alive, "the worker died")
+            if not worker.alive:
+                result.details["log_tail"] = _tail(worker)
+    finally:
+        admin.dispose()
+        drop_queue(broker_url, queue)
+    account(result, expected, runs)
+    if not result.problems:
+        result.survived = result.injected
+    result.details.update(
+        published=len(expected),
+        connections_terminated=terminated,
+        visibility_timeout=visibility_timeout,
+    )
+    return result
+
+
+# ------------------------------------------------ (e) a worker frozen past its leases
+
+
+def worker_frozen(
+    setup: Setup,
+    launch: Launch,
+    *,
+    broker_url: str,
+    backend_url: str,
+    tasks: int = 6,
+    hold: float = 4.0,
+    visibility_timeout: float = 3.0,
+    timeout: float = 120.0,
+) -> FaultResult:
+    """(e) Freeze a prefork worker (``SIGSTOP``, main process and children) while its
+    late-acknowledged tasks run, long enough for their leases to run out; let a
+    second worker on the same queue take and finish them; then resume the first.
+
+    The first worker is resumed as soon as the second has started those tasks:
+    it finishes its own runs at once and acknowledges them while the second
+    still runs them.  Survived when those acknowledgements deleted nothing the
+    second worker held (they name a lease that is no longer the first
+    worker's), every task completed in its tenant, both workers ran the frozen
+    tasks to the end, and both went on taking work.  The frozen worker's tasks
+    completing twice is the price of the lease, and is counted as duplicates.
+    """
+    result = FaultResult("worker frozen past its leases", _label(broker_url), "prefork 2")
+    queue = new_queue("sigstop")
+    tenants = new_tenants(2)
+    spec = WorkerSpec(
+        broker_url,
+        backend_url,
+        queue,
+        render(setup.app_url),
+        environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+    )
+    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    runs: list[Run] = []
+    frozen_ids: set[str] = set()
+    frozen_at = 0.0
+    resumed = False
+    try:
+        with workers(launch) as start, publisher(broker_url, queue) as app:
+            first = start(spec)
+            expected = publish(app, faults_app.RECORD, tenants, tasks, hold=hold)
+            running = _running(admin, expected, spec.concurrency, timeout)
+            os.killpg(first.pid, signal.SIGSTOP)
+            frozen_at = time.time()
+            result.injected = 1
+            frozen_ids = running
+            try:
+                second = start(spec)
+                # The second worker starts the frozen one's tasks once their leases lapse.
+                _wait_runs(admin, frozen_ids, "started", 2, timeout)
+            finally:
+                os.killpg(first.pid, signal.SIGCONT)
+                resumed = True
+            # Resumed, the first worker finishes its runs at once and acknowledges them,
+            # while the second still runs them: their messages must still be there.
+            now = _wait_runs(admin, frozen_ids, "done", 1, timeout)
+            still_running = {t for t in frozen_ids if _done_count(now, t) < 2}
+            with admin.connect() as conn:
+                held = conn.execute(
+                    _HELD_ROWS, {"queue": queue, "ids": sorted(still_running)}
+                ).scalar_one()
+            result.require(
+                bool(still_running),
+                "the second worker finished the frozen tasks before the first one resumed",
+            )
+            result.require(
+                held == len(still_running),
+                f"the resumed worker's acknowledgements deleted messages the second worker "
+                f"held: {held} left of the {len(still_running)} it was running",
+            )
+            result.details.update(held_by_second=len(still_running), rows_then=int(held))
+            runs = wait_done(admin, expected, timeout, second)
+            _wait_runs(admin, frozen_ids, "done", 2, hold + 10)
+            result.require(first.alive, "the frozen worker died after it was resumed")
+            result.require(second.alive, "the second worker died")
+            # Both go on taking work after the episode.
+            after = publish(app, faults_app.RECORD, tenants, 4)
+            expected.update(after)
+            runs = wait_done(admin, expected, timeout)
+    finally:
+        admin.dispose()
+        drop_queue(broker_url, queue)
+    _judge_frozen(result, expected, runs, frozen_ids)
+    result.details.update(
+        published=len(expected),
+        frozen_running=sorted(frozen_ids),
+        resumed=resumed,
+        frozen_seconds_at_least=round(time.time() - frozen_at, 1) if frozen_ids else None,
+        visibility_timeout=visibility_timeout,
+    )
+    return result
+
+
+def _running(admin: Engine, expected: Mapping[str, str], count: int, timeout: float) -> set[str]:
+    """The tasks of ``expected`` running (started, not done) once ``count`` are, or at
+    ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = read_runs(admin, list(expected))
+        running = {r.task_id for r in now if r.phase == "started"} - done_ids(now)
+        if len(running) >= count or time.monotonic() > deadline:
+            return running
+        time.sleep(0.05)
+
+
+def _judge_frozen(
+    result: FaultResult, expected: Mapping[str, str], runs: Sequence[Run], frozen: set[str]
+) -> None:
+    account(result, expected, runs)
+    by_task: dict[str, set[int]] = {}
+    for run in runs:
+        if run.phase == "done":
+            by_task.setdefault(run.task_id, set()).add(run.worker_pid)
+    rerun = {t for t in frozen if len(by_task.get(t, set())) >= 2}
+    result.require(bool(frozen), "no task was running when the worker was frozen")
+    result.require(
+        rerun == frozen,
+        f"frozen tasks not run to the end by both workers: {sorted(frozen - rerun)}",
+    )
+    if not result.problems:
+        result.survived = 1
+
+
+_HELD_ROWS = sa.text(
+    "SELECT count(*) FROM tenant_celery_message WHERE queue = :queue"
+    " AND EXISTS (SELECT 1 FROM unnest(CAST(:ids AS text[])) AS t(id)"
+    " WHERE strpos(payload, t.id) > 0)"
+)
+"""Messages of ``ids`` (task ids, found in the message) still in the transport's table
+(the scratch database's ``public`` schema)."""
+
+
+def _wait_runs(
+    admin: Engine, task_ids: set[str], phase: str, count: int, timeout: float
+) -> list[Run]:
+    """Wait until each of ``task_ids`` has ``count`` rows of ``phase``, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = read_runs(admin, list(task_ids))
+        found = Counter(r.task_id for r in runs if r.phase == phase)
+        if all(found[t] >= count for t in task_ids) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.05)
+
+
+def _done_count(runs: Sequence[Run], task_id: str) -> int:
+    return sum(1 for run in runs if run.task_id == task_id and run.phase == "done")
+
+
 # ------------------------------------------------------------ (c) Redis restarted
 
 KillMoment = Literal["draining", "waiting"]
@@ -872,7 +1118,7 @@ def database_unreachable(
 
 
 def _label(broker_url: str) -> str:
-    return broker_url.split(":", 1)[0].replace("amqp", "rabbitmq")
+    return broker_url.split(":", 1)[0].split("+", 1)[0].replace("amqp", "rabbitmq")
 
 
 def _tail(worker: RunningWorker, lines: int = 30) -> str:
@@ -899,6 +1145,19 @@ def _summary(result: FaultResult) -> str:
         return (
             f"running at the kill: {len(details['in_flight_at_kill'])}, all run again "
             f"{details['seconds_to_redelivery']} s later"
+        )
+    if "connections_terminated" in details:
+        return (
+            f"all the transport's connections terminated {len(details['connections_terminated'])}"
+            f" times ({', '.join(map(str, details['connections_terminated']))} connections); "
+            f"the worker reconnected by itself, every task completed in its tenant, "
+            f"{result.duplicates} twice"
+        )
+    if "frozen_running" in details:
+        return (
+            f"running when frozen: {len(details['frozen_running'])}; run again by a second "
+            f"worker once their {details['visibility_timeout']:g} s leases lapsed, and "
+            "finished by the resumed worker too (counted twice); both workers went on"
         )
     if "reconnect_seconds" in details:
         return (
@@ -962,6 +1221,7 @@ def _suite_launcher(ctx: ReliabilityContext) -> Launch:
 def run(ctx: ReliabilityContext) -> Section:
     """Inject every fault (connection kills: 1, 2 or 3 by size) and report what survived."""
     from reliability._common import Section, Tally  # noqa: PLC0415
+    from reliability.load import broker_url  # noqa: PLC0415
 
     setup = Setup(admin_url=ctx.admin_url, app_url=ctx.app_url, app_role=ctx.app_role)
     prepare(setup)
@@ -1029,6 +1289,41 @@ def run(ctx: ReliabilityContext) -> Section:
         "database unreachable at start",
         "redis",
         lambda: database_unreachable(setup, launch, broker_url=redis_url, backend_url=redis_url),
+    )
+    # The package's transport, its messages in the same database as the tasks' rows.
+    tcpg_url = broker_url(ctx, "tcpg")
+    attempt(
+        "connection killed mid-task",
+        "tcpg",
+        lambda: connection_killed(
+            setup,
+            launch,
+            broker_url=tcpg_url,
+            backend_url=redis_url,
+            kills=ctx.pick(smoke=1, default=2, full=3),
+        ),
+    )
+    attempt(
+        "worker SIGKILLed mid-task",
+        "tcpg",
+        lambda: worker_killed(setup, launch, broker_url=tcpg_url, backend_url=pg_backend),
+    )
+    attempt(
+        "worker frozen past its leases",
+        "tcpg",
+        lambda: worker_frozen(setup, launch, broker_url=tcpg_url, backend_url=redis_url),
+    )
+    attempt(
+        "transport connections terminated",
+        "tcpg",
+        lambda: transport_connections_killed(
+            setup,
+            launch,
+            broker_url=tcpg_url,
+            backend_url=redis_url,
+            tasks=ctx.pick(smoke=30, default=60, full=150),
+            kills=ctx.pick(smoke=2, default=3, full=6),
+        ),
     )
 
     table = ctx.report(

@@ -873,7 +873,7 @@ FULL_MINIMUM = 10_000
 def run(ctx: Any) -> Any:
     """The ``hostile`` part of ``python -m reliability``: see the module docstring."""
     from reliability import routes  # noqa: PLC0415 (the runner's package)
-    from reliability._common import Section, Tally  # noqa: PLC0415
+    from reliability._common import Section, Tally, broker_name  # noqa: PLC0415
 
     per_category = ctx.pick(smoke=30, default=300, full=1_100)
     seed = zlib.crc32(f"hostile-{ctx.run_id}".encode())
@@ -953,7 +953,7 @@ def run(ctx: Any) -> Any:
             hostile_tried=tried + replayed.tried,
             hostile_refused=passed + replayed.passed,
             pools=["prefork 2"],
-            brokers=["Redis"],
+            brokers=[broker_name(b) for b in routes.BROKERS],
         ),
     )
     section.violations.extend(replayed.violations)

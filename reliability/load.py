@@ -1,9 +1,10 @@
 """Isolation under load: many tenants' tasks through real workers, every run checked.
 
-Six workers run at once, each on a queue of its own: Redis and the PostgreSQL
-broker (kombu's SQLAlchemy transport on the bundled migration's tables,
-connected as the app role, which has no ``CREATE``), each with the prefork
-pool (concurrency 2), the threads pool (4) and the solo pool.  The runner
+Nine workers run at once, each on a queue of its own: Redis, the package's
+own PostgreSQL transport (:mod:`tenant_celery.transport`) and kombu's
+SQLAlchemy transport, both PostgreSQL ones on the bundled migration's tables,
+connected as the app role, which has no ``CREATE``; each broker with the
+prefork pool (concurrency 2), the threads pool (4) and the solo pool.  The runner
 publishes a shuffled mix of jobs for :data:`TENANTS` tenants, interleaved in
 publish order and spread over the workers:
 
@@ -61,6 +62,7 @@ from celery import chain
 
 from tenant_celery import DEFAULT_GUC, tenant_context
 from tenant_celery.rls import enable_tenant_rls, grant_tenant_tables
+from tenant_celery.transport import SCHEME as TCPG_SCHEME
 
 from . import load_app
 from ._common import ReliabilityContext, Section, Tally, broker_name, pool_name
@@ -93,14 +95,17 @@ class WorkerSpec:
 
 
 WORKERS = (
-    WorkerSpec("redis", "prefork", 2, 0.24),
-    WorkerSpec("redis", "threads", 4, 0.22),
-    WorkerSpec("redis", "solo", 1, 0.18),
-    WorkerSpec("postgres", "prefork", 2, 0.12),
-    WorkerSpec("postgres", "threads", 4, 0.12),
-    WorkerSpec("postgres", "solo", 1, 0.12),
+    WorkerSpec("redis", "prefork", 2, 0.16),
+    WorkerSpec("redis", "threads", 4, 0.15),
+    WorkerSpec("redis", "solo", 1, 0.12),
+    WorkerSpec("tcpg", "prefork", 2, 0.12),
+    WorkerSpec("tcpg", "threads", 4, 0.11),
+    WorkerSpec("tcpg", "solo", 1, 0.10),
+    WorkerSpec("postgres", "prefork", 2, 0.08),
+    WorkerSpec("postgres", "threads", 4, 0.08),
+    WorkerSpec("postgres", "solo", 1, 0.08),
 )
-BROKER_NAMES = {key: broker_name(key) for key in ("redis", "postgres")}
+BROKER_NAMES = {key: broker_name(key) for key in ("redis", "tcpg", "postgres")}
 
 LEAVE_OPEN_EVERY = 10
 """One read job in this many (each worker's first included) leaves its transaction open."""
@@ -516,13 +521,22 @@ class Fleet:
                 worker.stop()
 
 
+def broker_url(ctx: ReliabilityContext, broker: str) -> str:
+    """The URL of ``broker`` (a :class:`WorkerSpec`'s) for this run; PostgreSQL as the app role."""
+    if broker == "redis":
+        return ctx.redis_db(REDIS_DB)
+    if broker == "tcpg":  # the package's transport, on the bundled migration's tables
+        libpq = ctx.app_url.set(drivername="postgresql")
+        return f"{TCPG_SCHEME}+{libpq.render_as_string(hide_password=False)}"
+    return f"sqla+{ctx.app_url.render_as_string(hide_password=False)}"
+
+
 def start_fleet(ctx: ReliabilityContext, specs: Sequence[WorkerSpec] = WORKERS) -> Fleet:
     """Start one worker per spec (stopped at the end of the run at the latest)."""
-    pg = ctx.app_url.render_as_string(hide_password=False)
     fleet = Fleet(list(specs), [])
     ctx.on_close(fleet.stop)
     for spec in specs:
-        broker = ctx.redis_db(REDIS_DB) if spec.broker == "redis" else f"sqla+{pg}"
+        broker = broker_url(ctx, spec.broker)
         fleet.workers.append(
             start_worker(
                 ctx,
@@ -694,7 +708,7 @@ def _section(
             f"({', '.join(f'{kinds[k]:,} {k}' for k in KINDS)}), "
             f"{len(expected) - len(jobs):,} more runs published by the tasks themselves "
             "(child tasks, chain links, retries)",
-            "all six workers ran at once, each on its own queue; each process's engine "
+            f"all {len(WORKERS)} workers ran at once, each on its own queue; each process's engine "
             f"pool holds {load_app.POOL_SIZE} connections (no overflow), shared across tenants; "
             "every task reaches it through its thread's scoped_session, kept from task to task",
             f"left open: careless reads (one read job in {LEAVE_OPEN_EVERY} of each worker) "

@@ -172,8 +172,8 @@ def judge(at: Attempt, rows: Rows, lost: dict[str, int], shares: Counter[str]) -
                 at.problem(f"the replayed part {replay.id} ran")
         if at.route.evidence == CALLS and rows.calls:
             at.problem(f"the unconfigured lister was called {rows.calls} times")
-        if at.route.evidence == LOST_PROCESSES and lost[at.target.kind]:
-            at.problem(f"{lost[at.target.kind]} pool processes of the worker died")
+        if at.route.evidence == LOST_PROCESSES and lost[at.target.ident]:
+            at.problem(f"{lost[at.target.ident]} pool processes of the worker died")
         return
     expected: Counter[tuple[str, str]] = Counter()
     share = shares[at.shared_key] if at.shared_key else 1
@@ -241,28 +241,28 @@ def report(
     """The routes' tables (printed now), JSON data, counts and violations."""
     groups: dict[tuple[str, str, bool], list[Attempt]] = {}
     for at in attempts:
-        groups.setdefault((at.target.kind, at.route.name, at.hostile), []).append(at)
+        groups.setdefault((at.target.label, at.route.name, at.hostile), []).append(at)
     hostile_rows, control_rows = [], []
     data: dict[str, Any] = {"per_route": per_route, "routes": {}, "controls": {}}
-    for (kind, name, hostile), group in groups.items():
+    for (worker, name, hostile), group in groups.items():
         counts = _counts(group)
-        data["routes" if hostile else "controls"].setdefault(f"{kind} worker", {})[name] = counts
+        data["routes" if hostile else "controls"].setdefault(f"{worker} worker", {})[name] = counts
         if hostile:
             hostile_rows.append(
                 [
-                    kind, name, counts["tried"], counts["refused"], counts["wrote_nothing"],
+                    worker, name, counts["tried"], counts["refused"], counts["wrote_nothing"],
                     counts["deleted_nothing"], counts["failed"],
                     "; ".join(f"{k} ({v})" for k, v in counts["outcomes"].items()),
                 ]
             )  # fmt: skip
         else:
-            control_rows.append([kind, name, counts["tried"], counts["ran_as_designed"]])
+            control_rows.append([worker, name, counts["tried"], counts["ran_as_designed"]])
     hostile = [at for at in attempts if at.hostile]
     controls = [at for at in attempts if not at.hostile]
     problems = [p for at in attempts for p in at.problems]
     hostile_rows.append(
         [
-            "both", "total", len(hostile), sum(at.refused for at in hostile),
+            "all", "total", len(hostile), sum(at.refused for at in hostile),
             sum(at.wrote_nothing for at in hostile), sum(at.deleted_nothing for at in hostile),
             sum(not at.ok for at in hostile), "",
         ]
@@ -282,7 +282,8 @@ def report(
             ],
             hostile_rows,
             [
-                "two real prefork workers (concurrency 2, Redis broker and results), one with "
+                "four real prefork workers (concurrency 2, Redis results): on each broker, "
+                "Redis and the package's PostgreSQL transport, one with "
                 "tenant_celery_header_signing_keys set and one without; published by a process "
                 "holding no key, except where the reliability page says a key holder signed",
                 "wrote nothing / deleted nothing: as the superuser reads it, no row of the "
@@ -302,14 +303,14 @@ def report(
                 "without signing the broker is trusted: a part naming a tenant runs there; "
                 "these show the rig sees a route that is not refused (rows written in B, or "
                 "B's rows deleted), and that a key holder's chain and beat's fan-out still "
-                "run on the signed worker"
+                "run on the signed workers"
             ],
         ),
     ]
     data["failures"] = problems[:50]
     data["elapsed_s"] = round(elapsed, 1)
     violations = [
-        f"the control {at.route.name} did not run as designed on the {at.target.kind} worker"
+        f"the control {at.route.name} did not run as designed on the {at.target.label} worker"
         for at in controls
         if not at.ok
     ]

@@ -97,7 +97,8 @@ from tenant_celery.fanout import FOR_EACH_TENANT_TASK
 from tenant_celery.signing import SIGNING_KEYS_ENV
 
 from . import routes_app
-from ._common import ReliabilityContext
+from ._common import ReliabilityContext, broker_name
+from .load import broker_url
 from .route_verdict import (
     CALLS,
     LOST_PROCESSES,
@@ -114,6 +115,8 @@ __all__ = ["ROUTES", "Attempt", "Route", "Target", "plan", "run"]
 
 SIGNED, UNSIGNED = "signed", "unsigned"
 WORKER_KINDS = (SIGNED, UNSIGNED)
+BROKERS = ("redis", "tcpg")
+"""A signed and an unsigned worker on each: Redis, and the package's transport."""
 REDIS_DB = 11
 WAIT_S = 90.0
 """Longest wait for the published messages, their replays and the controls' rows."""
@@ -134,6 +137,18 @@ class Target:
     worker: Worker
     keys: str | None
     """The signing keys (comma-separated), ``None`` for the unsigned worker."""
+    broker: str = "redis"
+    """One of :data:`BROKERS`: Redis, or the package's transport."""
+
+    @property
+    def ident(self) -> str:
+        """A name for keys and tenants: kind and broker, e.g. ``signed-tcpg``."""
+        return f"{self.kind}-{self.broker}"
+
+    @property
+    def label(self) -> str:
+        """The report's name of the worker, e.g. ``signed, Redis``."""
+        return f"{self.kind}, {broker_name(self.broker)}"
 
     @property
     def app(self) -> Celery:
@@ -199,7 +214,7 @@ class Attempt:
         return routes_app.LISTED if self.route.fan_out else (self.a, self.b)
 
     def problem(self, text: str) -> None:
-        self.problems.append(f"{self.route.name} on the {self.target.kind} worker: {text}")
+        self.problems.append(f"{self.route.name} on the {self.target.label} worker: {text}")
 
 
 def _frozen(signature: Any) -> Any:
@@ -401,11 +416,12 @@ ROUTES: tuple[Route, ...] = (
 # ------------------------------------------------------------------------- workers
 
 
-def _start(ctx: ReliabilityContext, kind: str, keys: str) -> Target:
-    url = ctx.redis_db(REDIS_DB)
+def _start(ctx: ReliabilityContext, kind: str, keys: str, broker: str) -> Target:
+    results = ctx.redis_db(REDIS_DB)
+    url = results if broker == "redis" else broker_url(ctx, broker)
     worker = start_worker(
         ctx,
-        Transport("redis", url, url),
+        Transport(broker, url, results),
         pool="prefork",
         concurrency=2,
         tag=f"-routes-{kind}",
@@ -415,7 +431,7 @@ def _start(ctx: ReliabilityContext, kind: str, keys: str) -> Target:
         environ={SIGNING_KEYS_ENV: keys if kind == SIGNED else ""},
     )
     ctx.on_close(worker.stop)
-    return Target(kind, worker, keys if kind == SIGNED else None)
+    return Target(kind, worker, keys if kind == SIGNED else None, broker)
 
 
 @contextlib.contextmanager
@@ -473,8 +489,8 @@ def _wait_for_controls(admin: sa.Engine, attempts: Sequence[Attempt], deadline: 
 # ------------------------------------------------------------------------------ run
 
 
-def _tenant(ctx: ReliabilityContext, kind: str, route: Route, index: int, role: str) -> str:
-    name = f"tenant-celery-routes-{ctx.run_id}-{kind}-{route.name}-{index}-{role}"
+def _tenant(ctx: ReliabilityContext, ident: str, route: Route, index: int, role: str) -> str:
+    name = f"tenant-celery-routes-{ctx.run_id}-{ident}-{route.name}-{index}-{role}"
     return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
@@ -487,15 +503,15 @@ def plan(ctx: ReliabilityContext, targets: Sequence[Target], per_route: int) -> 
                 hostile = target.kind in route.hostile_on
                 if not hostile and target.kind not in route.control_on:
                     continue
-                key = f"{ctx.run_id}.{target.kind}.{ROUTES.index(route)}.{index}"
+                key = f"{ctx.run_id}.{target.ident}.{ROUTES.index(route)}.{index}"
                 attempts.append(
                     Attempt(
                         route=route,
                         target=target,
                         index=index,
                         key=key,
-                        a=_tenant(ctx, target.kind, route, index, "A"),
-                        b=_tenant(ctx, target.kind, route, index, "B"),
+                        a=_tenant(ctx, target.ident, route, index, "A"),
+                        b=_tenant(ctx, target.ident, route, index, "B"),
                         hostile=hostile,
                         shared_key=(
                             (routes_app.FAN_OUT_KEY if hostile else routes_app.CONTROL_KEY)
@@ -508,14 +524,15 @@ def plan(ctx: ReliabilityContext, targets: Sequence[Target], per_route: int) -> 
 
 
 def run(ctx: ReliabilityContext) -> RouteReport:
-    """Try every route on a signed and an unsigned worker; see the module docstring."""
+    """Try every route on a signed and an unsigned worker of each broker; see the module
+    docstring."""
     per_route = ctx.pick(smoke=2, default=5, full=10)
     keys = ", ".join(f"reliability-routes-{ctx.run_id}-{n}-{uuid.uuid4().hex}" for n in range(2))
     admin = ctx.admin_engine(pool_size=1)
     create_tables(admin, ctx.app_role)
     with _keyless_environment():
-        targets = [_start(ctx, kind, keys) for kind in WORKER_KINDS]
-        ctx.say("hostile: replay routes, a signed and an unsigned worker ready")
+        targets = [_start(ctx, kind, keys, broker) for broker in BROKERS for kind in WORKER_KINDS]
+        ctx.say("hostile: replay routes, a signed and an unsigned worker on each broker ready")
         attempts = plan(ctx, targets, per_route)
         seed(admin, [*routes_app.LISTED, *(t for at in attempts for t in (at.a, at.b))])
         shares = Counter(at.shared_key for at in attempts if at.shared_key)
@@ -530,7 +547,7 @@ def run(ctx: ReliabilityContext) -> RouteReport:
         rows = read_rows(admin)
         elapsed = time.monotonic() - started
         lost = {
-            t.kind: lost_processes(t.worker.log_path.read_text(errors="replace")) for t in targets
+            t.ident: lost_processes(t.worker.log_path.read_text(errors="replace")) for t in targets
         }
         for at in attempts:
             judge(at, rows, lost, shares)
@@ -538,5 +555,5 @@ def run(ctx: ReliabilityContext) -> RouteReport:
             target.worker.stop()
     found = report(ctx, attempts, per_route, elapsed)
     found.data["lister_calls"] = rows.calls
-    found.data["pool_processes_lost"] = {f"{kind} worker": n for kind, n in lost.items()}
+    found.data["pool_processes_lost"] = {f"{t.label} worker": lost[t.ident] for t in targets}
     return found

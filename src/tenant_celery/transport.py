@@ -1141,6 +1141,7 @@ class Transport(virtual.Transport):
         self._rendered: dict[str, str] = {}
         self._swept_at = 0.0
         self._closed = False
+        self._dsn: str | None = None
         self._wakeup: tuple[int, int] | None = None
         self._wakeup_lock = threading.Lock()
         self._wakeup_pid = 0
@@ -1157,7 +1158,16 @@ class Transport(virtual.Transport):
     # --- connections ---------------------------------------------------------------
 
     def _conninfo(self) -> str:
+        # Kept once read: kombu drops the transport's client when it closes the
+        # connection, and a late acknowledgement still needs to connect then.
+        if self._dsn is not None:
+            return self._dsn
         client: Any = self.client
+        if client is None:
+            raise psycopg.OperationalError(
+                "the PostgreSQL transport's kombu connection was closed before it ever "
+                "connected; open a new one"
+            )
         url = str(client.hostname or "")
         if "://" not in url:
             raise ConfigurationError(
@@ -1170,7 +1180,8 @@ class Transport(virtual.Transport):
             raise ConfigurationError(
                 f"the PostgreSQL transport needs a postgresql:// broker URL, not {base}://"
             )
-        return f"postgresql://{rest}"
+        self._dsn = f"postgresql://{rest}"
+        return self._dsn
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(

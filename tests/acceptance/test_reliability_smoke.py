@@ -79,7 +79,11 @@ def test_reliability_suite_passes_at_smoke_size(
     assert tally["tasks_run"] >= 300
     assert tally["tenants"] >= 20
     assert {"prefork 2", "threads 4", "solo"} <= set(tally["pools"])
-    assert {"Redis", "PostgreSQL (kombu SQLAlchemy)"} <= set(tally["brokers"])
+    assert {
+        "Redis",
+        "PostgreSQL (tenant-celery transport)",
+        "PostgreSQL (kombu SQLAlchemy)",
+    } <= set(tally["brokers"])
     assert tally["connections_checked"] > 0
     assert tally["faults_injected"] > 0
     assert tally["faults_survived"] == tally["faults_injected"]
@@ -88,7 +92,7 @@ def test_reliability_suite_passes_at_smoke_size(
 
     load = sections["load"]["data"]
     assert load["runs_recorded"] == load["runs_expected"] >= 300
-    assert len(load["per_worker"]) == 6  # two brokers by three pools
+    assert len(load["per_worker"]) == 9  # three brokers by three pools
     for label, counts in load["per_worker"].items():
         for kind in ("read", "write", "child", "link", "retry"):
             assert counts.get(kind, 0) > 0, f"{label} ran no {kind}"
@@ -99,7 +103,13 @@ def test_reliability_suite_passes_at_smoke_size(
     assert leaks["connections_used_by_tenant_tasks"] > 0
     assert leaks["not_read"] == 0
     replayed = sections["hostile"]["data"]["replay_routes"]
-    for worker in ("signed worker", "unsigned worker"):
+    workers = [
+        f"{kind}, PostgreSQL (tenant-celery transport) worker" if tcpg else f"{kind}, Redis worker"
+        for kind in ("signed", "unsigned")
+        for tcpg in (False, True)
+    ]
+    assert set(replayed["routes"]) == set(workers)
+    for worker in workers:
         assert replayed["routes"][worker], worker
         for name, counts in replayed["routes"][worker].items():
             assert counts["tried"] > 0, (worker, name)
@@ -110,6 +120,14 @@ def test_reliability_suite_passes_at_smoke_size(
         for name, counts in controls.items():
             assert counts["ran_as_designed"] == counts["tried"] > 0, (worker, name)
     assert replayed["lister_calls"] == 0
+    faults = sections["faults"]["data"]["faults"]
+    on_transport = {f["fault"] for f in faults if f["broker"] == "tcpg" and f["ok"]}
+    assert on_transport == {
+        "connection killed mid-task",
+        "worker SIGKILLed mid-task",
+        "worker frozen past its leases",
+        "transport connections terminated",
+    }
     assert set(replayed["pool_processes_lost"].values()) == {0}
 
     markdown = markdown_path.read_text()

@@ -330,6 +330,35 @@ def test_an_acknowledged_message_is_deleted_and_a_released_one_is_ready_again(
     assert all(m.delivery_info["redelivered"] for m in again)
 
 
+def test_a_late_acknowledgement_after_the_connection_was_lost_deletes_its_message(
+    database: Database, app_broker: str
+) -> None:
+    """A worker whose broker connections are terminated while tasks acknowledged late
+    run: kombu closes the connection (dropping the transport's client) and the tasks,
+    finishing after that, acknowledge on their old channel."""
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        _publish(publisher, queue, "t", 2)
+    conn = Connection(app_broker, transport_options={"visibility_timeout": 600})
+    got = _claimed(conn, queue, prefetch=2, ack=False)
+    assert len(got) == 2
+    with psycopg.connect(**libpq_kwargs(database.url), autocommit=True) as admin:
+        cut = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()"
+            " AND pid <> pg_backend_pid()",
+            (transport.APPLICATION_NAME,),
+        ).fetchone()
+    assert cut is not None
+    assert cut[0] >= 1
+    conn.close()  # its release of the two claimed messages fails: their leases stand
+    assert len(_rows(database, queue)) == 2
+    got[0].ack()
+    assert len(_rows(database, queue)) == 1
+    got[1].ack()
+    assert _rows(database, queue) == []
+
+
 #: A consumer in a process of its own: claims one message of the queue named by
 #: argv[2] on the broker argv[1] with a 1 s lease, says so, then keeps it (its lease
 #: thread renewing) until it is killed.

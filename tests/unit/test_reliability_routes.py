@@ -48,6 +48,15 @@ class App:
 class Target:
     kind: str
     app: App = field(default_factory=App)
+    broker: str = "redis"
+
+    @property
+    def ident(self) -> str:
+        return f"{self.kind}-{self.broker}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}, {self.broker}"
 
 
 def context(tmp_path: Path) -> ReliabilityContext:
@@ -110,7 +119,7 @@ def rows(
     return Rows(by_key, seeds, calls)
 
 
-NO_LOSS = {routes.SIGNED: 0, routes.UNSIGNED: 0}
+NO_LOSS = {f"{routes.SIGNED}-redis": 0, f"{routes.UNSIGNED}-redis": 0}
 
 
 def judged(
@@ -136,6 +145,16 @@ def test_every_route_is_tried_where_it_is_hostile_or_a_control(tmp_path: Path) -
             else:
                 assert hostile == [], (r.name, kind)
     # each attempt attacks tenants of its own, and writes under keys of its own
+    tenants = [t for at in attempts for t in (at.a, at.b)]
+    assert len(set(tenants)) == len(tenants)
+    assert len({at.key for at in attempts}) == len(attempts)
+
+
+def test_workers_of_each_broker_get_tenants_and_keys_of_their_own(tmp_path: Path) -> None:
+    targets: Any = [Target(k, broker=b) for b in routes.BROKERS for k in routes.WORKER_KINDS]
+    attempts = routes.plan(context(tmp_path), targets, 2)
+    by_broker = {b: [at for at in attempts if at.target.broker == b] for b in routes.BROKERS}
+    assert len(by_broker["redis"]) == len(by_broker["tcpg"]) == len(planned(tmp_path))
     tenants = [t for at in attempts for t in (at.a, at.b)]
     assert len(set(tenants)) == len(tenants)
     assert len({at.key for at in attempts}) == len(attempts)
@@ -244,10 +263,10 @@ def test_a_called_lister_or_a_dead_pool_process_fails_its_route(tmp_path: Path) 
     judged(lister, rows(lister, calls=1))
     assert not lister.ok
     abort = refused(attempt(tmp_path, "for_each_tenant os:abort"), ConfigurationError("no"))
-    judged(abort, rows(abort), lost={routes.SIGNED: 1, routes.UNSIGNED: 0})
+    judged(abort, rows(abort), lost={f"{routes.SIGNED}-redis": 1, f"{routes.UNSIGNED}-redis": 0})
     assert not abort.ok
     other = refused(attempt(tmp_path, "for_each_tenant os:abort", routes.UNSIGNED))
-    judged(other, rows(other), lost={routes.SIGNED: 1, routes.UNSIGNED: 0})
+    judged(other, rows(other), lost={f"{routes.SIGNED}-redis": 1, f"{routes.UNSIGNED}-redis": 0})
     assert other.ok
 
 
@@ -303,12 +322,12 @@ def test_the_report_counts_each_route_and_flags_a_control_that_did_not_run(
     found = route_verdict.report(ctx, [good, bad, control], 2, 4.2)
 
     assert (found.tried, found.passed) == (2, 1)
-    signed = found.data["routes"]["signed worker"]
+    signed = found.data["routes"]["signed, redis worker"]
     assert signed["celery.starmap item"]["wrote_nothing"] == 0
     assert signed["celery.starmap item"]["failed"] == 1
-    assert found.data["controls"]["unsigned worker"]["link callback"]["ran_as_designed"] == 0
+    assert found.data["controls"]["unsigned, redis worker"]["link callback"]["ran_as_designed"] == 0
     assert found.violations == [
-        "the control link callback did not run as designed on the unsigned worker"
+        "the control link callback did not run as designed on the unsigned, redis worker"
     ]
     assert [t.title for t in found.tables] == [
         "Replay routes, real workers",
