@@ -279,9 +279,9 @@ def run(ctx: BenchContext) -> Section:
         "anyway; tenant, own statement: set_tenant_guc() sends it as a statement of its own, "
         "as the binding does where it cannot (another driver, an executemany first)",
         "per second: median of the runs; apply(): the variants take turns call by call "
-        "within each run, the order reversed every other call; worker: plain and tenant runs alternate "
-        "(AB BA AB …); ratio: median of tenant / plain over the runs (apply()) or over "
-        "each back-to-back pair of runs (worker)",
+        "within each run, the order reversed every other call; worker: plain and tenant "
+        "runs alternate (AB BA AB …); ratio: median of tenant / plain over the runs "
+        "(apply()) or over each back-to-back pair of runs (worker)",
         "pairs' ratios ranged "
         + ", ".join(
             f"{pair_spread(d['per_second']['tenant'], d['per_second']['plain'])} ({k})"

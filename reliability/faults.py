@@ -1,6 +1,6 @@
 """Faults injected into real workers, and what survived them.
 
-Six faults, each one scenario function that starts real ``celery worker``
+Eight faults, each one scenario function that starts real ``celery worker``
 processes (the app is :mod:`tests.integration.faults_app`), injects the fault
 while tasks are running, and reads back what every task did from the
 ``fault_runs`` table:
@@ -34,8 +34,17 @@ while tasks are running, and reads back what every task did from the
     past the leases of the tasks it runs, a second worker takes them, and the
     first is resumed while the second still runs them: its acknowledgements
     must delete nothing the second holds.
+:func:`broker_partitioned`
+    (f) the network between a worker and the transport's database stops
+    forwarding, without a reset, past the leases of the tasks it runs; a
+    second worker takes them; the healed worker's acknowledgements must delete
+    nothing the second holds.
+:func:`postgres_restarted`
+    (g) a private PostgreSQL (``pgserver``) holding the transport's messages and
+    the tasks' rows is restarted, fast then immediate, while a worker on the
+    transport drains a backlog: nothing published may be lost.
 :func:`transport_connections_killed`
-    (f) every connection of the package's transport is terminated, several
+    (h) every connection of the package's transport is terminated, several
     times, while a worker claims, runs and acknowledges: it must reconnect by
     itself and lose nothing.
 
@@ -89,8 +98,10 @@ __all__ = [
     "RunningWorker",
     "Setup",
     "WorkerSpec",
+    "broker_partitioned",
     "connection_killed",
     "database_unreachable",
+    "postgres_restarted",
     "prepare",
     "redis_restarted",
     "run",
@@ -578,7 +589,7 @@ def worker_killed(
     return result
 
 
-# ------------------------------------- (f) the transport's own connections terminated
+# ------------------------------------- (h) the transport's own connections terminated
 
 _TERMINATE_TRANSPORT = sa.text(
     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -598,7 +609,7 @@ def transport_connections_killed(
     visibility_timeout: float = 6.0,
     timeout: float = 120.0,
 ) -> FaultResult:
-    """(f) Terminate every connection of the package's transport, ``kills`` times, while a
+    """(h) Terminate every connection of the package's transport, ``kills`` times, while a
     prefork worker (concurrency 2, late acks, prefetch 1) claims, runs and acknowledges.
 
     Each kill lands wherever the worker is: claiming, renewing leases,
@@ -670,7 +681,7 @@ def worker_frozen(
     broker_url: str,
     backend_url: str,
     tasks: int = 6,
-    hold: float = 4.0,
+    hold: float = 5.0,
     visibility_timeout: float = 3.0,
     timeout: float = 120.0,
 ) -> FaultResult:
@@ -719,22 +730,8 @@ def worker_frozen(
                 resumed = True
             # Resumed, the first worker finishes its runs at once and acknowledges them,
             # while the second still runs them: their messages must still be there.
-            now = _wait_runs(admin, frozen_ids, "done", 1, timeout)
-            still_running = {t for t in frozen_ids if _done_count(now, t) < 2}
-            with admin.connect() as conn:
-                held = conn.execute(
-                    _HELD_ROWS, {"queue": queue, "ids": sorted(still_running)}
-                ).scalar_one()
-            result.require(
-                bool(still_running),
-                "the second worker finished the frozen tasks before the first one resumed",
-            )
-            result.require(
-                held == len(still_running),
-                f"the resumed worker's acknowledgements deleted messages the second worker "
-                f"held: {held} left of the {len(still_running)} it was running",
-            )
-            result.details.update(held_by_second=len(still_running), rows_then=int(held))
+            _wait_runs(admin, frozen_ids, "done", 1, timeout)
+            _check_acks_deleted_nothing(result, admin, queue, frozen_ids, hold)
             runs = wait_done(admin, expected, timeout, second)
             _wait_runs(admin, frozen_ids, "done", 2, hold + 10)
             result.require(first.alive, "the frozen worker died after it was resumed")
@@ -811,6 +808,188 @@ def _wait_runs(
 
 def _done_count(runs: Sequence[Run], task_id: str) -> int:
     return sum(1 for run in runs if run.task_id == task_id and run.phase == "done")
+
+
+# ------------------------------------------- (f) the broker partitioned off a worker
+
+
+def broker_partitioned(
+    setup: Setup,
+    launch: Launch,
+    *,
+    backend_url: str,
+    tasks: int = 6,
+    hold: float = 5.0,
+    visibility_timeout: float = 3.0,
+    timeout: float = 120.0,
+) -> FaultResult:
+    """(f) Cut the network between a worker and the transport's PostgreSQL without a
+    reset (a TCP proxy that stops forwarding) while the worker runs late-acknowledged
+    tasks, for longer than their leases; a second worker, connected directly, takes
+    and starts them; then heal it.
+
+    The tasks' own database connections do not go through the proxy: the first
+    worker's tasks finish during the partition, and their acknowledgements reach
+    the server when it heals, while the second worker still runs the same tasks.
+    Survived when those acknowledgements deleted nothing the second worker held,
+    every task completed in its tenant, and both workers went on taking work.
+    """
+    result = FaultResult("broker partitioned from a worker", "tcpg", "prefork 2")
+    queue = new_queue("partition")
+    tenants = new_tenants(2)
+    direct = broker_url_of(setup)
+    proxy = TcpProxy(database_target(setup.app_url))
+    proxy.start()
+    cut_off = f"tcpg+{render(through(setup.app_url.set(drivername='postgresql'), proxy))}"
+    environ = {faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)}
+    first_spec = WorkerSpec(cut_off, backend_url, queue, render(setup.app_url), environ=environ)
+    second_spec = WorkerSpec(direct, backend_url, queue, render(setup.app_url), environ=environ)
+    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    runs: list[Run] = []
+    partitioned: set[str] = set()
+    try:
+        with workers(launch) as start, publisher(direct, queue) as app:
+            first = start(first_spec)
+            expected = publish(app, faults_app.RECORD, tenants, tasks, hold=hold)
+            partitioned = _running(admin, expected, first_spec.concurrency, timeout)
+            proxy.freeze()
+            result.injected = 1
+            try:
+                second = start(second_spec)
+                _wait_runs(admin, partitioned, "started", 2, timeout)
+                # The first worker's own runs end during the partition.
+                _wait_runs(admin, partitioned, "done", 1, timeout)
+            finally:
+                proxy.thaw()
+            _check_acks_deleted_nothing(result, admin, queue, partitioned, hold)
+            runs = wait_done(admin, expected, timeout, second)
+            _wait_runs(admin, partitioned, "done", 2, hold + 10)
+            result.require(first.alive, "the partitioned worker died after it healed")
+            result.require(second.alive, "the second worker died")
+            expected.update(publish(app, faults_app.RECORD, tenants, 4))
+            runs = wait_done(admin, expected, timeout)
+    finally:
+        proxy.stop()
+        admin.dispose()
+    _judge_frozen(result, expected, runs, partitioned)
+    result.details.update(
+        published=len(expected),
+        partitioned_running=sorted(partitioned),
+        visibility_timeout=visibility_timeout,
+    )
+    return result
+
+
+def broker_url_of(setup: Setup) -> str:
+    """The package's transport on the setup's database, as the app role."""
+    return f"tcpg+{render(setup.app_url.set(drivername='postgresql'))}"
+
+
+def _check_acks_deleted_nothing(
+    result: FaultResult, admin: Engine, queue: str, tasks: set[str], hold: float
+) -> None:
+    """After the first worker's acknowledgements of ``tasks`` went out, the messages the
+    second worker is still running must be there."""
+    time.sleep(min(1.0, hold / 4))  # the held acknowledgements reach the server
+    now = read_runs(admin, list(tasks))
+    still_running = {t for t in tasks if _done_count(now, t) < 2}
+    with admin.connect() as conn:
+        held = conn.execute(_HELD_ROWS, {"queue": queue, "ids": sorted(still_running)}).scalar_one()
+    result.require(
+        bool(still_running), "the second worker finished the tasks before the first one's acks"
+    )
+    result.require(
+        held == len(still_running),
+        f"the first worker's acknowledgements deleted messages the second worker held: "
+        f"{held} left of the {len(still_running)} it was running",
+    )
+    result.details.update(held_by_second=len(still_running), rows_then=int(held))
+
+
+# ---------------------------------------------- (g) PostgreSQL restarted under load
+
+
+def postgres_restarted(
+    launch: Launch,
+    *,
+    backend_url: str,
+    tasks: int = 40,
+    modes: Sequence[str] = ("fast", "immediate"),
+    hold: float = 0.2,
+    visibility_timeout: float = 6.0,
+    timeout: float = 180.0,
+) -> FaultResult:
+    """(g) Restart a private PostgreSQL (the transport's messages and the tasks' rows
+    in one database) with ``pg_ctl restart -m <mode>`` for each of ``modes``, while a
+    prefork worker on the package's transport drains a backlog of late-acknowledged
+    tasks.
+
+    Survived when the worker reconnected by itself and every task published
+    before each restart completed in its tenant.  A publish returns once its
+    message is committed; an immediate shutdown can lose the claims and
+    acknowledgements of the last moment, which are not flushed to disk, so
+    their tasks may run again: duplicates.
+    """
+    from benchmarks._scratch import scratch  # noqa: PLC0415
+    from tests._rig.postgres import pgserver_cluster  # noqa: PLC0415
+
+    result = FaultResult("PostgreSQL restarted under load", "tcpg", "prefork 2")
+    restarts: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(pgserver_cluster())
+            db = stack.enter_context(scratch(render(cluster.admin_url), rows_per_tenant=0))
+        except Exception as exc:  # no private server here: the fault cannot run
+            raise FaultError(f"no private PostgreSQL to restart: {exc}") from exc
+        setup = Setup(admin_url=db.admin_url, app_url=db.app_url, app_role=db.app_role)
+        prepare(setup)
+        libpq = db.app_url.set(drivername="postgresql")
+        broker = f"tcpg+{render(libpq)}"
+        queue = new_queue("pg-restart")
+        tenants = new_tenants(2)
+        spec = WorkerSpec(
+            broker,
+            backend_url,
+            queue,
+            render(setup.app_url),
+            environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+        )
+        admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+        stack.callback(admin.dispose)
+        expected: dict[str, str] = {}
+        runs: list[Run] = []
+        with workers(launch) as start, publisher(broker, queue) as app:
+            worker = start(spec)
+            for mode in modes:
+                sent = publish(app, faults_app.RECORD, tenants, tasks, hold=hold)
+                expected.update(sent)
+                progress = time.monotonic() + timeout
+                while time.monotonic() < progress:
+                    if len(done_ids(read_runs(admin, list(sent)))) >= tasks // 4:
+                        break
+                    time.sleep(_POLL)
+                pending = len(set(sent) - done_ids(read_runs(admin, list(sent))))
+                admin.dispose()
+                started = time.monotonic()
+                cluster.restart(mode)
+                restarts.append(
+                    {
+                        "mode": mode,
+                        "pending": pending,
+                        "seconds": round(time.monotonic() - started, 2),
+                    }
+                )
+                result.injected += 1
+                runs = wait_done(admin, expected, timeout, worker)
+                result.require(worker.alive, f"the worker died after the {mode} restart")
+                if not worker.alive:
+                    result.details["log_tail"] = _tail(worker)
+                    break
+        account(result, expected, runs)
+    if not result.problems:
+        result.survived = result.injected
+    result.details.update(restarts=restarts, visibility_timeout=visibility_timeout)
+    return result
 
 
 # ------------------------------------------------------------ (c) Redis restarted
@@ -1153,6 +1332,21 @@ def _summary(result: FaultResult) -> str:
             f"the worker reconnected by itself, every task completed in its tenant, "
             f"{result.duplicates} twice"
         )
+    if "restarts" in details:
+        return (
+            "restarted "
+            + ", ".join(
+                f"{r['mode']} with {r['pending']} tasks pending ({r['seconds']:g} s)"
+                for r in details["restarts"]
+            )
+            + f"; the worker reconnected by itself, none lost, {result.duplicates} run twice"
+        )
+    if "partitioned_running" in details:
+        return (
+            f"running when cut off: {len(details['partitioned_running'])}; run again by a "
+            f"second worker once their {details['visibility_timeout']:g} s leases lapsed; the "
+            "healed worker's acknowledgements deleted nothing the second held; both went on"
+        )
     if "frozen_running" in details:
         return (
             f"running when frozen: {len(details['frozen_running'])}; run again by a second "
@@ -1309,9 +1503,23 @@ def run(ctx: ReliabilityContext) -> Section:
         lambda: worker_killed(setup, launch, broker_url=tcpg_url, backend_url=pg_backend),
     )
     attempt(
+        "PostgreSQL restarted under load",
+        "tcpg",
+        lambda: postgres_restarted(
+            launch,
+            backend_url=redis_url,
+            tasks=ctx.pick(smoke=20, default=40, full=100),
+        ),
+    )
+    attempt(
         "worker frozen past its leases",
         "tcpg",
         lambda: worker_frozen(setup, launch, broker_url=tcpg_url, backend_url=redis_url),
+    )
+    attempt(
+        "broker partitioned from a worker",
+        "tcpg",
+        lambda: broker_partitioned(setup, launch, backend_url=redis_url),
     )
     attempt(
         "transport connections terminated",

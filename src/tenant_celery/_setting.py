@@ -148,6 +148,8 @@ class _Psycopg:
         from psycopg import IsolationLevel, errors, generators, pq  # noqa: PLC0415
 
         self.idle = pq.TransactionStatus.IDLE
+        self.bad = pq.ConnStatus.BAD
+        self.sqlstate = pq.DiagnosticField.SQLSTATE
         self.succeeded = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
         self.fatal = pq.ExecStatus.FATAL_ERROR
         self.levels = IsolationLevel
@@ -179,14 +181,24 @@ class _Psycopg:
         return f"{begin}; {sql}".encode("ascii")
 
     def check(self, driver: Any, result: Any) -> None:
-        """Raise the server's error unless ``BEGIN`` and the settings both succeeded."""
+        """Raise the server's error unless ``BEGIN`` and the settings both succeeded.
+
+        A connection lost on the way is an ``OperationalError``, as psycopg raises
+        it for its own statements, so that SQLAlchemy invalidates the pooled
+        connection and code that retries on it does: libpq reports the loss as
+        an error result without an SQLSTATE, which psycopg would otherwise map
+        to ``DatabaseError``.
+        """
         if result is not None and result.status in self.succeeded:
             return
-        if result is not None and result.status == self.fatal:
+        lost = driver.pgconn.status == self.bad or (
+            result is not None and result.error_field(self.sqlstate) is None
+        )
+        if result is not None and result.status == self.fatal and not lost:
             raise self.errors.error_from_result(result, encoding=driver.info.encoding)
         raise self.errors.OperationalError(
             "starting the transaction with its tenant setting failed: "
-            + (driver.pgconn.error_message or b"no result").decode("utf-8", "replace")
+            + (driver.pgconn.error_message or b"no result").decode("utf-8", "replace").strip()
         )
 
     def send(

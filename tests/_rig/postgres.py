@@ -112,6 +112,20 @@ class PgCluster:
     source: str
     #: Superuser URL of the maintenance database (driver :data:`DRIVER`).
     admin_url: URL
+    #: Restarts the server with ``pg_ctl restart -m <mode>``, where this process
+    #: started it (a throwaway pgserver cluster); ``None`` elsewhere.
+    restarter: Callable[[str], None] | None = None
+
+    def restart(self, mode: str = "fast") -> None:
+        """Restart the server (``fast``, ``immediate`` or ``smart`` shutdown) and wait
+        until it accepts connections again.
+
+        Raises:
+            RuntimeError: this cluster was not started here.
+        """
+        if self.restarter is None:
+            raise RuntimeError(f"a {self.source} server cannot be restarted from here")
+        self.restarter(mode)
 
     @property
     def local(self) -> bool:
@@ -199,7 +213,19 @@ def pgserver_cluster() -> Iterator[PgCluster]:
             database=MAINTENANCE_DB,
             query={"host": str(info.socket_dir), "port": str(info.port or 5432)},
         )
-        yield PgCluster("pgserver", url)
+        found = server
+
+        def restart(mode: str) -> None:
+            from pgserver._commands import pg_ctl  # noqa: PLC0415 (pgserver's own runner)
+
+            pg_ctl(
+                ["-w", "-m", mode, "restart"],
+                pgdata=found.pgdata,
+                user=found.system_user,
+                timeout=60,
+            )
+
+        yield PgCluster("pgserver", url, restart)
     finally:
         if server is not None:
             server.cleanup()

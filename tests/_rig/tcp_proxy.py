@@ -8,6 +8,11 @@ Starting it again listens on the same port, so clients configured with it
 find the server back.  The target is ``(host, port)`` or a Unix socket path
 (a PostgreSQL that listens on a socket only).
 
+:meth:`~TcpProxy.freeze` is a network partition instead: connections stay open
+but nothing is forwarded either way (what was read is held), no reset is sent,
+and new connections hang; :meth:`~TcpProxy.thaw` delivers what was held and
+forwards again.
+
 ``tap``, if given, is called with every chunk forwarded, before it is sent on:
 ``tap(connection_number, from_client, data)`` (see :mod:`tests._rig.pg_wire`).
 
@@ -48,6 +53,8 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._open: set[socket.socket] = set()
 
     @property
@@ -80,6 +87,7 @@ class TcpProxy:
         if listener is None:
             return
         self._stopping.set()
+        self._flowing.set()  # a frozen pump must see the cut
         if self._thread is not None:
             self._thread.join(5)
         listener.close()
@@ -87,6 +95,18 @@ class TcpProxy:
             sockets, self._open = list(self._open), set()
         for sock in sockets:
             _close(sock)
+
+    def freeze(self) -> None:
+        """Forward nothing, either way, until :meth:`thaw`: a partition, not a reset."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        """Forward again, what was held first."""
+        self._flowing.set()
+
+    @property
+    def frozen(self) -> bool:
+        return not self._flowing.is_set()
 
     def __enter__(self) -> TcpProxy:
         return self
@@ -110,6 +130,7 @@ class TcpProxy:
             except OSError:
                 return
             client.settimeout(None)
+            self._flowing.wait()  # partitioned: the client's connection hangs
             self.accepted += 1
             threading.Thread(target=self._connect, args=(client,), daemon=True).start()
 
@@ -142,6 +163,7 @@ class TcpProxy:
         tap = self.tap
         try:
             while data := source.recv(_CHUNK):
+                self._flowing.wait()  # partitioned: hold it, send nothing, reset nothing
                 if tap is not None:
                     tap(number, from_client, data)
                 sink.sendall(data)

@@ -126,6 +126,8 @@ def test_reliability_suite_passes_at_smoke_size(
         "connection killed mid-task",
         "worker SIGKILLed mid-task",
         "worker frozen past its leases",
+        "broker partitioned from a worker",
+        "PostgreSQL restarted under load",
         "transport connections terminated",
     }
     assert set(replayed["pool_processes_lost"].values()) == {0}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import itertools
 import os
 import re
 import shlex
@@ -31,6 +32,7 @@ import pytest
 import sqlalchemy as sa
 from celery import chain
 from kombu import Connection, Consumer, Exchange, Queue
+from kombu.utils.functional import fxrange
 
 import tenant_celery.transport
 from tenant_celery import DEFAULT_HEADER, tenant_context
@@ -176,6 +178,25 @@ def test_page(
         assert options["prepare"] is False
         (tmp_path / "pgbouncer_settings.py").write_text(run.source(block))
         run_through_pgbouncer(tmp_path, database, start_worker, options)
+
+    @run.on("python", "task_publish_retry_policy")
+    def publish_retries_outlast_a_restart(block: Block) -> None:
+        run.exec(block)
+        policy = run.namespace["app"].conf.task_publish_retry_policy
+        # What kombu sleeps between attempts (kombu.utils.functional.retry_over_time).
+        waits = itertools.islice(
+            (
+                min(value, float(policy["interval_max"]))
+                for value in fxrange(
+                    policy["interval_start"],
+                    policy["interval_max"] + policy["interval_start"],
+                    policy["interval_step"],
+                    repeatlast=True,
+                )
+            ),
+            policy["max_retries"],
+        )
+        assert sum(waits) >= 20  # Celery's default gives up after about a second
 
     @run.on("sql", "FROM tenant_celery_message")
     def backlog(block: Block) -> None:

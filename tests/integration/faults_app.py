@@ -28,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from celery import Celery, Task
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tenant_celery import bind_tenant_guc, current_tenant, tenant_task
 from tenant_celery.config import DEFAULT_GUC
@@ -36,6 +36,12 @@ from tenant_celery.rls import enable_tenant_rls, grant_tenant_tables
 from tests._rig.appconf import BASE_CONFIG, apply_test_config, database_url
 
 VISIBILITY_TIMEOUT_ENV = "TC_FAULTS_VISIBILITY_TIMEOUT"
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 30,
+    "interval_start": 0.2,
+    "interval_step": 0.2,
+    "interval_max": 1.0,
+}
 RUNS_TABLE = "fault_runs"
 #: Task names, for publishing by name (``send_task``) from a client app.
 RECORD = "faults.record"
@@ -99,6 +105,10 @@ def client(broker_url: str, queue: str) -> Celery:
 app = apply_test_config(Celery("faults_app"))
 app.conf.worker_prefetch_multiplier = 1
 app.conf.broker_transport_options = broker_options(str(app.conf.broker_url))
+# A retry is a new message: when the broker is down (on the package's transport, the
+# database itself) Celery rejects the task without requeue once publishing it has
+# failed, so its publishing must outlast a restart (about 25 s here, not Celery's 1 s).
+app.conf.task_publish_retry_policy = PUBLISH_RETRY_POLICY
 
 _engine: Engine | None = None
 
@@ -150,27 +160,26 @@ def _record_run(conn: Connection, task: Task[Any, Any], phase: str) -> dict[str,
     }
 
 
-@tenant_task(
-    app=app,
-    name=RECORD,
-    bind=True,
-    acks_late=True,
-    autoretry_for=(OperationalError,),
-    retry_backoff=False,
-    retry_kwargs={"countdown": 1, "max_retries": 60},
-)
+@tenant_task(app=app, name=RECORD, bind=True, acks_late=True)
 def record(self: Task[Any, Any], hold: float = 0.0) -> dict[str, Any]:
     """Record ``started`` (committed), wait ``hold`` seconds, record ``done``.
 
     Acknowledged late: a worker killed during the wait leaves the message to
-    be delivered again.  A database that cannot be reached is retried every
-    second for a minute.
+    be delivered again.  A database that cannot be reached, or a connection
+    lost under a statement (a server restart reports it as a
+    ``DatabaseError`` SQLAlchemy marks ``connection_invalidated``), is
+    retried every second for a minute.
     """
-    with engine().begin() as conn:
-        _record_run(conn, self, "started")
-    time.sleep(hold)
-    with engine().begin() as conn:
-        return _record_run(conn, self, "done")
+    try:
+        with engine().begin() as conn:
+            _record_run(conn, self, "started")
+        time.sleep(hold)
+        with engine().begin() as conn:
+            return _record_run(conn, self, "done")
+    except DBAPIError as exc:
+        if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            raise self.retry(exc=exc, countdown=1, max_retries=60) from exc
+        raise
 
 
 @tenant_task(

@@ -323,3 +323,24 @@ def test_engine_and_session_factory_both_bound_send_both_settings(
             assert session.execute(other).scalar_one() == A
     finally:
         unbind()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_connection_lost_before_the_first_statement_is_an_operational_error(
+    database: Database, wire: PgWire, driver: str
+) -> None:
+    """A pooled connection the server went away from (a restart, a failover) fails
+    its next transaction as psycopg fails any statement on it: ``OperationalError``,
+    the connection invalidated, the next transaction on a new one."""
+    _, bound = _engines(database, wire, driver)
+    with tenant_context(A), bound.begin() as conn:
+        assert conn.execute(COUNT).scalar_one() == 2
+    wire.proxy.stop()  # the pooled connection is cut, the server says nothing
+    wire.proxy.start()
+    with tenant_context(A), pytest.raises(sa.exc.OperationalError) as caught:
+        with bound.begin() as conn:
+            conn.execute(COUNT)
+    assert caught.value.connection_invalidated
+    with tenant_context(A), bound.begin() as conn:
+        assert conn.execute(COUNT).scalar_one() == 2
+        assert conn.execute(SETTING).scalar_one() == A
