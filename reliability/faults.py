@@ -591,6 +591,8 @@ def worker_killed(
 
 # ------------------------------------- (h) the transport's own connections terminated
 
+_BROKER_LOST = "Connection to broker lost"
+"""What a Celery worker logs when its consumer's broker connection fails."""
 _TERMINATE_TRANSPORT = sa.text(
     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
     " WHERE application_name = :name AND usename = :role AND datname = current_database()"
@@ -651,12 +653,20 @@ def transport_connections_killed(
                     ).scalar_one()
                     conn.commit()
                 terminated.append(int(count))
+                # This process's publishing connection is among them; the worker's log
+                # says below whether each kill reached the worker's own.
                 if result.require(count > 0, "no transport connection to terminate"):
                     result.injected += 1
             runs = wait_done(admin, expected, timeout, worker)
             result.require(worker.alive, "the worker died")
             if not worker.alive:
                 result.details["log_tail"] = _tail(worker)
+            lost = worker.log_text().count(_BROKER_LOST)
+            result.require(
+                lost >= result.injected,
+                f"the worker lost its broker connection {lost} times for {result.injected} kills",
+            )
+            result.details["worker_reconnections"] = lost
     finally:
         admin.dispose()
         drop_queue(broker_url, queue)
@@ -710,8 +720,7 @@ def worker_frozen(
     admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
     runs: list[Run] = []
     frozen_ids: set[str] = set()
-    frozen_at = 0.0
-    resumed = False
+    frozen_at = resumed = 0.0
     try:
         with workers(launch) as start, publisher(broker_url, queue) as app:
             first = start(spec)
@@ -727,19 +736,15 @@ def worker_frozen(
                 _wait_runs(admin, frozen_ids, "started", 2, timeout)
             finally:
                 os.killpg(first.pid, signal.SIGCONT)
-                resumed = True
+                resumed = time.time()
             # Resumed, the first worker finishes its runs at once and acknowledges them,
             # while the second still runs them: their messages must still be there.
-            _wait_runs(admin, frozen_ids, "done", 1, timeout)
-            _check_acks_deleted_nothing(result, admin, queue, frozen_ids, hold)
+            _check_acks_deleted_nothing(result, admin, queue, frozen_ids, hold + 10)
             runs = wait_done(admin, expected, timeout, second)
             _wait_runs(admin, frozen_ids, "done", 2, hold + 10)
             result.require(first.alive, "the frozen worker died after it was resumed")
             result.require(second.alive, "the second worker died")
-            # Both go on taking work after the episode.
-            after = publish(app, faults_app.RECORD, tenants, 4)
-            expected.update(after)
-            runs = wait_done(admin, expected, timeout)
+            runs = _both_go_on(result, admin, app, tenants, expected, frozen_ids, timeout)
     finally:
         admin.dispose()
         drop_queue(broker_url, queue)
@@ -747,8 +752,7 @@ def worker_frozen(
     result.details.update(
         published=len(expected),
         frozen_running=sorted(frozen_ids),
-        resumed=resumed,
-        frozen_seconds_at_least=round(time.time() - frozen_at, 1) if frozen_ids else None,
+        frozen_seconds=round(resumed - frozen_at, 1) if resumed else None,
         visibility_timeout=visibility_timeout,
     )
     return result
@@ -839,7 +843,6 @@ def broker_partitioned(
     tenants = new_tenants(2)
     direct = broker_url_of(setup)
     proxy = TcpProxy(database_target(setup.app_url))
-    proxy.start()
     cut_off = f"tcpg+{render(through(setup.app_url.set(drivername='postgresql'), proxy))}"
     environ = {faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)}
     first_spec = WorkerSpec(cut_off, backend_url, queue, render(setup.app_url), environ=environ)
@@ -848,6 +851,7 @@ def broker_partitioned(
     runs: list[Run] = []
     partitioned: set[str] = set()
     try:
+        proxy.start()
         with workers(launch) as start, publisher(direct, queue) as app:
             first = start(first_spec)
             expected = publish(app, faults_app.RECORD, tenants, tasks, hold=hold)
@@ -861,13 +865,12 @@ def broker_partitioned(
                 _wait_runs(admin, partitioned, "done", 1, timeout)
             finally:
                 proxy.thaw()
-            _check_acks_deleted_nothing(result, admin, queue, partitioned, hold)
+            _check_acks_deleted_nothing(result, admin, queue, partitioned, hold + 10)
             runs = wait_done(admin, expected, timeout, second)
             _wait_runs(admin, partitioned, "done", 2, hold + 10)
             result.require(first.alive, "the partitioned worker died after it healed")
             result.require(second.alive, "the second worker died")
-            expected.update(publish(app, faults_app.RECORD, tenants, 4))
-            runs = wait_done(admin, expected, timeout)
+            runs = _both_go_on(result, admin, app, tenants, expected, partitioned, timeout)
     finally:
         proxy.stop()
         admin.dispose()
@@ -880,30 +883,73 @@ def broker_partitioned(
     return result
 
 
+def _both_go_on(
+    result: FaultResult,
+    admin: Engine,
+    app: Celery,
+    tenants: Sequence[str],
+    expected: dict[str, str],
+    episode: set[str],
+    timeout: float,
+) -> list[Run]:
+    """Publish more tasks and require both workers to run some: the first worker's
+    processes ran the episode's tasks first, the second's ran them again."""
+    before = read_runs(admin, list(episode))
+    first_started: dict[str, int] = {}
+    for run in before:  # rows in id order: each task's first start is the first worker's
+        if run.phase == "started":
+            first_started.setdefault(run.task_id, run.worker_pid)
+    first_pids = set(first_started.values())
+    second_pids = {r.worker_pid for r in before if r.phase == "started"} - first_pids
+    after = publish(app, faults_app.RECORD, tenants, 8, hold=1.0)
+    expected.update(after)
+    runs = wait_done(admin, expected, timeout)
+    ran = {r.worker_pid for r in runs if r.task_id in after and r.phase == "done"}
+    result.require(bool(ran & first_pids), "the first worker took no work after the episode")
+    result.require(bool(ran & second_pids), "the second worker took no work after the episode")
+    return runs
+
+
 def broker_url_of(setup: Setup) -> str:
     """The package's transport on the setup's database, as the app role."""
     return f"tcpg+{render(setup.app_url.set(drivername='postgresql'))}"
 
 
 def _check_acks_deleted_nothing(
-    result: FaultResult, admin: Engine, queue: str, tasks: set[str], hold: float
+    result: FaultResult, admin: Engine, queue: str, tasks: set[str], timeout: float
 ) -> None:
-    """After the first worker's acknowledgements of ``tasks`` went out, the messages the
-    second worker is still running must be there."""
-    time.sleep(min(1.0, hold / 4))  # the held acknowledgements reach the server
-    now = read_runs(admin, list(tasks))
-    still_running = {t for t in tasks if _done_count(now, t) < 2}
-    with admin.connect() as conn:
-        held = conn.execute(_HELD_ROWS, {"queue": queue, "ids": sorted(still_running)}).scalar_one()
+    """From now until the second worker has finished ``tasks`` (the first worker has,
+    and is acknowledging them), every one it is still running must keep its message."""
+    deadline = time.monotonic() + timeout
+    polls = 0
+    at_start: int | None = None
+    while time.monotonic() < deadline:
+        now = read_runs(admin, list(tasks))
+        still_running = {t for t in tasks if _done_count(now, t) < 2}
+        if at_start is None:
+            at_start = len(still_running)
+        if not still_running:
+            break
+        with admin.connect() as conn:
+            held = conn.execute(
+                _HELD_ROWS, {"queue": queue, "ids": sorted(still_running)}
+            ).scalar_one()
+        # Read after the rows: a task the second worker finished meanwhile is gone
+        # legitimately, its own acknowledgement deleted it.
+        finished = {t for t in still_running if _done_count(read_runs(admin, [t]), t) >= 2}
+        if held < len(still_running - finished):
+            result.problems.append(
+                "the first worker's acknowledgements deleted messages the second worker "
+                f"held: {held} left of the {len(still_running - finished)} it was running"
+            )
+            break
+        polls += 1
+        time.sleep(0.1)
     result.require(
-        bool(still_running), "the second worker finished the tasks before the first one's acks"
+        bool(at_start), "the second worker finished the tasks before the first one's acks"
     )
-    result.require(
-        held == len(still_running),
-        f"the first worker's acknowledgements deleted messages the second worker held: "
-        f"{held} left of the {len(still_running)} it was running",
-    )
-    result.details.update(held_by_second=len(still_running), rows_then=int(held))
+    result.require(polls > 0, "the messages the second worker held were never read")
+    result.details.update(held_by_second=at_start or 0, held_checks=polls)
 
 
 # ---------------------------------------------- (g) PostgreSQL restarted under load
@@ -969,6 +1015,7 @@ def postgres_restarted(
                         break
                     time.sleep(_POLL)
                 pending = len(set(sent) - done_ids(read_runs(admin, list(sent))))
+                result.require(pending > 0, f"nothing was pending at the {mode} restart")
                 admin.dispose()
                 started = time.monotonic()
                 cluster.restart(mode)
@@ -1345,13 +1392,16 @@ def _summary(result: FaultResult) -> str:
         return (
             f"running when cut off: {len(details['partitioned_running'])}; run again by a "
             f"second worker once their {details['visibility_timeout']:g} s leases lapsed; the "
-            "healed worker's acknowledgements deleted nothing the second held; both went on"
+            "healed worker's acknowledgements deleted nothing the second held; both workers "
+            "took work after"
         )
     if "frozen_running" in details:
         return (
-            f"running when frozen: {len(details['frozen_running'])}; run again by a second "
-            f"worker once their {details['visibility_timeout']:g} s leases lapsed, and "
-            "finished by the resumed worker too (counted twice); both workers went on"
+            f"running when frozen: {len(details['frozen_running'])}, for "
+            f"{details['frozen_seconds']} s; run again by a second worker once their "
+            f"{details['visibility_timeout']:g} s leases lapsed, and finished by the resumed "
+            "worker too (counted twice), whose acknowledgements deleted nothing the second "
+            "held; both workers took work after"
         )
     if "reconnect_seconds" in details:
         return (

@@ -148,7 +148,6 @@ class _Psycopg:
         from psycopg import IsolationLevel, errors, generators, pq  # noqa: PLC0415
 
         self.idle = pq.TransactionStatus.IDLE
-        self.bad = pq.ConnStatus.BAD
         self.sqlstate = pq.DiagnosticField.SQLSTATE
         self.succeeded = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
         self.fatal = pq.ExecStatus.FATAL_ERROR
@@ -183,17 +182,16 @@ class _Psycopg:
     def check(self, driver: Any, result: Any) -> None:
         """Raise the server's error unless ``BEGIN`` and the settings both succeeded.
 
-        A connection lost on the way is an ``OperationalError``, as psycopg raises
-        it for its own statements, so that SQLAlchemy invalidates the pooled
-        connection and code that retries on it does: libpq reports the loss as
-        an error result without an SQLSTATE, which psycopg would otherwise map
-        to ``DatabaseError``.
+        A server error keeps its class (``AdminShutdown`` for a terminated
+        backend, say).  A connection lost on the way, which libpq reports as an
+        error result without an SQLSTATE, is an ``OperationalError`` as psycopg
+        raises it for its own statements, where ``error_from_result`` would make
+        it a ``DatabaseError``: code that retries on ``OperationalError`` (a
+        task's ``autoretry_for``) retries it.
         """
         if result is not None and result.status in self.succeeded:
             return
-        lost = driver.pgconn.status == self.bad or (
-            result is not None and result.error_field(self.sqlstate) is None
-        )
+        lost = result is None or result.error_field(self.sqlstate) is None
         if result is not None and result.status == self.fatal and not lost:
             raise self.errors.error_from_result(result, encoding=driver.info.encoding)
         raise self.errors.OperationalError(

@@ -112,8 +112,8 @@ class PgCluster:
     source: str
     #: Superuser URL of the maintenance database (driver :data:`DRIVER`).
     admin_url: URL
-    #: Restarts the server with ``pg_ctl restart -m <mode>``, where this process
-    #: started it (a throwaway pgserver cluster); ``None`` elsewhere.
+    #: Restarts the server with ``pg_ctl restart -m <mode>``: a throwaway pgserver
+    #: cluster only; ``None`` for the others.
     restarter: Callable[[str], None] | None = None
 
     def restart(self, mode: str = "fast") -> None:
@@ -204,6 +204,7 @@ def pgserver_cluster() -> Iterator[PgCluster]:
     pgserver = _import_pgserver()
     base = Path(tempfile.mkdtemp(prefix=f"{PGSERVER_DIR_PREFIX}{os.getpid()}-"))
     server = None
+    restarted = [False]
     try:
         server = pgserver.get_server(base / "data", cleanup_mode="delete")
         info = server.get_postmaster_info()
@@ -216,20 +217,25 @@ def pgserver_cluster() -> Iterator[PgCluster]:
         found = server
 
         def restart(mode: str) -> None:
-            from pgserver._commands import pg_ctl  # noqa: PLC0415 (pgserver's own runner)
-
-            pg_ctl(
-                ["-w", "-m", mode, "restart"],
-                pgdata=found.pgdata,
-                user=found.system_user,
-                timeout=60,
-            )
+            restarted[0] = True
+            _pgserver_ctl(found, ["-w", "-m", mode, "-l", str(found.log), "restart"])
 
         yield PgCluster("pgserver", url, restart)
     finally:
         if server is not None:
+            if restarted[0]:
+                # pgserver stops only the postmaster it started, gone since the restart.
+                with contextlib.suppress(Exception):
+                    _pgserver_ctl(server, ["-w", "-m", "fast", "stop"])
             server.cleanup()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _pgserver_ctl(server: Any, arguments: list[str]) -> None:
+    """Run pgserver's ``pg_ctl`` on ``server``'s cluster, as the OS user it runs as."""
+    from pgserver._commands import pg_ctl  # noqa: PLC0415 (optional, heavy)
+
+    pg_ctl(arguments, pgdata=server.pgdata, user=server.system_user, timeout=60)
 
 
 def find_pg_ctl() -> str | None:

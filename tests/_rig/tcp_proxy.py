@@ -11,7 +11,9 @@ find the server back.  The target is ``(host, port)`` or a Unix socket path
 :meth:`~TcpProxy.freeze` is a network partition instead: connections stay open
 but nothing is forwarded either way (what was read is held), no reset is sent,
 and new connections hang; :meth:`~TcpProxy.thaw` delivers what was held and
-forwards again.
+forwards again, and :meth:`~TcpProxy.stop` drops it.  The proxy's own sockets
+still acknowledge what they receive, so TCP keepalives and ``tcp_user_timeout``
+on the client cannot see this partition; only timeouts above TCP can.
 
 ``tap``, if given, is called with every chunk forwarded, before it is sent on:
 ``tap(connection_number, from_client, data)`` (see :mod:`tests._rig.pg_wire`).
@@ -131,6 +133,9 @@ class TcpProxy:
                 return
             client.settimeout(None)
             self._flowing.wait()  # partitioned: the client's connection hangs
+            if self._stopping.is_set():
+                _close(client)
+                return
             self.accepted += 1
             threading.Thread(target=self._connect, args=(client,), daemon=True).start()
 
@@ -164,6 +169,8 @@ class TcpProxy:
         try:
             while data := source.recv(_CHUNK):
                 self._flowing.wait()  # partitioned: hold it, send nothing, reset nothing
+                if self._stopping.is_set():
+                    break  # stopped while frozen: what was held is dropped, as in a cut
                 if tap is not None:
                     tap(number, from_client, data)
                 sink.sendall(data)

@@ -107,7 +107,7 @@ app.conf.worker_prefetch_multiplier = 1
 app.conf.broker_transport_options = broker_options(str(app.conf.broker_url))
 # A retry is a new message: when the broker is down (on the package's transport, the
 # database itself) Celery rejects the task without requeue once publishing it has
-# failed, so its publishing must outlast a restart (about 25 s here, not Celery's 1 s).
+# failed, so its publishing must outlast a restart (about 28 s here, not Celery's 1 s).
 app.conf.task_publish_retry_policy = PUBLISH_RETRY_POLICY
 
 _engine: Engine | None = None

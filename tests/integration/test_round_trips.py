@@ -344,3 +344,25 @@ def test_a_connection_lost_before_the_first_statement_is_an_operational_error(
     with tenant_context(A), bound.begin() as conn:
         assert conn.execute(COUNT).scalar_one() == 2
         assert conn.execute(SETTING).scalar_one() == A
+
+
+def test_a_backend_terminated_before_the_first_statement_is_an_operational_error(
+    database: Database, wire: PgWire
+) -> None:
+    """A backend terminated while its connection sat in the pool: libpq answers the
+    ``BEGIN`` the binding sends with an error result that has no SQLSTATE, the
+    server's words only in its message; that is an ``OperationalError`` naming them."""
+    import psycopg  # noqa: PLC0415
+
+    _, bound = _engines(database, wire, "psycopg")
+    with tenant_context(A), bound.begin() as conn:
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    with database.admin_engine().begin() as admin:
+        assert admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+    with tenant_context(A), pytest.raises(sa.exc.OperationalError) as caught:
+        with bound.begin() as conn:
+            conn.execute(COUNT)
+    assert isinstance(caught.value.orig, psycopg.OperationalError)
+    assert "terminating connection due to administrator command" in str(caught.value.orig)
+    with tenant_context(A), bound.begin() as conn:
+        assert conn.execute(COUNT).scalar_one() == 2
