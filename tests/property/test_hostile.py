@@ -24,6 +24,7 @@ from reliability.hostile import (
     hostile_tenant_ids,
 )
 
+from tenant_celery import migrations
 from tests._rig.postgres import APP_ROLE, Database
 
 
@@ -90,11 +91,14 @@ def test_the_reliability_part(
     database: Database, tmp_path: Path, redis_url: str, amqp_url: str
 ) -> None:
     # ``python -m reliability --only hostile`` at the smoke size, on a fresh database;
-    # its replay routes run real workers on Redis.
+    # its replay routes run real workers on Redis and on the package's transport.
     from reliability._common import ReliabilityContext  # noqa: PLC0415
     from reliability.hostile import CATEGORIES, run  # noqa: PLC0415
     from reliability.runner import _redis_base  # noqa: PLC0415
 
+    # The replay routes' workers on the package's transport find its tables where the
+    # reliability suite's scratch database has them: in ``public``.
+    migrations.upgrade(database.url, grant_to=[APP_ROLE])
     out = io.StringIO()
     ctx = ReliabilityContext(
         size="smoke",
