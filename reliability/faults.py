@@ -1,6 +1,6 @@
 """Faults injected into real workers, and what survived them.
 
-Eight faults, each one scenario function that starts real ``celery worker``
+Ten faults, each one scenario function that starts real ``celery worker``
 processes (the app is :mod:`tests.integration.faults_app`), injects the fault
 while tasks are running, and reads back what every task did from the
 ``fault_runs`` table:
@@ -47,6 +47,15 @@ while tasks are running, and reads back what every task did from the
     (h) every connection of the package's transport is terminated, several
     times, while a worker claims, runs and acknowledges: it must reconnect by
     itself and lose nothing.
+:func:`publisher_killed`
+    (i) a publisher process is SIGKILLed mid-batch on the package's transport:
+    every publish that returned must run once, a publish the kill interrupted
+    runs once or not at all, and the worker goes on, having met nothing it
+    could not read.
+:func:`connections_exhausted`
+    (j) a private PostgreSQL's ``max_connections`` is filled, and the app role's
+    connections terminated, while a worker on the transport drains a backlog
+    and tasks are published: nothing may be lost once it has room again.
 
 A scenario takes a :class:`Setup` (the database), brokers, and a ``launch``
 callable that starts a worker for a :class:`WorkerSpec` and returns a handle
@@ -66,23 +75,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import kombu
+import psycopg
 import redis
 import sqlalchemy as sa
 from celery import Celery
 from sqlalchemy.engine import URL, Engine
 from tests._rig import appconf
+from tests._rig.postgres import libpq_kwargs
 from tests._rig.redis_server import RedisServer, RedisServerUnavailable, private_redis
 from tests._rig.tcp_proxy import TcpProxy
 from tests.integration import faults_app
@@ -90,6 +108,8 @@ from tests.integration import faults_app
 from tenant_celery import tenant_context
 
 if TYPE_CHECKING:
+    from tests._rig.postgres import PgCluster
+
     from reliability._common import ReliabilityContext, Section
 
 __all__ = [
@@ -100,9 +120,11 @@ __all__ = [
     "WorkerSpec",
     "broker_partitioned",
     "connection_killed",
+    "connections_exhausted",
     "database_unreachable",
     "postgres_restarted",
     "prepare",
+    "publisher_killed",
     "redis_restarted",
     "run",
     "transport_connections_killed",
@@ -376,6 +398,50 @@ def kill_worker(worker: RunningWorker) -> None:
     worker.stop()
 
 
+class Scene(NamedTuple):
+    """What a late-acknowledged fault scenario starts from (:func:`scene`)."""
+
+    result: FaultResult
+    queue: str
+    """A queue of the scenario's own."""
+    tenants: list[str]
+    spec: WorkerSpec
+    """The worker: ``broker_url``, prefork 2, messages' leases of ``visibility_timeout``."""
+    admin: Engine
+    """Superuser, no pool: dispose of it when the scenario ends."""
+
+
+def scene(
+    setup: Setup,
+    fault: str,
+    kind: str,
+    *,
+    broker_url: str,
+    backend_url: str,
+    visibility_timeout: float,
+    tenants: int = 2,
+) -> Scene:
+    """The preamble of the scenarios whose workers run late-acknowledged tasks:
+    their result, a new queue (``kind`` in its name), new tenants, a prefork
+    worker whose messages' leases (Redis: its ``visibility_timeout``) last
+    ``visibility_timeout`` seconds, and a superuser engine on ``setup``."""
+    queue = new_queue(kind)
+    spec = WorkerSpec(
+        broker_url,
+        backend_url,
+        queue,
+        render(setup.app_url),
+        environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+    )
+    return Scene(
+        FaultResult(fault, _label(broker_url), "prefork 2"),
+        queue,
+        new_tenants(tenants),
+        spec,
+        sa.create_engine(setup.admin_url, poolclass=sa.NullPool),
+    )
+
+
 # ------------------------------------------------------- (a) connection killed mid-task
 
 _SLEEPING_BACKEND = sa.text(
@@ -533,17 +599,14 @@ def worker_killed(
     Survived when the tasks that were running when the worker died ran again
     and completed, and every task completed in its tenant.
     """
-    result = FaultResult("worker SIGKILLed mid-task", _label(broker_url), "prefork 2")
-    queue = new_queue("sigkill")
-    tenants = new_tenants(2)
-    spec = WorkerSpec(
-        broker_url,
-        backend_url,
-        queue,
-        render(setup.app_url),
-        environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+    result, queue, tenants, spec, admin = scene(
+        setup,
+        "worker SIGKILLed mid-task",
+        "sigkill",
+        broker_url=broker_url,
+        backend_url=backend_url,
+        visibility_timeout=visibility_timeout,
     )
-    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
     try:
         with workers(launch) as start, publisher(broker_url, queue) as app:
             first = start(spec)
@@ -622,17 +685,14 @@ def transport_connections_killed(
     """
     from tenant_celery.transport import APPLICATION_NAME  # noqa: PLC0415
 
-    result = FaultResult("transport connections terminated", _label(broker_url), "prefork 2")
-    queue = new_queue("tcpg-kill")
-    tenants = new_tenants(2)
-    spec = WorkerSpec(
-        broker_url,
-        backend_url,
-        queue,
-        render(setup.app_url),
-        environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+    result, queue, tenants, spec, admin = scene(
+        setup,
+        "transport connections terminated",
+        "tcpg-kill",
+        broker_url=broker_url,
+        backend_url=backend_url,
+        visibility_timeout=visibility_timeout,
     )
-    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
     terminated: list[int] = []
     runs: list[Run] = []
     try:
@@ -707,17 +767,14 @@ def worker_frozen(
     tasks to the end, and both went on taking work.  The frozen worker's tasks
     completing twice is the price of the lease, and is counted as duplicates.
     """
-    result = FaultResult("worker frozen past its leases", _label(broker_url), "prefork 2")
-    queue = new_queue("sigstop")
-    tenants = new_tenants(2)
-    spec = WorkerSpec(
-        broker_url,
-        backend_url,
-        queue,
-        render(setup.app_url),
-        environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+    result, queue, tenants, spec, admin = scene(
+        setup,
+        "worker frozen past its leases",
+        "sigstop",
+        broker_url=broker_url,
+        backend_url=backend_url,
+        visibility_timeout=visibility_timeout,
     )
-    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
     runs: list[Run] = []
     frozen_ids: set[str] = set()
     frozen_at = resumed = 0.0
@@ -838,16 +895,18 @@ def broker_partitioned(
     Survived when those acknowledgements deleted nothing the second worker held,
     every task completed in its tenant, and both workers went on taking work.
     """
-    result = FaultResult("broker partitioned from a worker", "tcpg", "prefork 2")
-    queue = new_queue("partition")
-    tenants = new_tenants(2)
     direct = broker_url_of(setup)
     proxy = TcpProxy(database_target(setup.app_url))
     cut_off = f"tcpg+{render(through(setup.app_url.set(drivername='postgresql'), proxy))}"
-    environ = {faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)}
-    first_spec = WorkerSpec(cut_off, backend_url, queue, render(setup.app_url), environ=environ)
-    second_spec = WorkerSpec(direct, backend_url, queue, render(setup.app_url), environ=environ)
-    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
+    result, queue, tenants, first_spec, admin = scene(
+        setup,
+        "broker partitioned from a worker",
+        "partition",
+        broker_url=cut_off,
+        backend_url=backend_url,
+        visibility_timeout=visibility_timeout,
+    )
+    second_spec = replace(first_spec, broker_url=direct)
     runs: list[Run] = []
     partitioned: set[str] = set()
     try:
@@ -955,6 +1014,29 @@ def _check_acks_deleted_nothing(
 # ---------------------------------------------- (g) PostgreSQL restarted under load
 
 
+@contextlib.contextmanager
+def private_database(purpose: str) -> Iterator[tuple[PgCluster, Setup]]:
+    """A private PostgreSQL (``pgserver``) with a scratch database (the bundled
+    migration's tables, an app role, ``fault_runs``), removed when the block ends.
+
+    Raises:
+        FaultError: no private server can be started here (``purpose`` says what
+            it was for).
+    """
+    from benchmarks._scratch import scratch  # noqa: PLC0415
+    from tests._rig.postgres import pgserver_cluster  # noqa: PLC0415
+
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(pgserver_cluster())
+            db = stack.enter_context(scratch(render(cluster.admin_url), rows_per_tenant=0))
+        except Exception as exc:  # no private server here: the fault cannot run
+            raise FaultError(f"no private PostgreSQL {purpose}: {exc}") from exc
+        setup = Setup(admin_url=db.admin_url, app_url=db.app_url, app_role=db.app_role)
+        prepare(setup)
+        yield cluster, setup
+
+
 def postgres_restarted(
     launch: Launch,
     *,
@@ -976,31 +1058,18 @@ def postgres_restarted(
     acknowledgements of the last moment, which are not flushed to disk, so
     their tasks may run again: duplicates.
     """
-    from benchmarks._scratch import scratch  # noqa: PLC0415
-    from tests._rig.postgres import pgserver_cluster  # noqa: PLC0415
-
-    result = FaultResult("PostgreSQL restarted under load", "tcpg", "prefork 2")
     restarts: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
-        try:
-            cluster = stack.enter_context(pgserver_cluster())
-            db = stack.enter_context(scratch(render(cluster.admin_url), rows_per_tenant=0))
-        except Exception as exc:  # no private server here: the fault cannot run
-            raise FaultError(f"no private PostgreSQL to restart: {exc}") from exc
-        setup = Setup(admin_url=db.admin_url, app_url=db.app_url, app_role=db.app_role)
-        prepare(setup)
-        libpq = db.app_url.set(drivername="postgresql")
-        broker = f"tcpg+{render(libpq)}"
-        queue = new_queue("pg-restart")
-        tenants = new_tenants(2)
-        spec = WorkerSpec(
-            broker,
-            backend_url,
-            queue,
-            render(setup.app_url),
-            environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+        cluster, setup = stack.enter_context(private_database("to restart"))
+        broker = broker_url_of(setup)
+        result, queue, tenants, spec, admin = scene(
+            setup,
+            "PostgreSQL restarted under load",
+            "pg-restart",
+            broker_url=broker,
+            backend_url=backend_url,
+            visibility_timeout=visibility_timeout,
         )
-        admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
         stack.callback(admin.dispose)
         expected: dict[str, str] = {}
         runs: list[Run] = []
@@ -1037,6 +1106,646 @@ def postgres_restarted(
         result.survived = result.injected
     result.details.update(restarts=restarts, visibility_timeout=visibility_timeout)
     return result
+
+
+# ------------------------------------------------- (i) a publisher SIGKILLed mid-batch
+
+_QUEUE_ROWS = sa.text("SELECT count(*) FROM tenant_celery_message WHERE queue = :queue")
+"""Messages of ``queue`` still in the transport's table (the scratch database's ``public``)."""
+_STRAY_RUNS = sa.text(
+    f"SELECT DISTINCT task_id FROM {faults_app.RUNS_TABLE}"
+    " WHERE tenant_id = ANY(CAST(:tenants AS uuid[])) AND NOT task_id = ANY(:known)"
+)
+_WORKER_TROUBLE = re.compile(
+    r"Traceback|ERROR/|CRITICAL/|Unrecoverable error|decode message|unknown message"
+)
+"""Log lines of a worker that met a message it could not take: none may appear."""
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def queue_rows(admin: Engine, queue: str) -> int:
+    with admin.connect() as conn:
+        return int(conn.execute(_QUEUE_ROWS, {"queue": queue}).scalar_one())
+
+
+def wait_queue_empty(admin: Engine, queue: str, timeout: float) -> int:
+    """Poll until the transport holds no message of ``queue`` (acknowledgements delete
+    them), or ``timeout`` passes; return how many are left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = queue_rows(admin, queue)
+        if left == 0 or time.monotonic() > deadline:
+            return left
+        time.sleep(_POLL)
+
+
+def stray_runs(admin: Engine, tenants: Sequence[str], known: Iterable[str]) -> list[str]:
+    """Task ids recorded under ``tenants`` that are not ``known``."""
+    with admin.connect() as conn:
+        found = conn.execute(_STRAY_RUNS, {"tenants": list(tenants), "known": list(known)})
+        return sorted(found.scalars())
+
+
+@dataclass(frozen=True)
+class PublisherKill:
+    """One publisher process SIGKILLed mid-batch: what it recorded."""
+
+    intended: dict[str, str]
+    """``{task id: tenant}`` of every publish it began."""
+    confirmed: list[str]
+    """Task ids whose ``send_task`` returned, in order."""
+    returncode: int | None
+    seconds: float
+    """From the start of the process to its kill."""
+
+    @property
+    def in_flight(self) -> list[str]:
+        """The publishes the kill interrupted (at most one)."""
+        done = set(self.confirmed)
+        return [task_id for task_id in self.intended if task_id not in done]
+
+    @property
+    def killed(self) -> bool:
+        return self.returncode == -signal.SIGKILL
+
+
+def kill_publisher(
+    broker_url: str,
+    queue: str,
+    tenants: Sequence[str],
+    directory: Path,
+    *,
+    kill_after: int,
+    timeout: float,
+) -> PublisherKill:
+    """Start :mod:`reliability.fault_publisher` and SIGKILL it once ``kill_after`` of
+    its publishes have returned (it publishes without pause: the kill lands in a
+    publish or between two)."""
+    from reliability import fault_publisher  # noqa: PLC0415
+
+    directory.mkdir(parents=True, exist_ok=True)
+    intent, confirmed = directory / "intent", directory / "confirmed"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        ),
+        fault_publisher.BROKER_ENV: broker_url,
+    }
+    command = [
+        sys.executable, "-m", "reliability.fault_publisher",
+        queue, str(intent), str(confirmed), str(kill_after * 20 + 1000), *tenants,
+    ]  # fmt: skip
+    started = time.monotonic()
+    with (directory / "publisher.log").open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = started + timeout
+        while len(fault_publisher.read_lines(confirmed)) < kill_after:
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = (directory / "publisher.log").read_text(errors="replace")[-2000:]
+                raise FaultError(
+                    f"the publisher exited ({process.returncode}) or stalled before "
+                    f"{kill_after} publishes:\n{tail}"
+                )
+            time.sleep(0.002)
+        os.kill(process.pid, signal.SIGKILL)
+        returncode = process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return PublisherKill(
+        intended={
+            line[0]: line[1] for line in fault_publisher.read_lines(intent) if len(line) == 2
+        },
+        confirmed=[line[0] for line in fault_publisher.read_lines(confirmed) if len(line) == 1],
+        returncode=returncode,
+        seconds=round(time.monotonic() - started, 2),
+    )
+
+
+def publisher_killed(
+    setup: Setup,
+    launch: Launch,
+    *,
+    broker_url: str,
+    backend_url: str,
+    kills: int = 3,
+    kill_after: tuple[int, int] = (20, 80),
+    later: int = 4,
+    visibility_timeout: float = 6.0,
+    timeout: float = 120.0,
+) -> FaultResult:
+    """(i) Start a publisher process that sends tenant tasks to a prefork worker's queue
+    as fast as it can, recording each task id before its publish and once it has
+    returned, and SIGKILL it after a random number (``kill_after``) of publishes;
+    ``kills`` times.  Then publish ``later`` tasks from here.
+
+    Survived when every task whose publish returned completed, exactly once,
+    in its tenant; the publish a kill interrupted either ran once (its
+    message had been committed: counted as ``extra``) or left no trace; nothing
+    else ran under the scenario's tenants; the worker stayed up, logged no
+    error (no broken or unparseable message), ran the later tasks and left
+    the queue empty.
+    """
+    result, queue, tenants, spec, admin = scene(
+        setup,
+        "publisher SIGKILLed mid-batch",
+        "pub-kill",
+        broker_url=broker_url,
+        backend_url=backend_url,
+        visibility_timeout=visibility_timeout,
+    )
+    directory = Path(tempfile.mkdtemp(prefix="tc-publisher-"))
+    picker = random.Random()
+    episodes: list[PublisherKill] = []
+    after: dict[str, str] = {}
+    runs: list[Run] = []
+    try:
+        with workers(launch) as start, publisher(broker_url, queue) as app:
+            worker = start(spec)
+            for index in range(kills):
+                episode = kill_publisher(
+                    broker_url,
+                    queue,
+                    tenants,
+                    directory / str(index),
+                    kill_after=picker.randint(*kill_after),
+                    timeout=timeout,
+                )
+                episodes.append(episode)
+                if result.require(episode.killed, f"publisher {index} ended {episode.returncode}"):
+                    result.injected += 1
+            after = publish(app, faults_app.RECORD, tenants, later)
+            confirmed = {t: e.intended[t] for e in episodes for t in e.confirmed}
+            wait_done(admin, {**confirmed, **after}, timeout, worker)
+            # Whatever a kill committed unconfirmed is in the queue: wait until it ran too.
+            left = wait_queue_empty(admin, queue, visibility_timeout + 10)
+            intended = {t: tenant for e in episodes for t, tenant in e.intended.items()}
+            runs = read_runs(admin, [*intended, *after])
+            stray = stray_runs(admin, tenants, [*intended, *after])
+            trouble = [
+                line for line in worker.log_text().splitlines() if _WORKER_TROUBLE.search(line)
+            ]
+            alive = worker.alive
+    finally:
+        admin.dispose()
+        drop_queue(broker_url, queue)
+        shutil.rmtree(directory, ignore_errors=True)
+    judge_publisher_killed(
+        result, episodes, after, runs, left=left, stray=stray, trouble=trouble, alive=alive
+    )
+    result.details["visibility_timeout"] = visibility_timeout
+    return result
+
+
+def judge_publisher_killed(
+    result: FaultResult,
+    episodes: Sequence[PublisherKill],
+    after: Mapping[str, str],
+    runs: Sequence[Run],
+    *,
+    left: int,
+    stray: Sequence[str],
+    trouble: Sequence[str],
+    alive: bool,
+) -> None:
+    """Judge :func:`publisher_killed` from what the publishers recorded and the rows read."""
+    intended = {t: tenant for e in episodes for t, tenant in e.intended.items()}
+    confirmed = {t: intended[t] for e in episodes for t in e.confirmed}
+    expected = {**confirmed, **after}
+    account(result, expected, [run for run in runs if run.task_id in expected])
+    done = Counter(run.task_id for run in runs if run.phase == "done")
+    unconfirmed = {t: tenant for t, tenant in intended.items() if t not in confirmed}
+    extra = sorted(t for t in unconfirmed if done[t])
+    wrong = [
+        run
+        for run in runs
+        if run.task_id in unconfirmed
+        and (
+            run.tenant_id != unconfirmed[run.task_id] or run.guc_tenant != unconfirmed[run.task_id]
+        )
+    ]
+    result.cross_tenant += len(wrong)
+    result.executions += sum(
+        1 for run in runs if run.task_id in unconfirmed and run.phase == "started"
+    )
+    twice = sorted(t for t in intended.keys() | after.keys() if done[t] > 1)
+    lost = sorted(t for t in confirmed if not done[t])
+    result.require(not wrong, f"{len(wrong)} unconfirmed publishes ran under another tenant")
+    result.require(
+        all(len(e.in_flight) <= 1 for e in episodes),
+        f"a kill left more than one publish unconfirmed: {[len(e.in_flight) for e in episodes]}",
+    )
+    result.require(
+        not twice,
+        f"{len(twice)} tasks ran twice, with no fault on the worker's side to explain it: "
+        f"{twice[:3]}",
+    )
+    result.require(
+        not stray, f"tasks nobody published ran under the scenario's tenants: {stray[:3]}"
+    )
+    result.require(left == 0, f"{left} messages stayed in the queue after the worker drained it")
+    result.require(alive, "the worker died")
+    result.require(
+        not trouble, f"the worker logged {len(trouble)} errors: {[t[-200:] for t in trouble[:3]]}"
+    )
+    if not result.problems:
+        result.survived = result.injected
+    result.details.update(
+        publisher_kills=[
+            {
+                "published_before_kill": len(e.confirmed),
+                "in_flight": e.in_flight[0] if e.in_flight else None,
+                "interrupted": (
+                    "between two publishes"
+                    if not e.in_flight
+                    else "a publish, whose message was committed: ran"
+                    if done[e.in_flight[0]]
+                    else "a publish, before its message was committed: never ran"
+                ),
+                "seconds": e.seconds,
+            }
+            for e in episodes
+        ],
+        published_before_kill=len(confirmed),
+        ran=sum(1 for t in confirmed if done[t]),
+        lost=len(lost),
+        extra=len(extra),
+        extra_ids=extra,
+        later_tasks=len(after),
+        later_completed=sum(1 for t in after if done[t]),
+        left_in_queue=left,
+        worker_errors=len(trouble),
+    )
+
+
+# ------------------------------------------------- (j) max_connections reached
+
+_SERVER_FULL = re.compile(r"too many clients|remaining connection slots are reserved")
+"""What PostgreSQL answers a connection past ``max_connections`` (SQLSTATE 53300): to a
+role that is not a superuser once only the superusers' reserved slots are left."""
+_FILLER_ROLE = "tc_faults_filler"
+_BACKENDS_OF = sa.text("SELECT pid FROM pg_stat_activity WHERE usename = :role")
+_TERMINATE_PIDS = sa.text(
+    "SELECT count(pg_terminate_backend(pid)) FROM unnest(CAST(:pids AS int[])) AS t(pid)"
+)
+
+
+class Fillers:
+    """Connections as a role of their own (not a superuser), opened until the server
+    refuses one: it is then full for every role but the superusers."""
+
+    def __init__(self, url: URL) -> None:
+        self.kwargs = libpq_kwargs(url)
+        self.conns: list[psycopg.Connection[Any]] = []
+
+    def fill(self, most: int = 2000) -> str:
+        """Open connections until one is refused for ``max_connections``; its message."""
+        while len(self.conns) < most:
+            try:
+                self.conns.append(psycopg.connect(**self.kwargs, autocommit=True))
+            except psycopg.OperationalError as exc:
+                if _SERVER_FULL.search(str(exc)):
+                    return str(exc).strip().splitlines()[-1]
+                raise
+        raise FaultError(f"{most} connections and the server still takes more")
+
+    def release(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self.conns.clear()
+
+    @classmethod
+    @contextlib.contextmanager
+    def on(cls, cluster: PgCluster) -> Iterator[Fillers]:
+        """Fillers of ``cluster`` as a new role of theirs, released when the block ends."""
+        with cluster.connect() as conn:
+            conn.execute(f'CREATE ROLE "{_FILLER_ROLE}" LOGIN')
+        fillers = cls(cluster.admin_url.set(username=_FILLER_ROLE))
+        try:
+            yield fillers
+        finally:
+            fillers.release()
+
+
+def most_backends(admin: Engine, role: str, *, until: float) -> int:
+    """The most connections ``role`` had, read every quarter second until ``until``
+    (``time.time()``)."""
+    most = 0
+    while time.time() < until:
+        with admin.connect() as conn:
+            most = max(most, len(list(conn.execute(_BACKENDS_OF, {"role": role}))))
+        time.sleep(0.25)
+    return most
+
+
+def wait_progress(admin: Engine, expected: Mapping[str, str], count: int, timeout: float) -> None:
+    """Return once ``count`` tasks of ``expected`` have completed, or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(done_ids(read_runs(admin, list(expected)))) >= count:
+            return
+        time.sleep(_POLL)
+
+
+def exhaust(admin: Engine, fillers: Fillers, role: str, timeout: float) -> dict[str, Any]:
+    """Fill the server with ``fillers``, then terminate every connection of ``role`` and
+    take the slots they free: the server is full and ``role`` holds no connection.
+
+    While the slots change hands (a few milliseconds) ``role`` has a ``CONNECTION
+    LIMIT`` of 0, so its reconnections cannot win them; then it has none again
+    and only ``max_connections`` refuses it.  Use a server of the scenario's own.
+    """
+    with admin.connect() as conn:
+        name = conn.dialect.identifier_preparer.quote(role)
+    fillers.fill()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"ALTER ROLE {name} CONNECTION LIMIT 0"))
+        conn.commit()
+    try:
+        with admin.connect() as conn:
+            pids = list(conn.execute(_BACKENDS_OF, {"role": role}).scalars())
+            terminated = int(conn.execute(_TERMINATE_PIDS, {"pids": pids}).scalar_one())
+            conn.commit()
+        deadline = time.monotonic() + timeout
+        while True:  # a terminated backend frees its slot when it has exited
+            with admin.connect() as conn:
+                if not list(conn.execute(_ALIVE_BACKENDS, {"pids": pids}).scalars()):
+                    break
+            if time.monotonic() > deadline:
+                raise FaultError(f"terminated backends still there: {pids}")
+            time.sleep(0.01)
+        refusal = fillers.fill()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"ALTER ROLE {name} CONNECTION LIMIT -1"))
+            conn.commit()
+    return {"fillers": len(fillers.conns), "terminated": terminated, "refusal": refusal}
+
+
+def refusal_for(url: URL) -> str | None:
+    """The server's refusal of a connection to ``url``, or ``None`` if it connected."""
+    try:
+        with psycopg.connect(**libpq_kwargs(url)):
+            return None
+    except psycopg.OperationalError as exc:
+        return str(exc).strip().splitlines()[-1]
+
+
+class Publishing(threading.Thread):
+    """Publish ``count`` tasks in a thread, with ``retry_policy``, waiting up to
+    ``connect_timeout`` seconds for a broker connection; record each outcome.
+
+    Celery's publish retry policy does not cover opening a connection: kombu
+    gives up on that after ``broker_connection_timeout`` seconds.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        queue: str,
+        tenants: Sequence[str],
+        count: int,
+        retry_policy: Mapping[str, Any],
+        connect_timeout: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.broker_url, self.queue, self.tenants = broker_url, queue, list(tenants)
+        self.count, self.retry_policy, self.kwargs = count, dict(retry_policy), kwargs
+        self.connect_timeout = connect_timeout
+        self.attempted: dict[str, str] = {}
+        self.sent: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+        self.seconds: list[float] = []
+
+    def run(self) -> None:
+        with publisher(self.broker_url, self.queue) as app:
+            app.conf.broker_connection_timeout = self.connect_timeout
+            for index in range(self.count):
+                tenant = self.tenants[index % len(self.tenants)]
+                task_id = str(uuid.uuid4())
+                self.attempted[task_id] = tenant
+                started = time.monotonic()
+                try:
+                    with tenant_context(tenant):
+                        app.send_task(
+                            faults_app.RECORD,
+                            task_id=task_id,
+                            kwargs=self.kwargs,
+                            retry_policy=self.retry_policy,
+                        )
+                except Exception as exc:  # recorded: the verdict names it
+                    self.failed[task_id] = f"{type(exc).__name__}: {exc}"[:300]
+                else:
+                    self.sent[task_id] = tenant
+                self.seconds.append(round(time.monotonic() - started, 2))
+
+
+def connections_exhausted(
+    launch: Launch,
+    *,
+    backend_url: str,
+    tasks: int = 40,
+    during: int = 8,
+    full_for: float = 6.0,
+    hold: float = 0.3,
+    visibility_timeout: float = 6.0,
+    retry_policy: Mapping[str, Any] = faults_app.PUBLISH_RETRY_POLICY,
+    connect_timeout: float = 30.0,
+    timeout: float = 180.0,
+) -> FaultResult:
+    """(j) Fill a private PostgreSQL's ``max_connections`` (the transport's messages and
+    the tasks' rows in one database) while a prefork worker on the transport drains a
+    backlog of late-acknowledged tasks, for ``full_for`` seconds.
+
+    A full server leaves alone whoever already holds a connection, so the
+    app role's connections (the worker's transport, its tasks' pools, this
+    process's publisher) are terminated once it is full, and their slots
+    taken: every one of them has to connect again into the full server.
+    Meanwhile ``during`` tasks are published from a thread with ``retry_policy``
+    and ``connect_timeout`` (Celery's ``broker_connection_timeout``), both longer
+    than ``full_for``.  Then the fillers are closed.  The worker's tasks retry
+    with the test app's settings: a retry whose publish must open a connection
+    gives up after the worker's ``broker_connection_timeout``, and Celery then
+    rejects the task without requeue (lost; ``lost_rejected`` says why).
+
+    Survived when the worker was refused and reconnected by itself, nothing
+    completed while the server was full, no publish failed, and every task
+    (the backlog and those published while full) completed in its tenant.
+    Tasks that completed twice are counted, each with its cause.
+    """
+    with contextlib.ExitStack() as stack:
+        cluster, setup = stack.enter_context(private_database("to fill"))
+        broker = broker_url_of(setup)
+        result, queue, tenants, spec, admin = scene(
+            setup,
+            "max_connections reached",
+            "pg-full",
+            broker_url=broker,
+            backend_url=backend_url,
+            visibility_timeout=visibility_timeout,
+        )
+        stack.callback(admin.dispose)
+        fillers = stack.enter_context(Fillers.on(cluster))
+        runs: list[Run] = []
+        with workers(launch) as start, publisher(broker, queue) as app:
+            worker = start(spec)
+            expected = publish(app, faults_app.RECORD, tenants, tasks, hold=hold)
+            wait_progress(admin, expected, tasks // 4, timeout)
+            started = time.monotonic()
+            filled = exhaust(admin, fillers, setup.app_role, timeout)
+            filled["seconds"] = round(time.monotonic() - started, 2)
+            full_at = time.time()
+            result.injected = 1
+            pending = len(set(expected) - done_ids(read_runs(admin, list(expected))))
+            probe = refusal_for(setup.app_url)
+            late = Publishing(
+                broker, queue, tenants, during, retry_policy, connect_timeout, hold=hold
+            )
+            late.start()
+            most_app_backends = most_backends(admin, setup.app_role, until=full_at + full_for)
+            released_at = time.time()
+            fillers.release()
+            late.join(timeout)
+            result.require(not late.is_alive(), "publishing never ended after the server had room")
+            expected.update(late.sent)
+            runs = wait_done(admin, expected, timeout, worker)
+            left = wait_queue_empty(admin, queue, visibility_timeout + 10)
+            runs = read_runs(admin, [*expected, *late.attempted])
+            log = worker.log_text()
+            result.require(worker.alive, "the worker died")
+            if not worker.alive:
+                result.details["log_tail"] = _tail(worker)
+    judge_exhausted(
+        result,
+        expected,
+        runs,
+        log,
+        full_at=full_at,
+        released_at=released_at,
+        pending=pending,
+        probe=probe,
+        most_app_backends=most_app_backends,
+        failed=late.failed,
+        left=left,
+    )
+    result.details.update(
+        filling=filled,
+        full_seconds=round(released_at - full_at, 2),
+        published_while_full=len(late.attempted),
+        publish_seconds=late.seconds,
+        visibility_timeout=visibility_timeout,
+    )
+    return result
+
+
+_REJECTED = re.compile(r"Task [\w.]+\[([0-9a-f-]{36})\] reject requeue=False: (.*)")
+
+
+def rejections(log: str) -> dict[str, str]:
+    """``{task id: reason}`` of the tasks a worker's log says it rejected without requeue
+    (Celery does so with a task whose retry it could not publish: the task is gone)."""
+    return {match[1]: match[2][:300] for match in _REJECTED.finditer(log)}
+
+
+def judge_exhausted(
+    result: FaultResult,
+    expected: Mapping[str, str],
+    runs: Sequence[Run],
+    log: str,
+    *,
+    full_at: float,
+    released_at: float,
+    pending: int,
+    probe: str | None,
+    most_app_backends: int,
+    failed: Mapping[str, str],
+    left: int,
+) -> None:
+    """Judge :func:`connections_exhausted` from the rows read (of ``expected``, the tasks
+    whose publish returned, and of the publishes that failed) and the worker's ``log``."""
+    account(result, expected, [run for run in runs if run.task_id in expected])
+    missing = set(expected) - done_ids(runs)
+    refused = len(_SERVER_FULL.findall(log))
+    done_while_full = sorted(
+        {r.task_id for r in runs if r.phase == "done" and full_at < r.recorded_at < released_at}
+    )
+    causes = duplicate_causes(runs, released_at)
+    result.require(pending > 0, "nothing was pending when the server was full")
+    result.require(
+        probe is not None and _SERVER_FULL.search(probe) is not None,
+        f"the app role was not refused by the full server: {probe}",
+    )
+    result.require(
+        most_app_backends == 0,
+        f"the app role held {most_app_backends} connections while the server was full",
+    )
+    result.require(
+        not done_while_full,
+        f"{len(done_while_full)} tasks completed while the server was full: it held nothing back",
+    )
+    result.require(refused > 0, "the worker's log shows no refusal by the full server")
+    result.require(
+        not failed,
+        f"{len(failed)} publishes failed, their retry policy outlasting the outage: "
+        f"{sorted(failed.values())[:2]}",
+    )
+    result.require(left == 0, f"{left} messages stayed in the queue after the worker drained it")
+    result.require(
+        _UNEXPLAINED not in causes,
+        f"tasks completed twice for no reason the outage explains: {causes.get(_UNEXPLAINED)}",
+    )
+    if not result.problems:
+        result.survived = result.injected
+    result.details.update(
+        pending_when_full=pending,
+        app_role_refused_with=probe,
+        worker_refusals_logged=refused,
+        done_while_full=len(done_while_full),
+        failed_publishes=dict(failed),
+        lost_rejected={t: why for t, why in rejections(log).items() if t in missing},
+        left_in_queue=left,
+        duplicate_causes={cause: len(ids) for cause, ids in causes.items()},
+        completed_twice_by_cause=causes,
+    )
+
+
+_RETRY_AND_ORIGINAL = (
+    "a retry and the message it replaced both ran (the replaced message's "
+    "acknowledgement was lost with its terminated connection)"
+)
+_LEASE_LAPSED = (
+    "claimed before the server was full and claimed again once the worker reconnected "
+    "(its lease lapsed, or its acknowledgement was lost with its terminated connection)"
+)
+_UNEXPLAINED = "none the outage explains"
+
+
+def duplicate_causes(runs: Sequence[Run], outage_end: float) -> dict[str, list[str]]:
+    """Tasks that completed more than once, by cause (see :func:`connections_exhausted`)."""
+    by_task: dict[str, list[Run]] = {}
+    for run in runs:
+        by_task.setdefault(run.task_id, []).append(run)
+    causes: dict[str, list[str]] = {}
+    for task_id, task_runs in sorted(by_task.items()):
+        done = [run for run in task_runs if run.phase == "done"]
+        if len(done) < 2:
+            continue
+        first = min(run.recorded_at for run in task_runs)
+        if len({run.attempt for run in done}) > 1:
+            cause = _RETRY_AND_ORIGINAL
+        elif first < outage_end:
+            cause = _LEASE_LAPSED
+        else:
+            cause = _UNEXPLAINED
+        causes.setdefault(cause, []).append(task_id)
+    return causes
 
 
 # ------------------------------------------------------------ (c) Redis restarted
@@ -1133,19 +1842,17 @@ def redis_restarted(
     instead is a failure; it is then restarted as a supervisor would, so the
     result still tells whether anything was lost (``worker_exited``).
     """
-    result = FaultResult("Redis restarted under load", "redis", "prefork 2")
     if not server.appendonly:
         raise FaultError("the Redis restart needs a server with appendonly=True")
-    queue = new_queue("restart")
-    tenants = new_tenants(3)
-    spec = WorkerSpec(
-        server.url,
-        backend_url,
-        queue,
-        render(setup.app_url),
-        environ={faults_app.VISIBILITY_TIMEOUT_ENV: str(visibility_timeout)},
+    result, queue, tenants, spec, admin = scene(
+        setup,
+        "Redis restarted under load",
+        "restart",
+        broker_url=server.url,
+        backend_url=backend_url,
+        visibility_timeout=visibility_timeout,
+        tenants=3,
     )
-    admin = sa.create_engine(setup.admin_url, poolclass=sa.NullPool)
     try:
         with workers(launch) as start, publisher(server.url, queue) as app:
             worker = start(spec)
@@ -1361,6 +2068,22 @@ def _summary(result: FaultResult) -> str:
     details = result.details
     if result.problems:
         return "; ".join(result.problems)[:300]
+    if "publisher_kills" in details:
+        return (
+            f"publisher killed {len(details['publisher_kills'])} times "
+            f"({details['published_before_kill']} publishes returned first): all ran once, "
+            f"{details['lost']} lost; {details['extra']} unconfirmed but committed ran "
+            f"(the kill fell after the commit); the worker took "
+            f"{details['later_completed']}/{details['later_tasks']} later tasks"
+        )
+    if "filling" in details:
+        return (
+            f"server full ({details['filling']['fillers']} connections of another role) for "
+            f"{details['full_seconds']:g} s, the app role's connections terminated, "
+            f"{details['pending_when_full']} tasks pending: the worker was refused, "
+            f"reconnected by itself; {details['published_while_full']} published meanwhile, "
+            f"none lost, {result.duplicates} run twice"
+        )
     if "killed" in details:
         return (
             f"connections killed: {len(details['killed'])}; each task retried on a new one "
@@ -1581,6 +2304,26 @@ def run(ctx: ReliabilityContext) -> Section:
             backend_url=redis_url,
             tasks=ctx.pick(smoke=30, default=60, full=150),
             kills=ctx.pick(smoke=2, default=3, full=6),
+        ),
+    )
+    attempt(
+        "publisher SIGKILLed mid-batch",
+        "tcpg",
+        lambda: publisher_killed(
+            setup,
+            launch,
+            broker_url=tcpg_url,
+            backend_url=redis_url,
+            kills=ctx.pick(smoke=1, default=3, full=6),
+        ),
+    )
+    attempt(
+        "max_connections reached",
+        "tcpg",
+        lambda: connections_exhausted(
+            launch,
+            backend_url=redis_url,
+            tasks=ctx.pick(smoke=20, default=40, full=100),
         ),
     )
 
