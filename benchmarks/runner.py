@@ -75,6 +75,11 @@ BENCHMARKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "bind_tenant_guc: per-statement check and check-in reset",
         (),
     ),
+    "scale": (
+        "benchmarks.scale",
+        "Scale curve: workers against one PostgreSQL, and wake-ups",
+        ("redis",),
+    ),
 }
 
 ROWS_PER_TENANT = {"smoke": 20, "default": 2000}

@@ -10,10 +10,11 @@ benchmarks`` writes) and put what it holds on the page::
     ```
 
 ``benchmark-chart`` draws an inline SVG figure (``throughput``, ``fairness``,
-``overheads``, ``result-backend``); ``benchmark-table`` builds a table narrow
+``overheads``, ``result-backend``, ``scale``); ``benchmark-table`` builds a table narrow
 enough for the page's column (``targets``, ``machine``, ``p1``, ``p1-parts``, ``p2-times``,
 ``p2-ratios``, ``p2-plans``, ``p3``, ``p3-events``, ``p4``, ``p5-latency``,
-``p5-backlog``, ``result-backend``).  Nothing is typed in by hand: every figure
+``p5-backlog``, ``result-backend``, ``scale``,
+``scale-wakeups``).  Nothing is typed in by hand: every figure
 comes from the JSON, and the build fails (``-W``) when the JSON lacks what a
 directive needs.
 
@@ -24,6 +25,7 @@ series colours are mid-tones that read on both backgrounds.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -525,6 +527,66 @@ def table_result_backend(results: Results) -> TableSpec:
     )
 
 
+def table_scale(results: Results) -> TableSpec:
+    table = results.table("scale")
+    names = [
+        "broker",
+        "workers",
+        "tasks/s",
+        "PostgreSQL CPU µs/task",
+        "workers CPU µs/task",
+        "machine busy %",
+        "claim p50 ms",
+        "claim p95 ms",
+        "messages/claim",
+        "empty claims %",
+        "lock waits %",
+    ]
+    rows = select(table, names)
+    for row in rows:
+        row[0] = "transport" if row[0] == "the package's transport" else row[0]
+    run = results.section("scale")["run"]
+    notes = [
+        *table["notes"],
+        "transport: the package's PostgreSQL transport; per claim: messages per claim; "
+        "busy: both cores of the machine; the WAL columns are in the results file",
+        f"measured in a run of its own on {run['date'][:10]}, load average "
+        f"{run['load_average_start'][0]} at its start and {run['load_average_end'][0]} at "
+        "its end (1 minute)",
+    ]
+    return TableSpec(
+        table["title"],
+        [
+            "broker",
+            "workers",
+            "tasks/s",
+            "PostgreSQL µs/task",
+            "workers µs/task",
+            "busy %",
+            "claim p50 ms",
+            "claim p95 ms",
+            "per claim",
+            "empty %",
+            "lock waits %",
+        ],
+        list(rows),
+        [False, True, True, True, True, True, True, True, True, True, True],
+        notes,
+    )
+
+
+def table_scale_wakeups(results: Results) -> TableSpec:
+    table = results.table("scale", 1)
+    return TableSpec(
+        table["title"],
+        ["wake-ups", "idle claims/s", "idle PostgreSQL ms/s", "one task median ms",
+         "one task max ms", "connections, main", "connections, pool"],
+        list(select(table, table["columns"])),
+        [False, True, True, True, True, True, True],
+        table["notes"],
+    )  # fmt: skip
+
+
 TABLES: dict[str, Callable[[Results], TableSpec]] = {
     "targets": table_targets,
     "machine": table_machine,
@@ -539,6 +601,8 @@ TABLES: dict[str, Callable[[Results], TableSpec]] = {
     "p5-latency": table_p5_latency,
     "p5-backlog": table_p5_backlog,
     "result-backend": table_result_backend,
+    "scale": table_scale,
+    "scale-wakeups": table_scale_wakeups,
 }
 
 
@@ -1041,11 +1105,96 @@ def chart_result_backend(results: Results) -> tuple[str, str]:
     return svg.render("chart-result-backend"), caption
 
 
+def chart_scale(results: Results) -> tuple[str, str]:
+    """Scale: tasks per second draining a backlog against the number of workers, both
+    brokers, with the machine's busy share and the transport's claim p95 under each point."""
+    data = results.section("scale")
+    table = results.table("scale")
+    col = dict(zip(table["columns"], range(len(table["columns"])), strict=True))
+    workers: list[int] = list(data["workers"])
+    series = [
+        ("PostgreSQL (tenant_celery.transport)", "the package's transport", BLUE),
+        ("Redis", "Redis", ORANGE),
+    ]
+    points: dict[str, dict[int, list[Cell]]] = {name: {} for name, _, _ in series}
+    for row in table["rows"]:
+        points.setdefault(str(row[col["broker"]]), {})[int(row[col["workers"]])] = row
+    rates = [float(r[col["tasks/s"]]) for p in points.values() for r in p.values()]
+    if not rates:
+        raise ExtensionError("scale: the table has no rows")
+    top, bottom, left, right = 60.0, 330.0, 90.0, WIDTH - 40.0
+    svg = Svg(
+        bottom + 120,
+        "Scale: tasks per second against the number of workers",
+        "Two lines, the package's transport and Redis: tasks per second draining a backlog "
+        f"with {', '.join(str(n) for n in workers)} solo workers on a "
+        f"{data['cpu_count']}-core machine.",
+    )
+    svg.text(2, 20, "Tasks drained per second (more is better)", font_weight="bold")
+    high = max(rates) * 1.1
+    step = nice_step(high, 5)
+    ceiling = math.ceil(high / step) * step
+
+    def y(value: float) -> float:
+        return bottom - value / ceiling * (bottom - top)
+
+    def x(n: int) -> float:
+        index = workers.index(n)
+        return left + (index + 0.5) * (right - left) / len(workers)
+
+    for k in range(int(ceiling / step) + 1):
+        value = k * step
+        svg.line(left, y(value), right, y(value), stroke="currentColor", stroke_opacity=0.15)
+        svg.text(left - 8, y(value) + 4, f"{value:,.0f}", font_size=SMALL, text_anchor="end")
+    svg.line(left, bottom, right, bottom, stroke="currentColor", stroke_opacity=0.6)
+    for n in workers:
+        svg.text(x(n), bottom + 20, f"{n}", font_size=SMALL, text_anchor="middle")
+    svg.text(
+        (left + right) / 2, bottom + 40, "worker processes (solo pool)", font_size=SMALL,
+        text_anchor="middle",
+    )  # fmt: skip
+    for name, _, colour in series:
+        found = points.get(name, {})
+        line = [(x(n), y(float(found[n][col["tasks/s"]]))) for n in workers if n in found]
+        for (x1, y1), (x2, y2) in itertools.pairwise(line):
+            svg.line(x1, y1, x2, y2, stroke=colour, stroke_width=2.5)
+        for n in workers:
+            if n not in found:
+                continue
+            row = found[n]
+            px, py = x(n), y(float(row[col["tasks/s"]]))
+            svg.circle(px, py, 5, fill=colour)
+            above = colour == BLUE
+            svg.text(
+                px, py - 10 if above else py + 20, fmt(row[col["tasks/s"]]),
+                font_size=SMALL, text_anchor="middle", fill=colour,
+            )  # fmt: skip
+    # Under the axis, per worker count: how busy the machine was on each broker.
+    for n in workers:
+        busy = [
+            f"{fmt(points[name][n][col['machine busy %']])}%"
+            for name, _, _ in series
+            if n in points.get(name, {})
+        ]
+        svg.text(x(n), bottom + 62, " / ".join(busy), font_size=SMALL, text_anchor="middle")
+    svg.text(left - 8, bottom + 62, "busy:", font_size=SMALL, text_anchor="end")
+    legend(svg, left, bottom + 100, [("dot", c, label) for _, label, c in series])
+    caption = (
+        f"A backlog of {data['tasks_per_run']:,} no-op tenant tasks drained by 1 to "
+        f"{max(workers)} workers, one process each, on a {data['cpu_count']}-core machine "
+        "that also runs PostgreSQL and Redis; results in Redis for both brokers. Under each "
+        "worker count, the share of both cores busy during the drain (transport / Redis). "
+        f"The median of {data['rounds']} rounds."
+    )
+    return svg.render("chart-scale"), caption
+
+
 CHARTS: dict[str, Callable[[Results], tuple[str, str]]] = {
     "throughput": chart_throughput,
     "fairness": chart_fairness,
     "overheads": chart_overheads,
     "result-backend": chart_result_backend,
+    "scale": chart_scale,
 }
 
 #: The sections of the results file each chart draws, named under its caption.
@@ -1054,6 +1203,7 @@ CHART_SECTIONS = {
     "fairness": "section p5",
     "overheads": "sections p1, p2 and p4",
     "result-backend": "section results",
+    "scale": "section scale",
 }
 
 

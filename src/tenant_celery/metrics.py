@@ -69,6 +69,10 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
 __all__ = [
+    "BROKER_CLAIMED_MESSAGES_TOTAL",
+    "BROKER_CLAIMS_TOTAL",
+    "BROKER_CLAIM_DURATION_SECONDS",
+    "BROKER_EMPTY_CLAIMS_TOTAL",
     "DASHBOARD_FILE",
     "DURATION_BUCKETS",
     "OTHER_TENANTS",
@@ -113,6 +117,15 @@ QUEUE_LENGTH_BY_TENANT = "celery_queue_length_by_tenant"
 tenant label and its bound."""
 QUEUE_LENGTH_UP = "celery_queue_length_up"
 """Gauge: 1 when the scrape read the queue lengths from the broker, 0 when it could not."""
+BROKER_CLAIMS_TOTAL = "celery_broker_claims_total"
+"""Counter: claim statements the worker's consumer ran on the package's transport
+(:func:`tenant_celery.transport.claim_stats`), served by the worker monitor."""
+BROKER_EMPTY_CLAIMS_TOTAL = "celery_broker_empty_claims_total"
+"""Counter: those claims that took no message."""
+BROKER_CLAIMED_MESSAGES_TOTAL = "celery_broker_claimed_messages_total"
+"""Counter: messages those claims took."""
+BROKER_CLAIM_DURATION_SECONDS = "celery_broker_claim_duration_seconds"
+"""Histogram: seconds each claim took, seen from the worker (its round trip)."""
 
 TASK_NAME_LABEL = "task_name"
 """Label of every task metric: the task's registered name."""

@@ -14,10 +14,12 @@ the worker runs on without its monitor.
     worker consumes (:data:`~tenant_celery.metrics.QUEUE_LENGTH`), per tenant
     too on the package's transport (:data:`~tenant_celery.metrics.QUEUE_LENGTH_BY_TENANT`), and
     whether the broker could be read (:data:`~tenant_celery.metrics.QUEUE_LENGTH_UP`), all read from
-    the broker at each scrape.  Without the prefork pool, everything in the
-    registry the metrics were installed in is served (prometheus-client's
-    default registry unless another was given); under it, everything the
-    worker's processes counted in its multiprocess directory.
+    the broker at each scrape; on the package's transport, the consumer's claim counters
+    (:data:`~tenant_celery.metrics.BROKER_CLAIMS_TOTAL` and its siblings).  Without the
+    prefork pool, everything in the registry the metrics were installed in is
+    served (prometheus-client's default registry unless another was given);
+    under it, everything the worker's processes counted in its multiprocess
+    directory.
 
 ``GET /health``
     ``{"status": "ok"|"degraded", "broker": "ok"|"<error>", "database":
@@ -65,6 +67,7 @@ from ._probes import (
     broker_url,
     describe,
     engine,
+    owns_transport,
     password,
     run_with_deadline,
     sql_broker,
@@ -328,12 +331,50 @@ def _multiprocess_metrics(directory: str) -> Iterable[Metric]:
     raise AssertionError("unreachable")
 
 
+def _claim_metrics() -> Iterator[Metric]:
+    """The claims of the package's transport in this process (the worker's consumer)."""
+    from prometheus_client.core import (  # noqa: PLC0415
+        CounterMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    from .transport import claim_stats  # noqa: PLC0415 (psycopg, kombu)
+
+    stats = claim_stats()
+    yield CounterMetricFamily(
+        metrics.BROKER_CLAIMS_TOTAL.removesuffix("_total"),
+        "Claim statements the worker's consumer ran on the package's transport.",
+        value=stats["claims"],
+    )
+    yield CounterMetricFamily(
+        metrics.BROKER_EMPTY_CLAIMS_TOTAL.removesuffix("_total"),
+        "Claims that took no message.",
+        value=stats["empty_claims"],
+    )
+    yield CounterMetricFamily(
+        metrics.BROKER_CLAIMED_MESSAGES_TOTAL.removesuffix("_total"),
+        "Messages the claims took.",
+        value=stats["claimed_messages"],
+    )
+    cumulative, buckets = 0, []
+    for bound, count in stats["claim_seconds_buckets"].items():
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    yield HistogramMetricFamily(
+        metrics.BROKER_CLAIM_DURATION_SECONDS,
+        "Seconds each claim took, seen from the worker.",
+        buckets=buckets,
+        sum_value=stats["claim_seconds"],
+    )
+
+
 class _Scrape:
     """Every collector ``/metrics`` serves, gathered anew at each scrape."""
 
     def __init__(self, app: Celery, queues: _QueueGauges | None) -> None:
         self.app = app
         self.queues = queues
+        self.claims = owns_transport(app)
 
     def collect(self) -> Iterable[Metric]:
         directory = metrics.multiprocess_directory()
@@ -344,6 +385,8 @@ class _Scrape:
             yield from registry.collect()
         if self.queues is not None:
             yield from self.queues.collect()
+        if self.claims:
+            yield from _claim_metrics()
 
 
 # ------------------------------------------------------------------------------ server

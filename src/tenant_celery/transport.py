@@ -33,7 +33,8 @@ How it works:
   ``polling_interval`` seconds, so it keeps working where notifications do
   not arrive (``listen: False``, for example behind PgBouncer in transaction
   mode).  A queue a claim found empty is claimed from again only when a
-  ``NOTIFY`` names it, the channel acknowledges, or the next poll.  An
+  ``NOTIFY`` names it, the channel rejects a message (or acknowledges one,
+  with ``tenant_inflight_limit``), or the next poll.  An
   acknowledgement, from whatever thread, wakes the consumer: room in the
   prefetch window is claimed at once.  A worker runs all this in its event
   loop (kombu's hub); other consumers in ``drain_events``.
@@ -45,6 +46,9 @@ How it works:
   statistics say, and the prepared claim's generic plan forced, so it is
   planned once.
   Publishing runs on another, with durable commits.
+* **Counters.**  Every claim is counted in its process: claims, empty claims,
+  messages taken and the claim's time (:func:`claim_stats`), served by the
+  worker monitor as ``celery_broker_claims_total`` and its siblings.
 * **Bindings** (exchange to queue) live in a table, so fanout exchanges reach
   every bound queue across processes: broadcast control commands such as
   ``revoke`` work.
@@ -85,6 +89,7 @@ option                       default      meaning
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import logging
@@ -113,13 +118,16 @@ from .errors import ConfigurationError
 __all__ = [
     "APPLICATION_NAME",
     "BINDING_TABLE",
+    "CLAIM_SECONDS_BUCKETS",
     "MESSAGE_TABLE",
     "NOTIFY_CHANNEL",
     "QUEUE_TABLE",
     "SCHEME",
     "Channel",
+    "ClaimStats",
     "QoS",
     "Transport",
+    "claim_stats",
     "queue_lengths",
     "queue_lengths_by_tenant_query",
     "queue_lengths_query",
@@ -499,6 +507,84 @@ def _claim_statement(settings: _Settings, *, take: bool) -> str:
     return text + (_TAKE if take else _CLAIM)
 
 
+# ------------------------------------------------------------------------ claim stats
+
+CLAIM_SECONDS_BUCKETS = (
+    0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, float("inf"),
+)  # fmt: skip
+"""Upper bounds (seconds) of the buckets :class:`ClaimStats` counts claim times in."""
+
+
+class ClaimStats:
+    """What the claims of one process have done so far: counters that only grow.
+
+    Every claim statement a consumer runs in this process is counted once it
+    returns (a claim that fails is not): the process totals are
+    :func:`claim_stats`, and the worker monitor serves them as
+    ``celery_broker_claims_total`` and its siblings.  A claim costs them three
+    attribute increments, a bucket found by bisection and incremented, and one
+    pair of :func:`time.perf_counter` calls.  Claims run on a connection's consuming
+    thread; connections claiming on several threads of one process at the same
+    moment may, rarely, lose an increment.
+    """
+
+    __slots__ = ("buckets", "claims", "empty", "messages", "seconds")
+
+    def __init__(self) -> None:
+        self.claims = 0
+        """Claim statements run."""
+        self.empty = 0
+        """Claims that found no message: nothing ready, or every ready one locked
+        by another consumer's claim (``SKIP LOCKED``), or held back by
+        ``tenant_inflight_limit``."""
+        self.messages = 0
+        """Messages the claims took."""
+        self.seconds = 0.0
+        """Wall time of the claims, from the client: the round trip (a transaction
+        with its settings, the statement and the commit, pipelined) and any wait
+        for the connection's lock."""
+        self.buckets = [0] * len(CLAIM_SECONDS_BUCKETS)
+        """Claims per bucket of :data:`CLAIM_SECONDS_BUCKETS` (not cumulative)."""
+
+    def record(self, seconds: float, messages: int) -> None:
+        self.claims += 1
+        self.seconds += seconds
+        self.buckets[bisect.bisect_left(CLAIM_SECONDS_BUCKETS, seconds)] += 1
+        if messages:
+            self.messages += messages
+        else:
+            self.empty += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "claims": self.claims,
+            "empty_claims": self.empty,
+            "claimed_messages": self.messages,
+            "claim_seconds": self.seconds,
+            "claim_seconds_buckets": dict(
+                zip(CLAIM_SECONDS_BUCKETS, list(self.buckets), strict=True)
+            ),
+        }
+
+
+_STATS = ClaimStats()
+
+
+def claim_stats() -> dict[str, Any]:
+    """The claims this process's consumers have run since it started, as numbers
+    that only grow (read twice and subtract for a period)::
+
+        {"claims": 1520, "empty_claims": 37, "claimed_messages": 6004,
+         "claim_seconds": 0.871, "claim_seconds_buckets": {0.00025: 0, 0.0005: 1203, ...}}
+
+    ``claim_seconds_buckets`` counts the claims by duration, each in the first
+    bucket whose upper bound (:data:`CLAIM_SECONDS_BUCKETS`, seconds) is not
+    below its time.  In a worker the consumer is in the main process: read it
+    there, or from the worker monitor's ``/metrics``.
+    """
+    return _STATS.snapshot()
+
+
 # ------------------------------------------------------------------------------- QoS
 
 
@@ -510,8 +596,12 @@ class QoS(virtual.QoS):
     def ack(self, delivery_tag: str) -> None:
         self.channel._ack(delivery_tag)
         super().ack(delivery_tag)
-        # Room in the prefetch window (and under tenant_inflight_limit): claim again.
-        self.channel.quiet.clear()
+        # Room in the prefetch window: claim again, from the queues that may have
+        # ready messages.  A queue found empty stays quiet (an acknowledgement
+        # readies no message) unless a tenant at tenant_inflight_limit was what
+        # held its messages back.
+        if self.channel.settings.tenant_inflight_limit is not None:
+            self.channel.quiet.clear()
         self.channel._transport.wake()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
@@ -635,8 +725,9 @@ class Channel(virtual.Channel):
         self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
         self._queue_turn = 0
         # Queues a claim found nothing ready in: not claimed from again until a
-        # NOTIFY names them, this channel acknowledges or rejects a message, or the
-        # next poll (every polling_interval).  Without LISTEN every wait is a poll.
+        # NOTIFY names them, this channel rejects a message (or acknowledges one, with
+        # tenant_inflight_limit), or the next poll (every polling_interval).  Without
+        # LISTEN every wait is a poll.
         self.quiet: set[str] = set()
         # Acknowledged rows not yet deleted: the next claim deletes them, or the
         # consuming thread once the oldest has waited _ACK_DELAY (the lease thread
@@ -834,7 +925,12 @@ class Channel(virtual.Channel):
             self._no_ack_queues.discard(queue)
         if queue in self._auto_delete_queues and self.settings.listen:
             self._deliver_by_notify(queue)
-        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        consumed = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        # A queue consumed from now on (a worker's add_consumer) is claimed from at
+        # once, not at the next poll.
+        self.quiet.discard(queue)
+        self._transport.wake()
+        return consumed
 
     def _deliver_by_notify(self, queue: str) -> None:
         """From now on, have messages to auto-delete ``queue`` (declared by this
@@ -870,11 +966,13 @@ class Channel(virtual.Channel):
         }
         if self.settings.tenant_inflight_limit is not None:
             params["cap"] = self.settings.tenant_inflight_limit
+        started = time.perf_counter()
         try:
             rows = self._transport.execute(self._statements[take], params, fetch=True)
         except BaseException:
             self._return_acks(acks)
             raise
+        _STATS.record(time.perf_counter() - started, len(rows))
         if not rows:
             return []
         rows.sort(key=lambda row: (row[5], row[4]))  # each tenant's first, in turn

@@ -21,7 +21,7 @@ import pytest
 from tests._rig.postgres import PgCluster, render
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = {"p1", "p2", "p3", "p3-events", "p4", "p5", "results", "guard"}
+SECTIONS = {"p1", "p2", "p3", "p3-events", "p4", "p5", "results", "guard", "scale"}
 
 pytestmark = pytest.mark.worker
 
@@ -147,3 +147,23 @@ def test_benchmarks_run_at_smoke_size(
     raw = trips["raw DBAPI checkout, one query"]
     assert raw["bound"] == raw["plain"] + 1
     assert all(guard["round_trips_expected"].values()), guard["round_trips_expected"]
+
+    scale = sections["scale"]["data"]
+    assert set(scale["runs"]) == {"transport", "redis"}
+    for broker, by_workers in scale["runs"].items():
+        assert set(by_workers) == {str(n) for n in scale["workers"]}, broker
+        for found in (run for runs in by_workers.values() for run in runs):
+            assert found["tasks_per_second"] > 0, broker
+            assert found["cpu_seconds"]["workers"] > 0, broker
+    for found in (run for runs in scale["runs"]["transport"].values() for run in runs):
+        # The workers' own counters, read from their monitors: every task was claimed
+        # once, by claims the counters saw.
+        claims = found["claims"]
+        assert claims["messages"] >= found["tasks"], claims
+        assert claims["claims"] > claims["empty"] >= 0, claims
+    idle = {w["label"]: w for w in scale["wakeups"]}
+    assert (
+        idle["no LISTEN, poll every 100 ms"]["claims_per_second"]
+        > (idle["no LISTEN, poll every 1 s"]["claims_per_second"])
+    )
+    assert all(w["connections"]["main"] > 0 for w in scale["wakeups"])
