@@ -7,13 +7,18 @@ part only, timed in alternating rounds in this process:
 * **the task**: ``apply()`` of a tenant task with no body inside
   :func:`~tenant_celery.tenant_context`, against a plain task with no body
   (CPU time of this thread);
-* **SQLAlchemy's connection events**: the P1 body on the plain role's engine
-  with one listener that does nothing, against the same engine without any.
-  Any connection event on an engine switches on every event point of every
-  statement, begin and commit (CPU time);
-* **the binding's listeners**: the body on an engine bound with
-  :func:`~tenant_celery.bind_tenant_guc`, inside a tenant, against the engine
-  with the listener that does nothing (CPU time);
+* **the guard's listeners**: the P1 body on an engine the binding's guard is
+  installed on (bound, then unbound: the guard stays, no hook runs), against
+  the same engine without any listener.  The guard listens at the dialect's
+  execution points and on the pool (CPU time);
+* **the binding's hook**: the body on an engine bound with
+  :func:`~tenant_celery.bind_tenant_guc`, inside a tenant, against the guarded
+  engine: reading the tenant, the transaction's record, and ``BEGIN`` sent with
+  the setting (CPU time);
+* for reference, not a part: **one SQLAlchemy connection event**, a listener
+  that does nothing, against none.  Any connection event on an engine switches
+  on every event point of every statement, begin and commit; that is why the
+  binding uses none (CPU time);
 * **``SET LOCAL`` on the server**: a raw psycopg transaction (``BEGIN``, the
   body's two statements, ``COMMIT``) with ``SET LOCAL`` in ``BEGIN``'s message,
   against the same without it (wall time, so the server's work is in it);
@@ -129,9 +134,11 @@ def _engines(ctx: BenchContext, tenant: str) -> Iterator[dict[str, Engine]]:
     made = {
         "plain": make(ctx.plain_url),
         "listened": make(ctx.plain_url),
+        "guarded": make(ctx.plain_url),
         "bound": make(ctx.plain_url),
     }
     event.listen(made["listened"], "before_cursor_execute", _noop_statement, retval=True)
+    bind_tenant_guc(made["guarded"])()  # unbound at once: the guard stays
     bind_tenant_guc(made["bound"])
     try:
         yield made
@@ -198,18 +205,18 @@ def measure(ctx: BenchContext) -> Table:
                     lambda: plain_noop.apply(throw=True),
                 ),
                 _Part(
-                    "SQLAlchemy's connection events switched on",
+                    "the guard's listeners (dialect execution points, pool)",
                     "CPU µs per transaction",
                     time.thread_time,
-                    body("listened"),
-                    body("plain"),
+                    in_tenant(body("guarded")),
+                    in_tenant(body("plain")),
                 ),
                 _Part(
-                    "the binding's own listeners",
+                    "the binding's hook (tenant, record, BEGIN with the setting)",
                     "CPU µs per transaction",
                     time.thread_time,
                     in_tenant(body("bound")),
-                    in_tenant(body("listened")),
+                    in_tenant(body("guarded")),
                 ),
                 _Part(
                     "SET LOCAL in BEGIN's message, on the server",
@@ -226,11 +233,18 @@ def measure(ctx: BenchContext) -> Table:
                     raw_body(_COPY, set_local=False),
                 ),
             ]
-            for part in parts:  # warm: connections, prepared statements, caches
+            reference = _Part(
+                "for reference: one SQLAlchemy connection event (the binding uses none)",
+                "CPU µs per transaction",
+                time.thread_time,
+                body("listened"),
+                body("plain"),
+            )
+            for part in (*parts, reference):  # warm: connections, prepared statements, caches
                 part.round(0, 10)
                 part.differences, part.round_medians = [], []
             for number in range(rounds):
-                for part in parts:
+                for part in (*parts, reference):
                     part.round(number, calls)
     finally:
         raw.close()
@@ -239,6 +253,7 @@ def measure(ctx: BenchContext) -> Table:
     rows: list[list[Cell]] = [[p.name, p.measured_as, p.cost_us(), p.spread_us()] for p in parts]
     total = round(sum(p.cost_us() for p in parts), 1)
     rows.append(["sum of the parts", "µs per task", total, None])
+    rows.append([reference.name, reference.measured_as, reference.cost_us(), reference.spread_us()])
     return ctx.report(
         "P1 parts: where a tenant task's extra time goes, in process",
         ["part", "measured as", "µs", "rounds ranged"],
@@ -251,9 +266,13 @@ def measure(ctx: BenchContext) -> Table:
             "SELECT, one INSERT, in one transaction through a Session)",
             "CPU µs: this thread's CPU time (time.thread_time), which waiting on the network "
             "and the machine's other work do not count; wall µs: time.perf_counter",
-            "SQLAlchemy's connection events: one listener that does nothing, on the "
-            "plain engine; once an engine has any connection event, SQLAlchemy dispatches "
-            "at every statement, begin and commit, whatever the listener does",
+            "the guard's listeners: an engine bound and unbound again, so that the guard "
+            "(dialect do_execute points, pool checkout and reset) stays without a hook; "
+            "the binding's hook: the bound engine against that one",
+            "for reference: one connection event listener that does nothing, on the plain "
+            "engine, not counted in the sum; once an engine has any connection event, "
+            "SQLAlchemy dispatches at every statement, begin and commit, whatever the "
+            "listener does, which is why the binding listens elsewhere",
             "SET LOCAL and the policy: raw psycopg transactions on one connection as the app "
             "role, the tenant set for the session beforehand; the policy: the items table "
             "against a copy of it without row-level security",

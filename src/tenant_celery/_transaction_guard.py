@@ -4,14 +4,16 @@
 begins; this module holds the rest of the contract (DESIGN rule 7), for every
 engine a binding reaches:
 
-* each transaction begun by a binding gets a :class:`_Transaction` record on
-  its :class:`~sqlalchemy.engine.Connection`: the tenant it serves (``None``
-  outside any tenant);
+* each transaction of a bound engine or session gets a :class:`_Transaction`
+  record on its :class:`~sqlalchemy.engine.Connection`: the tenant it serves
+  (``None`` outside any tenant), made when the transaction's first statement
+  runs (or when a Session begins it), by the binding's hooks;
 * before each statement, the record is compared with the current tenant and
   the statement refused on a difference: no round trip, nothing reaches the
   server (:func:`_EngineGuard.check_statement`);
-* the record goes at commit or rollback; a transaction still open when a
-  Celery task ends is rolled back and logged (:func:`_end_task`);
+* a record names the transaction it serves, so a new transaction on the same
+  connection gets a new record; a transaction still open when a Celery task
+  ends is rolled back and logged (:func:`_end_task`);
 * a pooled connection that may carry a session-level tenant setting (a raw
   DBAPI checkout, or a statement naming the setting or ``set_config``) has
   it cleared when it is returned to the pool, with one statement; the others
@@ -19,6 +21,11 @@ engine a binding reaches:
 
 A guard, once installed on an engine, stays: without records it only watches
 raw checkouts and statements that name the setting.
+
+The guard listens at the dialect's ``do_execute`` points and on the pool, never
+with SQLAlchemy's connection events: one connection event on an engine makes
+SQLAlchemy dispatch at every statement, begin and commit of every connection,
+tens of microseconds a transaction whatever the listeners do.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from ._setting import Setting, send_before
 from .context import current_tenant
-from .errors import TenantCeleryError, TransactionTenantMismatch
+from .errors import ConfigurationError, TenantCeleryError, TransactionTenantMismatch
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import ExceptionContext
@@ -58,11 +66,28 @@ _SCANNED_MAX = 2048
 class _Transaction:
     """The tenant one transaction of a bound engine serves, and who may end it."""
 
-    __slots__ = ("connection", "frame", "pending", "refused", "sending", "session", "tenant")
+    __slots__ = (
+        "__weakref__",
+        "checked",
+        "connection",
+        "frame",
+        "pending",
+        "refused",
+        "sending",
+        "session",
+        "tenant",
+        "transaction",
+    )
 
-    def __init__(self, connection: Connection, tenant: str | None) -> None:
-        self.connection = connection
+    def __init__(self, connection: Connection, tenant: str | None, *, checked: bool = True) -> None:
+        # Held weakly: a record lives as long as its connection, which holds it.
+        self.connection = weakref.ref(connection)
+        #: The transaction served; a statement in another one makes a new record.
+        self.transaction = _weak(connection.get_transaction())
         self.tenant = tenant
+        #: Whether statements are checked against ``tenant``: not for a transaction
+        #: no binding has a hook for (a Session not bound, on a guarded engine).
+        self.checked = checked
         #: Why the binding refused this transaction: every statement is refused too.
         self.refused: TenantCeleryError | None = None
         self.session: Session | None = None
@@ -73,6 +98,10 @@ class _Transaction:
         #: The settings sent with the statement being executed: pending again if
         #: that statement fails (it may not have reached the server).
         self.sending: tuple[Setting, ...] | None = None
+
+    def serves(self, connection: Connection) -> bool:
+        """Whether this record is of ``connection``'s current transaction."""
+        return self.transaction() is connection.get_transaction()
 
     def refusal(self) -> TenantCeleryError:
         if self.refused is not None:
@@ -93,6 +122,14 @@ class _Transaction:
         )
 
 
+def _none() -> None:
+    return None
+
+
+def _weak(transaction: Any) -> Callable[[], Any]:
+    return _none if transaction is None else weakref.ref(transaction)
+
+
 class _TaskFrame:
     """The transactions begun by bound engines while one task runs."""
 
@@ -101,7 +138,8 @@ class _TaskFrame:
     def __init__(self, task_id: str | None, name: str) -> None:
         self.task_id = task_id
         self.name = name
-        self.open: set[_Transaction] = set()
+        # Weak: a record goes with its connection (a task may open thousands).
+        self.open: weakref.WeakSet[_Transaction] = weakref.WeakSet()
 
 
 # Tasks running in this context, innermost last (eager tasks nest).
@@ -111,19 +149,26 @@ _frames: ContextVar[tuple[_TaskFrame, ...]] = ContextVar("tenant_celery.task_fra
 def transaction_of(connection: Connection) -> _Transaction | None:
     """The record of ``connection``'s current transaction, if a binding began it."""
     found: _Transaction | None = connection.__dict__.get(_ATTR)
+    if found is None or not found.checked or not found.serves(connection):
+        return None
     return found
 
 
 def record(
-    connection: Connection, tenant: str | None, session: Session | None = None
+    connection: Connection,
+    tenant: str | None,
+    session: Session | None = None,
+    *,
+    checked: bool = True,
 ) -> _Transaction:
     """Record that ``connection``'s transaction serves ``tenant``; track it in the task."""
-    tx = _Transaction(connection, tenant)
+    tx = _Transaction(connection, tenant, checked=checked)
     tx.session = session
-    frames = _frames.get()
-    if frames:
-        tx.frame = frames[-1]
-        tx.frame.open.add(tx)
+    if checked:
+        frames = _frames.get()
+        if frames:
+            tx.frame = frames[-1]
+            tx.frame.open.add(tx)
     previous = connection.__dict__.get(_ATTR)
     if previous is not None:
         _forget(previous)
@@ -134,12 +179,19 @@ def record(
 def begin(
     connection: Connection, tenant: str | None, setting: Setting, session: Session | None = None
 ) -> None:
-    """Record a new transaction serving ``tenant``, with ``setting`` to make first.
+    """Record that ``connection``'s transaction serves ``tenant``, with ``setting`` to make first.
 
     An engine and a session factory on it may both be bound: the second hook
-    of one transaction adds its setting to the first's, unsent yet.
+    of one transaction adds its setting to the first's, unsent yet.  A Session
+    beginning a transaction on a bound engine has the engine's hooks run first.
     """
     previous = connection.__dict__.get(_ATTR)
+    if previous is not None and not previous.serves(connection):
+        previous = None
+    if previous is None and session is not None:
+        found = _by_dialect.get(connection.dialect)
+        if found is not None and found.hooks:
+            previous = found.start(connection)
     tx = record(connection, tenant, session)
     settings: tuple[Setting, ...] = (setting,)
     if previous is not None and previous.pending is not None and previous.tenant == tenant:
@@ -160,16 +212,19 @@ def _forget(tx: _Transaction) -> None:
         tx.frame = None
 
 
-def clear(connection: Connection, *args: Any) -> None:
-    """The transaction ended: drop its record (``commit``/``rollback`` events)."""
-    tx = connection.__dict__.pop(_ATTR, None)
-    if tx is not None:
-        _forget(tx)
+def clear(connection: Connection) -> None:
+    """Stop checking the statements of ``connection``'s current transaction."""
+    record(connection, None, checked=False)
 
 
 # --- engines -----------------------------------------------------------------
 
 _guards: weakref.WeakKeyDictionary[Engine, _EngineGuard] = weakref.WeakKeyDictionary()
+# The same guards by dialect: an engine's execution_options() copies share it.
+_by_dialect: weakref.WeakKeyDictionary[Any, _EngineGuard] = weakref.WeakKeyDictionary()
+
+Hook = Callable[[Connection], None]
+"""An engine binding's hook: records (or refuses) a new transaction on the connection."""
 
 
 class _EngineGuard:
@@ -178,6 +233,8 @@ class _EngineGuard:
     def __init__(self) -> None:
         self.names: set[str] = set()
         self.own: tuple[object, ...] = ()
+        #: The engine bindings' hooks, run at each transaction's first statement.
+        self.hooks: list[Hook] = []
         self._needles: tuple[str, ...] = ("set_config",)
         self._set_statement: re.Pattern[str] | None = None
         # statement text -> its lowercase form when it names a needle, else None:
@@ -192,17 +249,30 @@ class _EngineGuard:
         # SET [SESSION] name: what leaves a session-level value (SET LOCAL does not).
         self._set_statement = re.compile(rf'\bset\s+(?:session\s+)?"?(?:{names})\b')
 
+    def start(self, conn: Connection) -> _Transaction:
+        """The record of ``conn``'s new transaction, made by the engine bindings' hooks.
+
+        A hook refusing the transaction records the refusal and raises.
+        """
+        # A Connection works on this checkout: it is not a raw one (see checked_out).
+        conn.connection.info.pop(_RAW, None)
+        if not self.hooks:
+            return record(conn, None, checked=False)
+        for hook in self.hooks:
+            hook(conn)
+        found: _Transaction = conn.__dict__[_ATTR]
+        return found
+
     def check_statement(
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> tuple[str, Any]:
+        self, conn: Connection, cursor: Any, statement: str, context: Any, executemany: bool
+    ) -> str:
+        """Refuse ``statement`` or return it as it must be sent (settings ahead of it)."""
         tx = conn.__dict__.get(_ATTR)
-        if tx is not None:
+        if tx is None or tx.transaction() is not conn.get_transaction():
+            if conn.get_transaction() is None:
+                return statement  # SQLAlchemy's own first-connect queries (server version)
+            tx = self.start(conn)
+        if tx.checked:
             tx.sending = None
             if tx.refused is not None or tx.tenant != current_tenant():
                 raise tx.refusal()
@@ -210,9 +280,33 @@ class _EngineGuard:
                 settings, tx.pending, tx.sending = tx.pending, None, tx.pending
                 sent = send_before(conn, cursor, statement, executemany, settings)
                 self._note(conn, statement, context)
-                return sent, parameters
+                return sent
         self._note(conn, statement, context)
-        return statement, parameters
+        return statement
+
+    # The dialect's execution points: a statement rewritten with its settings
+    # ahead is executed here, as the dialect would execute it.
+
+    def do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        conn = _connection_of(context)
+        sent = self.check_statement(conn, cursor, statement, context, False)
+        if sent is statement:
+            return False
+        context.dialect.do_execute(cursor, sent, parameters, context)
+        return True
+
+    def do_execute_no_params(self, cursor: Any, statement: str, context: Any) -> bool:
+        conn = _connection_of(context)
+        sent = self.check_statement(conn, cursor, statement, context, False)
+        if sent is statement:
+            return False
+        context.dialect.do_execute_no_params(cursor, sent, context)
+        return True
+
+    def do_executemany(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        # An executemany is never rewritten: its settings go as a statement of their own.
+        self.check_statement(_connection_of(context), cursor, statement, context, True)
+        return False
 
     @staticmethod
     def failed(context: ExceptionContext) -> None:
@@ -253,12 +347,8 @@ class _EngineGuard:
     def checked_out(
         dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry, proxy: Any
     ) -> None:
-        # Fired for every checkout, before engine_connect: raw until a Connection claims it.
+        # Fired for every checkout: raw until a Connection runs a transaction on it.
         entry.info[_RAW] = True
-
-    @staticmethod
-    def connected(conn: Connection) -> None:
-        conn.info.pop(_RAW, None)
 
     def reset(
         self,
@@ -300,23 +390,69 @@ def is_guarded(engine: Engine) -> bool:
     return engine in _guards
 
 
-def guard(engine: Engine, name: str, own: tuple[object, ...]) -> None:
+def guard(engine: Engine, name: str, own: tuple[object, ...]) -> _EngineGuard:
     """Install the guard on ``engine`` (once) and have it watch setting ``name``."""
-    found = _guards.get(engine)
+    found = _guards.get(engine) or _by_dialect.get(engine.dialect)
     if found is None:
         found = _EngineGuard()
         found.own = own
+        dialect = engine.dialect
+        _listen_first(dialect, "do_execute", found.do_execute)
+        _listen_first(dialect, "do_execute_no_params", found.do_execute_no_params)
+        _listen_first(dialect, "do_executemany", found.do_executemany)
+        event.listen(dialect, "handle_error", found.failed)
+        event.listen(engine.pool, "checkout", found.checked_out)
+        event.listen(engine.pool, "reset", found.reset)
+        _by_dialect[dialect] = found
+    _guards[engine] = found
+    if name not in found.names:
         found.add_name(name)
-        event.listen(engine, "before_cursor_execute", found.check_statement, retval=True)
-        event.listen(engine, "handle_error", found.failed)
-        for ending in ("commit", "rollback", "commit_twophase", "rollback_twophase"):
-            event.listen(engine, ending, clear)
-        event.listen(engine, "checkout", found.checked_out)
-        event.listen(engine, "engine_connect", found.connected)
-        event.listen(engine, "reset", found.reset)
-        _guards[engine] = found
-    elif name not in found.names:
-        found.add_name(name)
+    return found
+
+
+def _listen_first(dialect: Any, identifier: str, listener: Callable[..., bool]) -> None:
+    """Listen for ``identifier`` ahead of the dialect's other listeners.
+
+    A listener that executes the statement itself returns True, and the ones
+    after it do not run: the check must come first.  (``event.listen``'s
+    ``insert=True`` is not applied to dialect events.)
+    """
+    event.listen(dialect, identifier, listener)
+    listeners = getattr(getattr(dialect.dispatch, identifier), "listeners", None)
+    if listeners is not None and listeners and listeners[0] == listener:
+        return
+    try:
+        listeners.remove(listener)  # type: ignore[union-attr]
+        listeners.appendleft(listener)  # type: ignore[union-attr]
+    except (AttributeError, ValueError) as exc:
+        event.remove(dialect, identifier, listener)
+        raise ConfigurationError(
+            f"bind_tenant_guc could not place its {identifier} listener ahead of the "
+            "dialect's others, so one of them could send statements unchecked; bind "
+            "the engine before adding your own dialect listeners"
+        ) from exc
+
+
+def add_hook(engine: Engine, hook: Hook) -> Callable[[], None]:
+    """Run ``hook`` at each new transaction of ``engine``; return what removes it."""
+    found = _guards[engine]
+    found.hooks.append(hook)
+
+    def remove() -> None:
+        if hook in found.hooks:
+            found.hooks.remove(hook)
+
+    return remove
+
+
+def _connection_of(context: Any) -> Connection:
+    if context is None:  # no SQLAlchemy dialect for PostgreSQL executes without one
+        raise TenantCeleryError(
+            "a statement reached a bind_tenant_guc engine's driver without an execution "
+            "context, so its tenant could not be checked; it was not sent"
+        )
+    conn: Connection = context.root_connection
+    return conn
 
 
 # A Session on a bound engine: remember it, so that the end of a task rolls back
@@ -325,7 +461,12 @@ def guard(engine: Engine, name: str, own: tuple[object, ...]) -> None:
 @event.listens_for(Session, "after_begin")
 def _link_session(session: Session, transaction: Any, connection: Connection) -> None:
     tx = connection.__dict__.get(_ATTR)
-    if tx is not None and tx.session is None:
+    if tx is None or not tx.serves(connection):
+        found = _by_dialect.get(connection.dialect)
+        if found is None or not found.hooks:
+            return
+        tx = found.start(connection)
+    if tx.checked and tx.session is None:
         tx.session = session
 
 
@@ -354,9 +495,11 @@ def _end_task(task_id: str | None = None, **_: Any) -> None:
 
 def _roll_back(frame: _TaskFrame, tx: _Transaction) -> None:
     """Roll back a transaction a task left open, so its tenant stays with the task."""
-    conn = tx.connection
+    conn = tx.connection()
     _forget(tx)
-    if conn.__dict__.get(_ATTR) is not tx or not conn.in_transaction():
+    if conn is None or conn.__dict__.get(_ATTR) is not tx or not tx.serves(conn):
+        return
+    if not conn.in_transaction():
         return
     logger.warning(
         "task %s[%s] ended with a transaction still open on an engine bound by "
@@ -369,7 +512,7 @@ def _roll_back(frame: _TaskFrame, tx: _Transaction) -> None:
     try:
         if session is not None:
             session.rollback()  # keeps the Session consistent for its next user
-        if conn.__dict__.get(_ATTR) is tx:
+        if conn.__dict__.get(_ATTR) is tx and tx.serves(conn) and conn.in_transaction():
             clear(conn)  # so that a two-phase ROLLBACK PREPARED is not refused
             conn.rollback()
     except Exception:  # a broken connection: nothing it holds can be used any more

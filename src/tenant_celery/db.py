@@ -224,22 +224,18 @@ class _Begin:
 
     def begin(self, conn: Connection, session: Session | None = None) -> None:
         """Record the tenant (or '' outside one: a session-level value must not show);
-        its setting goes with the transaction's first statement (:mod:`._setting`)."""
+        its setting goes with the transaction's first statement (:mod:`._setting`).
+
+        Runs when the transaction's first statement does (two-phase ones
+        included), or when a Session begins it.
+        """
         try:
             tenant = self.tenant_for(conn)
         except TenantCeleryError as exc:
-            # SQLAlchemy skips autobegin on a Connection whose begin raised, so its
-            # next statements would run without this hook: refuse them too.
+            # Every statement of the transaction is refused until it ends.
             _guard.refuse(conn, exc, session)
             raise
         _guard.begin(conn, tenant, (self.name, tenant or ""), session)
-
-    def begin_twophase(self, conn: Connection, xid: Any) -> None:
-        # The event fires before the Connection holds its transaction (a
-        # Connection.execute() here would begin another one) and, with psycopg 3,
-        # before tpc_begin(); the setting goes with the first statement, as above.
-        tenant = self.tenant_for(conn)
-        _guard.begin(conn, tenant, (self.name, tenant or ""))
 
     def after_begin(
         self, session: Session, transaction: SessionTransaction, conn: Connection
@@ -277,10 +273,16 @@ def bind_tenant_guc(
       statement of its own.  A statement sent on the DBAPI connection
       directly, before the first one SQLAlchemy runs, runs without it.  With
       ``strict=True`` a transaction begun outside any tenant raises
-      :class:`~tenant_celery.TenantContextMissing` instead.
+      :class:`~tenant_celery.TenantContextMissing` instead, at its first
+      statement.  An engine's binding reads the tenant at each transaction's
+      first statement, a session factory's when a session begins one; it
+      listens at the dialect's execution points, never with connection
+      events, which would cost every connection of the engine tens of
+      microseconds a transaction.
     * A transaction in ``AUTOCOMMIT`` mode raises
-      :class:`~tenant_celery.TransactionRequired` at its start, whatever
-      ``strict`` says: the setting would last one statement.
+      :class:`~tenant_celery.TransactionRequired` at its first statement,
+      whatever ``strict`` says: the setting would last one statement.  A
+      refused transaction refuses every statement until it is rolled back.
     * The transaction records the tenant it began under.  A statement run
       while the current tenant is another one (or none), a SAVEPOINT
       included, raises :class:`~tenant_celery.TransactionTenantMismatch`
@@ -328,22 +330,20 @@ def bind_tenant_guc(
             )
         return lambda: None
     hook = _Begin(name, strict)
-    listened: Any
-    listeners: list[tuple[str, Callable[..., None]]]
     if is_engine:
-        listened = target if isinstance(target, Engine) else cast("AsyncEngine", target).sync_engine
-        _guard.guard(listened, name, _OWN_STATEMENTS)
-        listeners = [("begin", hook.begin), ("begin_twophase", hook.begin_twophase)]
+        engine = target if isinstance(target, Engine) else cast("AsyncEngine", target).sync_engine
+        _guard.guard(engine, name, _OWN_STATEMENTS)
+        remove = _guard.add_hook(engine, hook.begin)
     else:
         listened = _session_class(cast("sessionmaker[Any] | async_sessionmaker[Any]", target))
-        listeners = [("after_begin", hook.after_begin)]
-    for identifier, listener in listeners:
-        event.listen(listened, identifier, listener)
+        event.listen(listened, "after_begin", hook.after_begin)
+
+        def remove() -> None:
+            if event.contains(listened, "after_begin", hook.after_begin):
+                event.remove(listened, "after_begin", hook.after_begin)
 
     def unbind() -> None:
-        for identifier, listener in listeners:
-            if event.contains(listened, identifier, listener):
-                event.remove(listened, identifier, listener)
+        remove()
         _bound.pop(target, None)
 
     _bound[target] = (name, strict)

@@ -72,7 +72,7 @@ class PgWire:
 
     def url(self, url: URL) -> URL:
         """``url`` through this proxy, unencrypted so that it can be read."""
-        query = {k: v for k, v in url.query.items() if k != "host"}
+        query = {k: v for k, v in url.query.items() if k not in ("host", "port")}
         query.update(sslmode="disable", gssencmode="disable")
         return url.set(host="127.0.0.1", port=self.proxy.port, query=query)
 

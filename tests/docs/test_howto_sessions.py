@@ -113,8 +113,8 @@ def test_page(tmp_path: Path, database: Database, start_worker: WorkerFactory) -
     def every_transaction(block: Block) -> None:
         run.exec(block)
         assert [row.total for row in ns["invoices"]] == [120]
-        with pytest.raises(TenantContextMissing), ns["engine"].begin():
-            pass
+        with pytest.raises(TenantContextMissing), ns["engine"].begin() as conn:
+            conn.execute(sa.text("SELECT 1"))
 
     @run.on("python", "unbind = bind_tenant_guc(reporting)")
     def unbinding(block: Block) -> None:

@@ -39,6 +39,7 @@ from tenant_celery import (
     tenant_session,
     tenant_task,
 )
+from tenant_celery import _transaction_guard as _guard
 from tenant_celery._setting import inline_sql
 from tests._rig.pg_wire import PgWire, first_statement
 from tests._rig.postgres import Database
@@ -419,8 +420,12 @@ def test_autocommit_is_refused_whatever_the_session_holds(
                         read.extend(autocommit.execute(BODIES).scalars())
                     with pytest.raises(TransactionRequired, match="AUTOCOMMIT"):
                         autocommit.execute(INSERT_DEFAULTED, {"body": "autocommit"})
+                    # the refused transaction stays refused until it is rolled back;
+                    # one begun explicitly is refused at its first statement
+                    autocommit.rollback()
                     with pytest.raises(TransactionRequired, match="AUTOCOMMIT"):
-                        autocommit.begin()
+                        with autocommit.begin():
+                            autocommit.execute(INSERT_DEFAULTED, {"body": "begun"})
         with tenant_context(B), one_connection.begin() as conn:  # without AUTOCOMMIT: B
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() == pid
             read.extend(conn.execute(BODIES).scalars())
@@ -477,14 +482,19 @@ def test_two_phase_transaction_gets_the_tenant(
             assert list(conn.execute(BODIES).scalars()) == []
             two_phase.rollback()
             autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
-            with tenant_context(B), pytest.raises(TransactionRequired, match="AUTOCOMMIT"):
+            # psycopg 3 refuses to begin it; psycopg2 begins, and the binding refuses
+            # its first statement
+            refused = (TransactionRequired, sa.exc.ProgrammingError)
+            with tenant_context(B), pytest.raises(refused, match=r"(?i)autocommit"):
                 autocommit.begin_twophase()
+                autocommit.execute(BODIES)
     finally:
         unbind()
     unbind = bind_tenant_guc(one_connection, strict=True)
     try:
         with one_connection.connect() as conn, pytest.raises(TenantContextMissing):
             conn.begin_twophase()
+            conn.execute(BODIES)
     finally:
         unbind()
 
@@ -693,6 +703,82 @@ def test_tasks_in_threads_roll_back_their_own_transactions(
     finally:
         unbind()
     assert results == {A: [(3, False)] * 20, B: [(2, False)] * 20}
+
+
+def test_a_long_task_holds_no_record_of_its_finished_transactions(
+    notes: Engine, database: Database
+) -> None:
+    """Records go with their connections: a task of many transactions keeps none."""
+    engine = database.engine(database.app_url, pool_size=1, max_overflow=0)
+    app = Celery("long", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_eager_propagates=True, broker_url="memory://")
+    unbind = bind_tenant_guc(engine)
+
+    @tenant_task(app=app, shared=False)
+    def many() -> tuple[int, int]:
+        for _ in range(300):
+            with engine.begin() as conn:
+                conn.execute(COUNT).scalar_one()
+        with engine.connect() as conn:  # one connection, many transactions
+            for _ in range(300):
+                conn.execute(COUNT).scalar_one()
+                conn.commit()
+        frame = _guard._frames.get()[-1]
+        with engine.begin() as conn:
+            conn.execute(COUNT).scalar_one()
+            return len(frame.open), int(conn.execute(COUNT).scalar_one())
+
+    try:
+        with tenant_context(A):
+            held, seen = many.delay().get()
+    finally:
+        unbind()
+        engine.dispose()
+    assert seen == 3
+    assert held == 1  # the open transaction's only
+
+
+def test_the_binding_switches_on_no_connection_event(
+    notes: Engine, one_connection: Engine
+) -> None:
+    """Any connection event makes SQLAlchemy dispatch at every statement, begin and
+    commit of the engine (tens of microseconds a transaction): the binding uses none."""
+    unbind = bind_tenant_guc(one_connection)
+    try:
+        with tenant_context(A), one_connection.begin() as conn:
+            assert conn.execute(COUNT).scalar_one() == 3
+        assert one_connection._has_events is False
+        assert one_connection.dialect._has_events is True
+    finally:
+        unbind()
+
+
+def test_a_dialect_listener_that_executes_itself_does_not_skip_the_check(
+    notes: Engine, one_connection: Engine
+) -> None:
+    """A host's own do_execute listener, added first, runs after the binding's check."""
+    ran: list[str] = []
+
+    def execute_myself(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        ran.append(statement)
+        cursor.execute(statement, parameters)
+        return True
+
+    event.listen(one_connection.dialect, "do_execute", execute_myself)
+    unbind = bind_tenant_guc(one_connection)
+    try:
+        with tenant_context(B), one_connection.connect() as conn:
+            for _ in range(2):  # psycopg2's first statement goes with the setting, by the binding
+                assert list(conn.execute(BODIES).scalars()) == ["4", "5"]
+            before = len(ran)
+            with tenant_context(A), pytest.raises(TransactionTenantMismatch):
+                conn.execute(BODIES)
+            conn.rollback()
+    finally:
+        unbind()
+        event.remove(one_connection.dialect, "do_execute", execute_myself)
+    assert before >= 1
+    assert len(ran) == before
 
 
 # --- async twins --------------------------------------------------------------
