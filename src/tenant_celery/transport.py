@@ -680,6 +680,22 @@ def _row_ids(delivery_tags: Iterable[str]) -> list[int]:
     return [_row_id(tag) for tag in delivery_tags if not str(tag).startswith(_NOTIFIED_TAG)]
 
 
+def _message(payload: str | bytes) -> dict[str, Any] | None:
+    """A stored payload as the message dict kombu delivers, or ``None`` when it is not one."""
+    try:
+        message = loads(payload)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(message, dict) or "body" not in message:
+        return None
+    properties = message.setdefault("properties", {})
+    if not isinstance(properties, dict):
+        return None
+    if not isinstance(properties.setdefault("delivery_info", {}), dict):
+        return None
+    return message
+
+
 def _new_notify_channel() -> str:
     """A ``NOTIFY`` channel for one declaration of an auto-delete queue: random, so
     that only a role that may read the queue table (where it is kept) learns it."""
@@ -977,16 +993,39 @@ class Channel(virtual.Channel):
             return []
         rows.sort(key=lambda row: (row[5], row[4]))  # each tenant's first, in turn
         messages = []
-        for row_id, _tenant, deliveries, payload, _pos, _turn in rows:
-            message = loads(payload)
-            properties = message.setdefault("properties", {})
+        for row_id, tenant, deliveries, payload, _pos, _turn in rows:
+            message = _message(payload)
+            if message is None:
+                self._drop_unreadable(queue, row_id, tenant, payload)
+                continue
+            properties = message["properties"]
             properties["delivery_tag"] = _tag(row_id, deliveries)
-            info = properties.setdefault("delivery_info", {})
-            info["redelivered"] = deliveries > 1
+            properties["delivery_info"]["redelivered"] = deliveries > 1
             messages.append(message)
         # The next claim starts after the last tenant served in this one.
         self._cursors[queue] = str(max(rows, key=lambda row: row[4])[1])
         return messages
+
+    def _drop_unreadable(self, queue: str, row_id: int, tenant: object, payload: object) -> None:
+        """Delete a claimed row that is not a message kombu can deliver.
+
+        Delivered, it would stop the worker (an unrecoverable error), and it
+        would be claimed again after every restart.  It is deleted with the
+        next claim, as an acknowledgement is; its contents are not logged.
+        """
+        logger.error(
+            "deleted message %d of queue %r (tenant %r): its %d-character payload is not a "
+            "kombu message (JSON with a body and properties); it was written to the message "
+            "table by something other than a kombu publisher, or altered there",
+            row_id,
+            queue,
+            tenant,
+            len(payload) if isinstance(payload, (str, bytes)) else -1,
+        )
+        with self._acks_lock:
+            if not self._acks:
+                self._acked_at = time.monotonic()
+            self._acks.append(row_id)
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         # basic_get: a queue need not be consumed to be read.
@@ -1035,14 +1074,13 @@ class Channel(virtual.Channel):
                 payload = inbox.popleft()
             except IndexError:  # taken meanwhile
                 break
-            try:
-                message = loads(payload)
-            except ValueError:
+            message = _message(payload)
+            if message is None:
                 logger.warning("dropped a notification for queue %r that is not a message", queue)
                 continue
-            properties = message.setdefault("properties", {})
+            properties = message["properties"]
             properties["delivery_tag"] = f"{_NOTIFIED_TAG}{next(self._notified_tags)}"
-            properties.setdefault("delivery_info", {})["redelivered"] = False
+            properties["delivery_info"]["redelivered"] = False
             messages.append(message)
         return messages
 

@@ -197,6 +197,8 @@ def test_page(
             policy["max_retries"],
         )
         assert sum(waits) >= 20  # Celery's default gives up after about a second
+        # opening the connection a retry publishes on: kombu's own limit, 4 s by default
+        assert run.namespace["app"].conf.broker_connection_timeout >= 20
 
     @run.on("sql", "FROM tenant_celery_message")
     def backlog(block: Block) -> None:

@@ -109,6 +109,10 @@ app.conf.broker_transport_options = broker_options(str(app.conf.broker_url))
 # database itself) Celery rejects the task without requeue once publishing it has
 # failed, so its publishing must outlast a restart (about 28 s here, not Celery's 1 s).
 app.conf.task_publish_retry_policy = PUBLISH_RETRY_POLICY
+# Publishing a retry from a pool process may first open a broker connection, which
+# kombu gives up on after broker_connection_timeout (4 s by default) whatever the
+# policy says: with the database out of connections that lost tasks.
+app.conf.broker_connection_timeout = 30
 
 _engine: Engine | None = None
 

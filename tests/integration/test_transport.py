@@ -9,6 +9,7 @@ test says otherwise.
 from __future__ import annotations
 
 import contextlib
+import json
 import select
 import signal
 import subprocess
@@ -159,6 +160,61 @@ def test_a_worker_whose_broker_connections_are_terminated_reconnects_and_runs_on
         assert worker.alive
     assert faults.done_ids(runs) == set(before) | set(after)
     assert max(started_counts(runs).values()) == 1
+
+
+def test_a_stored_row_that_is_not_a_message_is_deleted_and_the_worker_runs_on(
+    setup: faults.Setup,
+    launch: faults.Launch,
+    broker: str,
+    pg_backend: str,
+    admin: sa.Engine,
+    database: Database,
+) -> None:
+    """Someone with write access to the message table plants rows kombu cannot deliver.
+
+    Delivered, such a row stopped the worker (an unrecoverable error) and, claimed
+    again after each restart, kept stopping it.
+    """
+    queue = faults.new_queue("garbage")
+    spec = faults.WorkerSpec(broker, pg_backend, queue, render(setup.app_url))
+    tenants = faults.new_tenants(2)
+    planted = [
+        "not json at all",
+        '["a", "list"]',
+        '{"properties": {}}',
+        '{"body": "", "properties": 7}',
+    ]
+    with faults.publisher(broker, queue) as app:
+        before = faults.publish(app, faults_app.RECORD, tenants, 8)
+    table = f"{TRANSPORT_SCHEMA}.tenant_celery_message"
+    with psycopg.connect(**libpq_kwargs(database.url), autocommit=True) as owner:
+        rows = owner.execute(
+            f"SELECT id, payload FROM {table} WHERE queue = %s ORDER BY id", (queue,)
+        ).fetchall()
+        assert len(rows) == 8
+        spoiled = {row_id: json.loads(payload)["headers"]["id"] for row_id, payload in rows[::2]}
+        for row_id, payload in zip(spoiled, planted, strict=True):
+            owner.execute(f"UPDATE {table} SET payload = %s WHERE id = %s", (payload, row_id))
+    expected = {
+        task_id: tenant for task_id, tenant in before.items() if task_id not in spoiled.values()
+    }
+    with faults.workers(launch) as start, faults.publisher(broker, queue) as app:
+        worker = start(spec)
+        runs = faults.wait_done(admin, expected, TIMEOUT)
+        after = faults.publish(app, faults_app.RECORD, tenants, 6)
+        runs = faults.wait_done(admin, {**expected, **after}, TIMEOUT)
+        assert worker.alive, worker.log_tail()
+        deadline = time.monotonic() + TIMEOUT
+        while _rows(database, Queue(queue)):  # deleted with the next claim
+            assert time.monotonic() < deadline, "the planted rows were not deleted"
+            time.sleep(0.1)
+        log = worker.log_text()
+    assert faults.done_ids(runs) == set(expected) | set(after)
+    assert not set(spoiled.values()) & {run.task_id for run in runs}
+    assert log.count("is not a kombu message") == len(planted), log
+    for text in planted:
+        assert text not in log  # the contents are not logged
+    assert "Unrecoverable error" not in log
 
 
 def test_revoke_reaches_the_worker_through_the_fanout_exchange(
