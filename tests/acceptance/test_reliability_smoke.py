@@ -129,6 +129,8 @@ def test_reliability_suite_passes_at_smoke_size(
         "broker partitioned from a worker",
         "PostgreSQL restarted under load",
         "transport connections terminated",
+        "publisher SIGKILLed mid-batch",
+        "max_connections reached",
     }
     assert set(replayed["pool_processes_lost"].values()) == {0}
 
