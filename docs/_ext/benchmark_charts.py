@@ -554,7 +554,9 @@ def table_scale(results: Results) -> TableSpec:
     numbers = [b for b in busy if isinstance(b, (int, float))]
     notes = [
         *table["notes"],
-        "transport: the package's PostgreSQL transport; claim: p50 / p95 ms; per claim: "
+        "transport: the package's PostgreSQL transport; PG µs and workers µs: CPU time "
+        "of PostgreSQL's processes and of the workers' per task; claim: p50 / p95 ms; "
+        "per claim: "
         "messages per claim; the machine's two cores were "
         + (f"{min(numbers):.1f} to {max(numbers):.1f}% busy" if numbers else "busy")
         + " in every row; the WAL columns are in the results file",
@@ -568,8 +570,8 @@ def table_scale(results: Results) -> TableSpec:
             "broker",
             "workers",
             "tasks/s",
-            "PostgreSQL µs/task",
-            "workers µs/task",
+            "PG µs",
+            "workers µs",
             "claim ms",
             "per claim",
             "empty %",
