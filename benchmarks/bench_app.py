@@ -21,7 +21,10 @@ The P1 body is one indexed ``SELECT`` and one ``INSERT`` on the RLS-protected
 Both return the wall-clock time the body finished, how long the body took
 (the transaction, ``set_config`` included) and the number of statements
 their engine ran during the call, counted by a ``before_cursor_execute``
-listener: a real count, not a constant.
+listener (a real count, not a constant) on engines built with
+``count_statements=True``.  Timed runs use engines without it: any connection
+event listener switches on SQLAlchemy's dispatch at every statement, begin
+and commit, which a host's engine without instrumentation does not pay.
 
 P3 and P4 time :func:`tenant_noop`, a tenant task with no body, so the
 broker, the result backend and the per-task overhead are all there is.
@@ -75,11 +78,13 @@ INSERT_ITEM = text(
 
 
 class _Counted:
-    """An engine per process, and the statements it has run (``before_cursor_execute``)."""
+    """An engine per process, and the statements it has run (``before_cursor_execute``,
+    when ``count``)."""
 
-    def __init__(self, url: str, *, tenant_guc: bool) -> None:
+    def __init__(self, url: str, *, tenant_guc: bool, count: bool = False) -> None:
         self.url = url
         self.tenant_guc = tenant_guc
+        self.count = count
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._engine: Engine | None = None
@@ -94,7 +99,8 @@ class _Counted:
         with self._lock:
             if self._sessions is None or self._pid != os.getpid():
                 engine = create_engine(self.url, pool_size=2, max_overflow=0)
-                event.listen(engine, "before_cursor_execute", self._count)
+                if self.count:
+                    event.listen(engine, "before_cursor_execute", self._count)
                 if self.tenant_guc:
                     bind_tenant_guc(engine)
                 self._pid, self._engine = os.getpid(), engine
@@ -114,12 +120,13 @@ class _Counted:
 class Engines:
     """The P1 tasks' engines: ``plain`` as the BYPASSRLS role, ``tenant`` as the app
     role, bound with :func:`~tenant_celery.bind_tenant_guc`.  Each is created
-    lazily, once per process."""
+    lazily, once per process; ``count_statements`` counts what each runs."""
 
-    def __init__(self, *, app_url: str, plain_url: str) -> None:
-        self.plain = _Counted(plain_url, tenant_guc=False)
-        self.tenant = _Counted(app_url, tenant_guc=True)
-        self.own_statement = _Counted(app_url, tenant_guc=False)
+    def __init__(self, *, app_url: str, plain_url: str, count_statements: bool = False) -> None:
+        count = count_statements
+        self.plain = _Counted(plain_url, tenant_guc=False, count=count)
+        self.tenant = _Counted(app_url, tenant_guc=True, count=count)
+        self.own_statement = _Counted(app_url, tenant_guc=False, count=count)
 
     def dispose(self) -> None:
         self.plain.dispose()

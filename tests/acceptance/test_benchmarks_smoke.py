@@ -71,9 +71,9 @@ def test_benchmarks_run_at_smoke_size(
     assert machine["packages"]["celery"]
 
     p1 = sections["p1"]["data"]
-    assert p1["extra_statements"] == {"apply": 0, "worker": 0}
-    assert p1["apply"]["statements_per_task"] == {"plain": 2, "tenant": 2, "own_statement": 3}
-    assert p1["worker"]["statements_per_task"] == {"plain": 2, "tenant": 2}
+    assert p1["extra_statements"] == {"psycopg": 0, "psycopg2": 0}
+    counted = {"plain": 2, "tenant": 2, "own_statement": 3}
+    assert p1["statements_per_task"] == {"psycopg": counted, "psycopg2": counted}
     for driver in ("psycopg", "psycopg2"):  # counted on the wire
         trips = p1["round_trips_per_task"][driver]
         assert trips["tenant"] == trips["plain"], driver
