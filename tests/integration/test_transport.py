@@ -316,6 +316,32 @@ def new_queue() -> Queue:
     return Queue(name, Exchange(name, "direct"), name)
 
 
+def _transport_connections(database: Database) -> int:
+    with psycopg.connect(**libpq_kwargs(database.url)) as admin:
+        found = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            (transport.APPLICATION_NAME,),
+        ).fetchone()
+    return int(found[0]) if found else 0
+
+
+def test_a_process_that_only_publishes_holds_one_connection(
+    database: Database, app_broker: str
+) -> None:
+    """The claims connection opens at the first claim, not when kombu connects:
+    web processes that only send tasks each hold one server connection."""
+    queue = new_queue()
+    before = _transport_connections(database)
+    with Connection(app_broker) as publisher:
+        publisher.connect()
+        _publish(publisher, queue, "tenant-a", 3)
+        assert _transport_connections(database) - before == 1
+        got = _claimed(publisher, queue, prefetch=3, ack=True)  # now it claims too
+        assert len(got) == 3
+        assert _transport_connections(database) - before == 2
+
+
 def test_one_tenants_backlog_does_not_hold_back_anothers_message(app_broker: str) -> None:
     queue = new_queue()
     with Connection(app_broker) as publisher:
