@@ -923,7 +923,9 @@ class Channel(virtual.Channel):
         self._transport.execute(_DELETE_QUEUE, {"queue": queue}, publish=True)
 
     def _size(self, queue: str) -> int:
-        rows = self._transport.execute(_SIZE, {"queue": queue}, fetch=True)
+        # On the publishing connection: declaring a queue reads its size, and a
+        # process that only publishes should not open the claims connection for it.
+        rows = self._transport.execute(_SIZE, {"queue": queue}, fetch=True, publish=True)
         return int(rows[0][0])
 
     def _purge(self, queue: str) -> int:
@@ -1399,7 +1401,10 @@ class Transport(virtual.Transport):
     def establish_connection(self) -> Transport:
         self._closed = False
         with self._lock:
-            self._connection(publish=False)
+            # The connection every user of the transport needs (publishing and
+            # declaring); the claims connection opens at the first claim, so a
+            # process that only sends tasks holds one connection, not two.
+            self._connection(publish=True)
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
