@@ -684,7 +684,9 @@ def _message(payload: str | bytes) -> dict[str, Any] | None:
     """A stored payload as the message dict kombu delivers, or ``None`` when it is not one."""
     try:
         message = loads(payload)
-    except (TypeError, ValueError):
+    except Exception:  # any payload that does not decode is not a message
+        # Not only ValueError: kombu's type markers raise others ({"__type__": "decimal"}
+        # InvalidOperation, "bytes" AttributeError), deep nesting RecursionError.
         return None
     if not isinstance(message, dict) or "body" not in message:
         return None
