@@ -235,6 +235,9 @@ class _EngineGuard:
         self.own: tuple[object, ...] = ()
         #: The engine bindings' hooks, run at each transaction's first statement.
         self.hooks: list[Hook] = []
+        #: The dialect's class-level listeners of the execution points (live deques):
+        #: SQLAlchemy runs them before the guard's, so one may send a statement unchecked.
+        self.ahead: tuple[Any, ...] = ()
         self._needles: tuple[str, ...] = ("set_config",)
         self._set_statement: re.Pattern[str] | None = None
         # statement text -> its lowercase form when it names a needle, else None:
@@ -256,6 +259,8 @@ class _EngineGuard:
         """
         # A Connection works on this checkout: it is not a raw one (see checked_out).
         conn.connection.info.pop(_RAW, None)
+        if any(self.ahead):  # added after the binding: refuse rather than be skipped
+            raise _ahead_error("an execution point")
         if not self.hooks:
             return record(conn, None, checked=False)
         for hook in self.hooks:
@@ -268,9 +273,14 @@ class _EngineGuard:
     ) -> str:
         """Refuse ``statement`` or return it as it must be sent (settings ahead of it)."""
         tx = conn.__dict__.get(_ATTR)
-        if tx is None or tx.transaction() is not conn.get_transaction():
-            if conn.get_transaction() is None:
+        if conn.get_transaction() is None:
+            if not conn._allow_autobegin:
                 return statement  # SQLAlchemy's own first-connect queries (server version)
+            # A statement run while a transaction begins (a host's "begin" listener):
+            # it is in the transaction to come, and gets its tenant and setting too,
+            # with a record of its own (the transaction has no object to name yet).
+            tx = self.start(conn)
+        elif tx is None or tx.transaction() is not conn.get_transaction():
             tx = self.start(conn)
         if tx.checked:
             tx.sending = None
@@ -278,7 +288,11 @@ class _EngineGuard:
                 raise tx.refusal()
             if tx.pending is not None:  # the transaction's first statement
                 settings, tx.pending, tx.sending = tx.pending, None, tx.pending
-                sent = send_before(conn, cursor, statement, executemany, settings)
+                try:
+                    sent = send_before(conn, cursor, statement, executemany, settings)
+                except BaseException:
+                    _unsent(tx)
+                    raise
                 self._note(conn, statement, context)
                 return sent
         self._note(conn, statement, context)
@@ -292,7 +306,11 @@ class _EngineGuard:
         sent = self.check_statement(conn, cursor, statement, context, False)
         if sent is statement:
             return False
-        context.dialect.do_execute(cursor, sent, parameters, context)
+        try:
+            context.dialect.do_execute(cursor, sent, parameters, context)
+        except BaseException:
+            _unsent(conn.__dict__.get(_ATTR))
+            raise
         return True
 
     def do_execute_no_params(self, cursor: Any, statement: str, context: Any) -> bool:
@@ -300,7 +318,11 @@ class _EngineGuard:
         sent = self.check_statement(conn, cursor, statement, context, False)
         if sent is statement:
             return False
-        context.dialect.do_execute_no_params(cursor, sent, context)
+        try:
+            context.dialect.do_execute_no_params(cursor, sent, context)
+        except BaseException:
+            _unsent(conn.__dict__.get(_ATTR))
+            raise
         return True
 
     def do_executemany(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
@@ -313,12 +335,13 @@ class _EngineGuard:
         """A statement failed: a setting sent with it is pending again (``handle_error``).
 
         Sending it twice is harmless; a statement after one that failed before
-        anything reached the server must not run without it.
+        anything reached the server must not run without it.  The guard's own
+        execution points do this too (:func:`_unsent`): a host's ``handle_error``
+        listener that raises stops the ones after it, and the
+        ``skip_user_error_events`` option skips them all.
         """
         conn = context.connection
-        tx = conn.__dict__.get(_ATTR) if conn is not None else None
-        if tx is not None and tx.sending is not None:
-            tx.pending, tx.sending = tx.sending, None
+        _unsent(conn.__dict__.get(_ATTR) if conn is not None else None)
 
     def _note(self, conn: Connection, statement: str, context: Any) -> None:
         scanned = self._scanned
@@ -385,6 +408,24 @@ class _EngineGuard:
             dbapi_connection.commit()
 
 
+def _unsent(tx: _Transaction | None) -> None:
+    """The settings sent with a statement that failed are pending again."""
+    if tx is not None and tx.sending is not None:
+        tx.pending, tx.sending = tx.sending, None
+
+
+_EXECUTION_POINTS = ("do_execute", "do_execute_no_params", "do_executemany")
+
+
+def _ahead_error(identifier: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"a class-level listener (on Engine, Dialect or a dialect class) listens for "
+        f"{identifier} of a bind_tenant_guc engine's dialect: SQLAlchemy runs it before the "
+        "binding's check, so it could send statements unchecked; listen on the engine "
+        "itself (event.listen(engine, ...)) instead"
+    )
+
+
 def is_guarded(engine: Engine) -> bool:
     """Whether a binding reached ``engine`` (it then refuses AUTOCOMMIT)."""
     return engine in _guards
@@ -397,9 +438,16 @@ def guard(engine: Engine, name: str, own: tuple[object, ...]) -> _EngineGuard:
         found = _EngineGuard()
         found.own = own
         dialect = engine.dialect
+        for identifier in _EXECUTION_POINTS:
+            if getattr(getattr(dialect.dispatch, identifier), "parent_listeners", None):
+                raise _ahead_error(identifier)
         _listen_first(dialect, "do_execute", found.do_execute)
         _listen_first(dialect, "do_execute_no_params", found.do_execute_no_params)
         _listen_first(dialect, "do_executemany", found.do_executemany)
+        found.ahead = tuple(
+            getattr(dialect.dispatch, identifier).parent_listeners
+            for identifier in _EXECUTION_POINTS
+        )
         event.listen(dialect, "handle_error", found.failed)
         event.listen(engine.pool, "checkout", found.checked_out)
         event.listen(engine.pool, "reset", found.reset)
@@ -493,13 +541,23 @@ def _end_task(task_id: str | None = None, **_: Any) -> None:
         _roll_back(frame, tx)
 
 
+def _still_open(tx: _Transaction, conn: Connection) -> bool:
+    """Whether ``tx`` is the record of ``conn``'s open transaction.
+
+    A record made while the transaction began (a statement of a "begin" listener)
+    names no transaction object; it is the open transaction's when no statement
+    came after it (one would have made a record of its own).
+    """
+    if conn.__dict__.get(_ATTR) is not tx or not conn.in_transaction():
+        return False
+    return tx.transaction is _none or tx.serves(conn)
+
+
 def _roll_back(frame: _TaskFrame, tx: _Transaction) -> None:
     """Roll back a transaction a task left open, so its tenant stays with the task."""
     conn = tx.connection()
     _forget(tx)
-    if conn is None or conn.__dict__.get(_ATTR) is not tx or not tx.serves(conn):
-        return
-    if not conn.in_transaction():
+    if conn is None or not _still_open(tx, conn):
         return
     logger.warning(
         "task %s[%s] ended with a transaction still open on an engine bound by "
@@ -512,7 +570,7 @@ def _roll_back(frame: _TaskFrame, tx: _Transaction) -> None:
     try:
         if session is not None:
             session.rollback()  # keeps the Session consistent for its next user
-        if conn.__dict__.get(_ATTR) is tx and tx.serves(conn) and conn.in_transaction():
+        if _still_open(tx, conn):
             clear(conn)  # so that a two-phase ROLLBACK PREPARED is not refused
             conn.rollback()
     except Exception:  # a broken connection: nothing it holds can be used any more

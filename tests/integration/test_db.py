@@ -738,9 +738,7 @@ def test_a_long_task_holds_no_record_of_its_finished_transactions(
     assert held == 1  # the open transaction's only
 
 
-def test_the_binding_switches_on_no_connection_event(
-    notes: Engine, one_connection: Engine
-) -> None:
+def test_the_binding_switches_on_no_connection_event(notes: Engine, one_connection: Engine) -> None:
     """Any connection event makes SQLAlchemy dispatch at every statement, begin and
     commit of the engine (tens of microseconds a transaction): the binding uses none."""
     unbind = bind_tenant_guc(one_connection)
@@ -781,6 +779,135 @@ def test_a_dialect_listener_that_executes_itself_does_not_skip_the_check(
         event.remove(one_connection.dialect, "do_execute", execute_myself)
     assert before >= 1
     assert len(ran) == before
+
+
+def test_a_class_level_dialect_listener_that_executes_itself_does_not_skip_the_check(
+    notes: Engine, one_connection: Engine
+) -> None:
+    """A host's do_execute listener on the Engine class (every dialect) runs before any
+    listener on the dialect: one that executes the statement itself would send it
+    unchecked, without the setting (B saw A's rows through a session-level value).
+    Binding refuses such an engine; one added later refuses the next transaction."""
+    ran: list[str] = []
+
+    def execute_myself(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        ran.append(statement)
+        cursor.execute(statement, parameters)
+        return True
+
+    def watch(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+        pass  # runs first, returns None: the binding's check comes next and refuses
+
+    plant_session_setting(one_connection, A)
+    event.listen(Engine, "do_execute", execute_myself)
+    try:
+        with pytest.raises(ConfigurationError, match="class-level"):
+            bind_tenant_guc(one_connection)
+        assert not _guard.is_guarded(one_connection)
+    finally:
+        event.remove(Engine, "do_execute", execute_myself)
+    unbind = bind_tenant_guc(one_connection)
+    try:
+        event.listen(Engine, "do_execute", watch)  # added after binding
+        try:
+            with tenant_context(B), one_connection.connect() as conn:
+                with pytest.raises(ConfigurationError, match="class-level"):
+                    conn.execute(BODIES)
+                conn.rollback()
+        finally:
+            event.remove(Engine, "do_execute", watch)
+        with tenant_context(B), one_connection.begin() as conn:
+            assert list(conn.execute(BODIES).scalars()) == ["4", "5"]
+    finally:
+        unbind()
+    assert ran == []
+
+
+def test_a_first_statement_failing_before_the_server_keeps_the_setting_pending(
+    notes: Engine, one_connection: Engine
+) -> None:
+    """Whatever the host's handle_error listeners do (or skip_user_error_events), the
+    setting of a first statement that never reached the server goes with the next."""
+
+    class Translated(Exception):
+        pass
+
+    def translate(context: Any) -> None:
+        raise Translated("the host's own error") from context.original_exception
+
+    plant_session_setting(one_connection, A)
+    event.listen(one_connection, "handle_error", translate)  # listened before the binding's
+    unbind = bind_tenant_guc(one_connection)
+    read: list[str] = []
+    try:
+        for options in ({}, {"skip_user_error_events": True}):
+            with tenant_context(B), one_connection.connect() as conn:
+                # a parameter missing: the driver raises before sending anything
+                with pytest.raises((Translated, DBAPIError, KeyError, TypeError)):
+                    conn.execution_options(**options).exec_driver_sql(
+                        "SELECT %(missing)s", {"other": 1}
+                    )
+                read.extend(conn.execute(BODIES).scalars())
+                conn.rollback()
+    finally:
+        unbind()
+        event.remove(one_connection, "handle_error", translate)
+    assert read == ["4", "5", "4", "5"]
+
+
+def test_a_statement_run_by_a_begin_listener_gets_the_tenant(
+    notes: Engine, one_connection: Engine
+) -> None:
+    """A host's own "begin" connection listener runs statements before the transaction
+    exists for SQLAlchemy: they got neither the check nor the setting (B read A's rows
+    through a session-level value)."""
+    seen: list[str] = []
+
+    def on_begin(conn: Connection) -> None:
+        seen.extend(conn.execute(BODIES).scalars())
+
+    plant_session_setting(one_connection, A)
+    unbind = bind_tenant_guc(one_connection)
+    event.listen(one_connection, "begin", on_begin)
+    try:
+        with tenant_context(B), one_connection.begin() as conn:
+            after = list(conn.execute(BODIES).scalars())
+        with one_connection.begin() as conn:  # outside any tenant: nothing
+            after.extend(conn.execute(BODIES).scalars())
+    finally:
+        event.remove(one_connection, "begin", on_begin)
+        unbind()
+    assert (seen, after) == (["4", "5"], ["4", "5"])
+    # a task that leaves such a transaction open has it rolled back at its end
+    app = Celery("begin_listener", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_eager_propagates=True, broker_url="memory://")
+    held: list[Connection] = []
+
+    @tenant_task(app=app, shared=False)
+    def leave_begun() -> None:
+        held.append(one_connection.connect())
+        held[0].begin()  # only the listener's statement runs
+
+    unbind = bind_tenant_guc(one_connection)
+    event.listen(one_connection, "begin", on_begin)
+    try:
+        with tenant_context(A):
+            leave_begun.delay().get()
+        assert not held[0].in_transaction()
+        held[0].close()
+    finally:
+        event.remove(one_connection, "begin", on_begin)
+        unbind()
+    assert seen == ["4", "5", "1", "2", "3"]
+    unbind = bind_tenant_guc(one_connection, strict=True)
+    event.listen(one_connection, "begin", on_begin)
+    try:
+        with pytest.raises(TenantContextMissing), one_connection.begin():
+            pass
+    finally:
+        event.remove(one_connection, "begin", on_begin)
+        unbind()
+    assert seen == ["4", "5", "1", "2", "3"]
 
 
 # --- async twins --------------------------------------------------------------
