@@ -910,6 +910,49 @@ def test_a_statement_run_by_a_begin_listener_gets_the_tenant(
     assert seen == ["4", "5", "1", "2", "3"]
 
 
+NOTES = sa.table(
+    "notes", sa.column("id"), sa.column("tenant_id", sa.Uuid(as_uuid=False)), sa.column("body")
+)
+
+
+def test_every_first_statement_shape_gets_the_tenant(notes: Engine, one_connection: Engine) -> None:
+    """As a transaction's first statement, under a session-level value of another
+    tenant: insertmanyvalues batches with RETURNING, a plain executemany, a
+    server-side cursor, exec_driver_sql without parameters, an OptionEngine."""
+    plant_session_setting(one_connection, A)
+    unbind = bind_tenant_guc(one_connection)
+    got: list[object] = []
+    try:
+        with tenant_context(B):
+            with one_connection.begin() as conn:
+                inserted = conn.execute(
+                    sa.insert(NOTES).returning(NOTES.c.id),
+                    [{"tenant_id": B, "body": f"m{i}"} for i in range(5)],
+                    execution_options={"insertmanyvalues_page_size": 2},
+                ).all()
+                got.append(len(inserted))
+            with one_connection.begin() as conn:
+                conn.execute(
+                    sa.insert(NOTES),
+                    [{"tenant_id": B, "body": "e1"}, {"tenant_id": B, "body": "e2"}],
+                )
+            with one_connection.connect() as conn:
+                streamed = conn.execution_options(stream_results=True, max_row_buffer=1)
+                got.append(list(streamed.execute(BODIES).scalars()))
+                conn.rollback()
+            with one_connection.connect() as conn:
+                driver_sql = conn.exec_driver_sql("SELECT body FROM notes ORDER BY body")
+                got.append([row[0] for row in driver_sql])
+                conn.rollback()
+            with one_connection.execution_options(logging_token="x").begin() as conn:
+                got.append(list(conn.execute(BODIES).scalars()))
+    finally:
+        unbind()
+    b_rows = ["4", "5", "e1", "e2", "m0", "m1", "m2", "m3", "m4"]
+    assert got == [5, b_rows, b_rows, b_rows]
+    assert bodies_of(notes, A) == ["1", "2", "3"]
+
+
 # --- async twins --------------------------------------------------------------
 
 
