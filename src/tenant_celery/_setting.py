@@ -135,6 +135,19 @@ def _own_statement(driver: Any, cursor: Any, statement: str, executemany: bool, 
 
 
 def _psycopg2(driver: Any, cursor: Any, statement: str, executemany: bool, sql: str) -> str | None:
+    extensions = sys.modules["psycopg2.extensions"]
+    if (
+        driver.status == extensions.STATUS_BEGIN
+        and driver.info.transaction_status == extensions.TRANSACTION_STATUS_IDLE
+    ):
+        # psycopg2 believes its transaction open, but SQL (a COMMIT sent as a
+        # statement) ended it on the server: it would send no BEGIN, and each
+        # statement would be a transaction of its own.  Begin the server's again.
+        own = driver.cursor()
+        try:
+            own.execute("BEGIN")
+        finally:
+            own.close()
     if executemany or cursor.name is not None:  # a named cursor would DECLARE it all
         return None
     return f"{sql}; {statement}"

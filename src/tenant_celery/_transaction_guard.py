@@ -61,6 +61,12 @@ _RAW = "tenant_celery.raw_checkout"
 _DIRTY = "tenant_celery.setting_touched"
 # Statement texts whose scan is remembered per engine (then forgotten all at once).
 _SCANNED_MAX = 2048
+# A statement that ends the server's transaction and lets the next one begin another
+# (not ROLLBACK TO a savepoint; not PREPARE TRANSACTION, after which only COMMIT or
+# ROLLBACK PREPARED follow, which must run alone).
+_ENDS_TRANSACTION = re.compile(
+    r"\s*(?:commit|end|abort|rollback(?!\s+(?:work\s+|transaction\s+)?to\b))\b(?!\s+prepared)"
+)
 
 
 class _Transaction:
@@ -75,6 +81,7 @@ class _Transaction:
         "refused",
         "sending",
         "session",
+        "settings",
         "tenant",
         "transaction",
     )
@@ -98,6 +105,9 @@ class _Transaction:
         #: The settings sent with the statement being executed: pending again if
         #: that statement fails (it may not have reached the server).
         self.sending: tuple[Setting, ...] | None = None
+        #: All the transaction's settings: pending again after a statement that
+        #: ends the server's transaction behind SQLAlchemy's back (``COMMIT`` as SQL).
+        self.settings: tuple[Setting, ...] | None = None
 
     def serves(self, connection: Connection) -> bool:
         """Whether this record is of ``connection``'s current transaction."""
@@ -196,7 +206,7 @@ def begin(
     settings: tuple[Setting, ...] = (setting,)
     if previous is not None and previous.pending is not None and previous.tenant == tenant:
         settings = (*(s for s in previous.pending if s[0] != setting[0]), setting)
-    tx.pending = settings
+    tx.pending = tx.settings = settings
 
 
 def refuse(
@@ -242,7 +252,7 @@ class _EngineGuard:
         self._set_statement: re.Pattern[str] | None = None
         # statement text -> its lowercase form when it names a needle, else None:
         # SQLAlchemy sends the same few texts again and again
-        self._scanned: dict[str, str | None] = {}
+        self._scanned: dict[str, tuple[str | None, bool]] = {}
 
     def add_name(self, name: str) -> None:
         self.names.add(name)
@@ -293,9 +303,9 @@ class _EngineGuard:
                 except BaseException:
                     _unsent(tx)
                     raise
-                self._note(conn, statement, context)
+                self._note(conn, statement, context, tx)
                 return sent
-        self._note(conn, statement, context)
+        self._note(conn, statement, context, tx)
         return statement
 
     # The dialect's execution points: a statement rewritten with its settings
@@ -343,19 +353,25 @@ class _EngineGuard:
         conn = context.connection
         _unsent(conn.__dict__.get(_ATTR) if conn is not None else None)
 
-    def _note(self, conn: Connection, statement: str, context: Any) -> None:
+    def _note(self, conn: Connection, statement: str, context: Any, tx: _Transaction) -> None:
         scanned = self._scanned
         try:
-            lowered = scanned[statement]
+            lowered, ends = scanned[statement]
         except KeyError:
             lowered = statement.lower()
+            ends = _ENDS_TRANSACTION.match(lowered) is not None
             if not any(needle in lowered for needle in self._needles):
                 lowered = None
             if len(scanned) >= _SCANNED_MAX:
                 scanned.clear()
-            scanned[statement] = lowered
+            scanned[statement] = lowered, ends
         if lowered is not None:
             self._note_setting(conn, lowered, context)
+        if ends and tx.checked and tx.settings is not None:
+            # COMMIT (or ROLLBACK, END, ABORT) sent as SQL ends
+            # the server's transaction while SQLAlchemy's goes on: the next statement
+            # runs in a new one, which must get the settings again.
+            tx.pending = tx.settings
 
     def _note_setting(self, conn: Connection, lowered: str, context: Any) -> None:
         """A statement that may leave a session-level setting: reset it at check-in."""

@@ -464,6 +464,30 @@ def test_no_tenant_transaction_hides_a_session_setting(
         unbind()
 
 
+@pytest.mark.parametrize("ending", ["COMMIT", "rollback", "END", "ABORT"])
+def test_a_transaction_ended_with_sql_gives_the_next_statement_its_tenant_again(
+    notes: Engine, one_connection: Engine, ending: str
+) -> None:
+    """Careless code ends the server's transaction with SQL while SQLAlchemy's goes
+    on: the next statement runs in a new server transaction, which must not read
+    the session-level value left on the connection."""
+    plant_session_setting(one_connection, A)
+    unbind = bind_tenant_guc(one_connection)
+    try:
+        with tenant_context(B), one_connection.connect() as conn:
+            assert list(conn.execute(BODIES).scalars()) == ["4", "5"]
+            conn.execute(text(ending))
+            assert conn.execute(READ_GUC).scalar_one() == B
+            assert list(conn.execute(BODIES).scalars()) == ["4", "5"]
+            with conn.begin_nested():  # ROLLBACK TO SAVEPOINT ends nothing
+                conn.execute(BODIES)
+                conn.execute(text("SAVEPOINT own; ROLLBACK TO SAVEPOINT own"))
+            assert list(conn.execute(BODIES).scalars()) == ["4", "5"]
+            conn.rollback()
+    finally:
+        unbind()
+
+
 def test_two_phase_transaction_gets_the_tenant(
     notes: Engine, one_connection: Engine, statements: list[str]
 ) -> None:
