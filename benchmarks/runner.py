@@ -9,6 +9,8 @@ Environment (local defaults):
     Redis (``redis://127.0.0.1:6379``); the run uses its databases 12 and 13.
 ``TENANT_CELERY_BENCH_AMQP_URL``
     RabbitMQ (``amqp://guest:guest@127.0.0.1:5672//``).
+``TENANT_CELERY_BENCH_SOAK_TASKS``, ``TENANT_CELERY_BENCH_SOAK_SECONDS``
+    the soak's task count, and a cap on its publishing time (:mod:`benchmarks.soak`).
 
 Exit status: 0 when every selected benchmark ran, 1 when one failed or is
 missing (the others still run and are written), 2 when a service is down or
@@ -80,7 +82,16 @@ BENCHMARKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Scale curve: workers against one PostgreSQL, and wake-ups",
         ("redis",),
     ),
+    "soak": (
+        "benchmarks.soak",
+        "Soak: tasks through the transport at a sustained rate",
+        (),
+    ),
 }
+
+OPT_IN = ("soak",)
+"""Benchmarks run at the default size only when ``--only`` names them: the soak runs
+a million tasks. At the smoke size every benchmark runs, the soak for seconds."""
 
 ROWS_PER_TENANT = {"smoke": 20, "default": 2000}
 """Rows per seeded tenant in the items table before timing (50 tenants)."""
@@ -99,8 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--only",
-        default=",".join(BENCHMARKS),
-        help="comma-separated benchmarks to run (default: %(default)s)",
+        default=None,
+        help=f"comma-separated benchmarks to run (default: all of {', '.join(BENCHMARKS)}, "
+        f"except {', '.join(OPT_IN)} at the default size)",
     )
     parser.add_argument(
         "--json",
@@ -136,7 +148,11 @@ def select(value: str, registry: dict[str, Any], noun: str) -> list[str]:
     return [key for key in registry if key in keys]  # always in order
 
 
-def _selected(value: str) -> list[str]:
+def _selected(value: str | None, size: str = "default") -> list[str]:
+    """What ``--only`` selects; without it, every benchmark but :data:`OPT_IN` ones at
+    the default size."""
+    if value is None:
+        return [key for key in BENCHMARKS if size == "smoke" or key not in OPT_IN]
     return select(value, BENCHMARKS, "benchmark")
 
 
@@ -304,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        keys = _selected(args.only)
+        keys = _selected(args.only, args.size)
     except ValueError as exc:
         parser.error(str(exc))
     stem = "latest" if args.size == "default" else args.size
@@ -337,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_average_end=_machine.load_average(),
     )
     report = {"size": args.size, "machine": machine, "sections": sections}
+    if json_path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            carry_over(json.loads(json_path.read_text(encoding="utf-8")), report)
     for path, text in (
         (json_path, json.dumps(_finite(report), indent=2, allow_nan=False) + "\n"),
         (markdown_path, render_markdown(report)),
@@ -350,6 +369,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{key}: {sections[key].get('missing') or sections[key].get('error')}", file=sys.stderr
         )
     return 1 if failed else 0
+
+
+def carry_over(previous: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """Keep in ``report`` the :data:`OPT_IN` sections of ``previous`` (the file it
+    replaces) that this run did not measure, if both are of one size: a run without
+    the soak leaves the last soak in place.  Returns the keys carried over."""
+    if previous.get("size") != report["size"]:
+        return []
+    kept = [
+        key
+        for key in OPT_IN
+        if key not in report["sections"] and "tables" in previous.get("sections", {}).get(key, {})
+    ]
+    for key in kept:
+        report["sections"][key] = previous["sections"][key]
+    return kept
 
 
 def _release_transport_engines() -> None:

@@ -10,11 +10,11 @@ benchmarks`` writes) and put what it holds on the page::
     ```
 
 ``benchmark-chart`` draws an inline SVG figure (``throughput``, ``fairness``,
-``overheads``, ``result-backend``, ``scale``); ``benchmark-table`` builds a table narrow
-enough for the page's column (``targets``, ``machine``, ``p1``, ``p1-parts``, ``p2-times``,
-``p2-ratios``, ``p2-plans``, ``p3``, ``p3-events``, ``p4``, ``p5-latency``,
-``p5-backlog``, ``result-backend``, ``scale``,
-``scale-wakeups``).  Nothing is typed in by hand: every figure
+``overheads``, ``result-backend``, ``scale``, ``soak``); ``benchmark-table`` builds a
+table narrow enough for the page's column (``targets``, ``machine``, ``p1``, ``p1-parts``,
+``p2-times``, ``p2-ratios``, ``p2-plans``, ``p3``, ``p3-events``, ``p4``, ``p5-latency``,
+``p5-backlog``, ``result-backend``, ``scale``, ``scale-wakeups``, ``soak``,
+``soak-series``).  Nothing is typed in by hand: every figure
 comes from the JSON, and the build fails (``-W``) when the JSON lacks what a
 directive needs.
 
@@ -595,6 +595,87 @@ def table_scale_wakeups(results: Results) -> TableSpec:
     )  # fmt: skip
 
 
+def table_soak(results: Results) -> TableSpec:
+    """The soak's verdict, one figure a row: narrow enough for any column."""
+    table = results.table("soak")
+    data = results.section("soak")
+    run = data["run"]
+    found = data["verdict"]
+    samples = data["samples"]
+    first, last = samples[0], samples[-1]
+    rss = ", ".join(f"{a:g} → {b:g}" for a, b in found["rss_first_to_last_mb"])
+    fds = ", ".join(
+        f"{w['fds']} → {v['fds']}" for w, v in zip(first["workers"], last["workers"], strict=True)
+    )
+    conns = ", ".join(
+        f"{w['connections']} → {v['connections']}"
+        for w, v in zip(first["workers"], last["workers"], strict=True)
+    )
+    rows: list[list[Cell | nodes.Node]] = [
+        ["tasks run", found["tasks"]],
+        ["minutes", round(found["seconds"] / 60, 1)],
+        ["tasks per second", found["tasks_per_second"]],
+        ["autovacuums of the message table", found["autovacuum_runs"]],
+        ["table with indexes and TOAST, largest, MB", found["size_max_mb"]],
+        ["the same, last sample, MB", found["size_last_mb"]],
+        ["largest size, last quarter over first", found["size_growth"]],
+        ["size bounded", "yes" if found["size_bounded"] else strong("no")],
+        ["each worker's RSS, first → last sample, MB", rss],
+        ["RSS growth after the first quarter, MB", found["rss_growth_mb"]],
+        ["each worker's open fds, first → last", fds],
+        ["each worker's connections, first → last", conns],
+        [
+            "the transport's connections (pg_stat_activity), first → last",
+            " → ".join(str(n) for n in found["broker_connections"]),
+        ],
+    ]
+    notes = [
+        *table["notes"][:2],
+        table["notes"][3],
+        f"measured in a run of its own on {run['date'][:10]}, load average "
+        f"{run['load_average_start'][0]} at its start and {run['load_average_end'][0]} at "
+        "its end (1 minute)",
+    ]
+    if found.get("capped_at_seconds"):
+        notes.append(
+            f"publishing stopped at the run's cap of {found['capped_at_seconds']:g} s, "
+            f"before the {data['tasks_asked']:,} tasks asked for: tasks run is what ran"
+        )
+    return TableSpec(table["title"], ["measure", "value"], rows, [False, True], notes)
+
+
+#: The message table's indexes, as the soak's series table calls them.
+SOAK_INDEXES = {
+    "index ix_tenant_celery_message_claim, MB": "claim index, MB",
+    "index tenant_celery_message_pkey, MB": "primary key, MB",
+    "index ix_tenant_celery_message_expires_at, MB": "expiry index, MB",
+    "table + indexes + TOAST, MB": "with indexes and TOAST, MB",
+    "message table heap, MB": "table heap, MB",
+    "transport connections (pg_stat_activity)": "transport connections",
+}
+
+
+def table_soak_series(results: Results) -> TableSpec:
+    table = results.table("soak", 1)
+    rows = select(table, ["measure", "first", "min", "max", "last", "last/first quarter"])
+    for row in rows:
+        name = str(row[0])
+        row[0] = SOAK_INDEXES.get(name, name.replace(" connections to PostgreSQL", " connections"))
+    return TableSpec(
+        table["title"],
+        ["measure", "first", "min", "max", "last", "last / first quarter"],
+        list(rows),
+        [False, True, True, True, True, True],
+        [
+            "last / first quarter: the largest sample in the last quarter of the samples "
+            "over the largest in the first",
+            "connections: TCP connections to PostgreSQL from /proc; transport connections: "
+            "pg_stat_activity's rows with the transport's application_name, publishers "
+            "included",
+        ],
+    )
+
+
 TABLES: dict[str, Callable[[Results], TableSpec]] = {
     "targets": table_targets,
     "machine": table_machine,
@@ -611,6 +692,8 @@ TABLES: dict[str, Callable[[Results], TableSpec]] = {
     "result-backend": table_result_backend,
     "scale": table_scale,
     "scale-wakeups": table_scale_wakeups,
+    "soak": table_soak,
+    "soak-series": table_soak_series,
 }
 
 
@@ -1197,12 +1280,99 @@ def chart_scale(results: Results) -> tuple[str, str]:
     return svg.render("chart-scale"), caption
 
 
+def chart_soak(results: Results) -> tuple[str, str]:
+    """Soak: the message table's size and the workers' memory over the run, with the
+    autovacuum runs marked."""
+    data = results.section("soak")
+    samples: list[Json] = data["samples"]
+    if len(samples) < 2:
+        raise ExtensionError("soak: fewer than two samples")
+    minutes = [float(s["t"]) / 60 for s in samples]
+    mb = 1024 * 1024
+    sizes = [
+        ("table + indexes + TOAST", BLUE, [s["total_bytes"] / mb for s in samples]),
+        ("heap", GREEN, [s["heap_bytes"] / mb for s in samples]),
+        ("indexes", ORANGE, [s["indexes_bytes"] / mb for s in samples]),
+    ]
+    colours = [BLUE, ORANGE, GREEN, RED]
+    memory = [
+        (f"worker {n + 1}", colours[n % len(colours)],
+         [s["workers"][n]["rss_kb"] / 1024 for s in samples])
+        for n in range(len(samples[0]["workers"]))
+    ]  # fmt: skip
+    vacuums = [
+        minutes[i]
+        for i in range(1, len(samples))
+        if samples[i]["autovacuum_count"] > samples[i - 1]["autovacuum_count"]
+    ]
+    left, right = 70.0, WIDTH - 30.0
+    panels = [(60.0, 250.0), (340.0, 500.0)]
+    svg = Svg(
+        panels[1][1] + 100,
+        "Soak: the message table's size and the workers' memory over time",
+        f"Over {minutes[-1]:.0f} minutes and {data['verdict']['tasks']:,} tasks: the message "
+        "table's size in MB (table with indexes and TOAST, heap, indexes), with each "
+        "autovacuum of the table marked, and each worker's resident memory in MB.",
+    )
+    span = max(minutes[-1], 1e-9)
+    step_x = nice_step(span, 8)
+    axis = LinearAxis(0.0, math.ceil(span / step_x) * step_x, left, right)
+    ticks = [(k * step_x, f"{k * step_x:g}") for k in range(int(axis.high / step_x) + 1)]
+
+    def panel(
+        top: float, bottom: float, title: str, lines: Sequence[tuple[str, str, list[float]]]
+    ) -> None:
+        svg.text(2, top - 22, title, font_weight="bold")
+        high = max(max(values) for _, _, values in lines) * 1.1 or 1.0
+        step = nice_step(high, 4)
+        ceiling = math.ceil(high / step) * step
+
+        def y(value: float) -> float:
+            return bottom - value / ceiling * (bottom - top)
+
+        for k in range(int(ceiling / step) + 1):
+            value = k * step
+            svg.line(left, y(value), right, y(value), stroke="currentColor", stroke_opacity=0.15)
+            svg.text(left - 8, y(value) + 4, f"{value:,.0f}", font_size=SMALL, text_anchor="end")
+        vertical_grid(svg, axis, ticks, top, bottom)
+        for _, colour, values in lines:
+            points = " ".join(
+                f"{axis.x(t):.1f},{y(v):.1f}" for t, v in zip(minutes, values, strict=True)
+            )
+            svg.add("polyline", points=points, fill="none", stroke=colour, stroke_width=2)
+
+    panel(*panels[0], "Message table size, MB", sizes)
+    for at in vacuums:
+        x = axis.x(at)
+        svg.line(x, panels[0][0] - 8, x, panels[0][0] + 4, stroke=RED, stroke_width=2)
+    legend(
+        svg, left, panels[0][1] + 44,
+        [("box", c, label) for label, c, _ in sizes] + [("tick", RED, "autovacuum")],
+    )  # fmt: skip
+    panel(*panels[1], "Workers' resident memory, MB", memory)
+    svg.text(
+        (left + right) / 2, panels[1][1] + 40, "minutes into the soak", font_size=SMALL,
+        text_anchor="middle",
+    )  # fmt: skip
+    legend(svg, left, panels[1][1] + 74, [("box", c, label) for label, c, _ in memory])
+    verdict = data["verdict"]
+    caption = (
+        f"{verdict['tasks']:,} no-op tenant tasks through the package's transport in "
+        f"{verdict['seconds'] / 60:.0f} minutes ({fmt(verdict['tasks_per_second'])} a second), "
+        f"{data['workers']} solo workers on a {data['cpu_count']}-core machine that also ran "
+        f"PostgreSQL and the publishers; sampled every {data['sample_seconds']:g} s. "
+        f"Autovacuum cleaned the table {verdict['autovacuum_runs']} times (the red ticks)."
+    )
+    return svg.render("chart-soak"), caption
+
+
 CHARTS: dict[str, Callable[[Results], tuple[str, str]]] = {
     "throughput": chart_throughput,
     "fairness": chart_fairness,
     "overheads": chart_overheads,
     "result-backend": chart_result_backend,
     "scale": chart_scale,
+    "soak": chart_soak,
 }
 
 #: The sections of the results file each chart draws, named under its caption.
@@ -1212,6 +1382,7 @@ CHART_SECTIONS = {
     "overheads": "sections p1, p2 and p4",
     "result-backend": "section results",
     "scale": "section scale",
+    "soak": "section soak",
 }
 
 

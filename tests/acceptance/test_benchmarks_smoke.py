@@ -21,7 +21,7 @@ import pytest
 from tests._rig.postgres import PgCluster, render
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = {"p1", "p2", "p3", "p3-events", "p4", "p5", "results", "guard", "scale"}
+SECTIONS = {"p1", "p2", "p3", "p3-events", "p4", "p5", "results", "guard", "scale", "soak"}
 
 pytestmark = pytest.mark.worker
 
@@ -167,3 +167,18 @@ def test_benchmarks_run_at_smoke_size(
         > (idle["no LISTEN, poll every 1 s"]["claims_per_second"])
     )
     assert all(w["connections"]["main"] > 0 for w in scale["wakeups"])
+
+    # The soak, seconds long at this size: every task published was run and its row
+    # deleted, and each sample read the table, the workers and their connections.
+    soak = sections["soak"]["data"]
+    samples = soak["samples"]
+    assert len(samples) >= 2
+    assert soak["verdict"]["tasks"] == soak["tasks_asked"] > 0
+    assert samples[-1]["published"] == samples[-1]["done"] == soak["tasks_asked"]
+    assert samples[-1]["queued"] == 0
+    for found in samples:
+        assert found["total_bytes"] >= found["heap_bytes"] > 0
+        assert set(found["index_bytes"]) >= {"tenant_celery_message_pkey"}
+        assert found["broker_connections"] > 0
+        for worker in found["workers"]:
+            assert min(worker["rss_kb"], worker["fds"]) > 0
