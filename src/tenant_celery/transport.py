@@ -158,6 +158,10 @@ _MAX_TENANT = 200  # longest tenant value kept for fair claiming
 _NOTIFY_LIMIT = 7900  # largest message sent as a notification (PostgreSQL: < 8000 bytes)
 _INBOX_LIMIT = 10_000  # notified messages a queue keeps unconsumed; the oldest go first
 _TOUCH_EVERY = 15.0  # seconds between marks that a connection's auto-delete queues live
+# Longest a listening connection goes unread before the lease thread reads it: a
+# backend whose client reads no notifications blocks once its socket is full, and
+# holds a snapshot meanwhile (vacuum of every table in the database waits for it).
+_UNREAD_AT_MOST = 1.0
 _AUTO_DELETE_GRACE = 60.0  # an auto-delete queue not marked for this long is deleted
 _NOTIFIED_TAG = "n."  # delivery tags of notified messages (no row behind them)
 
@@ -949,8 +953,13 @@ class Channel(virtual.Channel):
         # A queue consumed from now on (a worker's add_consumer) is claimed from at
         # once, not at the next poll.
         self.quiet.discard(queue)
+        self._transport.consuming()
         self._transport.wake()
         return consumed
+
+    def basic_cancel(self, consumer_tag: str) -> None:
+        super().basic_cancel(consumer_tag)
+        self._transport.release_listener()
 
     def _deliver_by_notify(self, queue: str) -> None:
         """From now on, have messages to auto-delete ``queue`` (declared by this
@@ -1277,6 +1286,7 @@ class Transport(virtual.Transport):
         self._watched_listener: psycopg.Connection[Any] | None = None  # in the loop
         # NOTIFY channel -> (channel, auto-delete queue) the listener receives for.
         self._listens: dict[str, tuple[_PgChannel, str]] = {}
+        self._read_at = 0.0  # when the listening connection was last read
         self._pid = os.getpid()
         self._rendered: dict[str, str] = {}
         self._swept_at = 0.0
@@ -1459,7 +1469,8 @@ class Transport(virtual.Transport):
         else:
             listener = self._listener
             if listener is not None:
-                self._consume_notifies(listener)
+                with self._lock:
+                    self._consume_notifies(listener)
         self._drain_ready()
 
     def _on_poll(self) -> None:
@@ -1543,8 +1554,60 @@ class Transport(virtual.Transport):
 
     # --- waiting -------------------------------------------------------------------
 
+    def _wants_notifications(self) -> bool:
+        """Whether this connection consumes, or receives an auto-delete queue's
+        messages by notification: otherwise it does not listen at all."""
+        channels: list[Any] = list(self.channels or ())
+        return bool(self._listens) or any(channel._active_queues for channel in channels)
+
+    def consuming(self) -> None:
+        """A consumer started: in a worker's loop, listen (and read) from now on,
+        not only from the next poll."""
+        if self._loop is not None:
+            self._watch_listener()
+
+    def release_listener(self) -> None:
+        """Close the listening connection once nothing here consumes.
+
+        A connection that listens but is not read is harmful beyond this
+        process: every publish sends it a notification, its backend blocks once
+        the socket is full and keeps its snapshot, and vacuum of the whole
+        database waits.  A client that used remote control (``ping``) and a
+        consumer that was cancelled no longer listen.
+        """
+        with self._lock:
+            listener = self._listener
+            if listener is None or self._wants_notifications():
+                return
+            self._listener = None
+            if self._loop is not None and listener is self._watched_listener:
+                for fd in self._readers[1:]:  # the first is the wake pipe
+                    with contextlib.suppress(Exception):
+                        self._loop.remove_reader(fd)
+                self._readers = self._readers[:1]
+                self._watched_listener = None
+            with contextlib.suppress(Exception):
+                listener.close()
+
+    def _read_unread(self) -> None:
+        """From the lease thread: read the listening connection if nobody has for
+        :data:`_UNREAD_AT_MOST` seconds (a client between two waits, a solo worker
+        running a task), so its backend never blocks on a full socket."""
+        listener = self._listener
+        if listener is None or time.monotonic() - self._read_at < _UNREAD_AT_MOST:
+            return
+        with self._lock:
+            if listener is not self._listener or listener.closed:
+                return
+            try:
+                heard = self._consume_notifies(listener)
+            except psycopg.Error:
+                return  # lost: the consuming thread reconnects at its next wait
+        if heard:
+            self.wake()  # the consuming thread claims what was announced
+
     def _listening(self) -> psycopg.Connection[Any] | None:
-        if not self.settings.listen:
+        if not self.settings.listen or not self._wants_notifications():
             return None
         listener = self._listener
         if listener is None or listener.closed:
@@ -1578,6 +1641,7 @@ class Transport(virtual.Transport):
                     listener.execute(
                         sql.SQL("UNLISTEN {channel}").format(channel=sql.Identifier(name))
                     )
+            self.release_listener()
 
     def wake(self) -> None:
         """End a wait of the consuming thread early (called after an acknowledgement,
@@ -1614,8 +1678,11 @@ class Transport(virtual.Transport):
         (``NOTIFY``) or an acknowledgement frees room in the prefetch window."""
         wakeup = self._wakeup_pipe()[0]
         listener = self._listening()
-        if listener is not None and self._heard(listener.pgconn):
-            return  # read with an earlier reply on the connection: no wait
+        if listener is not None:
+            with self._lock:
+                heard = self._heard(listener.pgconn)
+            if heard:
+                return  # read with an earlier reply on the connection: no wait
         if self._has_notified():
             return
         sockets = [wakeup] if listener is None else [wakeup, listener.fileno()]
@@ -1625,21 +1692,31 @@ class Transport(virtual.Transport):
                 while os.read(wakeup, 512):
                     pass
         if listener is not None and listener.fileno() in ready:
-            self._consume_notifies(listener)
+            with self._lock:
+                self._consume_notifies(listener)
 
-    def _consume_notifies(self, listener: psycopg.Connection[Any]) -> None:
+    def _consume_notifies(self, listener: psycopg.Connection[Any]) -> bool:
+        """Read what arrived on the listening connection (the caller holds the
+        lock); whether it held notifications."""
         pgconn = listener.pgconn
-        pgconn.consume_input()
-        if pgconn.status != psycopg.pq.ConnStatus.OK:
-            self._listener = None
-            raise psycopg.OperationalError("the broker's LISTEN connection was lost")
-        self._heard(pgconn)
+        heard = False
+        while True:  # all the socket holds: one read takes at most libpq's buffer
+            pgconn.consume_input()
+            if pgconn.status != psycopg.pq.ConnStatus.OK:
+                self._listener = None
+                raise psycopg.OperationalError("the broker's LISTEN connection was lost")
+            if not self._heard(pgconn):
+                return heard
+            heard = True
+            if not select.select([pgconn.socket], [], [], 0)[0]:
+                return heard
 
     def _heard(self, pgconn: Any) -> bool:
         """Take the ``NOTIFY`` messages received: their queues are no longer quiet.
         Whether there were any."""
         channels: list[Any] = list(self.channels or ())
         heard = False
+        self._read_at = time.monotonic()
         while (notify := pgconn.notifies()) is not None:
             heard = True
             name = bytes(notify.relname).decode("utf-8", "replace")
@@ -1667,16 +1744,22 @@ class Transport(virtual.Transport):
         """Renew the leases of every message the channels hold, every third of the
         visibility timeout, in a thread of its own: a task that runs in the
         consuming thread (the solo pool) or for long keeps its message.  Every
-        15 seconds, mark the channels' auto-delete queues alive."""
+        15 seconds, mark the channels' auto-delete queues alive.  Every second,
+        read the listening connection if nobody else did."""
         renew_every = self.settings.visibility_timeout / 3
         period = min(renew_every, _TOUCH_EVERY)
-        renewed_at = time.monotonic()
-        while not self._stopping.wait(period):
+        renewed_at = touched_at = time.monotonic()
+        while not self._stopping.wait(min(period, _UNREAD_AT_MOST)):
             if self._pid != os.getpid():
                 return
-            renew = time.monotonic() - renewed_at >= renew_every - 0.5
+            self._read_unread()
+            now = time.monotonic()
+            if now - touched_at < period - 0.05:
+                continue
+            touched_at = now
+            renew = now - renewed_at >= renew_every - 0.5
             if renew:
-                renewed_at = time.monotonic()
+                renewed_at = now
             channels: list[Any] = list(self.channels or ())
             for channel in channels:
                 try:

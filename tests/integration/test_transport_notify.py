@@ -16,7 +16,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -434,3 +434,112 @@ def test_in_the_event_loop_a_lost_listen_connection_is_replaced(url: str) -> Non
             assert got[0].payload == {"method": "ping"}
     finally:
         hub.close()
+
+
+# --- a listening connection nobody reads ------------------------------------------
+#
+# Every publish notifies each connection that listens.  A backend whose client does
+# not read blocks once the socket is full, and keeps its snapshot while it waits:
+# vacuum of every table in the database then removes nothing (the message table
+# grows by its dead rows).  The flood below fills any loopback socket's buffers.
+
+
+def _flood(database: Database, count: int = 3_000) -> None:
+    """``count`` notifications of ~8 kB each on the transport's channel (~24 MB),
+    sent by the superuser in one transaction."""
+    with superuser(database) as conn:
+        conn.execute(
+            "SELECT pg_notify(%s, repeat('x', 7900) || i) FROM generate_series(1, %s) AS i",
+            (transport.NOTIFY_CHANNEL, count),
+        )
+
+
+def _stalled(database: Database) -> list[tuple[int, str | None, str | None]]:
+    """The transport's backends in this database that wait to write to their
+    client, or hold a snapshot while idle (pid, wait event, backend_xmin)."""
+    with superuser(database) as conn:
+        rows = conn.execute(
+            "SELECT pid, wait_event, backend_xmin::text FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()"
+            " AND (wait_event = 'ClientWrite' OR (state = 'idle' AND backend_xmin IS NOT NULL))",
+            (transport.APPLICATION_NAME,),
+        ).fetchall()
+    return [(int(row[0]), row[1], row[2]) for row in rows]
+
+
+def _stalled_after_flood(database: Database, seconds: float = 15.0) -> list[Any]:
+    """Flood, then what is still stalled after ``seconds`` (an empty list as soon as
+    nothing is)."""
+    _flood(database)
+    deadline = time.monotonic() + seconds
+    while (stalled := _stalled(database)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return stalled
+
+
+def test_a_client_that_used_remote_control_does_not_stall_the_server(
+    url: str, database: Database
+) -> None:
+    """``app.control.ping()`` consumes a reply queue; ``app.close()`` (Celery 5.5+)
+    drops the connection pool without closing its connections.  The process must
+    not be left listening with nobody reading."""
+    from celery import Celery  # noqa: PLC0415
+
+    app = Celery("stall", broker=url, set_as_current=False)
+    assert app.control.ping(timeout=0.5) == []  # no worker: the replies wait in vain
+    app.close()
+    assert _stalled_after_flood(database) == []
+
+
+def test_a_consumer_that_stops_draining_does_not_stall_the_server(
+    url: str, database: Database
+) -> None:
+    """A consumer between two waits (an ``rpc://`` result consumer between two
+    ``get()`` calls, a solo worker running a long task) is read by the lease
+    thread; and it is still told of new messages afterwards."""
+    name = f"q.{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, "direct"), name)
+    with Connection(url, transport_options={"polling_interval": 30}) as conn:
+        got = listening(conn, queue, no_ack=False)
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=1.0)  # waits on LISTEN once, then not again
+        assert cast(Any, conn.transport)._listener is not None
+        assert _stalled_after_flood(database) == []
+        with Connection(url) as publisher:
+            Producer(publisher.default_channel).publish(
+                {"after": True}, exchange=queue.exchange, routing_key=queue.routing_key
+            )
+        # Delivered on its notification, well inside the 30 s polling interval.
+        started = time.monotonic()
+        drain(conn, got, 1, timeout=5.0)
+        assert [message.payload for message in got] == [{"after": True}]
+        assert time.monotonic() - started < 5.0
+        got[0].ack()
+
+
+def test_a_cancelled_consumer_stops_listening_and_a_new_one_listens_again(url: str) -> None:
+    """The listening connection lives while something consumes: closed when the
+    last consumer is cancelled, opened again by the next."""
+    name = f"q.{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, "direct"), name)
+    with Connection(url, transport_options={"polling_interval": 30}) as conn:
+        got: list[Message] = []
+        consumer = Consumer(conn.channel(), [queue], callbacks=[lambda _b, m: got.append(m)])
+        consumer.consume()
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=1.0)
+        transport_: Any = conn.transport
+        assert transport_._listener is not None
+        consumer.cancel()
+        assert transport_._listener is None
+        consumer.consume()
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=1.0)
+        assert transport_._listener is not None
+        with Connection(url) as publisher:
+            Producer(publisher.default_channel).publish(
+                {"again": True}, exchange=queue.exchange, routing_key=queue.routing_key
+            )
+        drain(conn, got, 1, timeout=5.0)
+        assert [message.payload for message in got] == [{"again": True}]
+        got[0].ack()
