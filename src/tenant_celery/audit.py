@@ -29,6 +29,12 @@ recognises the policy :func:`~tenant_celery.rls.enable_tenant_rls` writes and
 hand-written equivalents, and flags any other permissive policy, including
 ``USING (true)``, ``... OR <anything>`` and ``COALESCE(<setting>, <column>)``.
 It reads text; it does not prove an arbitrary expression safe.
+
+Celery's result tables (``celery_taskmeta``, ``celery_tasksetmeta``) have the
+tenant column from revision ``tc0004`` of the bundled migration, and the
+tenant policy on them is the host's choice: with row-level security off and
+no policy they are listed apart (:attr:`AuditReport.results_outside_policy`),
+not as problems; with it on they are checked like every tenant table.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from sqlalchemy.engine import Connection
 
 from . import _catalog, _exposure
 from ._policy_text import pins_tenant
+from ._result_tables import RESULT_TABLES, TENANT_COLUMN
 from .config import DEFAULT_GUC, validate_guc_name
 
 __all__ = [
@@ -173,6 +180,11 @@ class AuditReport:
     database_problems: tuple[Problem, ...] = field(default=())
     #: Views, materialized views, tables and routines that expose tenant rows.
     object_problems: tuple[Problem, ...] = field(default=())
+    #: Celery's result tables whose rows name their tenant (revision ``tc0004``) but
+    #: that are not under the tenant policy, which is the host's opt-in: not a
+    #: problem, and not in :attr:`tables`; any role with ``SELECT`` reads every
+    #: tenant's results in them.
+    results_outside_policy: tuple[str, ...] = field(default=())
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -194,8 +206,9 @@ class AuditReport:
         Keys: ``clean``, ``setting``, ``column``, ``schema``, ``role`` (``name``,
         ``exists``, ``superuser``, ``bypassrls``, ``owned_tables``,
         ``bypassing_roles``), ``tables`` (one object per :class:`TableReport`
-        field except ``problems``) and ``problems`` (``code``, ``table``,
-        ``message``; ``table`` is ``null`` for the role's and the database's).
+        field except ``problems``), ``problems`` (``code``, ``table``,
+        ``message``; ``table`` is ``null`` for the role's and the database's)
+        and ``results_outside_policy`` (names of tables).
         """
         role = asdict(self.role)
         del role["problems"]
@@ -212,6 +225,7 @@ class AuditReport:
             "role": role,
             "tables": tables,
             "problems": [asdict(p) for p in self.problems],
+            "results_outside_policy": list(self.results_outside_policy),
         }
 
 
@@ -244,6 +258,9 @@ def audit_database(
     tables = _catalog.tenant_tables(conn, column, schema, found_role)
     oids = [t.oid for t in tables]
     policies = _catalog.policies(conn, oids, found_role) if oids else []
+    outside = [t for t in tables if _results_outside_policy(t, policies, column)]
+    tables = [t for t in tables if t not in outside]
+    oids = [t.oid for t in tables]
     indexes = _catalog.leading_indexes(conn, oids, column) if oids else {}
 
     reports = tuple(
@@ -268,7 +285,9 @@ def audit_database(
             Problem(
                 NO_TENANT_TABLES,
                 None,
-                f"no table {where} has a column {column!r}; check --column and --schema",
+                f"no table {where}"
+                + (" but Celery's result tables" if outside else "")
+                + f" has a column {column!r}; check --column and --schema",
             ),
         )
     return AuditReport(
@@ -279,6 +298,21 @@ def audit_database(
         tables=reports,
         database_problems=database_problems,
         object_problems=object_problems,
+        results_outside_policy=tuple(t.qualified for t in outside),
+    )
+
+
+def _results_outside_policy(
+    table: _catalog.TenantTable, policies: list[_catalog.Policy], column: str
+) -> bool:
+    """Whether ``table`` is one of Celery's result tables the host left out of the
+    tenant policy: row-level security neither enabled nor forced, and no policy."""
+    return (
+        table.name in RESULT_TABLES
+        and column == TENANT_COLUMN
+        and not table.rls_enabled
+        and not table.rls_forced
+        and not any(p.table_oid == table.oid for p in policies)
     )
 
 

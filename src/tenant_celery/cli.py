@@ -234,6 +234,12 @@ def _format_report(report: AuditReport, url: str) -> str:
                 ).rstrip()
             )
         lines.append("")
+    if report.results_outside_policy:
+        lines += [
+            "results outside the tenant policy (an opt-in): "
+            + ", ".join(report.results_outside_policy),
+            "",
+        ]
     role = report.role
     if role.exists:
         lines.append(

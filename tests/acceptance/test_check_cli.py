@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Connection, Engine
 
+from tenant_celery.migrations import upgrade
 from tenant_celery.rls import enable_tenant_rls, grant_tenant_tables
 from tests._rig.postgres import APP_ROLE, Database, DatabaseFactory, render
 
@@ -302,7 +303,32 @@ def test_json_document_shape(database: Database, admin_engine: Engine) -> None:
             }
         ],
         "problems": [],
+        "results_outside_policy": [],
     }
+
+
+def test_result_tables_outside_the_policy_are_named_not_failed(
+    database: Database, admin_engine: Engine
+) -> None:
+    upgrade(database.url, grant_to=[APP_ROLE])
+    with admin_engine.begin() as conn:
+        tenant_table(conn, "invoices", APP_ROLE)
+
+    text = check("--url", render(database.url), "--role", APP_ROLE)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert (
+        "results outside the tenant policy (an opt-in): "
+        "public.celery_taskmeta, public.celery_tasksetmeta\n"
+    ) in text.stdout
+    assert text.stdout.endswith("no problems found\n")
+
+    with admin_engine.begin() as conn:
+        for table in ("celery_taskmeta", "celery_tasksetmeta"):
+            enable_tenant_rls(conn, table)
+    text = check("--url", render(database.url), "--role", APP_ROLE)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "results outside" not in text.stdout
+    assert "public.celery_taskmeta" in text.stdout
 
 
 def test_other_setting_column_and_schema(database: Database, admin_engine: Engine) -> None:

@@ -20,11 +20,15 @@ from tenant_celery.audit import (
     BYPASSING_MEMBERSHIP,
     BYPASSING_VIEW,
     EXPOSED_MATVIEW,
+    NO_TENANT_POLICY,
+    NO_TENANT_TABLES,
+    RLS_NOT_FORCED,
     UNPROTECTED_CHILD_TABLE,
     audit_database,
 )
+from tenant_celery.migrations import upgrade
 from tenant_celery.rls import create_app_role, enable_tenant_rls, grant_tenant_tables
-from tests._rig.postgres import APP_ROLE
+from tests._rig.postgres import APP_ROLE, Database
 
 TENANT_A = "6f1c9a52-0d4e-4f7e-9a43-1b2c3d4e5f60"
 TENANT_B = "0a9b8c7d-6e5f-4a3b-8c1d-2e3f4a5b6c7d"
@@ -453,3 +457,47 @@ def test_the_packages_own_setup_and_harmless_neighbours_report_nothing(
 
     assert problems(invoices, app) == {}
     assert problems(invoices, APP_ROLE) == {}
+
+
+def test_result_tables_are_listed_apart_until_the_host_puts_them_under_the_policy(
+    database: Database,
+) -> None:
+    """From tc0004 Celery's result tables have the tenant column; the policy on them
+    is an opt-in, so without it they are no problem (and readable across tenants)."""
+    upgrade(database.url, grant_to=[APP_ROLE])
+    admin = database.admin_engine()
+    with admin.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO celery_taskmeta (id, task_id, status, tenant_id)"
+            f" VALUES (nextval('task_id_sequence'), 'a-task', 'SUCCESS', '{TENANT_A}')"
+        )
+    readable = "SELECT count(*) FROM celery_taskmeta"
+    with database.app_engine().connect() as conn:
+        assert conn.exec_driver_sql(readable).scalar_one() == 1  # no tenant set
+    with admin.connect() as conn:
+        report = audit_database(conn, role=APP_ROLE)
+    assert report.results_outside_policy == ("public.celery_taskmeta", "public.celery_tasksetmeta")
+    assert report.tables == ()
+    assert [p.code for p in report.problems] == [NO_TENANT_TABLES]
+    assert "but Celery's result tables" in report.problems[0].message
+    assert report.as_dict()["results_outside_policy"] == list(report.results_outside_policy)
+
+    with admin.begin() as conn:
+        enable_tenant_rls(conn, "celery_taskmeta")
+    with database.app_engine().connect() as conn:
+        assert conn.exec_driver_sql(readable).scalar_one() == 0
+    with admin.connect() as conn:
+        report = audit_database(conn, role=APP_ROLE)
+    assert report.results_outside_policy == ("public.celery_tasksetmeta",)
+    assert [t.name for t in report.tables] == ["public.celery_taskmeta"]
+    assert report.clean, report.problems
+
+    with admin.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE celery_tasksetmeta ENABLE ROW LEVEL SECURITY")
+    with admin.connect() as conn:
+        report = audit_database(conn, role=APP_ROLE)
+    assert report.results_outside_policy == ()
+    assert {(p.table, p.code) for p in report.problems} == {
+        ("public.celery_tasksetmeta", RLS_NOT_FORCED),
+        ("public.celery_tasksetmeta", NO_TENANT_POLICY),
+    }

@@ -18,13 +18,16 @@ import kombu
 import psycopg
 import pytest
 import sqlalchemy as sa
+from celery import Celery
 from sqlalchemy.engine import URL, Engine
 
+from tenant_celery import tenant_context
 from tenant_celery.errors import MigrationError, TenantCeleryError
 from tenant_celery.migrations import (
     LOCK_ID,
     SEQUENCES,
     TABLES,
+    TENANT_COLUMN,
     VERSION_TABLE,
     current,
     downgrade,
@@ -32,14 +35,17 @@ from tenant_celery.migrations import (
     sql,
     upgrade,
 )
+from tenant_celery.results import dispose_engines
+from tenant_celery.rls import enable_tenant_rls
 from tests._rig.postgres import APP_ROLE, Database, DatabaseFactory, libpq_kwargs, render
 
 from .schema_catalog import create_with_libraries, differences, snapshot
 
 VERSIONS = f"kombu-{kombu.__version__}-celery-{celery.__version__}"
-HEAD = "tc0003"
+HEAD = "tc0004"
 #: The revision that builds exactly what kombu's SQLAlchemy transport and Celery build.
 LIBRARY_TABLES = "tc0001"
+TENANT = "6f1c1d52-1f0e-4c39-9a43-5b1f0c1e2a01"
 
 
 @pytest.fixture
@@ -434,3 +440,129 @@ def test_a_database_at_tc0001_upgrades_and_its_grantees_get_the_transport_tables
         table = f"{schema}.tenant_celery_message" if schema else "tenant_celery_message"
         conn.execute(sa.text(f"INSERT INTO {table} (queue, payload) VALUES ('q', '{{}}')"))
         assert conn.execute(sa.text(f"DELETE FROM {table} WHERE queue = 'q'")).rowcount == 1
+
+
+# ------------------------------------------------------- tc0004: the tenant of each result
+
+RESULT_ROWS = 2000
+POPULATE = f"""
+INSERT INTO {{schema}}.celery_taskmeta (id, task_id, status, result, date_done, name)
+  SELECT nextval('{{schema}}.task_id_sequence'), 'task-' || n, 'SUCCESS',
+         convert_to('{{{{"n": ' || n || '}}}}', 'UTF8'), now(), 'tests.add'
+  FROM generate_series(1, {RESULT_ROWS}) AS n;
+INSERT INTO {{schema}}.celery_tasksetmeta (id, taskset_id, result, date_done)
+  SELECT nextval('{{schema}}.taskset_id_sequence'), 'group-' || n, '\\x00', now()
+  FROM generate_series(1, {RESULT_ROWS // 10}) AS n;
+INSERT INTO {{schema}}.tenant_celery_message (queue, tenant, payload)
+  SELECT 'q', 't' || n, '{{{{}}}}' FROM generate_series(1, 100) AS n
+"""
+
+
+def result_rows(engine: Engine, schema: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the result tables and the message table, in a stable order."""
+    with engine.connect() as conn:
+        return {
+            table: [
+                tuple(row)
+                for row in conn.execute(sa.text(f"SELECT * FROM {schema}.{table} ORDER BY id"))
+            ]
+            for table in ("celery_taskmeta", "celery_tasksetmeta", "tenant_celery_message")
+        }
+
+
+def tenant_columns(engine: Engine, schema: str) -> set[tuple[str, str, str]]:
+    """``(table, type, nullable)`` of each result table's tenant column."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT table_name, data_type, is_nullable FROM information_schema.columns"
+                " WHERE table_schema = :schema AND column_name = :column"
+            ),
+            {"schema": schema, "column": TENANT_COLUMN},
+        )
+        return {tuple(row) for row in rows}  # type: ignore[misc]
+
+
+def tenant_indexes(engine: Engine, schema: str) -> set[str]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = :schema"
+                " AND indexdef LIKE '%(' || :column || ')'"
+            ),
+            {"schema": schema, "column": TENANT_COLUMN},
+        )
+        return set(rows.scalars())
+
+
+@pytest.mark.parametrize("schema", [None, "celery"])
+def test_tc0004_on_populated_tables_adds_the_result_tenant_and_downgrade_removes_it(
+    database: Database, schema: str | None
+) -> None:
+    """Upgrade and downgrade keep every row; in between, results stored in a tenant
+    name it, and the rows that were there name none."""
+    name = schema or "public"
+    admin = database.admin_engine()
+    assert upgrade(database.url, "tc0003", schema=schema, grant_to=[APP_ROLE]) == "tc0003"
+    with admin.begin() as conn:
+        conn.exec_driver_sql(POPULATE.format(schema=name))
+    before = result_rows(admin, name)
+    assert tenant_columns(admin, name) == set()
+
+    assert upgrade(database.url, "tc0004", schema=schema) == "tc0004"
+    assert tenant_columns(admin, name) == {
+        ("celery_taskmeta", "text", "YES"),
+        ("celery_tasksetmeta", "text", "YES"),
+    }
+    assert tenant_indexes(admin, name) == {
+        "ix_celery_taskmeta_tenant_id",
+        "ix_celery_tasksetmeta_tenant_id",
+    }
+    after = result_rows(admin, name)
+    # The rows that were there, each with a NULL tenant at the end; the messages unchanged.
+    assert after["celery_taskmeta"] == [(*row, None) for row in before["celery_taskmeta"]]
+    assert after["celery_tasksetmeta"] == [(*row, None) for row in before["celery_tasksetmeta"]]
+    assert after["tenant_celery_message"] == before["tenant_celery_message"]
+
+    # The application role stores a tenant's result in the new column.
+    app = Celery("tc0004", set_as_current=False)
+    app.conf.update(
+        result_backend="tenant_celery.results:PooledDatabaseBackend",
+        database_url=render(database.app_url),
+        database_table_schemas={"task": schema, "group": schema},
+    )
+    with tenant_context(TENANT):
+        app.backend.store_result("task-new", 1, "SUCCESS")
+        app.backend.store_result("task-1", 2, "SUCCESS")  # SUCCESS already: unchanged
+    with admin.connect() as conn:
+        stored = conn.execute(
+            sa.text(
+                f"SELECT task_id, tenant_id FROM {name}.celery_taskmeta WHERE tenant_id IS NOT NULL"
+            )
+        ).all()
+    assert [tuple(row) for row in stored] == [("task-new", TENANT)]
+    dispose_engines()
+    with_new = result_rows(admin, name)
+
+    assert downgrade(database.url, "tc0003", schema=schema) == "tc0003"
+    assert tenant_columns(admin, name) == set()
+    assert tenant_indexes(admin, name) == set()
+    down = result_rows(admin, name)
+    assert down["celery_taskmeta"] == [row[:-1] for row in with_new["celery_taskmeta"]]
+    assert down["celery_tasksetmeta"] == before["celery_tasksetmeta"]
+    assert down["tenant_celery_message"] == before["tenant_celery_message"]
+    assert len(down["celery_taskmeta"]) == RESULT_ROWS + 1
+
+    assert upgrade(database.url, "tc0004", schema=schema) == "tc0004"
+
+
+def test_tc0004_downgrade_is_refused_while_the_results_are_under_the_policy(
+    database: Database,
+) -> None:
+    """The host's opt-in reads the column: its revision must be undone first."""
+    upgrade(database.url, "tc0004")
+    with database.admin_engine().begin() as conn:
+        enable_tenant_rls(conn, "celery_taskmeta")
+    with pytest.raises(MigrationError, match="tc0004"):
+        downgrade(database.url, "tc0003")
+    assert current(database.url) == "tc0004"

@@ -24,7 +24,7 @@ UNREACHABLE = "postgresql://nobody:pw@127.0.0.1:1/nothing"
 
 
 def test_heads_and_branch() -> None:
-    assert heads() == ("tc0003",)
+    assert heads() == ("tc0004",)
     assert BRANCH == "tenant_celery"
     assert len(TABLES) == 7
     assert len(SEQUENCES) == 4  # the transport's message table numbers rows by identity

@@ -20,9 +20,11 @@ from ._cli import add_migrate_parser
 from ._objects import (
     BRANCH,
     LOCK_ID,
+    RESULT_TABLES,
     SCHEMA_OPTION,
     SEQUENCES,
     TABLES,
+    TENANT_COLUMN,
     VERSION_TABLE,
     grant_statements,
 )
@@ -30,9 +32,11 @@ from ._objects import (
 __all__ = [
     "BRANCH",
     "LOCK_ID",
+    "RESULT_TABLES",
     "SCHEMA_OPTION",
     "SEQUENCES",
     "TABLES",
+    "TENANT_COLUMN",
     "VERSION_TABLE",
     "add_migrate_parser",
     "current",

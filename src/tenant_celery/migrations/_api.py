@@ -47,7 +47,8 @@ def upgrade(
     ``celery_tasksetmeta`` with their sequences, exactly as kombu's SQLAlchemy
     transport and Celery's database result backend would (revision ``tc0001``), then
     the tables of the package's own transport, :mod:`tenant_celery.transport`
-    (``tc0002`` and ``tc0003``), and records the revision
+    (``tc0002`` and ``tc0003``), then the tenant column of the result tables
+    (``tc0004``), and records the revision
     in ``tenant_celery_alembic_version`` (beside, never inside, the host's own
     Alembic version table). Connect as a role that may create tables: the owner of
     the schema, not the role workers run as.

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from alembic.config import Config
 
+from .. import _result_tables
 from .._pg import identifier, qualified, quote
 from ..errors import ConfigurationError
 
@@ -28,9 +29,19 @@ TABLES = (
     "tenant_celery_queue",
     "tenant_celery_binding",
     "tenant_celery_message",
+    "tenant_celery_tenant_control",
 )
 """The tables the migration creates: kombu's SQLAlchemy broker, Celery's result
-backend, then the package's own transport (:mod:`tenant_celery.transport`)."""
+backend, then the package's own transport (:mod:`tenant_celery.transport`) and
+its tenant controls (:mod:`tenant_celery.tenants`)."""
+
+RESULT_TABLES = _result_tables.RESULT_TABLES
+"""Celery's result tables (tasks, then groups) among :data:`TABLES`: from revision
+``tc0004`` each row names its tenant in :data:`TENANT_COLUMN`."""
+
+TENANT_COLUMN = _result_tables.TENANT_COLUMN
+"""Column of the :data:`RESULT_TABLES` holding the tenant a result was stored in
+(``text``, ``NULL`` for a result stored outside any tenant)."""
 
 SEQUENCES = ("queue_id_sequence", "message_id_sequence", "task_id_sequence", "taskset_id_sequence")
 """The sequences the migration creates for the first four :data:`TABLES`, in the same
