@@ -31,9 +31,21 @@ Everything else is Celery's backend unchanged: the same tables (those of
 them, reading results, groups and cleanup, the same settings
 (``database_engine_options``, ``database_engine_callback``,
 ``database_short_lived_sessions``, ``database_table_names`` ...) and the
-same retries.  Result rows belong to no tenant and the result tables carry
-no row-level security policy; the tenant setting is transaction-local, so a
-pooled connection never carries one into the next transaction.
+same retries.
+
+Results belong to a tenant.  On tables at revision ``tc0004`` of the bundled
+migration, each task result and group it stores names, in ``tenant_id``, the
+tenant it was stored in: the task's, in a worker (``NULL`` outside any
+tenant).  :func:`purge_results` deletes one tenant's rows.  A host that puts
+the result tables under the tenant policy
+(:func:`~tenant_celery.rls.enable_tenant_rls` on
+:data:`~tenant_celery.migrations.RESULT_TABLES`) gets each tenant's results
+visible to that tenant only: the backend sees the policy in the catalog, the
+first time it uses an engine, and binds the engine with
+:func:`~tenant_celery.bind_tenant_guc`, so every read and write is made in
+the current tenant and none outside one.  The tenant setting is
+transaction-local, so a pooled connection never carries one into the next
+transaction.
 """
 
 from __future__ import annotations
@@ -47,21 +59,38 @@ from typing import TYPE_CHECKING, Any
 
 from celery import states
 from celery.backends.database.session import SessionManager
-from sqlalchemy import Table, create_engine
+from kombu.utils.encoding import ensure_bytes
+from sqlalchemy import PickleType, Table, create_engine, func, insert
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
 
 from ._compat import DatabaseBackend, database_retry
+from ._result_tables import (
+    TENANT_COLUMN,
+    PurgedResults,
+    ResultTables,
+    inspect_result_tables,
+    purge_results,
+    table_name,
+    with_tenant,
+)
 from ._transaction_guard import is_guarded
+from .config import guc_name
+from .context import current_tenant
+from .db import bind_tenant_guc
+from .errors import TenantContextMissing
 
 __all__ = [
     "PooledDatabaseBackend",
     "PooledSessionManager",
+    "PurgedResults",
     "dispose_engines",
+    "purge_results",
 ]
 
 EngineCallback = Callable[[Engine], object]
@@ -72,6 +101,9 @@ EngineCallback = Callable[[Engine], object]
 # The callback is kept beside its engine so that its id is not reused while the key lives.
 _engines: dict[tuple[str, str, int], tuple[Engine, EngineCallback | None]] = {}
 _lock = threading.Lock()
+# What the catalog says of the result tables, per engine (engines live as long as
+# the process) and pair of table names.
+_tables: dict[tuple[int, str, str], ResultTables] = {}
 
 
 def _after_fork_in_child() -> None:
@@ -231,6 +263,64 @@ class PooledDatabaseBackend(DatabaseBackend):
             manager = PooledSessionManager(getattr(manager, "engine_callback", None))
         self.__dict__["_pooled_session_manager"] = manager
 
+    def ResultSession(self, session_manager: Any = None) -> Session:
+        """A session on the result database, whose engine knows the result tables'
+        tenancy (:meth:`result_tables`) before its first statement."""
+        session: Session = super().ResultSession(session_manager)
+        bind = session.get_bind()
+        if isinstance(bind, Engine):
+            self.result_tables(bind)
+        return session
+
+    def _engine(self) -> Engine:
+        engine, _maker = self.session_manager.create_session(
+            self.url, short_lived_sessions=self.short_lived_sessions, **self.engine_options
+        )
+        return engine
+
+    def result_tables(self, engine: Engine | None = None) -> ResultTables:
+        """What the catalog says of this backend's result tables (tenant column, policy).
+
+        Read once per engine and process, the first time the engine is used.
+        When either table has row-level security on, the engine is bound with
+        :func:`~tenant_celery.bind_tenant_guc` (the app's ``tenant_celery_guc``)
+        before anything else runs on it, unless it is bound already.  A worker
+        or client started before the host opted in must be restarted to see it.
+        Thread-safe.
+        """
+        if engine is None:
+            engine = self._engine()
+        task: Table = self.task_cls.__table__
+        group: Table = self.taskset_cls.__table__
+        key = (id(engine), table_name(task), table_name(group))
+        found = _tables.get(key)
+        if found is not None:
+            return found
+        with _lock:
+            found = _tables.get(key)
+            if found is not None:
+                return found
+            with engine.connect() as connection:
+                found = inspect_result_tables(connection, task, group)
+            if found.policy and not is_guarded(engine):
+                app = self.app  # type: ignore[attr-defined]  # not in the stubs
+                bind_tenant_guc(engine, setting=guc_name(app))
+            if found.found:  # tables created later (at setup) are read again
+                _tables[key] = found
+        return found
+
+    @staticmethod
+    def _tenant_to_store(tables: ResultTables) -> str | None:
+        """The tenant a row is stored with: the current one; none is refused under the policy."""
+        tenant = current_tenant()
+        if tenant is None and tables.policy:
+            raise TenantContextMissing(
+                "the result tables are under the tenant policy, so a result stored outside "
+                "any tenant would be refused by the database; store it inside "
+                "tenant_context(...), or set ignore_result=True on tasks run without a tenant"
+            )
+        return tenant
+
     @database_retry
     def _store_result(
         self,
@@ -246,17 +336,24 @@ class PooledDatabaseBackend(DatabaseBackend):
         The column values are Celery's own: its ``_update_result`` fills a
         plain row object, whose set attributes become the statement's
         parameters.  A row whose status is already ``SUCCESS`` is not
-        updated.
+        updated.  The row's tenant is the current one; a later write made
+        outside any tenant keeps it.
+
+        Raises:
+            TenantContextMissing: the result tables are under the tenant policy
+                and no tenant is current; nothing was written.
         """
         row = _Row()
         row.task_id = task_id
         self._update_result(row, result, state, traceback=traceback, request=request)
         table: Table = self.task_cls.__table__
         values = {c.name: row.__dict__[c.name] for c in table.columns if c.name in row.__dict__}
+        engine = self._engine()
+        tables = self.result_tables(engine)
+        if tables.task_tenant:
+            values[TENANT_COLUMN] = self._tenant_to_store(tables)
+            table = with_tenant(table)
         upsert = self._upsert(table, frozenset(values))
-        engine, _maker = self.session_manager.create_session(
-            self.url, short_lived_sessions=self.short_lived_sessions, **self.engine_options
-        )
         if upsert.run_directly(engine, values):
             return
         if is_guarded(engine):
@@ -279,11 +376,15 @@ class PooledDatabaseBackend(DatabaseBackend):
             insert = pg_insert(table).inline()  # no RETURNING of the new id
             # Columns Celery set, and those with an update default (``date_done``),
             # which the ORM would have refreshed on update.
-            updated = {
+            updated: dict[str, ColumnElement[Any]] = {
                 c.name: insert.excluded[c.name]
                 for c in table.columns
                 if c.name not in ("id", "task_id") and (c.name in columns or c.onupdate is not None)
             }
+            if TENANT_COLUMN in updated:
+                updated[TENANT_COLUMN] = func.coalesce(
+                    insert.excluded[TENANT_COLUMN], table.c[TENANT_COLUMN]
+                )
             statement = insert.on_conflict_do_update(
                 index_elements=[table.c.task_id],
                 set_=updated,
@@ -291,6 +392,32 @@ class PooledDatabaseBackend(DatabaseBackend):
             )
             found = cache[key] = _Upsert(statement, columns)
         return found
+
+    @database_retry
+    def _save_group(self, group_id: str, result: Any) -> Any:
+        """Store a group's results in one ``INSERT``, with the tenant it is saved in
+        (as :meth:`_store_result` does); Celery's values and defaults otherwise.
+
+        Raises:
+            TenantContextMissing: the result tables are under the tenant policy
+                and no tenant is current; nothing was written.
+        """
+        table: Table = self.taskset_cls.__table__
+        # Celery before 5.5 declares the column PickleType, which pickles the value itself.
+        value = (
+            result
+            if isinstance(table.c.result.type, PickleType)
+            else ensure_bytes(self.encode(self.prepare_value(result)))
+        )
+        values: dict[str, Any] = {"taskset_id": group_id, "result": value}
+        engine = self._engine()
+        tables = self.result_tables(engine)
+        if tables.group_tenant:
+            values[TENANT_COLUMN] = self._tenant_to_store(tables)
+            table = with_tenant(table)
+        with engine.begin() as connection:
+            connection.execute(insert(table), values)
+        return result
 
 
 class _Row:

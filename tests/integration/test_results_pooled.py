@@ -238,7 +238,7 @@ def test_a_lost_connection_is_replaced(migrated: Database) -> None:
     assert connects.count == 3
 
 
-def test_results_belong_to_no_tenant(migrated: Database) -> None:
+def test_a_bound_result_engine_keeps_no_tenant_between_transactions(migrated: Database) -> None:
     app = results_app(migrated, database_engine_callback=bind_tenant_guc)
     engine = result_engine(app)
     task_id = str(uuid.uuid4())
@@ -251,7 +251,8 @@ def test_results_belong_to_no_tenant(migrated: Database) -> None:
             sa.text("SELECT current_setting('app.current_tenant_id', true)")
         ).scalar_one()
     assert setting in ("", None), "a pooled connection must not keep the tenant"
-    # No policy on the result tables: any tenant, or none, reads the result.
+    # No policy on the result tables (the opt-in, test_results_tenants.py): any
+    # tenant, or none, reads the result.
     with tenant_context(TENANT_B):
         assert results_app(migrated).backend.get_task_meta(task_id)["result"] == "done in A"
     assert results_app(migrated).backend.get_task_meta(task_id)["result"] == "done in A"
