@@ -119,6 +119,7 @@ __all__ = [
     "APPLICATION_NAME",
     "BINDING_TABLE",
     "CLAIM_SECONDS_BUCKETS",
+    "CONTROL_TABLE",
     "MESSAGE_TABLE",
     "NOTIFY_CHANNEL",
     "QUEUE_TABLE",
@@ -142,6 +143,8 @@ QUEUE_TABLE = "tenant_celery_queue"
 """Declared queues with their message time-to-live and auto-delete flag."""
 BINDING_TABLE = "tenant_celery_binding"
 """Exchange-to-queue bindings, shared by every process on the database."""
+CONTROL_TABLE = "tenant_celery_tenant_control"
+"""Paused and rate-limited tenants (:mod:`tenant_celery.tenants`), read by every claim."""
 NOTIFY_CHANNEL = "tenant_celery_message"
 """``NOTIFY`` channel a publish wakes idle consumers on (the payload is the queue name)."""
 
@@ -222,6 +225,7 @@ def _sql(template: str, settings: _Settings) -> sql.Composed:
         message=settings.table(MESSAGE_TABLE),
         queue_table=settings.table(QUEUE_TABLE),
         binding=settings.table(BINDING_TABLE),
+        control=settings.table(CONTROL_TABLE),
     )
 
 
@@ -268,55 +272,95 @@ _READY = (
 # The first tenant in index order: a probe of the claim index, whatever the planner
 # believes of the table (its statistics swing between empty, full and all-claimed).
 _FIRST = " ORDER BY m.queue, m.tenant LIMIT 1"
+# A tenant's bucket level now: its tokens refilled at its rate since, up to its burst.
+_LEVEL = (
+    "LEAST(c.burst, c.tokens + c.rate * GREATEST(0, extract(epoch FROM now() - c.refilled_at)))"
+)
+# Whether the claim may take tenant `x.t`'s messages: not paused on this queue or
+# everywhere, and not rate-limited on this queue with less than one token.  Read
+# at all only when the control table has a row (one probe for the statement).
+_ALLOWED = (
+    " CROSS JOIN LATERAL (SELECT CASE WHEN x.t IS NULL OR NOT (SELECT EXISTS ("
+    "SELECT 1 FROM {control})) THEN true ELSE NOT EXISTS ("
+    "SELECT 1 FROM {control} AS c WHERE c.tenant = x.t AND c.queue IN (%(queue)s, '')"
+    " AND (c.paused OR (c.rate IS NOT NULL AND c.queue = %(queue)s AND "
+    + _LEVEL
+    + " < 1))) END AS ok) AS k"
+)
 # Acknowledgements made since the last claim ride along with it: their rows are
-# deleted by the same statement (and kept out of its candidates).
+# deleted by the same statement (and kept out of its candidates).  Tenants the
+# claim may not take are passed over without counting towards the `n` it looks
+# for, so a paused tenant at the cursor holds back no other tenant.
 _TENANT_SCAN = (
     "WITH RECURSIVE acked AS ("
     " DELETE FROM {message} WHERE id = ANY(%(acks)s::bigint[]) AND lease = %(lease)s"
-    "), after_cursor(t, pos) AS ("
-    " SELECT (SELECT m.tenant FROM {message} AS m WHERE "
+    "), after_cursor(t, pos, ok) AS ("
+    " SELECT x.t, k.ok::int, k.ok FROM (SELECT (SELECT m.tenant FROM {message} AS m WHERE "
     + _READY
     + " AND m.tenant > %(cursor)s"
     + _FIRST
-    + "), 1"
-    " UNION ALL"
-    " SELECT (SELECT m.tenant FROM {message} AS m WHERE "
+    + ") AS t) AS x"
+    + _ALLOWED
+    + " UNION ALL"
+    " SELECT x.t, a.pos + k.ok::int, k.ok FROM after_cursor AS a CROSS JOIN LATERAL ("
+    "SELECT (SELECT m.tenant FROM {message} AS m WHERE "
     + _READY
     + " AND m.tenant > a.t"
     + _FIRST
-    + "), a.pos + 1"
-    " FROM after_cursor AS a WHERE a.t IS NOT NULL AND a.pos < %(n)s"
-    "), from_start(t, pos) AS ("
-    " SELECT (SELECT m.tenant FROM {message} AS m WHERE "
+    + ") AS t) AS x"
+    + _ALLOWED
+    + " WHERE a.t IS NOT NULL AND a.pos < %(n)s"
+    "), from_start(t, pos, ok) AS ("
+    " SELECT x.t, %(n)s + k.ok::int, k.ok FROM (SELECT (SELECT m.tenant FROM {message} AS m"
+    " WHERE "
     + _READY
     + " AND m.tenant <= %(cursor)s"
     + _FIRST
-    + "), %(n)s + 1"
-    " UNION ALL"
-    " SELECT (SELECT m.tenant FROM {message} AS m WHERE "
+    + ") AS t) AS x"
+    + _ALLOWED
+    + " UNION ALL"
+    " SELECT x.t, s.pos + k.ok::int, k.ok FROM from_start AS s CROSS JOIN LATERAL ("
+    "SELECT (SELECT m.tenant FROM {message} AS m WHERE "
     + _READY
     + " AND m.tenant > s.t AND m.tenant <= %(cursor)s"
     + _FIRST
-    + "), s.pos + 1"
-    " FROM from_start AS s WHERE s.t IS NOT NULL AND s.pos < 2 * %(n)s"
+    + ") AS t) AS x"
+    + _ALLOWED
+    + " WHERE s.t IS NOT NULL AND s.pos < 2 * %(n)s"
     "), tenants AS ("
-    " SELECT t, pos FROM after_cursor WHERE t IS NOT NULL"
-    " UNION ALL SELECT t, pos FROM from_start WHERE t IS NOT NULL"
+    " SELECT t, pos FROM after_cursor WHERE t IS NOT NULL AND ok"
+    " UNION ALL SELECT t, pos FROM from_start WHERE t IS NOT NULL AND ok"
     " ORDER BY pos LIMIT %(n)s"
+    # The rate-limited tenants among them, their buckets locked (in tenant order:
+    # two claims never wait on each other's) until this claim has spent them.
+    "), buckets AS ("
+    " SELECT c.tenant, " + _LEVEL + " AS level FROM {control} AS c"
+    " WHERE c.queue = %(queue)s AND c.rate IS NOT NULL AND c.tenant IN (SELECT t FROM tenants)"
+    " ORDER BY c.tenant FOR UPDATE OF c"
     ")"
 )
-# Per tenant, its first `n` ready messages by priority then age, locked without
-# waiting; then the first `n` of them taking each tenant's first message first.
+# Per tenant, its first `n` ready messages by priority then age (fewer for a
+# rate-limited tenant: the whole tokens in its bucket), locked without waiting;
+# then the first `n` of them taking each tenant's first message first.
 _CANDIDATES = (
     ", candidates AS ("
     " SELECT c.id, c.tenant, c.priority, tenants.pos FROM tenants CROSS JOIN LATERAL ("
     "  SELECT m.id, m.tenant, m.priority FROM {message} AS m"
     "  WHERE " + _READY + " AND m.tenant = tenants.t AND m.id <> ALL(%(acks)s::bigint[])"
-    "  ORDER BY m.priority, m.id LIMIT {per_tenant} FOR UPDATE SKIP LOCKED) AS c"
+    "  ORDER BY m.priority, m.id LIMIT LEAST({per_tenant}, coalesce(("
+    "SELECT GREATEST(0, floor(b.level))::int FROM buckets AS b WHERE b.tenant = tenants.t),"
+    " %(n)s))"
+    " FOR UPDATE SKIP LOCKED) AS c"
     "), ranked AS ("
     " SELECT id, tenant, pos,"
     " row_number() OVER (PARTITION BY tenant ORDER BY priority, id) AS turn FROM candidates"
-    "), chosen AS (SELECT id, turn, pos FROM ranked ORDER BY turn, pos LIMIT %(n)s)"
+    "), chosen AS (SELECT id, tenant, turn, pos FROM ranked ORDER BY turn, pos LIMIT %(n)s"
+    # What the chosen messages spend of their tenants' buckets.
+    "), spent AS ("
+    " UPDATE {control} AS c SET tokens = b.level - (SELECT count(*) FROM chosen"
+    " WHERE chosen.tenant = b.tenant), refilled_at = GREATEST(c.refilled_at, now())"
+    " FROM buckets AS b WHERE c.queue = %(queue)s AND c.tenant = b.tenant"
+    ")"
 )
 # With tenant_inflight_limit: a tenant may take only what its claimed messages leave
 # (the rows this statement deletes as acknowledged no longer count).

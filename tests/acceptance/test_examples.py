@@ -296,7 +296,7 @@ def storefront(processes: Processes, admin_engine: Engine) -> Storefront:
     checked(processes.run([*alembic, "check"], cwd=ROOT))
     migrated = checked(processes.run([sys.executable, "-m", "storefront", "migrate"], cwd=HOST))
     assert migrated.strip() == (
-        f"Celery broker and result tables at revision tc0004, granted to {APP_ROLE}"
+        f"Celery broker and result tables at revision tc0005, granted to {APP_ROLE}"
     )
     record_published_messages(admin_engine)
     celery = [sys.executable, "-m", "celery", "-A", "storefront"]

@@ -87,22 +87,22 @@ def test_upgrade_current_downgrade(database: Database) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("upgraded postgresql+psycopg://postgres@")
-    assert lines[0].endswith(": none -> tc0004 (head)")
+    assert lines[0].endswith(": none -> tc0005 (head)")
     assert lines[1] == (
-        "granted SELECT, INSERT, UPDATE, DELETE on 7 tables and USAGE on 4 sequences to app_user"
+        "granted SELECT, INSERT, UPDATE, DELETE on 8 tables and USAGE on 4 sequences to app_user"
     )
     assert privilege_rows(database) == 4 * len(TABLES)
 
     done = migrate("upgrade", "--url", url)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.endswith(" is at tc0004 (head); nothing to upgrade\n")
+    assert done.stdout.endswith(" is at tc0005 (head); nothing to upgrade\n")
 
     done = migrate("current", "--url", url)
-    assert (done.returncode, done.stdout) == (0, "tc0004 (head)\n")
+    assert (done.returncode, done.stdout) == (0, "tc0005 (head)\n")
 
     done = migrate("downgrade", "base", "--url", url)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.endswith(": tc0004 (head) -> none\n")
+    assert done.stdout.endswith(": tc0005 (head) -> none\n")
     with database.admin_engine().connect() as conn:
         assert set(sa.inspect(conn).get_table_names()) == {VERSION_TABLE}
 
@@ -113,7 +113,7 @@ def test_url_from_the_environment_and_a_schema(database: Database) -> None:
     assert done.returncode == 0, done.stderr
     assert privilege_rows(database, "celery") == 4 * len(TABLES)
     done = migrate("current", "--schema", "celery", env=env)
-    assert done.stdout == "tc0004 (head)\n"
+    assert done.stdout == "tc0005 (head)\n"
     done = migrate("current", env=env)  # the public schema was never migrated
     assert done.stdout == "none\n"
 
@@ -136,7 +136,7 @@ def test_sql_prints_a_script_psql_can_run(database: Database) -> None:
     assert applied.returncode == 0, applied.stderr
     assert privilege_rows(database) == 4 * len(TABLES)
     done = migrate("current", "--url", render(database.url))
-    assert done.stdout == "tc0004 (head)\n"
+    assert done.stdout == "tc0005 (head)\n"
 
 
 def test_two_upgrades_at_once_both_succeed(database: Database) -> None:
@@ -151,7 +151,7 @@ def test_two_upgrades_at_once_both_succeed(database: Database) -> None:
     assert any(out.endswith("nothing to upgrade\n") for out, _ in outputs), outputs
     with database.admin_engine().connect() as conn:
         versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
-    assert [tuple(row) for row in versions] == [("tc0004",)]
+    assert [tuple(row) for row in versions] == [("tc0005",)]
 
 
 def test_errors_exit_non_zero_with_one_line(database: Database) -> None:

@@ -173,7 +173,7 @@ def run_page(
     @run.on("python", "assert current(url) in heads()")
     def where_it_is(block: Block) -> None:
         run.exec(block)
-        assert ns["current"](ns["url"]) == "tc0004"
+        assert ns["current"](ns["url"]) == "tc0005"
 
     @run.on("console", "tenant-celery migrate upgrade --grant-to app_user")
     def from_the_command_line(block: Block) -> None:
@@ -206,7 +206,7 @@ def run_page(
         assert host_heads(alembic_db) == {BASE_REVISION}
         # ours alone: recorded beside the host's head
         command.upgrade(config, "tenant_celery@head")
-        assert host_heads(alembic_db) == {BASE_REVISION, "tc0004"}
+        assert host_heads(alembic_db) == {BASE_REVISION, "tc0005"}
         command.upgrade(config, "heads")
 
     @run.on("console", "tenant-celery migrate sql --grant-to app_user")

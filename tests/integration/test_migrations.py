@@ -42,7 +42,7 @@ from tests._rig.postgres import APP_ROLE, Database, DatabaseFactory, libpq_kwarg
 from .schema_catalog import create_with_libraries, differences, snapshot
 
 VERSIONS = f"kombu-{kombu.__version__}-celery-{celery.__version__}"
-HEAD = "tc0004"
+HEAD = "tc0005"
 #: The revision that builds exactly what kombu's SQLAlchemy transport and Celery build.
 LIBRARY_TABLES = "tc0001"
 TENANT = "6f1c1d52-1f0e-4c39-9a43-5b1f0c1e2a01"

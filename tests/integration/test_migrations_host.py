@@ -128,12 +128,12 @@ def test_host_history_and_ours_move_independently(tmp_path: Path, database: Data
     upgrade(database.url)
     command.upgrade(host, "head")
     assert host_heads(database) == {"h001"}
-    assert current(database.url) == "tc0004"
+    assert current(database.url) == "tc0005"
     assert tables(database) == {*TABLES, "widgets", "alembic_version", VERSION_TABLE}
 
     command.downgrade(host, "base")
     assert host_heads(database) == set()
-    assert current(database.url) == "tc0004"
+    assert current(database.url) == "tc0005"
     assert set(TABLES) <= tables(database)
 
     command.upgrade(host, "head")
@@ -150,7 +150,7 @@ def test_recipe_runs_our_revisions_in_the_host_environment(
     with pytest.raises(CommandError, match="Multiple head revisions"):
         command.upgrade(host, "head")  # two heads now: "heads" or a branch
     command.upgrade(host, "tenant_celery@head")
-    assert host_heads(database) == {"tc0004"}
+    assert host_heads(database) == {"tc0005"}
     assert tables(database) == {*TABLES, "alembic_version"}  # no second version table
 
     command.upgrade(host, "heads")

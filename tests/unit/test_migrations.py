@@ -24,9 +24,9 @@ UNREACHABLE = "postgresql://nobody:pw@127.0.0.1:1/nothing"
 
 
 def test_heads_and_branch() -> None:
-    assert heads() == ("tc0004",)
+    assert heads() == ("tc0005",)
     assert BRANCH == "tenant_celery"
-    assert len(TABLES) == 7
+    assert len(TABLES) == 8
     assert len(SEQUENCES) == 4  # the transport's message table numbers rows by identity
 
 
@@ -34,7 +34,7 @@ def test_grant_statements() -> None:
     assert grant_statements(["app_user", "app_user"]) == [
         "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE kombu_queue, kombu_message,"
         " celery_taskmeta, celery_tasksetmeta, tenant_celery_queue, tenant_celery_binding,"
-        " tenant_celery_message TO app_user",
+        " tenant_celery_message, tenant_celery_tenant_control TO app_user",
         "GRANT USAGE ON SEQUENCE queue_id_sequence, message_id_sequence, task_id_sequence,"
         " taskset_id_sequence TO app_user",
     ]

@@ -29,9 +29,11 @@ TABLES = (
     "tenant_celery_queue",
     "tenant_celery_binding",
     "tenant_celery_message",
+    "tenant_celery_tenant_control",
 )
 """The tables the migration creates: kombu's SQLAlchemy broker, Celery's result
-backend, then the package's own transport (:mod:`tenant_celery.transport`)."""
+backend, then the package's own transport (:mod:`tenant_celery.transport`) and
+its tenant controls (:mod:`tenant_celery.tenants`)."""
 
 RESULT_TABLES = _result_tables.RESULT_TABLES
 """Celery's result tables (tasks, then groups) among :data:`TABLES`: from revision

@@ -1,0 +1,91 @@
+"""Per-tenant controls of the package's transport: pause and rate limit.
+
+One row per tenant and queue (``queue = ''``: every queue) that an operator
+paused or rate-limited with :mod:`tenant_celery.tenants`.  Every claim reads
+it, so every worker obeys it, including workers started later; a tenant
+without a row is claimed as before.  A rate-limited row is also a token
+bucket: ``tokens`` as of ``refilled_at``, refilled at ``rate`` per second up
+to ``burst``, spent by the claims that take the tenant's messages (they lock
+the row while they claim, so workers on several hosts share one bucket).
+
+Revision ID: tc0005
+Revises: tc0004
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import context, op
+
+from tenant_celery._pg import qualified
+from tenant_celery.migrations._objects import configured_schema
+
+revision = "tc0005"
+down_revision: str | None = "tc0004"
+branch_labels: tuple[str, ...] | None = None
+depends_on: str | None = None
+
+TABLE = "tenant_celery_tenant_control"
+
+# Room on each page for the token updates to be HOT; the table holds a few rows
+# per controlled tenant, rewritten by every claim that spends a bucket.
+_STORAGE = (
+    "fillfactor = 50, autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 200"
+)
+
+
+def upgrade() -> None:
+    schema = configured_schema(context.config)
+    op.create_table(
+        TABLE,
+        sa.Column("tenant", sa.Text(), nullable=False),
+        sa.Column("queue", sa.Text(), nullable=False, comment="'' for every queue"),
+        sa.Column("paused", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("rate", sa.Float(), nullable=True, comment="messages per second"),
+        sa.Column("burst", sa.Float(), nullable=True, comment="most messages at once"),
+        sa.Column("tokens", sa.Float(), nullable=False, server_default="0"),
+        sa.Column(
+            "refilled_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.Column(
+            "changed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.PrimaryKeyConstraint("tenant", "queue", name=f"{TABLE}_pkey"),
+        sa.CheckConstraint(
+            "rate IS NULL OR (rate > 0 AND burst >= 1 AND queue <> '')",
+            name=f"{TABLE}_rate_check",
+        ),
+        schema=schema,
+    )
+    op.execute(f"ALTER TABLE {qualified(TABLE, schema)} SET ({_STORAGE})")
+    _carry_grants(schema)
+
+
+# The roles that may use the transport's message table may read and spend the
+# controls (every claim does); the same grants, as revision tc0002 carries them.
+_CARRY_GRANTS = """
+DO $carry$
+DECLARE grantee_role text; privilege text;
+BEGIN
+  FOR grantee_role, privilege IN
+    SELECT DISTINCT g.grantee, g.privilege_type FROM information_schema.role_table_grants AS g
+    WHERE g.table_schema = {schema} AND g.table_name = 'tenant_celery_message'
+      AND g.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE')
+      AND g.grantee <> current_user AND g.grantee <> 'PUBLIC'
+  LOOP
+    EXECUTE format('GRANT %s ON TABLE {table} TO %I', privilege, grantee_role);
+  END LOOP;
+END
+$carry$
+"""
+
+
+def _carry_grants(schema: str | None) -> None:
+    where = "current_schema()" if schema is None else "'" + schema.replace("'", "''") + "'"
+    table = qualified(TABLE, schema).replace("%", "%%")
+    op.execute(_CARRY_GRANTS.format(schema=where, table=table))
+
+
+def downgrade() -> None:
+    op.drop_table(TABLE, schema=configured_schema(context.config))
