@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -311,10 +311,229 @@ def _add_migrate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add_migrate_parser(subparsers)
 
 
+# ----------------------------------------------------------------------- tenants
+
+_BROKER_URL_ENV = "CELERY_BROKER_URL"
+_TENANT_FORMATS = ("uuid", "integer", "slug")
+
+
+def _add_tenants(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tenants = subparsers.add_parser(
+        "tenants",
+        help="inspect, pause, resume, purge or rate-limit one tenant's queued work",
+        description=(
+            "Act on one tenant's messages in the package's PostgreSQL transport while workers "
+            "consume (tenant_celery.tenants). Name the broker with -A (the Celery app, whose "
+            f"module also sets the tenant id format) or --broker (default: ${_BROKER_URL_ENV}). "
+            "Exit 0 when done, 2 on a usage or connection error (a broker that is not the "
+            "transport, a malformed tenant id), 130 when interrupted."
+        ),
+    )
+    actions = tenants.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str, run: Callable[[argparse.Namespace], int]) -> Any:
+        parser = actions.add_parser(name, help=help_text, description=help_text)
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("-A", "--app", help="the Celery app, as module or module:attribute")
+        where.add_argument(
+            "--broker", help=f"the broker URL, tcpg+postgresql://... (default: ${_BROKER_URL_ENV})"
+        )
+        parser.add_argument(
+            "--tenant-format",
+            choices=_TENANT_FORMATS,
+            help="tenant id format without -A (default: uuid)",
+        )
+        parser.add_argument("--json", action="store_true", help="print a JSON document")
+        parser.set_defaults(run=run)
+        return parser
+
+    inspect = action(
+        "inspect", "list each tenant's ready, in-flight and delayed messages", _run_inspect
+    )
+    inspect.add_argument("--tenant", help="only this tenant")
+    inspect.add_argument("--queue", help="only this queue")
+    for name, help_text, run in (
+        ("pause", "stop workers claiming a tenant's messages", _run_pause),
+        ("resume", "let workers claim a tenant's messages again", _run_resume),
+    ):
+        parser = action(name, help_text, run)
+        parser.add_argument("tenant", help="the tenant id")
+        parser.add_argument("--queue", help="only this queue (default: every queue)")
+    purge = action("purge", "delete a tenant's queued messages (and stored results)", _run_purge)
+    purge.add_argument("tenant", help="the tenant id")
+    purge.add_argument("--queue", help="only this queue (default: every queue)")
+    purge.add_argument(
+        "--in-flight", action="store_true", help="also delete (and revoke) claimed messages"
+    )
+    purge.add_argument("--no-revoke", action="store_true", help="do not revoke delayed messages")
+    purge.add_argument("--results", help="also delete its stored results in this database (URL)")
+    purge.add_argument("--yes", action="store_true", help="purge without asking (required)")
+    limit = action("rate-limit", "limit how fast workers claim a tenant's messages", _run_limit)
+    limit.add_argument("tenant", help="the tenant id")
+    limit.add_argument("--queue", required=True, help="the queue the limit applies to")
+    amount = limit.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--rate", type=float, help="messages a second, all workers together")
+    amount.add_argument("--off", action="store_true", help="remove the tenant's limit")
+    limit.add_argument("--burst", type=float, help="most messages at once (default: one second's)")
+
+
+def _broker(args: argparse.Namespace) -> Any:
+    """The app (-A) or broker URL the tenants subcommand acts on; sets the tenant parser."""
+    from . import context  # noqa: PLC0415
+
+    if args.app:
+        if args.tenant_format:
+            _fail("--tenant-format is taken from the app's module with -A; pass one or the other")
+        from celery.app.utils import find_app  # noqa: PLC0415
+
+        sys.path.insert(0, os.getcwd())
+        try:
+            return find_app(args.app)
+        except Exception as exc:  # any error importing the user's module
+            _fail(f"cannot load the app {args.app!r}: {_one_line(exc)}")
+    url = args.broker or os.environ.get(_BROKER_URL_ENV) or None
+    if url is None:
+        _fail(f"no broker: pass -A or --broker, or set {_BROKER_URL_ENV}")
+    parsers = {
+        "uuid": context.uuid_tenant_id,
+        "integer": context.integer_tenant_id,
+        "slug": context.slug_tenant_id,
+    }
+    context.set_tenant_id_parser(parsers[args.tenant_format or "uuid"])
+    return url
+
+
+def _tenants_call(args: argparse.Namespace, call: Callable[[Any], Any]) -> Any:
+    from .errors import InvalidTenantId  # noqa: PLC0415
+
+    broker = _broker(args)
+    try:
+        return call(broker)
+    except (ConfigurationError, InvalidTenantId) as exc:
+        _fail(str(exc))
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .tenants import inspect  # noqa: PLC0415
+
+    found = _tenants_call(args, lambda b: inspect(b, tenant=args.tenant, queue=args.queue))
+    if args.json:
+        print(json.dumps([entry.as_dict() for entry in found], indent=2))
+        return EXIT_CLEAN
+    header = ("queue", "tenant", "ready", "in flight", "delayed", "oldest", "paused", "rate")
+    rows = [
+        (
+            e.queue,
+            e.tenant or "(none)",
+            str(e.ready),
+            str(e.in_flight),
+            str(e.delayed),
+            "-" if e.oldest_ready_seconds is None else f"{e.oldest_ready_seconds:.1f}s",
+            "yes" if e.paused else "no",
+            "-" if e.rate is None else f"{e.rate:g}/s (burst {e.burst:g})",
+        )
+        for e in found
+    ]
+    if not rows:
+        print("no queued messages and no paused or rate-limited tenant")
+        return EXIT_CLEAN
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return EXIT_CLEAN
+
+
+def _where(queue: str | None) -> str:
+    return "every queue" if queue is None else f"queue {queue}"
+
+
+def _run_pause(args: argparse.Namespace) -> int:
+    from .tenants import pause  # noqa: PLC0415
+
+    _tenants_call(args, lambda b: pause(b, args.tenant, queue=args.queue))
+    _say(
+        args,
+        {"paused": args.tenant, "queue": args.queue},
+        f"paused {args.tenant} on {_where(args.queue)}",
+    )
+    return EXIT_CLEAN
+
+
+def _run_resume(args: argparse.Namespace) -> int:
+    from .tenants import resume  # noqa: PLC0415
+
+    still = _tenants_call(args, lambda b: resume(b, args.tenant, queue=args.queue))
+    text = f"resumed {args.tenant} on {_where(args.queue)}"
+    if still:
+        shown = ", ".join("every queue" if q == "*" else q for q in still)
+        text += f"; still paused on {shown}"
+    _say(args, {"resumed": args.tenant, "queue": args.queue, "still_paused": still}, text)
+    return EXIT_CLEAN
+
+
+def _run_purge(args: argparse.Namespace) -> int:
+    from .tenants import purge  # noqa: PLC0415
+
+    if not args.yes:
+        _fail(
+            f"purge deletes {args.tenant}'s queued messages on {_where(args.queue)}"
+            + (" and its stored results" if args.results else "")
+            + "; pass --yes to do it"
+        )
+    done = _tenants_call(
+        args,
+        lambda b: purge(
+            b,
+            args.tenant,
+            queue=args.queue,
+            in_flight=args.in_flight,
+            revoke=not args.no_revoke,
+            results=args.results,
+        ),
+    )
+    text = (
+        f"purged {done.tenant} on {_where(done.queue)}: {done.ready} ready, {done.delayed} "
+        f"delayed, {done.in_flight} in flight deleted; {len(done.revoked)} revoked"
+    )
+    if done.results is not None:
+        text += f"; {done.results.tasks} task results and {done.results.groups} group results"
+    if done.left_in_flight:
+        text += f"\nleft to finish ({len(done.left_in_flight)}): " + ", ".join(done.left_in_flight)
+    _say(args, done.as_dict(), text)
+    return EXIT_CLEAN
+
+
+def _run_limit(args: argparse.Namespace) -> int:
+    from .tenants import rate_limit  # noqa: PLC0415
+
+    if args.off and args.burst is not None:
+        _fail("--burst goes with --rate, not --off")
+    rate = None if args.off else args.rate
+    _tenants_call(
+        args, lambda b: rate_limit(b, args.tenant, queue=args.queue, rate=rate, burst=args.burst)
+    )
+    if rate is None:
+        text = f"removed the rate limit of {args.tenant} on queue {args.queue}"
+    else:
+        burst = args.burst if args.burst is not None else max(1.0, rate)
+        text = f"limited {args.tenant} on queue {args.queue} to {rate:g}/s (burst {burst:g})"
+    _say(
+        args, {"tenant": args.tenant, "queue": args.queue, "rate": rate, "burst": args.burst}, text
+    )
+    return EXIT_CLEAN
+
+
+def _say(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_check,
     _add_migrate,
     _add_demo,
+    _add_tenants,
 )
 
 if __name__ == "__main__":

@@ -38,12 +38,14 @@ import psycopg
 from psycopg import sql
 
 from ._pg import identifier
+from ._result_tables import PurgedResults, purge_results
 from .context import parse_tenant_id
 from .errors import ConfigurationError
 from .transport import CONTROL_TABLE, MESSAGE_TABLE, NOTIFY_CHANNEL, SCHEME
 
 if TYPE_CHECKING:
     from celery import Celery
+    from sqlalchemy.engine import URL, Engine
 
 __all__ = [
     "APPLICATION_NAME",
@@ -189,12 +191,16 @@ class Purged:
     """Task ids revoked: the deleted messages a worker already held."""
     left_in_flight: tuple[str, ...] = field(default=())
     """Task ids of the tenant's in-flight messages left to finish."""
+    results: PurgedResults | None = None
+    """The stored results deleted, when :func:`purge` was given the result database."""
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (``tenant-celery tenants purge --json``)."""
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data["revoked"] = list(self.revoked)
         data["left_in_flight"] = list(self.left_in_flight)
+        if self.results is not None:
+            data["results"] = {"tasks": self.results.tasks, "groups": self.results.groups}
         return data
 
 
@@ -338,6 +344,7 @@ def purge(
     queue: str | None = None,
     in_flight: bool = False,
     revoke: bool = True,
+    results: str | URL | Engine | None = None,
 ) -> Purged:
     """Delete ``tenant``'s queued messages from ``queue`` (every queue by default)
     in one transaction: ready ones and delayed ones (ETA or countdown).
@@ -348,8 +355,12 @@ def purge(
     prefetched or running) are left to finish and named in the result;
     ``in_flight=True`` deletes their rows too (a worker that dies then does not
     get them back) and revokes them: a prefetched one is discarded, a running
-    one finishes.  Other tenants' messages are untouched.  Stored results are
-    purged by :func:`tenant_celery.results.purge_results`.
+    one finishes.  Other tenants' messages are untouched.
+
+    ``results``, the result backend's database (a URL or an engine), has the
+    tenant's stored results deleted too, after the messages, in a transaction
+    of its own (:func:`tenant_celery.results.purge_results`, which takes more
+    options).  A task of the tenant still running stores its result after that.
     """
     target = _Target.of(broker)
     tenant_id = parse_tenant_id(tenant)
@@ -376,6 +387,7 @@ def purge(
         queue=queue_name,
         revoked=tuple(held) if revoke else (),
         left_in_flight=tuple(str(row[0]) for row in left if row[0]),
+        results=None if results is None else purge_results(results, tenant_id),
         **counts,
     )
 
