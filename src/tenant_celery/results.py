@@ -28,7 +28,7 @@ logging (``echo``) or a ``schema_translate_map``.
 
 Everything else is Celery's backend unchanged: the same tables (those of
 :func:`tenant_celery.migrations.upgrade`), the same columns and values in
-them, reading results, groups and cleanup, the same settings
+them (and the tenant, below), reading results, groups and cleanup, the same settings
 (``database_engine_options``, ``database_engine_callback``,
 ``database_short_lived_sessions``, ``database_table_names`` ...) and the
 same retries.
@@ -89,6 +89,7 @@ __all__ = [
     "PooledDatabaseBackend",
     "PooledSessionManager",
     "PurgedResults",
+    "ResultTables",
     "dispose_engines",
     "purge_results",
 ]
@@ -200,7 +201,9 @@ class PooledDatabaseBackend(DatabaseBackend):
     ``database_url``.  It takes every setting and argument
     :class:`~celery.backends.database.DatabaseBackend` takes and behaves the
     same, except that results are stored and read over a connection pool in
-    every process, forked or not, and a result is stored in one statement.
+    every process, forked or not, a result is stored in one statement, and
+    each result and group names the tenant it was stored in (see the module's
+    documentation for the tenant policy).
 
     Unless ``database_engine_options`` is set (or passed as
     ``engine_options``), its pool does not ping a connection before each use:

@@ -9,6 +9,7 @@ worker stores results with the pooled backend on that database instead, as
 from __future__ import annotations
 
 import os
+import time
 
 from celery import Celery
 
@@ -36,3 +37,13 @@ def total(values: list[int]) -> int:
 @tenant_task(app=app)
 def whoami() -> str | None:
     return current_tenant()
+
+
+@tenant_task(app=app)
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@tenant_task(app=app, time_limit=1)
+def overrun(seconds: float) -> None:
+    time.sleep(seconds)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from celery import Celery, chord, group, states
+from celery.exceptions import ChordError, TimeLimitExceeded
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult, GroupResult
 
@@ -308,6 +309,45 @@ def test_worker_results_of_two_tenants_with_groups_and_chords(
         counted = purge_results(render(migrated.app_url), TENANT_A)
         assert counted.tasks == 1 + size + size + 1
         assert set(task_tenants(migrated).values()) == {TENANT_B}
+        assert handle.alive
+    finally:
+        rebind_app(app, {"result_backend": None, "broker_url": "memory://"})
+
+
+@pytest.mark.worker
+def test_worker_failures_under_the_policy_are_stored_in_the_tenant(
+    migrated: Database, start_worker: WorkerFactory
+) -> None:
+    """A chord whose header fails (``celery.chord_unlock`` stores the body's failure),
+    and a task killed by its hard time limit (the worker's main process stores it)."""
+    put_results_under_policy(migrated)
+    handle = start_worker(
+        "tests.integration.tenant_results_app",
+        broker="redis",
+        backend="postgres",
+        database_role="app",
+        pool="prefork",
+        concurrency=2,
+    )
+    app = tenant_results_app.app
+    rebind_app(app, worker_conf(migrated, handle.broker_url, handle.queue))
+    try:
+        with tenant_context(TENANT_A):
+            tasks = tenant_results_app
+            failed = chord([tasks.add.s(1, 1), tasks.fail.s("header")])(tasks.total.s())
+            killed = tasks.overrun.delay(30)
+            with pytest.raises(ValueError, match="header"):
+                failed.get(timeout=60)  # the header's error, read first
+            # The body's failure, stored by celery.chord_unlock in the chord's tenant.
+            body = AsyncResult(failed.id, app=app).get(timeout=60, propagate=False)
+            assert isinstance(body, ChordError)
+            assert "ValueError('header')" in str(body)
+            with pytest.raises(TimeLimitExceeded):
+                killed.get(timeout=60)
+        stored = task_tenants(migrated)
+        assert {stored[failed.id], stored[killed.id]} == {TENANT_A}
+        with tenant_context(TENANT_B):
+            assert AsyncResult(killed.id, app=app).state == states.PENDING
         assert handle.alive
     finally:
         rebind_app(app, {"result_backend": None, "broker_url": "memory://"})
