@@ -284,7 +284,8 @@ class PooledDatabaseBackend(DatabaseBackend):
     def result_tables(self, engine: Engine | None = None) -> ResultTables:
         """What the catalog says of this backend's result tables (tenant column, policy).
 
-        Read once per engine and process, the first time the engine is used.
+        Read once per engine and process, the first time the engine is used
+        (a database other than PostgreSQL has neither).
         When either table has row-level security on, the engine is bound with
         :func:`~tenant_celery.bind_tenant_guc` (the app's ``tenant_celery_guc``)
         before anything else runs on it, unless it is bound already.  A worker
@@ -303,8 +304,13 @@ class PooledDatabaseBackend(DatabaseBackend):
             found = _tables.get(key)
             if found is not None:
                 return found
-            with engine.connect() as connection:
-                found = inspect_result_tables(connection, task, group)
+            if engine.dialect.name != "postgresql":  # no tenant column, no policy
+                found = ResultTables(
+                    found=True, task_tenant=False, group_tenant=False, policy=False
+                )
+            else:
+                with engine.connect() as connection:
+                    found = inspect_result_tables(connection, task, group)
             if found.policy and not is_guarded(engine):
                 app = self.app  # type: ignore[attr-defined]  # not in the stubs
                 bind_tenant_guc(engine, setting=guc_name(app))
