@@ -102,7 +102,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from queue import Empty
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from amqp.protocol import queue_declare_ok_t
@@ -640,6 +640,21 @@ class QoS(virtual.QoS):
     """Acknowledgement deletes the message; a reject with requeue or a restore ends its lease."""
 
     channel: Channel
+    _prefetch: int = 0
+    least_window: int = 0
+    """The smallest prefetch limit set on the channel (0: none yet).  A Celery worker
+    raises its limit by one for each message it holds for an ETA, and lowers it
+    again when it runs: those messages fill the window and its growth alike."""
+
+    @property
+    def prefetch_count(self) -> int:
+        return self._prefetch
+
+    @prefetch_count.setter
+    def prefetch_count(self, value: int) -> None:
+        self._prefetch = value
+        if value and (not self.least_window or value < self.least_window):
+            self.least_window = value
 
     def ack(self, delivery_tag: str) -> None:
         self.channel._ack(delivery_tag)
@@ -1184,7 +1199,10 @@ class Channel(virtual.Channel):
                 for message in self._take_notified(queue, _DEFAULT_BATCH if n <= 0 else n):
                     deliver(message, queue)
                 return
-        window = self.qos.prefetch_count
+        # Half the window the consumer set, not of what messages held for an ETA
+        # added to it: a worker holding more of those than half its window would
+        # otherwise claim nothing until they come due.
+        window = cast(QoS, self.qos).least_window
         if n <= 0 or not queues or (free is not None and window and free < (window + 1) // 2):
             self.flush_due_acks()  # no claim has come to carry them in time
             raise Empty()

@@ -767,6 +767,33 @@ def test_a_busy_consumer_claims_again_once_half_its_window_is_free(
             message.ack()
 
 
+def test_messages_held_for_an_eta_do_not_stop_the_consumer_claiming(app_broker: str) -> None:
+    """A Celery worker raises its prefetch limit by one for each message it holds for
+    an ETA.  Those messages fill the window as fast as it grows: the half-window
+    rule counts the window the consumer set, or a worker holding more ETA messages
+    than half its window would claim nothing until they come due."""
+    queue = new_queue()
+    with Connection(app_broker) as publisher:
+        _publish(publisher, queue, "t", 6)
+    with Connection(app_broker, transport_options={"polling_interval": 0.1}) as conn:
+        channel = conn.channel()
+        channel.basic_qos(0, 1, False)
+        held: list[Message] = []
+
+        def hold_for_eta(body: Any, message: Message) -> None:
+            held.append(message)  # not acknowledged: due in the future
+            channel.basic_qos(0, 1 + len(held), False)  # as Celery's increment_eventually
+
+        Consumer(channel, [queue], callbacks=[hold_for_eta]).consume()
+        deadline = time.monotonic() + 10
+        while len(held) < 6 and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=0.5)
+        assert [m.payload["n"] for m in held] == [0, 1, 2, 3, 4, 5]
+        for message in held:
+            message.ack()
+
+
 def _counting_claims(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The queues of every claim the transport runs from now on."""
     claims: list[str] = []
