@@ -72,6 +72,11 @@ class Reading:
 
     totals: dict[str, int]
     by_tenant: dict[tuple[str, str], int] | None = None
+    #: The package's transport: claimed messages per queue and tenant label, those
+    #: held for an ETA apart, and 1 per (queue, label) whose tenant is paused there.
+    in_flight_by_tenant: dict[tuple[str, str], int] | None = None
+    delayed_by_tenant: dict[tuple[str, str], int] | None = None
+    paused_by_tenant: dict[tuple[str, str], int] | None = None
 
 
 class QueueReader(Protocol):
@@ -157,12 +162,12 @@ class _TransportQueues(_Sql):
     per_tenant = True
 
     def __init__(self, app: Celery, engine: Engine, schema: str | None, timeout: float) -> None:
-        from .transport import queue_lengths_by_tenant_query  # noqa: PLC0415 (psycopg, kombu)
+        from .tenants import states_query  # noqa: PLC0415 (psycopg, kombu)
 
         super().__init__(engine, timeout)
         self.app = app
-        self.query = queue_lengths_by_tenant_query(schema)
-        self._seen: set[tuple[str, str]] = set()
+        self.query = states_query(schema)
+        self._seen: dict[str, set[tuple[str, str]]] = {}
         self._lock = threading.Lock()  # concurrent scrapes read at once
 
     def read(self, queues: Sequence[str]) -> Reading:
@@ -171,38 +176,80 @@ class _TransportQueues(_Sql):
             lambda conn: conn.exec_driver_sql(self.query, {"queues": list(queues)}).all()
         )
         totals = dict.fromkeys(queues, 0)
-        backlog: Counter[tuple[str, str | None]] = Counter()
-        for name, raw, count in rows:
-            totals[str(name)] += int(count)
-            if count:
-                backlog[str(name), _valid_tenant(str(raw))] += int(count)
+        kinds: dict[str, Counter[tuple[str, str | None]]] = {
+            kind: Counter() for kind in ("ready", "in_flight", "delayed", "paused")
+        }
+        for name, raw, ready, in_flight, delayed, paused in rows:
+            totals[str(name)] += int(ready)
+            key = (str(name), _valid_tenant(str(raw)))
+            for kind, count in (
+                ("ready", ready), ("in_flight", in_flight), ("delayed", delayed),
+            ):  # fmt: skip
+                if count:
+                    kinds[kind][key] += int(count)
+            if paused:
+                kinds["paused"][key] = 1
         label = _tenant_label(self.app)
         if label is None:
             return Reading(totals)
         with self._lock:
-            return Reading(totals, self._labelled(backlog, label, set(queues)))
+            labels = _labels(kinds["ready"], kinds["paused"], label)
+            ready, in_flight, delayed, paused = (
+                self._labelled(kind, kinds[kind], labels, set(queues))
+                for kind in ("ready", "in_flight", "delayed", "paused")
+            )
+        paused = {key: min(1, count) for key, count in paused.items()}
+        return Reading(totals, ready, in_flight, delayed, paused)
 
     def _labelled(
         self,
-        backlog: Counter[tuple[str, str | None]],
-        label: Callable[[str | None], str],
+        kind: str,
+        counts: Counter[tuple[str, str | None]],
+        labels: dict[str | None, str],
         queues: set[str],
     ) -> dict[tuple[str, str], int]:
-        per_tenant: Counter[str] = Counter()
-        for (_, tenant), count in backlog.items():
-            if tenant is not None:
-                per_tenant[tenant] += count
-        labels: dict[str | None, str] = {None: ""}
-        for tenant in sorted(per_tenant, key=lambda t: (-per_tenant[t], t)):
-            labels[tenant] = label(tenant)
         labelled: dict[tuple[str, str], int] = {}
-        for (queue, tenant), count in backlog.items():
+        for (queue, tenant), count in counts.items():
             key = (queue, labels[tenant])
             labelled[key] = labelled.get(key, 0) + count
-        self._seen = {key for key in self._seen if key[0] in queues} | labelled.keys()
-        for key in self._seen:
+        seen = {key for key in self._seen.get(kind, ()) if key[0] in queues} | labelled.keys()
+        self._seen[kind] = seen
+        for key in seen:
             labelled.setdefault(key, 0)
         return labelled
+
+
+def _labels(
+    backlog: Counter[tuple[str, str | None]],
+    paused: Counter[tuple[str, str | None]],
+    label: Callable[[str | None], str],
+) -> dict[str | None, str]:
+    """Each tenant's label: the biggest backlogs are admitted first, then paused
+    tenants without one; a tenant met only in flight gets the label it already had
+    (or ``other`` once the budget is spent)."""
+    per_tenant: Counter[str] = Counter()
+    for (_, tenant), count in backlog.items():
+        if tenant is not None:
+            per_tenant[tenant] += count
+    labels: dict[str | None, str] = {None: ""}
+    for tenant in sorted(per_tenant, key=lambda t: (-per_tenant[t], t)):
+        labels[tenant] = label(tenant)
+    for _, tenant in sorted(paused, key=lambda key: str(key[1])):
+        if tenant not in labels:
+            labels[tenant] = label(tenant)
+    return _Labels(labels, label)
+
+
+class _Labels(dict[str | None, str]):
+    """Labels assigned for one read; a tenant not yet labelled is labelled on use."""
+
+    def __init__(self, labels: dict[str | None, str], label: Callable[[str | None], str]) -> None:
+        super().__init__(labels)
+        self._label = label
+
+    def __missing__(self, tenant: str | None) -> str:
+        value = self[tenant] = self._label(tenant)
+        return value
 
 
 def _valid_tenant(raw: str) -> str | None:

@@ -4,7 +4,8 @@
 :func:`~tenant_celery.audit.audit_database` and prints the report;
 ``tenant-celery migrate`` applies the bundled migration
 (:mod:`tenant_celery.migrations`); ``tenant-celery demo`` runs
-:func:`tenant_celery.demo.run_demo`.  Each subcommand is one ``_add_<name>``
+:func:`tenant_celery.demo.run_demo`; ``tenant-celery tenants`` acts on one
+tenant's queued work (:mod:`tenant_celery.tenants`).  Each subcommand is one ``_add_<name>``
 function that builds its parser and names the function that runs it;
 :data:`_SUBCOMMANDS` lists them.
 
@@ -367,7 +368,9 @@ def _add_tenants(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     purge.add_argument("--no-revoke", action="store_true", help="do not revoke delayed messages")
     purge.add_argument("--results", help="also delete its stored results in this database (URL)")
-    purge.add_argument("--yes", action="store_true", help="purge without asking (required)")
+    purge.add_argument(
+        "--yes", action="store_true", help="required: purge refuses to run without it"
+    )
     limit = action("rate-limit", "limit how fast workers claim a tenant's messages", _run_limit)
     limit.add_argument("tenant", help="the tenant id")
     limit.add_argument("--queue", required=True, help="the queue the limit applies to")
@@ -514,14 +517,12 @@ def _run_limit(args: argparse.Namespace) -> int:
     _tenants_call(
         args, lambda b: rate_limit(b, args.tenant, queue=args.queue, rate=rate, burst=args.burst)
     )
-    if rate is None:
+    burst = None if rate is None else (args.burst if args.burst is not None else max(1.0, rate))
+    if rate is None or burst is None:
         text = f"removed the rate limit of {args.tenant} on queue {args.queue}"
     else:
-        burst = args.burst if args.burst is not None else max(1.0, rate)
         text = f"limited {args.tenant} on queue {args.queue} to {rate:g}/s (burst {burst:g})"
-    _say(
-        args, {"tenant": args.tenant, "queue": args.queue, "rate": rate, "burst": args.burst}, text
-    )
+    _say(args, {"tenant": args.tenant, "queue": args.queue, "rate": rate, "burst": burst}, text)
     return EXIT_CLEAN
 
 

@@ -76,6 +76,8 @@ __all__ = [
     "DASHBOARD_FILE",
     "DURATION_BUCKETS",
     "OTHER_TENANTS",
+    "QUEUE_DELAYED_BY_TENANT",
+    "QUEUE_IN_FLIGHT_BY_TENANT",
     "QUEUE_LABEL",
     "QUEUE_LENGTH",
     "QUEUE_LENGTH_BY_TENANT",
@@ -89,6 +91,7 @@ __all__ = [
     "TASK_STARTED_TOTAL",
     "TASK_SUCCESS_TOTAL",
     "TENANT_LABEL",
+    "TENANT_PAUSED",
     "install_metrics",
     "multiprocess_directory",
 ]
@@ -115,6 +118,17 @@ QUEUE_LENGTH_BY_TENANT = "celery_queue_length_by_tenant"
 """Gauge: messages waiting in each queue the worker consumes, per tenant (labels
 ``queue`` and ``tenant``); the package's transport only, with the task metrics'
 tenant label and its bound."""
+QUEUE_IN_FLIGHT_BY_TENANT = "celery_queue_in_flight_by_tenant"
+"""Gauge: messages claimed by workers (prefetched or running, not held for an ETA)
+from each queue the worker consumes, per tenant; the package's transport only, with
+the tenant label."""
+QUEUE_DELAYED_BY_TENANT = "celery_queue_delayed_by_tenant"
+"""Gauge: messages workers hold until their ETA (or countdown), per queue and tenant;
+the package's transport only, with the tenant label."""
+TENANT_PAUSED = "celery_tenant_paused"
+"""Gauge: 1 while a tenant is paused on a queue the worker consumes
+(:func:`tenant_celery.tenants.pause`), 0 once resumed; the package's transport only,
+with the tenant label."""
 QUEUE_LENGTH_UP = "celery_queue_length_up"
 """Gauge: 1 when the scrape read the queue lengths from the broker, 0 when it could not."""
 BROKER_CLAIMS_TOTAL = "celery_broker_claims_total"

@@ -297,6 +297,32 @@ class _QueueGauges:
             for (name, tenant), count in sorted(result.by_tenant.items()):
                 by_tenant.add_metric([name, tenant], count)
             yield by_tenant
+            for metric, text, values in (
+                (
+                    metrics.QUEUE_IN_FLIGHT_BY_TENANT,
+                    "Messages claimed by workers from each queue the worker consumes, per "
+                    "tenant (not those held for an ETA).",
+                    result.in_flight_by_tenant,
+                ),
+                (
+                    metrics.QUEUE_DELAYED_BY_TENANT,
+                    "Messages held by workers until their ETA, per queue and tenant.",
+                    result.delayed_by_tenant,
+                ),
+                (
+                    metrics.TENANT_PAUSED,
+                    "1 while the tenant is paused on the queue (tenant_celery.tenants.pause).",
+                    result.paused_by_tenant,
+                ),
+            ):
+                if values is None:
+                    continue
+                family = GaugeMetricFamily(
+                    metric, text, labels=[metrics.QUEUE_LABEL, metrics.TENANT_LABEL]
+                )
+                for (name, tenant), count in sorted(values.items()):
+                    family.add_metric([name, tenant], count)
+                yield family
         yield GaugeMetricFamily(
             metrics.QUEUE_LENGTH_UP,
             "1 when this scrape read the queue lengths from the broker, 0 when it could not.",

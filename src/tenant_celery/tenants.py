@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Union
 import psycopg
 from psycopg import sql
 
-from ._pg import identifier
+from ._pg import identifier, qualified
 from ._result_tables import PurgedResults, purge_results
 from .context import parse_tenant_id
 from .errors import ConfigurationError
@@ -56,6 +56,7 @@ __all__ = [
     "purge",
     "rate_limit",
     "resume",
+    "states_query",
 ]
 
 APPLICATION_NAME = "tenant-celery tenants"
@@ -72,11 +73,13 @@ _ETA = r'"eta": "(\d{4}-\d\d-\d\d[T ][0-9:.]+(?:[+-]\d\d:?\d\d|Z)?)"'
 # The task id in the message's headers ("root_id" and "parent_id" do not match).
 _TASK_ID = r'"id": "([^"\\]{1,200})"'
 
+# A claim makes a message invisible until its lease runs out: ready is visible
+# (as claims read it), in flight is claimed, delayed is claimed and held for an ETA.
 _DELAYED = (
-    "(m.lease IS NOT NULL AND m.visible_at > now()"
+    "(m.visible_at > now()"
     " AND coalesce(substring(m.payload from {eta})::timestamptz > now(), false))"
 )
-_IN_FLIGHT = "(m.lease IS NOT NULL AND m.visible_at > now())"
+_IN_FLIGHT = "(m.visible_at > now())"
 _LIVE = "(m.expires_at IS NULL OR m.expires_at > now())"
 
 _STATS = (
@@ -95,6 +98,18 @@ _CONTROLS = (
     " WHERE ({tenant}::text IS NULL OR c.tenant = {tenant})"
     " AND ({queue}::text IS NULL OR c.queue IN ({queue}, ''))"
     " ORDER BY c.tenant, c.queue"
+)
+# Per queue of `queues` and tenant: ready, in flight, delayed, and whether paused
+# there (the worker monitor's gauges); paused tenants come as rows of zeros.
+_STATES_BY_QUEUE = (
+    "SELECT m.queue, m.tenant,"
+    " count(*) FILTER (WHERE NOT " + _IN_FLIGHT + "),"
+    " count(*) FILTER (WHERE " + _IN_FLIGHT + " AND NOT d.delayed),"
+    " count(*) FILTER (WHERE d.delayed), false"
+    " FROM {message} AS m CROSS JOIN LATERAL (SELECT " + _DELAYED + " AS delayed) AS d"
+    " WHERE m.queue = ANY(%(queues)s::text[]) AND " + _LIVE + " GROUP BY m.queue, m.tenant"
+    " UNION ALL SELECT q.name, c.tenant, 0, 0, 0, true FROM {control} AS c"
+    " JOIN unnest(%(queues)s::text[]) AS q(name) ON c.queue IN (q.name, '') WHERE c.paused"
 )
 # Purge: in-flight messages (claimed, not delayed) are kept unless asked.
 _PURGE = (
@@ -358,9 +373,18 @@ def purge(
     one finishes.  Other tenants' messages are untouched.
 
     ``results``, the result backend's database (a URL or an engine), has the
-    tenant's stored results deleted too, after the messages, in a transaction
-    of its own (:func:`tenant_celery.results.purge_results`, which takes more
-    options).  A task of the tenant still running stores its result after that.
+    tenant's stored results deleted too, in a transaction of its own
+    (:func:`tenant_celery.results.purge_results`, which takes more options) that
+    commits just before the messages' one: when the results cannot be purged,
+    no message is deleted either.  A task of the tenant still running stores
+    its result after that, and so does a revoked one when it comes due (its
+    ``REVOKED`` state): purge the results again once those are past.
+
+    Raises:
+        InvalidTenantId: the tenant id was refused; nothing was sent.
+        ConfigurationError: the broker is not the package's transport, its
+            database cannot be reached or lacks the control table, or the
+            results could not be purged; nothing was deleted.
     """
     target = _Target.of(broker)
     tenant_id = parse_tenant_id(tenant)
@@ -374,6 +398,9 @@ def purge(
     with target.transaction() as conn:
         deleted = conn.execute(target.sql(_PURGE), params).fetchall()
         left = conn.execute(target.sql(_LEFT), params).fetchall()
+        # Before the messages' deletion commits: results that cannot be purged
+        # (a wrong URL, a database away) leave the messages as they were.
+        purged_results = None if results is None else _purge_results(results, tenant_id)
     counts = {"ready": 0, "delayed": 0, "in_flight": 0}
     held: list[str] = []
     for kind, _queue_name, task_id in deleted:
@@ -387,12 +414,41 @@ def purge(
         queue=queue_name,
         revoked=tuple(held) if revoke else (),
         left_in_flight=tuple(str(row[0]) for row in left if row[0]),
-        results=None if results is None else purge_results(results, tenant_id),
+        results=purged_results,
         **counts,
     )
 
 
+def states_query(schema: str | None = None) -> str:
+    """SQL of what :func:`inspect` counts, for a reader with its own connection (the
+    worker monitor's per-tenant gauges): rows ``(queue, tenant, ready, in_flight,
+    delayed, paused)`` for the queues named by its one parameter, ``%(queues)s``
+    (psycopg's style).  A paused tenant comes as an extra row of zeros with
+    ``paused`` true; the tenant is the message's header as written, not validated.
+    """
+    if schema is not None:
+        identifier(schema, "schema")
+    return _STATES_BY_QUEUE.format(
+        message=qualified(MESSAGE_TABLE, schema),
+        control=qualified(CONTROL_TABLE, schema),
+        eta="'" + _ETA + "'",
+    )
+
+
 # --------------------------------------------------------------------------- helpers
+
+
+def _purge_results(results: str | URL | Engine, tenant_id: str) -> PurgedResults:
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
+    try:
+        return purge_results(results, tenant_id)
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        shown = " ".join(str(cause).split()) or type(cause).__name__
+        raise ConfigurationError(
+            f"could not purge the stored results ({shown}); no message was deleted either"
+        ) from None
 
 
 def _queue(value: object) -> str:

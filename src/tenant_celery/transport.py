@@ -4,7 +4,8 @@ Select it with ``broker_transport = "tenant_celery.transport:Transport"`` and a
 libpq URL (``broker_url = "postgresql://user@host/db"``), or with the URL alone,
 ``broker_url = "tcpg+postgresql://user@host/db"`` (the ``tcpg`` scheme is
 registered with kombu when :mod:`tenant_celery` is imported).  Its tables come
-from the bundled migration (revisions ``tc0002`` and ``tc0003``).
+from the bundled migration (revisions ``tc0002`` and ``tc0003``; ``tc0005`` adds the
+tenant controls every claim reads, :mod:`tenant_celery.tenants`).
 
 How it works:
 

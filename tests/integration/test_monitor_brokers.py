@@ -14,13 +14,16 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from tenant_celery import tenant_context
+from tenant_celery import tenant_context, tenants
 from tenant_celery.metrics import (
     OTHER_TENANTS,
+    QUEUE_DELAYED_BY_TENANT,
+    QUEUE_IN_FLIGHT_BY_TENANT,
     QUEUE_LENGTH,
     QUEUE_LENGTH_BY_TENANT,
     QUEUE_LENGTH_UP,
     TASK_SUCCESS_TOTAL,
+    TENANT_PAUSED,
 )
 from tenant_celery.monitor import CHECK_TIMEOUT, WorkerMonitor
 from tests._rig.postgres import Database
@@ -51,7 +54,11 @@ def _scrape_until(
         if done(samples):
             return samples
         if time.monotonic() > deadline:
-            shown = {k: v for k, v in samples.items() if k[0].startswith("celery_queue_length")}
+            shown = {
+                k: v
+                for k, v in samples.items()
+                if k[0].startswith(("celery_queue", "celery_tenant"))
+            }
             pytest.fail(f"{what} not seen in {timeout}s; last scrape's queue gauges: {shown}")
         time.sleep(0.2)
 
@@ -165,6 +172,62 @@ def test_queue_length_by_tenant_on_the_transport(
             if dict(labels)["task_name"] == tasks.work.name
         }
         assert success == {"": 0.0, A: 3.0, B: 2.0, OTHER_TENANTS: 1.0}
+
+
+def test_in_flight_delayed_and_paused_tenants_on_the_transport(
+    start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    """Claimed messages, those held for their ETA, and paused tenants, per tenant
+    label: what ``tenant-celery tenants inspect`` shows, as gauges."""
+    handle = start_worker(
+        tasks.__name__, broker="tcpg", pool="threads", concurrency=1, extra_env=MONITOR_ENV
+    )
+    url = monitor_url(handle)
+    queue = handle.queue
+    with handle.bind(tasks.app):
+        with tenant_context(A):  # claimed, and held for their ETA by the worker
+            delayed = [tasks.work.apply_async(countdown=600) for _ in range(2)]
+        _scrape_until(
+            url,
+            lambda s: (
+                _series(s, QUEUE_DELAYED_BY_TENANT) == {(("queue", queue), ("tenant", A)): 2.0}
+            ),
+            "two messages held for their ETA",
+        )
+        release = _hold(handle, tmp_path)  # in flight, no tenant
+        with tenant_context(A):
+            tasks.work.delay()  # waits behind the held task
+        tenants.pause(tasks.app, B)
+        with tenant_context(B):
+            [tasks.work.delay() for _ in range(2)]
+
+        def seen(samples: Samples) -> dict[str, dict[str, float]]:
+            return {
+                name: {dict(labels)["tenant"]: v for labels, v in _series(samples, name).items()}
+                for name in (
+                    QUEUE_IN_FLIGHT_BY_TENANT, QUEUE_DELAYED_BY_TENANT, TENANT_PAUSED,
+                    QUEUE_LENGTH_BY_TENANT,
+                )
+            }  # fmt: skip
+
+        expected = {
+            QUEUE_IN_FLIGHT_BY_TENANT: {"": 1.0},
+            QUEUE_DELAYED_BY_TENANT: {A: 2.0},
+            TENANT_PAUSED: {B: 1.0},
+            QUEUE_LENGTH_BY_TENANT: {A: 1.0, B: 2.0},
+        }
+        samples = _scrape_until(url, lambda s: seen(s) == expected, "in flight, delayed, paused")
+        assert {dict(labels)["queue"] for labels in _series(samples, TENANT_PAUSED)} == {queue}
+        assert tenants.resume(tasks.app, B) == []
+        release.touch()
+        tasks.app.control.revoke([result.id for result in delayed])
+        _scrape_until(
+            url,
+            lambda s: (
+                seen(s)[TENANT_PAUSED] == {B: 0.0} and seen(s)[QUEUE_LENGTH_BY_TENANT].get(B) == 0.0
+            ),
+            "B resumed and drained",
+        )
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])

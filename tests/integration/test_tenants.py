@@ -389,3 +389,17 @@ def test_a_rate_limit_holds_across_two_worker_processes(
     assert abs(measured - rate) <= 0.1 * rate, measured
     # The unlimited tenant finished long before the limited one.
     assert max(_starts(other_runs).values()) < starts[len(starts) // 2]
+
+
+def test_a_purge_whose_results_cannot_be_purged_deletes_no_message(
+    url: str, database: Database
+) -> None:
+    queue = new_queue()
+    tenant = str(uuid.uuid4())
+    with Connection(url) as conn:
+        publish(conn, queue, tenant, 3)
+    with pytest.raises(ConfigurationError, match="no message was deleted either"):
+        tenants.purge(url, tenant, results="postgresql://nobody@127.0.0.1:1/nothing")
+    with pytest.raises(ConfigurationError):
+        tenants.purge(url, tenant, results="redis://127.0.0.1:6379/0")
+    assert rows_of(database, tenant) == 3

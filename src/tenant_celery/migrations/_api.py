@@ -48,7 +48,8 @@ def upgrade(
     transport and Celery's database result backend would (revision ``tc0001``), then
     the tables of the package's own transport, :mod:`tenant_celery.transport`
     (``tc0002`` and ``tc0003``), then the tenant column of the result tables
-    (``tc0004``), and records the revision
+    (``tc0004``), then the tenant control table of the transport (``tc0005``), and
+    records the revision
     in ``tenant_celery_alembic_version`` (beside, never inside, the host's own
     Alembic version table). Connect as a role that may create tables: the owner of
     the schema, not the role workers run as.
