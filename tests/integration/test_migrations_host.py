@@ -1,6 +1,7 @@
 """The bundled migration beside a host's own Alembic project in one database: each
 history moves on its own, and the documented recipe that runs our revisions from the
-host's environment (``alembic upgrade tenant_celery@head``) works."""
+host's environment (``alembic upgrade tenant_celery@head``) works, and so does the
+result backend how-to's host revision that puts the result tables under the policy."""
 
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 
-from tenant_celery.migrations import TABLES, VERSION_TABLE, current, downgrade, upgrade
+from tenant_celery.migrations import (
+    RESULT_TABLES,
+    TABLES,
+    VERSION_TABLE,
+    current,
+    downgrade,
+    upgrade,
+)
 from tests._rig.postgres import APP_ROLE, Database, render
+from tests.docs.blocks import page_blocks
 
 #: ``path_separator`` (and ``newline``) arrived in Alembic 1.16; before, the
 #: separator of ``version_locations`` is ``version_path_separator``.
@@ -181,6 +190,63 @@ def test_recipe_with_a_schema(tmp_path: Path, database: Database) -> None:
     assert tables(database) == {"alembic_version"}
     command.downgrade(host, "tenant_celery@base")
     assert tables(database, "celery") == set()
+
+
+def result_tables_rls(database: Database) -> dict[str, tuple[Any, ...]]:
+    """``{result table: (rls on, forced, policies)}`` as the superuser sees the catalogs."""
+    with database.admin_engine().connect() as conn:
+        return {
+            table: (
+                *conn.execute(
+                    sa.text(
+                        "SELECT relrowsecurity, relforcerowsecurity FROM pg_class"
+                        " WHERE oid = to_regclass(:t)"
+                    ),
+                    {"t": table},
+                ).one(),
+                conn.execute(
+                    sa.text(
+                        "SELECT policyname, permissive, cmd, qual, with_check FROM pg_policies"
+                        " WHERE schemaname = 'public' AND tablename = :t"
+                    ),
+                    {"t": table},
+                ).all(),
+            )
+            for table in RESULT_TABLES
+        }
+
+
+def test_how_to_revision_puts_the_result_tables_under_the_policy(
+    tmp_path: Path, database: Database
+) -> None:
+    """The result backend how-to's host revision, taken from the page, after the host's
+    head (``h002``) and our ``tc0004``: ``upgrade heads`` as the tables' owner turns
+    row-level security on and forces it with the tenant policy; ``downgrade`` undoes it."""
+    (block,) = [
+        b for b in page_blocks("howto/result-backend.md") if "op.enable_tenant_rls" in b.source
+    ]
+    previous_head = 'down_revision = "7d1e0c2a9b41"'
+    assert previous_head in block.source
+    assert block.file_path is not None
+    host = host_project(tmp_path, database, include_ours=True)
+    revision = tmp_path / block.file_path
+    assert revision.parent == tmp_path / "migrations" / "versions"
+    revision.write_text(block.source.replace(previous_head, 'down_revision = "h002"'))
+
+    command.upgrade(host, "heads")  # the superuser: the owner of the tables it creates
+    assert host_heads(database) == {"tc0005", "0c4f2b7e9a13"}
+    for table, (enabled, forced, policies) in result_tables_rls(database).items():
+        assert (enabled, forced) == (True, True), table
+        ((name, permissive, cmd, using, check),) = policies
+        assert (name, permissive, cmd) == ("tenant_isolation_policy", "PERMISSIVE", "ALL")
+        # The server's deparse of the expression varies a little between versions.
+        assert using == check
+        assert using.startswith("(tenant_id = ")
+        assert "current_setting('app.current_tenant_id'" in using
+
+    command.downgrade(host, "h002")
+    assert host_heads(database) == {"tc0005", "h002"}
+    assert result_tables_rls(database) == {table: (False, False, []) for table in RESULT_TABLES}
 
 
 def include_name(name: str | None, type_: str, parent_names: Any) -> bool:

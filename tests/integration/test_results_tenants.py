@@ -35,6 +35,7 @@ from tenant_celery.results import (
 from tenant_celery.rls import enable_tenant_rls
 from tests._rig.postgres import APP_ROLE, Database, render
 from tests._rig.worker import Pool, WorkerFactory, rebind_app
+from tests.docs.blocks import DOCS, page_blocks
 
 from . import tenant_results_app
 
@@ -159,6 +160,30 @@ def test_purge_deletes_one_tenants_results_and_groups(migrated: Database, policy
     assert sorted(group_tenants(migrated).values()) == [TENANT_B]
     # Again: nothing left of A.
     assert purge_results(migrated.app_engine(), TENANT_A) == PurgedResults(TENANT_A, 0, 0)
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+def test_purge_as_the_how_to_shows(
+    migrated: Database, policy: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The how-to's ``purge_results`` block, taken from the page, run as ``app_user``
+    with the rig's URL for its placeholder."""
+    page = "howto/result-backend.md"
+    (block,) = [b for b in page_blocks(page) if "purge_results(" in b.source]
+    placeholder = "postgresql://app_user:secret@db/app"
+    assert placeholder in block.source
+    code = block.source.replace(placeholder, render(migrated.app_url))
+    made = store_for_purge(migrated)
+    if policy:
+        put_results_under_policy(migrated)
+
+    # Blank lines first, so a traceback names the page's lines.
+    code = "\n" * (block.first_code_line - 1) + code
+    exec(compile(code, str(DOCS / page), "exec"), {"tenant_id": TENANT_A})
+
+    assert capsys.readouterr().out == "5 2\n"
+    assert sorted(task_tenants(migrated)) == sorted(made["b"] + made["none"])
+    assert sorted(group_tenants(migrated).values()) == [TENANT_B]
 
 
 def test_purge_refuses_a_bad_tenant_id_before_sending_anything(migrated: Database) -> None:
