@@ -67,9 +67,9 @@ Broker = Union["Celery", str]
 
 _MAX_QUEUE = 1000  # longest queue name taken (kombu sets none; PostgreSQL's text does)
 
-# A task's ETA in its message's headers (Celery's protocol 2); kombu's JSON writes
-# ", " and ": " between items.  The body is base64-encoded, so it cannot match.
-_ETA = r'"eta": "(\d{4}-\d\d-\d\d[T ][0-9:.]+(?:[+-]\d\d:?\d\d|Z)?)"'
+# A task's ETA in its message's headers (Celery's protocol 2), read by the function
+# revision tc0005 creates: NULL, not an error, for a header that is no valid time.
+_ETA_FUNCTION = "tenant_celery_eta"
 # The task id in the message's headers ("root_id" and "parent_id" do not match).
 _TASK_ID = r'"id": "([^"\\]{1,200})"'
 
@@ -77,7 +77,7 @@ _TASK_ID = r'"id": "([^"\\]{1,200})"'
 # (as claims read it), in flight is claimed, delayed is claimed and held for an ETA.
 _DELAYED = (
     "(m.visible_at > now()"
-    " AND coalesce(substring(m.payload from {eta})::timestamptz > now(), false))"
+    " AND coalesce({eta}(m.payload) > now(), false))"
 )
 _IN_FLIGHT = "(m.visible_at > now())"
 _LIVE = "(m.expires_at IS NULL OR m.expires_at > now())"
@@ -431,7 +431,7 @@ def states_query(schema: str | None = None) -> str:
     return _STATES_BY_QUEUE.format(
         message=qualified(MESSAGE_TABLE, schema),
         control=qualified(CONTROL_TABLE, schema),
-        eta="'" + _ETA + "'",
+        eta=qualified(_ETA_FUNCTION, schema),
     )
 
 
@@ -518,7 +518,7 @@ class _Target:
             burst=sql.Placeholder("burst"),
             channel=sql.Placeholder("channel"),
             task_id=sql.Placeholder("task_id"),
-            eta=sql.Literal(_ETA),
+            eta=table(_ETA_FUNCTION),
         )
 
     @contextmanager

@@ -403,3 +403,27 @@ def test_a_purge_whose_results_cannot_be_purged_deletes_no_message(
     with pytest.raises(ConfigurationError):
         tenants.purge(url, tenant, results="redis://127.0.0.1:6379/0")
     assert rows_of(database, tenant) == 3
+
+
+def test_a_forged_eta_header_fails_neither_inspect_nor_purge(url: str) -> None:
+    """A header that looks like an ETA and is no valid time (month 13, February 31)
+    counts the message as in flight, not delayed, and breaks nothing."""
+    queue = new_queue()
+    tenant = str(uuid.uuid4())
+    with Connection(url) as conn:
+        publish(conn, queue, tenant, 1, eta="2099-02-31T00:00:00+00:00")
+        publish(conn, queue, tenant, 1, eta="2099-13-01T25:61:00+00:00")
+        publish(conn, queue, tenant, 1, eta="2099-01-01T00:00:00+00:00")
+        channel = conn.channel()
+        channel.basic_qos(0, 10, False)
+        held: list[Message] = []
+        Consumer(channel, [queue], callbacks=[lambda b, m: held.append(m)]).consume()
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=1.0)
+        assert len(held) == 3
+        [entry] = tenants.inspect(url, tenant=tenant)
+        assert (entry.in_flight, entry.delayed) == (2, 1)
+        purged = tenants.purge(url, tenant, revoke=False)
+        assert (purged.ready, purged.delayed, len(purged.left_in_flight)) == (0, 1, 2)
+        for message in held:
+            message.ack()

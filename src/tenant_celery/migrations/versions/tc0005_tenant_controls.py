@@ -8,6 +8,11 @@ bucket: ``tokens`` as of ``refilled_at``, refilled at ``rate`` per second up
 to ``burst``, spent by the claims that take the tenant's messages (they lock
 the row while they claim, so workers on several hosts share one bucket).
 
+The function ``tenant_celery_eta(payload)`` reads a message's ETA header (Celery's
+protocol 2) for the per-tenant counts of delayed messages; ``NULL`` when there is
+none or it is not a valid time, so that no message, whatever its headers, makes
+those counts fail.
+
 Revision ID: tc0005
 Revises: tc0004
 Create Date: 2026-12-06
@@ -27,6 +32,22 @@ branch_labels: tuple[str, ...] | None = None
 depends_on: str | None = None
 
 TABLE = "tenant_celery_tenant_control"
+FUNCTION = "tenant_celery_eta"
+
+# kombu's JSON writes ", " and ": " between items; the body is base64-encoded, so
+# only the headers can match.  A string that matches but is no valid time (a forged
+# header: month 13, February 31) reads NULL instead of failing the statement.
+_ETA_FUNCTION = r"""
+CREATE FUNCTION {name}(payload text) RETURNS timestamptz
+LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog AS $eta$
+BEGIN
+  RETURN substring(payload FROM
+    '"eta": "(\d{{4}}-\d\d-\d\d[T ][0-9:.]+(?:[+-]\d\d:?\d\d|Z)?)"')::timestamptz;
+EXCEPTION WHEN others THEN
+  RETURN NULL;
+END
+$eta$
+"""
 
 # Room on each page for the token updates to be HOT; the table holds a few rows
 # per controlled tenant, rewritten by every claim that spends a bucket.
@@ -59,6 +80,7 @@ def upgrade() -> None:
         schema=schema,
     )
     op.execute(f"ALTER TABLE {qualified(TABLE, schema)} SET ({_STORAGE})")
+    op.execute(_ETA_FUNCTION.format(name=qualified(FUNCTION, schema)))
     _carry_grants(schema)
 
 
@@ -88,4 +110,6 @@ def _carry_grants(schema: str | None) -> None:
 
 
 def downgrade() -> None:
-    op.drop_table(TABLE, schema=configured_schema(context.config))
+    schema = configured_schema(context.config)
+    op.execute(f"DROP FUNCTION {qualified(FUNCTION, schema)}(text)")
+    op.drop_table(TABLE, schema=schema)
