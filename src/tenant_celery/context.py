@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 
 from .errors import InvalidTenantId, TenantContextMissing
@@ -155,8 +155,7 @@ def require_tenant() -> str:
     return tenant
 
 
-@contextmanager
-def tenant_context(tenant_id: object) -> Iterator[str]:
+def tenant_context(tenant_id: object) -> AbstractContextManager[str]:
     """Run the ``with`` block inside ``tenant_id``; yield its canonical form.
 
     The previous tenant (or none) is restored on exit, whatever happened in
@@ -164,15 +163,33 @@ def tenant_context(tenant_id: object) -> Iterator[str]:
     tenant to the worker.
 
     Raises:
-        InvalidTenantId: ``tenant_id`` is refused by the tenant id parser;
-            nothing has been entered.
+        InvalidTenantId: ``tenant_id`` is refused by the tenant id parser when
+            the block is entered; nothing has been entered.
     """
-    canonical = parse_tenant_id(tenant_id)
-    token = _current.set(canonical)
-    try:
-        yield canonical
-    finally:
-        _current.reset(token)
+    return _TenantContext(tenant_id)
+
+
+class _TenantContext(AbstractContextManager[str]):
+    """:func:`tenant_context`'s manager: a class, not a generator, as it is entered
+    for every task published or run."""
+
+    __slots__ = ("_raw", "_token")
+
+    def __init__(self, raw: object) -> None:
+        self._raw = raw
+        self._token: Token[str | None] | None = None
+
+    def __enter__(self) -> str:
+        if self._token is not None:
+            raise RuntimeError("a tenant_context(...) is entered once at a time; call it again")
+        canonical = parse_tenant_id(self._raw)
+        self._token = _current.set(canonical)
+        return canonical
+
+    def __exit__(self, *exc_info: object) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _current.reset(token)
 
 
 def _enter(tenant: str | None) -> Token[str | None]:

@@ -155,8 +155,10 @@ class TenantTask(GenericTask[_P, _R]):
         Returns the tenant (or ``None``) and whether it was given positionally.
         """
         _, index = self._tenant_parameter
-        named: list[object] = []
         positional = index is not None and len(args) > index
+        if not positional and TENANT_ARG not in kwargs:  # the usual case: no argument
+            return (None if header is None else parse_tenant_id(header)), False
+        named: list[object] = []
         if index is not None and len(args) > index:
             named.append(args[index])
         if TENANT_ARG in kwargs:
@@ -395,19 +397,22 @@ class TenantTask(GenericTask[_P, _R]):
                 return super().__call__(*args, **self._shape_kwargs(kwargs, tenant, positional))
 
         try:
-            raw = propagation.tenant_from_request(request, header_name(self.app))
+            fields = propagation._request_fields(request)
+            raw = propagation.message_header(fields, header_name(self.app))
             tenant, positional = self._explicit_tenant(args, kwargs, raw)
             if tenant is None:
                 raise TenantContextMissing(
                     f"tenant task {self.name!r} received a message without a tenant; "
                     "publish it inside tenant_context(...) or pass tenant_id=..."
                 )
-            # With signing on, only a signed header names a tenant: one named by the
-            # arguments alone counts as unsigned.
-            signature = propagation.header_from_request(request, signing.SIGNATURE_HEADER)
-            signing.check_signature(
-                self.app, tenant, None if raw is None else signature, request.id, self.name
-            )
+            keys = signing.signing_keys(self.app)
+            if keys:
+                # Only a signed header names a tenant: one named by the arguments
+                # alone counts as unsigned.
+                signature = propagation.message_header(fields, signing.SIGNATURE_HEADER)
+                signing.verify_signature(
+                    keys, None if raw is None else signature, tenant, request.id, self.name
+                )
             self._check_chord_tenant(request, tenant)
         except signing.TenantSignatureError as exc:
             self._refuse(request, exc, exc.reason)
