@@ -96,15 +96,19 @@ def send_before(
     settings: tuple[Setting, ...],
 ) -> str:
     """Make ``settings`` reach the server before ``statement``; return the statement to send."""
-    driver = conn.connection.driver_connection
-    kind = type(driver)
-    sender = _senders.get(kind)
-    if sender is None:
-        sender = _senders[kind] = _sender_for(kind)
+    pooled = conn.connection
+    dbapi: Any = pooled.dbapi_connection
+    found = _senders.get(type(dbapi))
+    if found is None:
+        driver = pooled.driver_connection
+        found = _senders[type(dbapi)] = (_sender_for(type(driver)), driver is dbapi)
+    sender, direct = found
+    # The DBAPI connection is the driver's own except under an async adapter.
+    driver = dbapi if direct else pooled.driver_connection
     sent = sender(driver, cursor, statement, executemany, inline_sql(settings))
     if sent is not None:
         return sent
-    own = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    own = dbapi.cursor()
     try:
         own.execute(settings_sql(settings))
     finally:
@@ -114,7 +118,8 @@ def send_before(
 
 # How each driver sends the settings; None: as a statement of their own.
 _Sender = Callable[[Any, Any, str, bool, str], "str | None"]
-_senders: dict[type, _Sender] = {}
+# DBAPI connection type -> its driver's sender, and whether it is the driver's own
+_senders: dict[type, tuple[_Sender, bool]] = {}
 
 
 def _sender_for(kind: type) -> _Sender:

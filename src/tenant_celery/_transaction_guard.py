@@ -17,7 +17,9 @@ engine a binding reaches:
 * a pooled connection that may carry a session-level tenant setting (a raw
   DBAPI checkout, or a statement naming the setting or ``set_config``) has
   it cleared when it is returned to the pool, with one statement; the others
-  cost nothing there (:func:`_EngineGuard.reset`).
+  cost nothing there (:func:`_EngineGuard.reset`).  A checkout is raw unless a
+  transaction of a Connection began on it: the mark is made then, so the pool
+  needs no ``checkout`` listener (whose dispatch every checkout would pay).
 
 A guard, once installed on an engine, stays: without records it only watches
 raw checkouts and statements that name the setting.
@@ -56,8 +58,10 @@ logger = logging.getLogger("tenant_celery.db")
 # Name of the record's attribute on a Connection: one attribute read per statement
 # (Connection.info would be several property calls, and may reconnect).
 _ATTR = "_tenant_celery_transaction"
-# Flags in the pool record's info: the connection may hold a session-level setting.
-_RAW = "tenant_celery.raw_checkout"
+# Flags in the pool record's info, cleared at each check-in: a Connection's transaction
+# began on this checkout (else it was a raw one, which may leave a session-level
+# setting), and a statement may have left a session-level setting.
+_WORKED = "tenant_celery.connection_checkout"
 _DIRTY = "tenant_celery.setting_touched"
 # Statement texts whose scan is remembered per engine (then forgotten all at once).
 _SCANNED_MAX = 2048
@@ -143,13 +147,32 @@ def _weak(transaction: Any) -> Callable[[], Any]:
 class _TaskFrame:
     """The transactions begun by bound engines while one task runs."""
 
-    __slots__ = ("name", "open", "task_id")
+    __slots__ = ("compact_at", "name", "refs", "task_id")
 
     def __init__(self, task_id: str | None, name: str) -> None:
         self.task_id = task_id
         self.name = name
-        # Weak: a record goes with its connection (a task may open thousands).
-        self.open: weakref.WeakSet[_Transaction] = weakref.WeakSet()
+        # Weak references without callbacks (cheaper than a WeakSet's, at every
+        # transaction): a record goes with its connection, and a task may open
+        # thousands, so the dead references are dropped now and then (add).
+        self.refs: list[weakref.ref[_Transaction]] = []
+        self.compact_at = _COMPACT_AT
+
+    def add(self, tx: _Transaction) -> None:
+        refs = self.refs
+        refs.append(weakref.ref(tx))
+        if len(refs) >= self.compact_at:
+            refs[:] = [weakref.ref(held) for held in self.open()]
+            self.compact_at = max(_COMPACT_AT, 2 * len(refs))
+
+    def open(self) -> list[_Transaction]:
+        """The records this task's transactions still have (an open one has its record)."""
+        return [tx for ref in self.refs if (tx := ref()) is not None and tx.frame is self]
+
+
+# A task's list of references to records is compacted when it reaches this length,
+# then when it reaches twice what was left.
+_COMPACT_AT = 64
 
 
 # Tasks running in this context, innermost last (eager tasks nest).
@@ -177,8 +200,8 @@ def record(
     if checked:
         frames = _frames.get()
         if frames:
-            tx.frame = frames[-1]
-            tx.frame.open.add(tx)
+            tx.frame = frame = frames[-1]
+            frame.add(tx)
     previous = connection.__dict__.get(_ATTR)
     if previous is not None:
         _forget(previous)
@@ -217,9 +240,7 @@ def refuse(
 
 
 def _forget(tx: _Transaction) -> None:
-    if tx.frame is not None:
-        tx.frame.open.discard(tx)
-        tx.frame = None
+    tx.frame = None  # its task no longer counts it (see _TaskFrame.open)
 
 
 def clear(connection: Connection) -> None:
@@ -267,8 +288,8 @@ class _EngineGuard:
 
         A hook refusing the transaction records the refusal and raises.
         """
-        # A Connection works on this checkout: it is not a raw one (see checked_out).
-        conn.connection.info.pop(_RAW, None)
+        # A Connection works on this checkout: it is not a raw one (see reset).
+        conn.connection.info[_WORKED] = True
         if any(self.ahead):  # added after the binding: refuse rather than be skipped
             raise _ahead_error("an execution point")
         if not self.hooks:
@@ -283,14 +304,15 @@ class _EngineGuard:
     ) -> str:
         """Refuse ``statement`` or return it as it must be sent (settings ahead of it)."""
         tx = conn.__dict__.get(_ATTR)
-        if conn.get_transaction() is None:
+        transaction = conn.get_transaction()
+        if transaction is None:
             if not conn._allow_autobegin:
                 return statement  # SQLAlchemy's own first-connect queries (server version)
             # A statement run while a transaction begins (a host's "begin" listener):
             # it is in the transaction to come, and gets its tenant and setting too,
             # with a record of its own (the transaction has no object to name yet).
             tx = self.start(conn)
-        elif tx is None or tx.transaction() is not conn.get_transaction():
+        elif tx is None or tx.transaction() is not transaction:
             tx = self.start(conn)
         if tx.checked:
             tx.sending = None
@@ -312,7 +334,9 @@ class _EngineGuard:
     # ahead is executed here, as the dialect would execute it.
 
     def do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        conn = _connection_of(context)
+        if context is None:
+            raise _no_context()
+        conn: Connection = context.root_connection
         sent = self.check_statement(conn, cursor, statement, context, False)
         if sent is statement:
             return False
@@ -382,13 +406,6 @@ class _EngineGuard:
         if "set_config" in lowered or (pattern is not None and pattern.search(lowered)):
             conn.info[_DIRTY] = True
 
-    @staticmethod
-    def checked_out(
-        dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry, proxy: Any
-    ) -> None:
-        # Fired for every checkout: raw until a Connection runs a transaction on it.
-        entry.info[_RAW] = True
-
     def reset(
         self,
         dbapi_connection: DBAPIConnection,
@@ -398,8 +415,9 @@ class _EngineGuard:
         """Clear the setting of a connection that may hold one, on its way back."""
         if entry is None:
             return
-        raw = entry.info.pop(_RAW, False)
-        dirty = entry.info.pop(_DIRTY, False)
+        info = entry.info
+        raw = not info.pop(_WORKED, False)  # no Connection's transaction began on it
+        dirty = info.pop(_DIRTY, False)
         if not (raw or dirty) or state.terminate_only or not state.asyncio_safe:
             return
         # End whatever transaction is open, so the reset is not rolled back with it;
@@ -465,7 +483,6 @@ def guard(engine: Engine, name: str, own: tuple[object, ...]) -> _EngineGuard:
             for identifier in _EXECUTION_POINTS
         )
         event.listen(dialect, "handle_error", found.failed)
-        event.listen(engine.pool, "checkout", found.checked_out)
         event.listen(engine.pool, "reset", found.reset)
         _by_dialect[dialect] = found
     _guards[engine] = found
@@ -510,13 +527,18 @@ def add_hook(engine: Engine, hook: Hook) -> Callable[[], None]:
 
 
 def _connection_of(context: Any) -> Connection:
-    if context is None:  # no SQLAlchemy dialect for PostgreSQL executes without one
-        raise TenantCeleryError(
-            "a statement reached a bind_tenant_guc engine's driver without an execution "
-            "context, so its tenant could not be checked; it was not sent"
-        )
+    if context is None:
+        raise _no_context()
     conn: Connection = context.root_connection
     return conn
+
+
+def _no_context() -> TenantCeleryError:
+    # No SQLAlchemy dialect for PostgreSQL executes without one.
+    return TenantCeleryError(
+        "a statement reached a bind_tenant_guc engine's driver without an execution "
+        "context, so its tenant could not be checked; it was not sent"
+    )
 
 
 # A Session on a bound engine: remember it, so that the end of a task rolls back
@@ -553,7 +575,7 @@ def _end_task(task_id: str | None = None, **_: Any) -> None:
         return
     frame = frames[index]
     _frames.set(frames[:index])
-    for tx in list(frame.open):
+    for tx in frame.open():
         _roll_back(frame, tx)
 
 

@@ -748,9 +748,10 @@ def test_a_long_task_holds_no_record_of_its_finished_transactions(
                 conn.execute(COUNT).scalar_one()
                 conn.commit()
         frame = _guard._frames.get()[-1]
+        assert len(frame.refs) < _guard._COMPACT_AT  # dead references are dropped
         with engine.begin() as conn:
             conn.execute(COUNT).scalar_one()
-            return len(frame.open), int(conn.execute(COUNT).scalar_one())
+            return len(frame.open()), int(conn.execute(COUNT).scalar_one())
 
     try:
         with tenant_context(A):
