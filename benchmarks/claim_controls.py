@@ -109,11 +109,18 @@ def _module_before(revision: str) -> types.ModuleType:
     return module
 
 
-def claim_text(module: types.ModuleType, schema: str, conn: psycopg.Connection[Any]) -> str:
+def claim_text(
+    module: types.ModuleType, schema: str, conn: psycopg.Connection[Any], controlled: bool
+) -> str:
     """The claim (``take=False``) of ``module``, its tables in ``schema``, as the
-    transport renders it."""
+    transport renders it; of the current module, the claim that obeys the controls
+    (``controlled``), which the transport runs while the control table has a row,
+    or the one it runs while the table is empty."""
     settings = module._Settings({"schema": schema})
-    template = module._claim_statement(settings, take=False)
+    if module is current:
+        template = module._claim_statement(settings, take=False, controlled=controlled)
+    else:
+        template = module._claim_statement(settings, take=False)
     return str(module._sql(template, settings).as_string(conn))
 
 
@@ -353,7 +360,7 @@ def _fmt_ratio(values: Sequence[float]) -> tuple[str, str]:
     return f"{statistics.median(values):.3f}", f"{min(values):.3f} to {max(values):.3f}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 (one run, in order)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.claim_controls")
     parser.add_argument(
         "--dsn", default=os.environ.get("TENANT_CELERY_BENCH_DSN", DEFAULT_DSN),
@@ -377,11 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         with psycopg.connect(
             conninfo, autocommit=True, application_name="tenant-celery-claimbench"
         ) as conn:
+            # "new": what the transport runs on that schema (the plain claim while the
+            # control table is empty); "obeying": the claim that obeys the controls.
             texts = {
-                (which, schema): claim_text(module, schema, conn)
+                (which, schema): claim_text(module, schema, conn, schema != "empty")
                 for which, module in (("old", before), ("new", current))
                 for schema in SCHEMAS
             }
+            texts["obeying", "empty"] = claim_text(current, "empty", conn, True)
 
             def variant(which: str, schema: str, queue: str, moving: bool = True) -> Variant:
                 return Variant(f"{which}@{schema}", texts[which, schema], queue, moving)
@@ -400,8 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         run(
                             f"1: no control row, {label}{tag}",
                             n,
-                            [variant("old", "empty", queue), variant("new", "empty", queue)],
-                            [("new/old", 1, 0)],
+                            [
+                                variant("old", "empty", queue),
+                                variant("new", "empty", queue),
+                                variant("obeying", "empty", queue),
+                            ],
+                            [("new/old", 1, 0), ("obeying/old", 2, 0)],
                         )
             for n in (1, 10):
                 result = run(

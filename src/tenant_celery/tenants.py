@@ -41,7 +41,7 @@ from ._pg import identifier, qualified
 from ._result_tables import PurgedResults, purge_results
 from .context import parse_tenant_id
 from .errors import ConfigurationError
-from .transport import CONTROL_TABLE, MESSAGE_TABLE, NOTIFY_CHANNEL, SCHEME
+from .transport import CONTROL_CHANNEL, CONTROL_TABLE, MESSAGE_TABLE, NOTIFY_CHANNEL, SCHEME
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -75,10 +75,7 @@ _TASK_ID = r'"id": "([^"\\]{1,200})"'
 
 # A claim makes a message invisible until its lease runs out: ready is visible
 # (as claims read it), in flight is claimed, delayed is claimed and held for an ETA.
-_DELAYED = (
-    "(m.visible_at > now()"
-    " AND coalesce({eta}(m.payload) > now(), false))"
-)
+_DELAYED = "(m.visible_at > now() AND coalesce({eta}(m.payload) > now(), false))"
 _IN_FLIGHT = "(m.visible_at > now())"
 _LIVE = "(m.expires_at IS NULL OR m.expires_at > now())"
 
@@ -155,6 +152,8 @@ _UNLIMIT = (
     "UPDATE {control} AS c SET rate = NULL, burst = NULL, changed_at = now()"
     " WHERE c.tenant = {tenant} AND c.queue = {queue}"
 )
+# Consumers read the control table again before their next claim (at commit).
+_ANNOUNCE = "SELECT pg_notify({control_channel}, '')"
 # Rows that neither pause nor limit anything are removed: claims then skip the
 # control table entirely once it is empty.
 _TIDY = "DELETE FROM {control} AS c WHERE c.tenant = {tenant} AND NOT c.paused AND c.rate IS NULL"
@@ -294,6 +293,7 @@ def pause(broker: Broker, tenant: object, *, queue: str | None = None) -> None:
     params = {"tenant": parse_tenant_id(tenant), "queue": "" if queue is None else _queue(queue)}
     with target.transaction() as conn:
         conn.execute(target.sql(_PAUSE), params)
+        conn.execute(target.sql(_ANNOUNCE))
 
 
 def resume(broker: Broker, tenant: object, *, queue: str | None = None) -> list[str]:
@@ -309,6 +309,7 @@ def resume(broker: Broker, tenant: object, *, queue: str | None = None) -> list[
     with target.transaction() as conn:
         conn.execute(target.sql(_RESUME), params)
         conn.execute(target.sql(_TIDY), params)
+        conn.execute(target.sql(_ANNOUNCE))
         conn.execute(target.sql(_WAKE), {**params, "channel": NOTIFY_CHANNEL})
         rows = conn.execute(target.sql(_STILL_PAUSED), params).fetchall()
     return [str(row[0]) or "*" for row in rows]
@@ -339,13 +340,13 @@ def rate_limit(
     if rate is None:
         if burst is not None:
             raise ConfigurationError("burst needs a rate; pass rate=None alone to remove the limit")
-        statements = [_UNLIMIT, _TIDY, _WAKE]
+        statements = [_UNLIMIT, _TIDY, _WAKE, _ANNOUNCE]
     else:
         params["rate"] = _positive(rate, "rate", minimum=0.0)
         params["burst"] = _positive(
             max(1.0, params["rate"]) if burst is None else burst, "burst", minimum=1.0
         )
-        statements = [_LIMIT, _WAKE]
+        statements = [_LIMIT, _WAKE, _ANNOUNCE]
     params["channel"] = NOTIFY_CHANNEL
     with target.transaction() as conn:
         for statement in statements:
@@ -517,6 +518,7 @@ class _Target:
             rate=sql.Placeholder("rate"),
             burst=sql.Placeholder("burst"),
             channel=sql.Placeholder("channel"),
+            control_channel=sql.Literal(CONTROL_CHANNEL),
             task_id=sql.Placeholder("task_id"),
             eta=table(_ETA_FUNCTION),
         )

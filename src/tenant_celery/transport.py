@@ -120,6 +120,7 @@ __all__ = [
     "APPLICATION_NAME",
     "BINDING_TABLE",
     "CLAIM_SECONDS_BUCKETS",
+    "CONTROL_CHANNEL",
     "CONTROL_TABLE",
     "MESSAGE_TABLE",
     "NOTIFY_CHANNEL",
@@ -148,6 +149,9 @@ CONTROL_TABLE = "tenant_celery_tenant_control"
 """Paused and rate-limited tenants (:mod:`tenant_celery.tenants`), read by every claim."""
 NOTIFY_CHANNEL = "tenant_celery_message"
 """``NOTIFY`` channel a publish wakes idle consumers on (the payload is the queue name)."""
+CONTROL_CHANNEL = "tenant_celery_control"
+"""``NOTIFY`` channel on which :mod:`tenant_celery.tenants` announces a change of the
+tenant controls: consumers read the control table again before their next claim."""
 
 APPLICATION_NAME = "tenant-celery broker"
 """``application_name`` of the transport's connections (``pg_stat_activity``)."""
@@ -277,92 +281,97 @@ _FIRST = " ORDER BY m.queue, m.tenant LIMIT 1"
 _LEVEL = (
     "LEAST(c.burst, c.tokens + c.rate * GREATEST(0, extract(epoch FROM now() - c.refilled_at)))"
 )
-# Whether the claim may take tenant `x.t`'s messages: not paused on this queue or
-# everywhere, and not rate-limited on this queue with less than one token.  Read
-# at all only when the control table has a row (one probe for the statement).
-_ALLOWED = (
-    " CROSS JOIN LATERAL (SELECT CASE WHEN x.t IS NULL OR NOT (SELECT EXISTS ("
-    "SELECT 1 FROM {control})) THEN true ELSE NOT EXISTS ("
-    "SELECT 1 FROM {control} AS c WHERE c.tenant = x.t AND c.queue IN (%(queue)s, '')"
-    " AND (c.paused OR (c.rate IS NOT NULL AND c.queue = %(queue)s AND "
-    + _LEVEL
-    + " < 1))) END AS ok) AS k"
+# Whether the claim may take tenant `y.t`'s messages: not paused on this queue or
+# everywhere, and not rate-limited on this queue with less than one token.
+_OK = (
+    "CASE WHEN y.t IS NULL THEN true ELSE NOT EXISTS ("
+    "SELECT 1 FROM {control} AS c WHERE c.tenant = y.t AND c.queue IN (%(queue)s, '')"
+    " AND (c.paused OR (c.rate IS NOT NULL AND c.queue = %(queue)s AND " + _LEVEL + " < 1))) END"
 )
-# Acknowledgements made since the last claim ride along with it: their rows are
-# deleted by the same statement (and kept out of its candidates).  Tenants the
-# claim may not take are passed over without counting towards the `n` it looks
-# for, so a paused tenant at the cursor holds back no other tenant.
-_TENANT_SCAN = (
-    "WITH RECURSIVE acked AS ("
-    " DELETE FROM {message} WHERE id = ANY(%(acks)s::bigint[]) AND lease = %(lease)s"
-    "), after_cursor(t, pos, ok) AS ("
-    " SELECT x.t, k.ok::int, k.ok FROM (SELECT (SELECT m.tenant FROM {message} AS m WHERE "
-    + _READY
-    + " AND m.tenant > %(cursor)s"
-    + _FIRST
-    + ") AS t) AS x"
-    + _ALLOWED
-    + " UNION ALL"
-    " SELECT x.t, a.pos + k.ok::int, k.ok FROM after_cursor AS a CROSS JOIN LATERAL ("
-    "SELECT (SELECT m.tenant FROM {message} AS m WHERE "
-    + _READY
-    + " AND m.tenant > a.t"
-    + _FIRST
-    + ") AS t) AS x"
-    + _ALLOWED
-    + " WHERE a.t IS NOT NULL AND a.pos < %(n)s"
-    "), from_start(t, pos, ok) AS ("
-    " SELECT x.t, %(n)s + k.ok::int, k.ok FROM (SELECT (SELECT m.tenant FROM {message} AS m"
-    " WHERE "
-    + _READY
-    + " AND m.tenant <= %(cursor)s"
-    + _FIRST
-    + ") AS t) AS x"
-    + _ALLOWED
-    + " UNION ALL"
-    " SELECT x.t, s.pos + k.ok::int, k.ok FROM from_start AS s CROSS JOIN LATERAL ("
-    "SELECT (SELECT m.tenant FROM {message} AS m WHERE "
-    + _READY
-    + " AND m.tenant > s.t AND m.tenant <= %(cursor)s"
-    + _FIRST
-    + ") AS t) AS x"
-    + _ALLOWED
-    + " WHERE s.t IS NOT NULL AND s.pos < 2 * %(n)s"
-    "), tenants AS ("
-    " SELECT t, pos FROM after_cursor WHERE t IS NOT NULL AND ok"
-    " UNION ALL SELECT t, pos FROM from_start WHERE t IS NOT NULL AND ok"
-    " ORDER BY pos LIMIT %(n)s"
-    # The rate-limited tenants among them, their buckets locked (in tenant order:
-    # two claims never wait on each other's) until this claim has spent them.
-    "), buckets AS ("
-    " SELECT c.tenant, " + _LEVEL + " AS level FROM {control} AS c"
-    " WHERE c.queue = %(queue)s AND c.rate IS NOT NULL AND c.tenant IN (SELECT t FROM tenants)"
-    " ORDER BY c.tenant FOR UPDATE OF c"
-    ")"
-)
-# Per tenant, its first `n` ready messages by priority then age (fewer for a
-# rate-limited tenant: the whole tokens in its bucket), locked without waiting;
-# then the first `n` of them taking each tenant's first message first.
-_CANDIDATES = (
-    ", candidates AS ("
-    " SELECT c.id, c.tenant, c.priority, tenants.pos FROM tenants CROSS JOIN LATERAL ("
-    "  SELECT m.id, m.tenant, m.priority FROM {message} AS m"
-    "  WHERE " + _READY + " AND m.tenant = tenants.t AND m.id <> ALL(%(acks)s::bigint[])"
-    "  ORDER BY m.priority, m.id LIMIT LEAST({per_tenant}, coalesce(("
-    "SELECT GREATEST(0, floor(b.level))::int FROM buckets AS b WHERE b.tenant = tenants.t),"
-    " %(n)s))"
-    " FOR UPDATE SKIP LOCKED) AS c"
-    "), ranked AS ("
-    " SELECT id, tenant, pos,"
-    " row_number() OVER (PARTITION BY tenant ORDER BY priority, id) AS turn FROM candidates"
-    "), chosen AS (SELECT id, tenant, turn, pos FROM ranked ORDER BY turn, pos LIMIT %(n)s"
-    # What the chosen messages spend of their tenants' buckets.
-    "), spent AS ("
-    " UPDATE {control} AS c SET tokens = b.level - (SELECT count(*) FROM chosen"
-    " WHERE chosen.tenant = b.tenant), refilled_at = GREATEST(c.refilled_at, now())"
-    " FROM buckets AS b WHERE c.queue = %(queue)s AND c.tenant = b.tenant"
-    ")"
-)
+
+
+def _step(probe: str, controlled: bool) -> str:
+    """The next tenant after a probe of the claim index (``x.t``) and, ``controlled``,
+    whether the claim may take it (``x.ok``): each computed once (``OFFSET 0`` keeps
+    the planner from copying the probe into every place its result is used)."""
+    ok = (" " + _OK + " AS ok") if controlled else " true AS ok"
+    return (
+        "(SELECT y.t," + ok + " FROM (SELECT (SELECT m.tenant FROM {message} AS m"
+        " WHERE " + _READY + probe + _FIRST + ") AS t OFFSET 0) AS y OFFSET 0) AS x"
+    )
+
+
+def _tenant_scan(controlled: bool) -> str:
+    """Acknowledgements made since the last claim ride along with it: their rows are
+    deleted by the same statement (and kept out of its candidates).  Then the tenants
+    with ready messages in the queue, after the cursor, then from the start: with
+    ``controlled``, tenants the claim may not take are passed over without counting
+    towards the ``n`` it looks for, so a paused tenant at the cursor holds back no
+    other tenant; and the buckets of the rate-limited ones are locked (in tenant
+    order: two claims never wait on each other's) until this claim has spent them."""
+    scan = (
+        "WITH RECURSIVE acked AS ("
+        " DELETE FROM {message} WHERE id = ANY(%(acks)s::bigint[]) AND lease = %(lease)s"
+        "), after_cursor(t, pos, ok) AS ("
+        " SELECT x.t, x.ok::int, x.ok FROM "
+        + _step(" AND m.tenant > %(cursor)s", controlled)
+        + " UNION ALL"
+        " SELECT x.t, a.pos + x.ok::int, x.ok FROM after_cursor AS a CROSS JOIN LATERAL "
+        + _step(" AND m.tenant > a.t", controlled)
+        + " WHERE a.t IS NOT NULL AND a.pos < %(n)s"
+        "), from_start(t, pos, ok) AS ("
+        " SELECT x.t, %(n)s + x.ok::int, x.ok FROM "
+        + _step(" AND m.tenant <= %(cursor)s", controlled)
+        + " UNION ALL"
+        " SELECT x.t, s.pos + x.ok::int, x.ok FROM from_start AS s CROSS JOIN LATERAL "
+        + _step(" AND m.tenant > s.t AND m.tenant <= %(cursor)s", controlled)
+        + " WHERE s.t IS NOT NULL AND s.pos < 2 * %(n)s"
+        "), tenants AS ("
+        " SELECT t, pos FROM after_cursor WHERE t IS NOT NULL AND ok"
+        " UNION ALL SELECT t, pos FROM from_start WHERE t IS NOT NULL AND ok"
+        " ORDER BY pos LIMIT %(n)s)"
+    )
+    if controlled:
+        scan += (
+            ", buckets AS ("
+            " SELECT c.tenant, " + _LEVEL + " AS level FROM {control} AS c"
+            " WHERE c.queue = %(queue)s AND c.rate IS NOT NULL"
+            " AND c.tenant IN (SELECT t FROM tenants) ORDER BY c.tenant FOR UPDATE OF c)"
+        )
+    return scan
+
+
+def _candidates(per_tenant: str, controlled: bool) -> str:
+    """Per tenant, its first `n` ready messages by priority then age (with
+    ``controlled``, fewer for a rate-limited tenant: the whole tokens in its bucket),
+    locked without waiting; then the first `n` of them taking each tenant's first
+    message first; with ``controlled``, what they spend of their tenants' buckets."""
+    if controlled:
+        per_tenant = (
+            "LEAST(" + per_tenant + ", coalesce((SELECT GREATEST(0, floor(b.level))::int"
+            " FROM buckets AS b WHERE b.tenant = tenants.t), %(n)s))"
+        )
+    text = (
+        ", candidates AS ("
+        " SELECT c.id, c.tenant, c.priority, tenants.pos FROM tenants CROSS JOIN LATERAL ("
+        "  SELECT m.id, m.tenant, m.priority FROM {message} AS m"
+        "  WHERE " + _READY + " AND m.tenant = tenants.t AND m.id <> ALL(%(acks)s::bigint[])"
+        "  ORDER BY m.priority, m.id LIMIT " + per_tenant + " FOR UPDATE SKIP LOCKED) AS c"
+        "), ranked AS ("
+        " SELECT id, tenant, pos,"
+        " row_number() OVER (PARTITION BY tenant ORDER BY priority, id) AS turn FROM candidates"
+        "), chosen AS (SELECT id, tenant, turn, pos FROM ranked ORDER BY turn, pos LIMIT %(n)s)"
+    )
+    if controlled:
+        text += (
+            ", spent AS ("
+            " UPDATE {control} AS c SET tokens = b.level - (SELECT count(*) FROM chosen"
+            " WHERE chosen.tenant = b.tenant), refilled_at = GREATEST(c.refilled_at, now())"
+            " FROM buckets AS b WHERE c.queue = %(queue)s AND c.tenant = b.tenant)"
+        )
+    return text
+
+
 # With tenant_inflight_limit: a tenant may take only what its claimed messages leave
 # (the rows this statement deletes as acknowledged no longer count).
 _PER_TENANT = "%(n)s"
@@ -446,6 +455,7 @@ _DELETE_QUEUE = (
     " DELETE FROM {queue_table} WHERE name = %(queue)s"
 )
 _LISTEN = "LISTEN {channel}"
+_ANY_CONTROL = "SELECT EXISTS (SELECT 1 FROM {control})"
 _QUEUE_LENGTHS = (
     "SELECT q.name, count(m.id) FROM {queue_table} AS q"
     " LEFT JOIN {message} AS m ON m.queue = q.name AND m.visible_at <= now()"
@@ -550,9 +560,12 @@ def queue_lengths_by_tenant_query(schema: str | None = None) -> str:
     )
 
 
-def _claim_statement(settings: _Settings, *, take: bool) -> str:
+def _claim_statement(settings: _Settings, *, take: bool, controlled: bool) -> str:
+    """The claim: with ``controlled``, the one that obeys the tenant controls (read
+    while the control table has a row; its extra plan nodes cost a claim about a
+    fifth more even when they find nothing)."""
     per_tenant = _PER_TENANT if settings.tenant_inflight_limit is None else _PER_TENANT_CAPPED
-    text = _TENANT_SCAN + _CANDIDATES.replace("{per_tenant}", per_tenant)
+    text = _tenant_scan(controlled) + _candidates(per_tenant, controlled)
     return text + (_TAKE if take else _CLAIM)
 
 
@@ -818,9 +831,11 @@ class Channel(virtual.Channel):
         self._acked_at = 0.0
         self._acks_lock = threading.Lock()
         self._defer_acks = True
+        # (take, controlled) -> the claim statement.
         self._statements = {
-            False: _claim_statement(self.settings, take=False),
-            True: _claim_statement(self.settings, take=True),
+            (take, controlled): _claim_statement(self.settings, take=take, controlled=controlled)
+            for take in (False, True)
+            for controlled in (False, True)
         }
 
     # --- publishing ---------------------------------------------------------------
@@ -1057,7 +1072,8 @@ class Channel(virtual.Channel):
             params["cap"] = self.settings.tenant_inflight_limit
         started = time.perf_counter()
         try:
-            rows = self._transport.execute(self._statements[take], params, fetch=True)
+            statement = self._statements[take, self._transport.controlled()]
+            rows = self._transport.execute(statement, params, fetch=True)
         except BaseException:
             self._return_acks(acks)
             raise
@@ -1350,6 +1366,9 @@ class Transport(virtual.Transport):
         # NOTIFY channel -> (channel, auto-delete queue) the listener receives for.
         self._listens: dict[str, tuple[_PgChannel, str]] = {}
         self._read_at = 0.0  # when the listening connection was last read
+        # Whether the control table has a row (None: to be read), and when it was read.
+        self._controlled: bool | None = None
+        self._controlled_at = 0.0
         self._pid = os.getpid()
         self._rendered: dict[str, str] = {}
         self._swept_at = 0.0
@@ -1678,7 +1697,7 @@ class Transport(virtual.Transport):
                 listener = self._listener
                 if listener is None or listener.closed:
                     listener = self._connect()
-                    for name in (NOTIFY_CHANNEL, *self._listens):
+                    for name in (NOTIFY_CHANNEL, CONTROL_CHANNEL, *self._listens):
                         listener.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(name)))
                     self._listener = listener
         return listener
@@ -1783,6 +1802,11 @@ class Transport(virtual.Transport):
         while (notify := pgconn.notifies()) is not None:
             heard = True
             name = bytes(notify.relname).decode("utf-8", "replace")
+            if name == CONTROL_CHANNEL:
+                self._controlled = None  # read again before the next claim
+                for channel in channels:
+                    channel.quiet.clear()  # a resumed tenant's messages wait
+                continue
             if name != NOTIFY_CHANNEL:
                 target = self._listens.get(name)
                 if target is not None:
@@ -1792,6 +1816,19 @@ class Transport(virtual.Transport):
             for channel in channels:
                 channel.quiet.discard(queue)
         return heard
+
+    def controlled(self) -> bool:
+        """Whether any tenant is paused or rate-limited (the control table has a row),
+        so that claims must obey the controls.  Read again after a notification on
+        :data:`CONTROL_CHANNEL`, and at least every ``polling_interval`` (a change
+        made while this connection did not listen, or with ``listen`` off)."""
+        known = self._controlled
+        now = time.monotonic()
+        if known is None or now - self._controlled_at >= self.settings.polling_interval:
+            rows = self.execute(_ANY_CONTROL, {}, fetch=True)
+            known = self._controlled = bool(rows[0][0])
+            self._controlled_at = now
+        return known
 
     def _poll_due(self) -> None:
         """Every ``polling_interval``, every queue is claimed from again (messages

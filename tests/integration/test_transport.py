@@ -635,11 +635,15 @@ def _plan_nodes(plan: dict[str, Any]) -> list[str]:
     return nodes
 
 
-def test_a_claim_stays_on_the_index_whatever_the_statistics_say(database: Database) -> None:
-    """The table is analyzed while every message is claimed (as under a busy
-    worker); then a backlog arrives.  The statistics now say almost nothing is
-    ready, and the plain plan scans the whole table per claim; the transport's
-    claim, with its transaction settings, reads a few pages of the index."""
+@pytest.mark.parametrize("controlled", [False, True], ids=["plain", "obeying-controls"])
+def test_a_claim_stays_on_the_index_whatever_the_statistics_say(
+    database: Database, controlled: bool
+) -> None:
+    """Both claims (the one obeying tenant controls, too).  The table is analyzed
+    while every message is claimed (as under a busy worker); then a backlog
+    arrives.  The statistics now say almost nothing is ready, and the plain plan
+    scans the whole table per claim; the transport's claim, with its transaction
+    settings, reads a few pages of the index."""
     transport_url(database, "app")  # migrates the transport's schema
     settings = transport._Settings({"schema": TRANSPORT_SCHEMA})
     table = f"{TRANSPORT_SCHEMA}.tenant_celery_message"
@@ -658,7 +662,8 @@ def test_a_claim_stays_on_the_index_whatever_the_statistics_say(database: Databa
                 f"INSERT INTO {table} (queue, tenant, payload) VALUES ('busy', %s, '{{}}')",
                 [(tenants[i % 4],) for i in range(8000)],
             )
-        claim = transport._sql(transport._claim_statement(settings, take=False), settings)
+        statement = transport._claim_statement(settings, take=False, controlled=controlled)
+        claim = transport._sql(statement, settings)
         params = {
             "queue": "busy", "n": 2, "cursor": "", "lease": uuid.uuid4(),
             "lease_seconds": 60.0, "acks": [],

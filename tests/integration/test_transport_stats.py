@@ -163,7 +163,8 @@ def test_a_claim_that_fails_is_not_counted(
         channel._claim(queue.name, 1, take=False)  # connected, statement prepared
         before = transport.claim_stats()
         # A statement the server refuses: the claim raises, nothing is counted.
-        monkeypatch.setitem(channel._statements, False, "SELECT * FROM no_such_table")
+        for controlled in (False, True):
+            monkeypatch.setitem(channel._statements, (False, controlled), "SELECT * FROM nothing")
         with pytest.raises(Exception):  # noqa: B017, PT011 (ConfigurationError here)
             channel._claim(queue.name, 1, take=False)
         assert transport.claim_stats() == before
