@@ -29,6 +29,7 @@ set, or the default.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -109,14 +110,23 @@ _STATES_BY_QUEUE = (
     " JOIN unnest(%(queues)s::text[]) AS q(name) ON c.queue IN (q.name, '') WHERE c.paused"
 )
 # Purge: in-flight messages (claimed, not delayed) are kept unless asked.
-_PURGE = (
-    "WITH d AS (DELETE FROM {message} AS m WHERE m.tenant = {tenant}"
-    " AND ({queue}::text IS NULL OR m.queue = {queue})"
+_PURGEABLE = (
+    "m.tenant = {tenant} AND ({queue}::text IS NULL OR m.queue = {queue})"
     " AND ({in_flight} OR NOT " + _IN_FLIGHT + " OR " + _DELAYED + ")"
+)
+# Rows a claim holds locked are passed over, never waited for (a claim that waits
+# for a row this purge deleted would deadlock with it): the purge goes round again
+# until nothing it may delete is left.
+_PURGE = (
+    "WITH d AS (DELETE FROM {message} AS m WHERE m.id IN (SELECT m.id FROM {message} AS m"
+    " WHERE " + _PURGEABLE + " FOR UPDATE SKIP LOCKED)"
     " RETURNING CASE WHEN NOT " + _IN_FLIGHT + " THEN 'ready' WHEN " + _DELAYED + " THEN"
     " 'delayed' ELSE 'in_flight' END AS kind, m.queue, substring(m.payload from {task_id}) AS id)"
     " SELECT kind, queue, id FROM d"
 )
+_PURGEABLE_LEFT = "SELECT EXISTS (SELECT 1 FROM {message} AS m WHERE " + _PURGEABLE + ")"
+_PURGE_ROUNDS = 200  # of at most _PURGE_PAUSE seconds each: claims hold rows for less
+_PURGE_PAUSE = 0.01
 _LEFT = (
     "SELECT substring(m.payload from {task_id}) FROM {message} AS m WHERE m.tenant = {tenant}"
     " AND ({queue}::text IS NULL OR m.queue = {queue}) AND "
@@ -397,7 +407,22 @@ def purge(
         "task_id": _TASK_ID,
     }
     with target.transaction() as conn:
-        deleted = conn.execute(target.sql(_PURGE), params).fetchall()
+        deleted: list[Any] = []
+        for _ in range(_PURGE_ROUNDS):
+            rows = conn.execute(target.sql(_PURGE), params).fetchall()
+            deleted += rows
+            if rows:
+                continue
+            found = conn.execute(target.sql(_PURGEABLE_LEFT), params).fetchone()
+            if not found or not found[0]:
+                break
+            time.sleep(_PURGE_PAUSE)  # a claim holds some: it commits within moments
+        else:
+            raise ConfigurationError(
+                f"could not purge {tenant_id}: its messages stayed locked for "
+                f"{_PURGE_ROUNDS * _PURGE_PAUSE:g} s (a claim that does not end?); "
+                "nothing was deleted"
+            )
         left = conn.execute(target.sql(_LEFT), params).fetchall()
         # Before the messages' deletion commits: results that cannot be purged
         # (a wrong URL, a database away) leave the messages as they were.

@@ -1822,9 +1822,13 @@ class Transport(virtual.Transport):
         so that claims must obey the controls.  Read again after a notification on
         :data:`CONTROL_CHANNEL`, and at least every ``polling_interval`` (a change
         made while this connection did not listen, or with ``listen`` off)."""
+        if self._listener is not None:
+            self.poll_notifies()  # a change announced since the last read counts now
         known = self._controlled
         now = time.monotonic()
         if known is None or now - self._controlled_at >= self.settings.polling_interval:
+            # Listening first: a change committed after the read below is heard.
+            self._listening()
             rows = self.execute(_ANY_CONTROL, {}, fetch=True)
             known = self._controlled = bool(rows[0][0])
             self._controlled_at = now

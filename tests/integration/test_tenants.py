@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -427,3 +427,32 @@ def test_a_forged_eta_header_fails_neither_inspect_nor_purge(url: str) -> None:
         assert (purged.ready, purged.delayed, len(purged.left_in_flight)) == (0, 1, 2)
         for message in held:
             message.ack()
+
+
+def test_a_pause_reaches_a_consumer_that_saw_no_controls_at_its_next_claim(url: str) -> None:
+    """A consumer that read an empty control table runs the plain claim; the pause's
+    notification makes its next claim read the table again (its polling interval,
+    the other way it would learn of it, is 30 s here)."""
+    queue = new_queue()
+    paused, other = str(uuid.uuid4()), str(uuid.uuid4())
+    with Connection(url, transport_options={"polling_interval": 30}) as conn:
+        publish(conn, queue, paused, 3)
+        publish(conn, queue, other, 3)
+        got: list[Message] = []
+        channel = conn.channel()
+        channel.basic_qos(0, 1, False)
+        Consumer(channel, [queue], callbacks=[lambda b, m: got.append(m)]).consume()
+        conn.drain_events(timeout=5)
+        assert len(got) == 1
+        assert cast(Any, conn.transport).controlled() is False
+        tenants.pause(url, paused)
+        time.sleep(0.2)  # the notification arrives
+        for _ in range(6):
+            for message in got:
+                if not message.acknowledged:
+                    message.ack()
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=1.0)
+    after = [m.payload["tenant"] for m in got[1:]]
+    assert paused not in after, after
+    assert after.count(other) == 3 - (got[0].payload["tenant"] == other)
