@@ -84,6 +84,18 @@ def claim(conn: Connection, queue: Queue, prefetch: int, rounds: int = 1) -> lis
     return got
 
 
+def hold(conn: Connection, queue: Queue) -> list[Message]:
+    """What one consumer (prefetch 10) claims and holds unacknowledged, as a worker
+    holds messages for their ETA or while running them."""
+    held: list[Message] = []
+    channel = conn.channel()
+    channel.basic_qos(0, 10, False)
+    Consumer(channel, [queue], callbacks=[lambda body, message: held.append(message)]).consume()
+    with contextlib.suppress(TimeoutError):
+        conn.drain_events(timeout=1.0)
+    return held
+
+
 def rows_of(database: Database, tenant: str) -> int:
     with psycopg.connect(**libpq_kwargs(database.url)) as conn:
         row = conn.execute(
@@ -213,12 +225,7 @@ def test_purge_deletes_ready_and_delayed_messages_and_names_those_in_flight(
         publish(conn, queue, tenant, 2, eta=eta)  # held by the consumer below
         publish(conn, queue, tenant, 1)  # claimed: in flight
         publish(conn, queue, other, 3)
-        channel = conn.channel()
-        channel.basic_qos(0, 10, False)
-        held: list[Message] = []
-        Consumer(channel, [queue], callbacks=[lambda b, m: held.append(m)]).consume()
-        with contextlib.suppress(TimeoutError):
-            conn.drain_events(timeout=1.0)
+        held = hold(conn, queue)
         assert len(held) == 6
         for message in held:  # the other tenant's are acknowledged
             if message.payload["tenant"] == other:
@@ -414,12 +421,7 @@ def test_a_forged_eta_header_fails_neither_inspect_nor_purge(url: str) -> None:
         publish(conn, queue, tenant, 1, eta="2099-02-31T00:00:00+00:00")
         publish(conn, queue, tenant, 1, eta="2099-13-01T25:61:00+00:00")
         publish(conn, queue, tenant, 1, eta="2099-01-01T00:00:00+00:00")
-        channel = conn.channel()
-        channel.basic_qos(0, 10, False)
-        held: list[Message] = []
-        Consumer(channel, [queue], callbacks=[lambda b, m: held.append(m)]).consume()
-        with contextlib.suppress(TimeoutError):
-            conn.drain_events(timeout=1.0)
+        held = hold(conn, queue)
         assert len(held) == 3
         [entry] = tenants.inspect(url, tenant=tenant)
         assert (entry.in_flight, entry.delayed) == (2, 1)

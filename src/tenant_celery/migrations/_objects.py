@@ -111,3 +111,32 @@ def grant_statements(
         if TABLES[0] in chosen:
             statements.append(f"GRANT USAGE ON SEQUENCE {sequences} TO {grantee}")
     return statements
+
+
+# Roles that were granted one of the tables (``granted_like``) get ``tables`` too,
+# with the same privileges: a revision that adds tables runs after a host's grant
+# revision that granted the earlier ones.
+_CARRY_GRANTS = """
+DO $carry$
+DECLARE grantee_role text; privilege text;
+BEGIN
+  FOR grantee_role, privilege IN
+    SELECT DISTINCT g.grantee, g.privilege_type FROM information_schema.role_table_grants AS g
+    WHERE g.table_schema = {schema} AND g.table_name = {granted_like}
+      AND g.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE')
+      AND g.grantee <> current_user AND g.grantee <> 'PUBLIC'
+  LOOP
+    EXECUTE format('GRANT %s ON TABLE {tables} TO %I', privilege, grantee_role);
+  END LOOP;
+END
+$carry$
+"""
+
+
+def carry_grants_statement(granted_like: str, tables: Iterable[str], schema: str | None) -> str:
+    """The statement that grants ``tables`` (in ``schema``) to every role that holds
+    privileges on ``granted_like``, the same privileges."""
+    where = "current_schema()" if schema is None else "'" + schema.replace("'", "''") + "'"
+    names = ", ".join(qualified(name, schema) for name in tables)
+    like = "'" + granted_like.replace("'", "''") + "'"
+    return _CARRY_GRANTS.format(schema=where, granted_like=like, tables=names.replace("%", "%%"))

@@ -18,7 +18,7 @@ from alembic import context, op
 from sqlalchemy.dialects import postgresql
 
 from tenant_celery._pg import qualified
-from tenant_celery.migrations._objects import configured_schema
+from tenant_celery.migrations._objects import carry_grants_statement, configured_schema
 
 revision = "tc0002"
 down_revision: str | None = "tc0001"
@@ -96,32 +96,11 @@ def upgrade() -> None:
     _carry_grants(schema)
 
 
-# Roles that were granted the Celery tables (a host's grant revision that ran
-# before this one) get the transport's tables too, with the same privileges.
-_CARRY_GRANTS = """
-DO $carry$
-DECLARE grantee_role text; privilege text;
-BEGIN
-  FOR grantee_role, privilege IN
-    SELECT DISTINCT g.grantee, g.privilege_type FROM information_schema.role_table_grants AS g
-    WHERE g.table_schema = {schema} AND g.table_name = 'kombu_message'
-      AND g.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE')
-      AND g.grantee <> current_user AND g.grantee <> 'PUBLIC'
-  LOOP
-    EXECUTE format('GRANT %s ON TABLE {tables} TO %I', privilege, grantee_role);
-  END LOOP;
-END
-$carry$
-"""
-
-
 def _carry_grants(schema: str | None) -> None:
-    tables = ", ".join(
-        qualified(name, schema)
-        for name in ("tenant_celery_queue", "tenant_celery_binding", "tenant_celery_message")
-    )
-    where = "current_schema()" if schema is None else "'" + schema.replace("'", "''") + "'"
-    op.execute(_CARRY_GRANTS.format(schema=where, tables=tables.replace("%", "%%")))
+    # Roles that were granted the Celery tables (a host's grant revision that ran
+    # before this one) get the transport's tables too, with the same privileges.
+    tables = ("tenant_celery_queue", "tenant_celery_binding", "tenant_celery_message")
+    op.execute(carry_grants_statement("kombu_message", tables, schema))
 
 
 def downgrade() -> None:

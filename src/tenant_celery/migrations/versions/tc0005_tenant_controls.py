@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from alembic import context, op
 
 from tenant_celery._pg import qualified
-from tenant_celery.migrations._objects import configured_schema
+from tenant_celery.migrations._objects import carry_grants_statement, configured_schema
 
 revision = "tc0005"
 down_revision: str | None = "tc0004"
@@ -84,29 +84,10 @@ def upgrade() -> None:
     _carry_grants(schema)
 
 
-# The roles that may use the transport's message table may read and spend the
-# controls (every claim does); the same grants, as revision tc0002 carries them.
-_CARRY_GRANTS = """
-DO $carry$
-DECLARE grantee_role text; privilege text;
-BEGIN
-  FOR grantee_role, privilege IN
-    SELECT DISTINCT g.grantee, g.privilege_type FROM information_schema.role_table_grants AS g
-    WHERE g.table_schema = {schema} AND g.table_name = 'tenant_celery_message'
-      AND g.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE')
-      AND g.grantee <> current_user AND g.grantee <> 'PUBLIC'
-  LOOP
-    EXECUTE format('GRANT %s ON TABLE {table} TO %I', privilege, grantee_role);
-  END LOOP;
-END
-$carry$
-"""
-
-
 def _carry_grants(schema: str | None) -> None:
-    where = "current_schema()" if schema is None else "'" + schema.replace("'", "''") + "'"
-    table = qualified(TABLE, schema).replace("%", "%%")
-    op.execute(_CARRY_GRANTS.format(schema=where, table=table))
+    # The roles that may use the transport's message table may read and spend the
+    # controls (every claim does): the same privileges.
+    op.execute(carry_grants_statement("tenant_celery_message", [TABLE], schema))
 
 
 def downgrade() -> None:
