@@ -12,7 +12,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ContextDecorator
 from contextvars import ContextVar, Token
 
 from .errors import InvalidTenantId, TenantContextMissing
@@ -169,15 +169,18 @@ def tenant_context(tenant_id: object) -> AbstractContextManager[str]:
     return _TenantContext(tenant_id)
 
 
-class _TenantContext(AbstractContextManager[str]):
+class _TenantContext(AbstractContextManager[str], ContextDecorator):
     """:func:`tenant_context`'s manager: a class, not a generator, as it is entered
-    for every task published or run."""
+    for every task published or run.  Usable as a decorator, as a generator's was."""
 
     __slots__ = ("_raw", "_token")
 
     def __init__(self, raw: object) -> None:
         self._raw = raw
         self._token: Token[str | None] | None = None
+
+    def _recreate_cm(self) -> _TenantContext:
+        return _TenantContext(self._raw)  # a decorated function may run in many threads
 
     def __enter__(self) -> str:
         if self._token is not None:

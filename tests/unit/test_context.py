@@ -39,6 +39,29 @@ def test_context_sets_canonical_form_and_restores() -> None:
     assert current_tenant() is None
 
 
+def test_context_decorates_a_function_and_is_entered_once_at_a_time() -> None:
+    @tenant_context(A)
+    def inside() -> str | None:
+        return current_tenant()
+
+    assert [inside(), inside()] == [A, A]
+    assert current_tenant() is None
+    context = tenant_context(B)
+    with context, pytest.raises(RuntimeError, match="once at a time"), context:
+        pass
+    assert current_tenant() is None
+    with context:  # again, once left
+        assert current_tenant() == B
+    assert current_tenant() is None
+
+
+def test_an_invalid_id_enters_nothing() -> None:
+    context = tenant_context("not a tenant")
+    with pytest.raises(InvalidTenantId), context:
+        pass
+    assert current_tenant() is None
+
+
 def test_contexts_nest_and_restore_on_error() -> None:
     def fail_inside_b() -> None:
         with tenant_context(B):
