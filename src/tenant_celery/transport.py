@@ -561,9 +561,9 @@ def queue_lengths_by_tenant_query(schema: str | None = None) -> str:
 
 
 def _claim_statement(settings: _Settings, *, take: bool, controlled: bool) -> str:
-    """The claim: with ``controlled``, the one that obeys the tenant controls (read
-    while the control table has a row; its extra plan nodes cost a claim about a
-    fifth more even when they find nothing)."""
+    """The claim: with ``controlled``, the one that obeys the tenant controls, run
+    while the control table has a row (its extra plan nodes cost a claim a quarter
+    to a half more, measured by ``python -m benchmarks.claim_controls``)."""
     per_tenant = _PER_TENANT if settings.tenant_inflight_limit is None else _PER_TENANT_CAPPED
     text = _tenant_scan(controlled) + _candidates(per_tenant, controlled)
     return text + (_TAKE if take else _CLAIM)

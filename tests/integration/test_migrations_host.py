@@ -25,8 +25,8 @@ from tenant_celery.migrations import (
     downgrade,
     upgrade,
 )
+from tests._rig.pages import python_blocks
 from tests._rig.postgres import APP_ROLE, Database, render
-from tests.docs.blocks import page_blocks
 
 #: ``path_separator`` (and ``newline``) arrived in Alembic 1.16; before, the
 #: separator of ``version_locations`` is ``version_path_separator``.
@@ -223,7 +223,7 @@ def test_how_to_revision_puts_the_result_tables_under_the_policy(
     head (``h002``) and our ``tc0004``: ``upgrade heads`` as the tables' owner turns
     row-level security on and forces it with the tenant policy; ``downgrade`` undoes it."""
     (block,) = [
-        b for b in page_blocks("howto/result-backend.md") if "op.enable_tenant_rls" in b.source
+        b for b in python_blocks("howto/result-backend.md") if "op.enable_tenant_rls" in b.source
     ]
     previous_head = 'down_revision = "7d1e0c2a9b41"'
     assert previous_head in block.source

@@ -33,9 +33,9 @@ from tenant_celery.results import (
     purge_results,
 )
 from tenant_celery.rls import enable_tenant_rls
+from tests._rig.pages import DOCS, python_blocks
 from tests._rig.postgres import APP_ROLE, Database, render
 from tests._rig.worker import Pool, WorkerFactory, rebind_app
-from tests.docs.blocks import DOCS, page_blocks
 
 from . import tenant_results_app
 
@@ -169,7 +169,7 @@ def test_purge_as_the_how_to_shows(
     """The how-to's ``purge_results`` block, taken from the page, run as ``app_user``
     with the rig's URL for its placeholder."""
     page = "howto/result-backend.md"
-    (block,) = [b for b in page_blocks(page) if "purge_results(" in b.source]
+    (block,) = [b for b in python_blocks(page) if "purge_results(" in b.source]
     placeholder = "postgresql://app_user:secret@db/app"
     assert placeholder in block.source
     code = block.source.replace(placeholder, render(migrated.app_url))
