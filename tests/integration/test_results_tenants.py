@@ -96,12 +96,14 @@ def new_id() -> str:
 
 
 def test_results_and_groups_carry_the_tenant_they_were_stored_in(migrated: Database) -> None:
-    backend = results_app(migrated).backend
+    app = results_app(migrated)
+    backend = app.backend
     ids = {name: new_id() for name in ("a", "b", "none", "group_a")}
 
     with tenant_context(TENANT_A):
         backend.store_result(ids["a"], 1, states.STARTED)
-        backend.save_group(ids["group_a"], GroupResult(ids["group_a"], [AsyncResult(ids["a"])]))
+        group = GroupResult(ids["group_a"], [AsyncResult(ids["a"], app=app)], app=app)
+        backend.save_group(ids["group_a"], group)
     with tenant_context(TENANT_B):
         backend.store_result(ids["b"], 2, states.SUCCESS)
     backend.store_result(ids["none"], 3, states.SUCCESS)
@@ -205,11 +207,13 @@ def test_purge_needs_the_tenant_column(database: Database) -> None:
 
 def test_under_the_policy_a_tenant_reads_only_its_own_results(migrated: Database) -> None:
     put_results_under_policy(migrated)
-    backend = results_app(migrated).backend
+    app = results_app(migrated)
+    backend = app.backend
     a_task, b_task, a_group = new_id(), new_id(), new_id()
     with tenant_context(TENANT_A):
         backend.store_result(a_task, "secret of A", states.SUCCESS)
-        backend.save_group(a_group, GroupResult(a_group, [AsyncResult(a_task)]))
+        group = GroupResult(a_group, [AsyncResult(a_task, app=app)], app=app)
+        backend.save_group(a_group, group)
     with tenant_context(TENANT_B):
         backend.store_result(b_task, "secret of B", states.SUCCESS)
 
