@@ -195,6 +195,15 @@ def _run_check(args: argparse.Namespace) -> int:
     return EXIT_CLEAN if report.clean else EXIT_HOLES
 
 
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """``rows`` (the header first) as lines of left-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
 def _one_line(exc: BaseException) -> str:
     cause = getattr(exc, "orig", None) or exc
     return " ".join(str(cause).split()) or type(cause).__name__
@@ -227,14 +236,7 @@ def _format_report(report: AuditReport, url: str) -> str:
         for t in report.tables
     ]
     if rows:
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            lines.append(
-                "  ".join(
-                    cell.ljust(width) for cell, width in zip(row, widths, strict=True)
-                ).rstrip()
-            )
-        lines.append("")
+        lines += [*_aligned([header, *rows]), ""]
     if report.results_outside_policy:
         lines += [
             "results outside the tenant policy (an opt-in): "
@@ -440,11 +442,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if not rows:
         print("no queued messages and no paused or rate-limited tenant")
         return EXIT_CLEAN
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+    print("\n".join(_aligned([header, *rows])))
     return EXIT_CLEAN
 
 
