@@ -27,7 +27,7 @@ from reliability import faults
 from tenant_celery import tenants
 from tenant_celery.errors import ConfigurationError, InvalidTenantId
 from tests._rig.postgres import Database, libpq_kwargs, render
-from tests._rig.worker import TRANSPORT_SCHEMA, transport_url
+from tests._rig.worker import TRANSPORT_SCHEMA, WorkerHandle, transport_url
 
 from . import faults_app
 
@@ -296,7 +296,7 @@ def test_pausing_a_tenant_with_10000_queued_tasks_while_another_flows(
     heavy, light = faults.new_tenants(2)
     with faults.workers(launch) as start, faults.publisher(url, queue) as app:
         backlog = faults.publish(app, faults_app.RECORD, [heavy], 10_000)
-        start(spec)
+        worker = cast(WorkerHandle, start(spec))
         faults.wait_progress(admin, backlog, 20, TIMEOUT)
         tenants.pause(app, heavy)
         paused_at = time.time()
@@ -327,12 +327,30 @@ def test_pausing_a_tenant_with_10000_queued_tasks_while_another_flows(
         assert tenants.resume(app, heavy) == []
         # It flows again: 200 more of its tasks done.
         faults.wait_progress(admin, backlog, len(heavy_started) + 200, TIMEOUT)
-    # The worker stopped warm (running tasks finished, prefetched ones released):
-    # each task of the backlog either ran once or is still queued.
+        # Paused again, the worker finishes what it claimed and then holds nothing
+        # of the tenant's: it stops with no task finishing meanwhile.  (A task that
+        # finishes as a prefork pool stops can have its result go unread, and so
+        # its late acknowledgement unsent: celery/celery#3802, the explanation's
+        # "Delivery" section.)
+        tenants.pause(app, heavy)
+        deadline = time.monotonic() + TIMEOUT
+        while _in_flight(app, heavy, queue):
+            assert time.monotonic() < deadline, "the paused tenant's claimed tasks never finished"
+            time.sleep(0.1)
+        code = worker.stop()
+    assert code == 0, f"the worker did not stop warm: exit code {code}"
+    # Each task of the backlog either ran once or is still queued, never both.
     runs = faults.read_runs(admin, list(backlog))
     done = [run.task_id for run in runs if run.phase == "done"]
     assert len(done) == len(set(done)) > len(heavy_started) + 200 - 4
-    assert len(done) + rows_of_engine(admin, heavy) == 10_000  # nothing lost
+    queued = queued_tasks(admin, heavy)
+    assert set(backlog) - set(done) - set(queued) == set()  # nothing lost
+    both = {task_id: queued[task_id] for task_id in set(done) & set(queued)}
+    assert not both, f"done and still queued: {both}"
+
+
+def _in_flight(app: Any, tenant: str, queue: str) -> int:
+    return sum(e.in_flight for e in tenants.inspect(app, tenant=tenant) if e.queue == queue)
 
 
 def test_purging_a_tenant_while_workers_consume_counts_exactly(
@@ -360,16 +378,20 @@ def test_purging_a_tenant_while_workers_consume_counts_exactly(
     # Every task of the purged tenant either ran or was deleted, never both.
     assert len(done) + purged.ready == len(ours), (len(done), purged)
     assert max(Counter(r.task_id for r in our_runs if r.phase == "done").values()) == 1
-    assert rows_of_engine(admin, gone) == 0
+    assert queued_tasks(admin, gone) == {}
 
 
-def rows_of_engine(admin: sa.Engine, tenant: str) -> int:
+def queued_tasks(admin: sa.Engine, tenant: str) -> dict[str, dict[str, Any]]:
+    """The tenant's messages still in the table: ``{task id: the row's state}``."""
     with admin.connect() as conn:
-        return int(
-            conn.execute(
-                sa.text(f"SELECT count(*) FROM {MESSAGE} WHERE tenant = :t"), {"t": tenant}
-            ).scalar_one()
-        )
+        rows = conn.execute(
+            sa.text(
+                "SELECT payload::jsonb -> 'headers' ->> 'id' AS task_id, lease, deliveries,"
+                f" visible_at > now() AS leased FROM {MESSAGE} WHERE tenant = :t"
+            ),
+            {"t": tenant},
+        ).mappings()
+        return {row["task_id"]: dict(row) for row in rows}
 
 
 def test_a_rate_limit_holds_across_two_worker_processes(
