@@ -54,6 +54,7 @@ import atexit
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -102,9 +103,11 @@ EngineCallback = Callable[[Engine], object]
 # The callback is kept beside its engine so that its id is not reused while the key lives.
 _engines: dict[tuple[str, str, int], tuple[Engine, EngineCallback | None]] = {}
 _lock = threading.Lock()
-# What the catalog says of the result tables, per engine (engines live as long as
-# the process) and pair of table names.
-_tables: dict[tuple[int, str, str], ResultTables] = {}
+# What the catalog says of the result tables, per engine and pair of table names;
+# an engine a caller passed and dropped takes its entries with it.
+_tables: weakref.WeakKeyDictionary[Engine, dict[tuple[str, str], ResultTables]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _after_fork_in_child() -> None:
@@ -296,12 +299,12 @@ class PooledDatabaseBackend(DatabaseBackend):
             engine = self._engine()
         task: Table = self.task_cls.__table__
         group: Table = self.taskset_cls.__table__
-        key = (id(engine), table_name(task), table_name(group))
-        found = _tables.get(key)
+        key = (table_name(task), table_name(group))
+        found = _tables.get(engine, {}).get(key)
         if found is not None:
             return found
         with _lock:
-            found = _tables.get(key)
+            found = _tables.get(engine, {}).get(key)
             if found is not None:
                 return found
             if engine.dialect.name != "postgresql":  # no tenant column, no policy
@@ -315,7 +318,7 @@ class PooledDatabaseBackend(DatabaseBackend):
                 app = self.app  # type: ignore[attr-defined]  # not in the stubs
                 bind_tenant_guc(engine, setting=guc_name(app))
             if found.found:  # tables created later (at setup) are read again
-                _tables[key] = found
+                _tables.setdefault(engine, {})[key] = found
         return found
 
     @staticmethod

@@ -4,14 +4,16 @@ and the newest)."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import celery
 import pytest
+import sqlalchemy as sa
 from celery import Celery, Task, states
 
-from tenant_celery import TenantTask, _compat
+from tenant_celery import TenantTask, _compat, results
 from tenant_celery.results import PooledDatabaseBackend
 
 _P = ParamSpec("_P")
@@ -207,3 +209,19 @@ def test_passwords_are_set_through_psycopg_and_psycopg2_only() -> None:
     assert not _compat.can_set_role_password(OtherDriverConnection())
     with pytest.raises(TypeError, match="OtherDriverConnection"):
         _compat.set_role_password(OtherDriverConnection(), "app", "secret")
+
+
+def test_what_the_backend_read_of_an_engine_goes_with_the_engine(result_app: Celery) -> None:
+    backend = PooledDatabaseBackend(app=result_app, url="sqlite://")
+    engine = sa.create_engine("sqlite://")
+    found = backend.result_tables(engine)
+    assert found.found
+    assert not found.policy  # not PostgreSQL: no tenant column, no policy
+    assert backend.result_tables(engine) is found  # read once per engine
+    assert engine in results._tables
+    entries = len(results._tables)
+    del engine
+    gc.collect()
+    # An engine dropped by its caller takes its entry along: a new engine that
+    # happens to get the same id() is read afresh.
+    assert len(results._tables) == entries - 1
