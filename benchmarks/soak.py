@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import math
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
@@ -66,7 +67,16 @@ SECONDS_ENV = "TENANT_CELERY_BENCH_SOAK_SECONDS"
 """Publish for at most this many seconds, then drain what was published and report."""
 SAMPLE_SECONDS = {"smoke": 1.0, "default": 15.0}
 BACKLOG = {"smoke": (100, 300), "default": (1000, 3000)}
-"""The band the publishers keep the queue's backlog in: ``(low, high)``."""
+"""The band the publishers keep the queue's backlog in: ``(low, high)``: without a
+rate, they top it up to ``high`` when it falls under ``low``; with one, ``high``
+is the most they let wait."""
+RATE = {"smoke": 300.0, "default": 400.0}
+"""Tasks a second the publishers send together, at a constant pace, so that the
+quarters compared for the size verdict carry the same load."""
+RATE_ENV = "TENANT_CELERY_BENCH_SOAK_RATE"
+"""Overrides :data:`RATE`; ``0`` publishes as fast as the workers drain (the band)."""
+_RECOUNT_SECONDS = 0.5
+"""A paced publisher reads the backlog this often."""
 WORKERS = 2
 PUBLISHERS = int(os.environ.get("TENANT_CELERY_BENCH_SOAK_PUBLISHERS") or 2)
 """Publishing processes: a publish waits for its commit's flush, and two share flushes."""
@@ -85,43 +95,91 @@ def publish_loop(
     queue: str,
     total: int,
     band: tuple[int, int],
+    pace: float,
     published: Synchronized[int],
     ready: Event,
     go: Event,
     stop: Event,
 ) -> None:
-    """Publish ``total`` no-op tenant tasks to ``queue``, keeping the queue's backlog
-    between ``band[0]`` and ``band[1]`` messages; ``published`` counts them.  Sets
-    ``ready`` once connected, and starts when ``go`` is set."""
+    """Publish ``total`` no-op tenant tasks to ``queue``; ``published`` counts them.
+
+    With ``pace`` (tasks a second, 0 for none), at that constant rate, waiting
+    while ``band[1]`` messages are queued; without, keeping the queue's backlog
+    between ``band[0]`` and ``band[1]``.  Sets ``ready`` once connected, and
+    starts when ``go`` is set."""
     app = bench_app.make_app(broker_url, None, queue)
     app.conf.task_ignore_result = True
     task = app.tasks[bench_app.TENANT_NOOP]
     tenants = seed_tenants()[:TENANTS]
     low, high = band
     sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        with tenant_context(tenants[sent % len(tenants)]):
+            task.apply_async()
+        sent += 1
+        published.value = sent
+
     try:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
+
+            def queued() -> int:
+                row = conn.execute(
+                    f"SELECT count(*) FROM {TABLE} WHERE queue = %s", (queue,)
+                ).fetchone()
+                return int(row[0]) if row else 0
+
             with app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=3)
             ready.set()
             go.wait()
+            if pace > 0:
+                _paced(send, queued, lambda: sent < total and not stop.is_set(), pace, high)
+                return
             while sent < total and not stop.is_set():
-                row = conn.execute(
-                    f"SELECT count(*) FROM {TABLE} WHERE queue = %s", (queue,)
-                ).fetchone()
-                queued = int(row[0]) if row else 0
-                if queued >= low:
+                waiting = queued()
+                if waiting >= low:
                     time.sleep(0.05)
                     continue
-                for _ in range(min(high - queued, total - sent)):
-                    with tenant_context(tenants[sent % len(tenants)]):
-                        task.apply_async()
-                    sent += 1
-                    published.value = sent
+                for _ in range(min(high - waiting, total - sent)):
+                    send()
                     if stop.is_set():
                         break
     finally:
         app.close()
+
+
+def _paced(
+    send: Callable[[], None],
+    queued: Callable[[], int],
+    more: Callable[[], bool],
+    pace: float,
+    high: int,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Call ``send`` ``pace`` times a second while ``more()``; hold off while ``high``
+    messages wait (read every :data:`_RECOUNT_SECONDS`).  A publisher that falls
+    behind (held off, or slowed by the machine) catches up at most one second's
+    worth: it never bursts further."""
+    interval = 1.0 / pace
+    due = clock()
+    counted_at = -math.inf
+    while more():
+        now = clock()
+        if now - counted_at >= _RECOUNT_SECONDS:
+            counted_at = now
+            if queued() >= high:
+                sleep(0.05)
+                due = clock()
+                counted_at = -math.inf
+                continue
+        if now < due:
+            sleep(min(due - now, 0.05))
+            continue
+        send()
+        due = max(due + interval, now - 1.0)
 
 
 # ------------------------------------------------------------------------ sampling
@@ -328,6 +386,19 @@ SUMMARY_COLUMNS = [
 ]
 
 
+def quarter_rates(samples: Sequence[dict[str, Any]]) -> list[float]:
+    """Tasks done a second in each quarter of the samples (as :func:`series` cuts them:
+    the first and last quarter are the ones the size verdict compares)."""
+    quarter = max(1, len(samples) // 4)
+    bounds = [0, quarter, len(samples) // 2, len(samples) - quarter, len(samples) - 1]
+    found = []
+    for start, end in itertools.pairwise(bounds):
+        seconds = samples[end]["t"] - samples[start]["t"]
+        done = samples[end]["done"] - samples[start]["done"]
+        found.append(round(done / seconds, 1) if seconds > 0 else math.nan)
+    return found
+
+
 def verdict(samples: Sequence[dict[str, Any]], tasks: int, seconds: float) -> dict[str, Any]:
     """The soak's figures in one place: rate, autovacuum runs, whether the table's size
     stayed bounded, and how the workers' memory, fds and connections moved."""
@@ -341,6 +412,7 @@ def verdict(samples: Sequence[dict[str, Any]], tasks: int, seconds: float) -> di
         "tasks": tasks,
         "seconds": round(seconds, 1),
         "tasks_per_second": rate(tasks, seconds),
+        "quarter_rates": quarter_rates(samples),
         "autovacuum_runs": samples[-1]["autovacuum_count"] - samples[0]["autovacuum_count"],
         "size_growth": size.growth,
         "size_bounded": not math.isnan(size.growth) and size.growth <= GROWTH_LIMIT,
@@ -360,6 +432,7 @@ def verdict_row(found: dict[str, Any]) -> list[Any]:
         found["tasks"],
         found["seconds"],
         found["tasks_per_second"],
+        " / ".join(f"{r:,.0f}" for r in found.get("quarter_rates") or []) or "—",
         found["autovacuum_runs"],
         found["size_max_mb"],
         found["size_growth"],
@@ -374,6 +447,7 @@ VERDICT_COLUMNS = [
     "tasks",
     "seconds",
     "tasks/s",
+    "tasks/s by quarter",
     "autovacuum runs",
     "table size max, MB",
     "size, last/first quarter",
@@ -390,6 +464,11 @@ VERDICT_COLUMNS = [
 def _count(size: str) -> int:
     value = os.environ.get(TASKS_ENV)
     return int(value) if value else TASKS[size]
+
+
+def _pace(size: str) -> float:
+    value = os.environ.get(RATE_ENV)
+    return float(value) if value else RATE[size]
 
 
 def _cap() -> float | None:
@@ -445,7 +524,7 @@ class Publishers:
 
 @contextlib.contextmanager
 def _publishers(
-    broker_url: str, admin_dsn: str, queue: str, total: int, band: tuple[int, int]
+    broker_url: str, admin_dsn: str, queue: str, total: int, band: tuple[int, int], pace: float
 ) -> Iterator[Publishers]:
     """:data:`PUBLISHERS` processes, started and ready, sharing ``total`` between them;
     stopped and reaped when the block ends."""
@@ -457,7 +536,18 @@ def _publishers(
     processes = [
         spawn.Process(
             target=publish_loop,
-            args=(broker_url, admin_dsn, queue, share, band, counter, up, go, stop),
+            args=(
+                broker_url,
+                admin_dsn,
+                queue,
+                share,
+                band,
+                pace / PUBLISHERS,
+                counter,
+                up,
+                go,
+                stop,
+            ),
             name=f"soak-publisher-{n}",
             daemon=True,
         )
@@ -564,6 +654,7 @@ def run(ctx: BenchContext) -> Section:
     cap = _cap()
     every = SAMPLE_SECONDS[ctx.size]
     band = BACKLOG[ctx.size]
+    pace = _pace(ctx.size)
     libpq = ctx.app_url.set(drivername="postgresql").render_as_string(hide_password=False)
     admin_dsn = ctx.admin_url.set(drivername="postgresql").render_as_string(hide_password=False)
     transport = Transport("tcpg", f"{TCPG_PREFIX}{libpq}", "")
@@ -581,7 +672,7 @@ def run(ctx: BenchContext) -> Section:
     with (
         _workers(ctx, transport, queue) as workers,
         connect(ctx.admin_url) as conn,
-        _publishers(transport.broker_url, admin_dsn, queue, total, band) as publishers,
+        _publishers(transport.broker_url, admin_dsn, queue, total, band, pace) as publishers,
     ):
         drained = _drive(ctx, conn, workers, publishers, queue, every, cap)
     samples, tasks, seconds = drained.samples, drained.tasks, drained.seconds
@@ -595,9 +686,15 @@ def run(ctx: BenchContext) -> Section:
         f"published by {PUBLISHERS} processes through apply_async while {WORKERS} solo "
         "workers (prefetch 4) drained them; results disabled, so PostgreSQL carried the "
         "broker alone",
-        f"each publisher tops the queue's backlog up to {band[1]:,} messages when it falls "
-        f"under {band[0]:,}: the workers never wait for work unless the publishers fall "
-        "behind, and the backlog never grows",
+        (
+            f"published at a constant {pace:g} tasks a second, {pace / PUBLISHERS:g} per "
+            f"publisher, each holding off while {band[1]:,} messages wait; the tasks done "
+            "a second in each quarter show whether the workers kept up"
+            if pace > 0
+            else f"each publisher tops the queue's backlog up to {band[1]:,} messages when "
+            f"it falls under {band[0]:,}: the workers never wait for work unless the "
+            "publishers fall behind, and the backlog never grows"
+        ),
         f"sampled every {every:g} s ({len(samples)} samples); quarters of the samples; "
         f"size bounded: the last quarter's largest total size at most {GROWTH_LIMIT} times "
         "the first quarter's",
@@ -625,6 +722,7 @@ def run(ctx: BenchContext) -> Section:
             "publishers": PUBLISHERS,
             "tenants": TENANTS,
             "band": list(band),
+            "rate": pace,
             "sample_seconds": every,
             "cpu_count": os.cpu_count(),
             "autovacuum": settings,

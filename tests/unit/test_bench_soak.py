@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -20,9 +21,11 @@ def sample(
     connections: tuple[int, int] = (7, 7),
     autovacuums: int = 0,
     publishing: bool = True,
+    done: int | None = None,
 ) -> dict[str, Any]:
     return {
         "t": t,
+        "done": int(500 * t) if done is None else done,
         "heap_bytes": int(0.9 * total_mb * MB),
         "total_bytes": int(total_mb * MB),
         "indexes_bytes": int(0.1 * total_mb * MB),
@@ -73,7 +76,63 @@ def test_a_size_that_keeps_growing_is_not_bounded() -> None:
     assert found["size_growth"] == 4.0  # 80 MB against 20 MB
     assert found["size_bounded"] is False
     assert found["autovacuum_runs"] == 0
-    assert soak.verdict_row(found)[6] == "NO"
+    row = dict(zip(soak.VERDICT_COLUMNS, soak.verdict_row(found), strict=True))
+    assert row["size bounded"] == "NO"
+    assert row["tasks/s by quarter"] == "500 / 500 / 500 / 500"
+
+
+def test_quarter_rates_are_the_tasks_done_a_second_in_each_quarter() -> None:
+    # 12 samples 10 s apart: quarters of three; 100/s, then 200/s from t = 60 s.
+    done = [100 * 10 * n if n <= 6 else 6000 + 200 * 10 * (n - 6) for n in range(12)]
+    samples = [sample(10.0 * n, 40.0, done=d) for n, d in enumerate(done)]
+    # Bounds: samples 0, 3, 6, 9, 11.
+    assert soak.quarter_rates(samples) == [100.0, 100.0, 200.0, 200.0]
+
+
+class _Clock:
+    """A clock that moves only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_paced_publisher_sends_at_its_rate_and_holds_off_at_the_ceiling() -> None:
+    clock = _Clock()
+    sent: list[float] = []
+    backlog = {"queued": 0}
+
+    def send() -> None:
+        sent.append(clock.now)
+        clock.now += 0.001  # a publish takes a millisecond
+        if len(sent) == 200:
+            backlog["queued"] = 10  # the workers fall behind: the ceiling is reached
+
+    def more() -> bool:
+        if clock.now >= 4.0:
+            backlog["queued"] = 0  # they caught up
+        return clock.now < 6.0
+
+    soak._paced(send, lambda: backlog["queued"], more, 100.0, 10, clock, clock.sleep)
+    # 100 a second: 200 in the first two seconds, evenly.
+    assert sent[199] == pytest.approx(1.99, abs=0.02)
+    gaps = [b - a for a, b in itertools.pairwise(sent[:200])]
+    assert min(gaps) == pytest.approx(0.01, abs=0.002)
+    # The ceiling is seen at the next count of the backlog (every half second), and
+    # nothing is sent from then until 4 s; then on at the same pace, with no burst
+    # to make up for the pause.
+    held = [t for t in sent[200:] if t < 4.0]
+    assert len(held) <= 50
+    assert all(t < 2.0 + soak._RECOUNT_SECONDS for t in held)
+    after = [t for t in sent if t >= 4.0]
+    assert after[0] < 4.1
+    assert 190 <= len(after) <= 201
+    assert min(b - a for a, b in itertools.pairwise(after)) == pytest.approx(0.01, abs=0.002)
 
 
 def test_worker_growth_is_measured_after_the_first_quarter() -> None:
