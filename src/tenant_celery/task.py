@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
@@ -17,7 +18,7 @@ from celery.utils import uuid
 from . import propagation, signing
 from ._compat import GenericTask
 from .config import header_name
-from .context import _enter, _exit, current_tenant, parse_tenant_id, tenant_context
+from .context import _current, _enter, _exit, current_tenant, parse_tenant_id, tenant_context
 from .errors import (
     ConfigurationError,
     InvalidTenantId,
@@ -61,6 +62,13 @@ TENANT_ARG = "tenant_id"
 """Keyword argument that names a task's tenant explicitly at call time."""
 
 _NOT_GIVEN = object()
+
+# The eager call apply() is running: the task, its id, and the tenant header name and
+# signing keys apply() read, which the task's __call__ uses instead of reading the
+# settings again (each read looks at app.conf and the environment).
+_applying: ContextVar[tuple[Any, str, str, tuple[bytes, ...]] | None] = ContextVar(
+    "tenant_celery.applying", default=None
+)
 
 _ASYNC_REFUSED = (
     "tenant task {name!r} is an async def function, which Celery cannot run: it would "
@@ -181,6 +189,8 @@ class TenantTask(GenericTask[_P, _R]):
     ) -> dict[str, Any]:
         """A new kwargs dict with ``tenant_id`` present exactly when the function asks."""
         accepts, _ = self._tenant_parameter
+        if not accepts and TENANT_ARG not in kwargs:  # the usual case
+            return {**kwargs}
         shaped = {key: value for key, value in kwargs.items() if key != TENANT_ARG}
         if accepts and not positional:
             shaped[TENANT_ARG] = tenant
@@ -194,18 +204,20 @@ class TenantTask(GenericTask[_P, _R]):
         kwargs: Mapping[str, Any] | None,
         headers: Mapping[str, Any] | None,
         keys: tuple[bytes, ...],
+        header: str,
     ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any], str]:
         """Resolve the tenant to publish with; return new args, kwargs, headers and it.
 
         ``keys`` are the app's signing keys, read by the caller (which refuses
-        unusable ones before anything is sent).
+        unusable ones before anything is sent), ``header`` its tenant header name.
         """
         args = tuple(args or ())
         kwargs = kwargs or {}
-        header = header_name(self.app)
-        tenant, positional = self._explicit_tenant(args, kwargs, (headers or {}).get(header))
+        tenant, positional = self._explicit_tenant(
+            args, kwargs, None if headers is None else headers.get(header)
+        )
         if tenant is None:
-            tenant = current_tenant()
+            tenant = _current.get()
         if tenant is None:
             raise TenantContextMissing(
                 f"cannot publish tenant task {self.name!r} without a tenant: publish it "
@@ -283,7 +295,7 @@ class TenantTask(GenericTask[_P, _R]):
             # Unusable keys are refused here, before anything is sent, not in the hook.
             keys = signing.signing_keys(self.app)
             args, kwargs, options["headers"], tenant = self._prepare(
-                args, kwargs, options.get("headers"), keys
+                args, kwargs, options.get("headers"), keys, header_name(self.app)
             )
             self._fix_chord_tenant(options.get("chord"), tenant)
             # Publish inside the task's tenant: the hook signs the tenant header only
@@ -319,18 +331,28 @@ class TenantTask(GenericTask[_P, _R]):
         signed here (this process is the producer) and verified by the task as
         a worker verifies it.
         """
-        if self.tenant_required:
-            keys = signing.signing_keys(self.app)
-            args, kwargs, headers, tenant = self._prepare(args, kwargs, headers, keys)
-            if keys:
-                task_id = task_id or uuid()
-                headers[signing.SIGNATURE_HEADER] = signing.sign_tenant(
-                    keys[0], tenant, task_id, self.name
-                )
-        return super().apply(
-            args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
-            headers, **options,
-        )  # fmt: skip
+        if not self.tenant_required:
+            return super().apply(
+                args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
+                headers, **options,
+            )  # fmt: skip
+        keys = signing.signing_keys(self.app)
+        header = header_name(self.app)
+        args, kwargs, headers, tenant = self._prepare(args, kwargs, headers, keys, header)
+        task_id = task_id or uuid()
+        if keys:
+            headers[signing.SIGNATURE_HEADER] = signing.sign_tenant(
+                keys[0], tenant, task_id, self.name
+            )
+        # The task's __call__ (run by super().apply) reads the settings from here.
+        token = _applying.set((self, task_id, header, keys))
+        try:
+            return super().apply(
+                args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
+                headers, **options,
+            )  # fmt: skip
+        finally:
+            _applying.reset(token)
 
     # --- worker side ----------------------------------------------------------
 
@@ -351,14 +373,14 @@ class TenantTask(GenericTask[_P, _R]):
             f". About refused tasks: {REFUSAL_DOCS}" if _first_refusal() else "",
         )
 
-    def _check_chord_tenant(self, request: Context, tenant: str) -> None:
+    def _check_chord_tenant(self, request: Context, tenant: str, header: str) -> None:
         """Refuse a chord header part whose chord names another tenant."""
         chord = request.chord
         if not chord:
             return
         options = chord.get("options") if isinstance(chord, Mapping) else None
         headers = options.get("headers") if isinstance(options, Mapping) else None
-        named = headers.get(header_name(self.app)) if isinstance(headers, Mapping) else None
+        named = headers.get(header) if isinstance(headers, Mapping) else None
         if named is not None and parse_tenant_id(named) != tenant:
             raise TenantConflict(
                 f"tenant task {self.name!r} is a header part of a chord whose callback "
@@ -396,16 +418,29 @@ class TenantTask(GenericTask[_P, _R]):
             with tenant_context(tenant):
                 return super().__call__(*args, **self._shape_kwargs(kwargs, tenant, positional))
 
+        header: str | None = None
+        keys: tuple[bytes, ...] | None = None
+        applying = _applying.get()
+        if (
+            applying is not None
+            and applying[0] is self
+            and applying[1] == request.id
+            and request.is_eager
+        ):
+            _, _, header, keys = applying  # read by this task's apply() just now
         try:
             fields = propagation._request_fields(request)
-            raw = propagation.message_header(fields, header_name(self.app))
+            if header is None:
+                header = header_name(self.app)
+            raw = propagation.message_header(fields, header)
             tenant, positional = self._explicit_tenant(args, kwargs, raw)
             if tenant is None:
                 raise TenantContextMissing(
                     f"tenant task {self.name!r} received a message without a tenant; "
                     "publish it inside tenant_context(...) or pass tenant_id=..."
                 )
-            keys = signing.signing_keys(self.app)
+            if keys is None:
+                keys = signing.signing_keys(self.app)
             if keys:
                 # Only a signed header names a tenant: one named by the arguments
                 # alone counts as unsigned.
@@ -413,7 +448,8 @@ class TenantTask(GenericTask[_P, _R]):
                 signing.verify_signature(
                     keys, None if raw is None else signature, tenant, request.id, self.name
                 )
-            self._check_chord_tenant(request, tenant)
+            if request.chord:
+                self._check_chord_tenant(request, tenant, header)
         except signing.TenantSignatureError as exc:
             self._refuse(request, exc, exc.reason)
             raise
@@ -431,7 +467,8 @@ class TenantTask(GenericTask[_P, _R]):
         propagation._remember(request, _enter(tenant))
         if not request.is_eager:
             propagation._remember_authority(request, tenant)
-        tenant_entered.send(sender=self, tenant_id=tenant, request=request)
+        if tenant_entered.receivers:  # send() would find none to call
+            tenant_entered.send(sender=self, tenant_id=tenant, request=request)
         # Call ``run`` directly: ``Task.__call__`` would push a second request
         # and hide this one (its id, headers, retries) from a bound task.
         return self.run(*args, **self._shape_kwargs(kwargs, tenant, positional))
