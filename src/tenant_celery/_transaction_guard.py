@@ -45,7 +45,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ._setting import Setting, send_before
-from .context import current_tenant
+from .context import _current, current_tenant
 from .errors import ConfigurationError, TenantCeleryError, TransactionTenantMismatch
 
 if TYPE_CHECKING:
@@ -90,11 +90,12 @@ class _Transaction:
         "transaction",
     )
 
-    def __init__(self, connection: Connection, tenant: str | None, *, checked: bool = True) -> None:
+    def __init__(self, connection: Connection, tenant: str | None, checked: bool = True) -> None:
         # Held weakly: a record lives as long as its connection, which holds it.
         self.connection = weakref.ref(connection)
         #: The transaction served; a statement in another one makes a new record.
-        self.transaction = _weak(connection.get_transaction())
+        transaction = connection.get_transaction()
+        self.transaction = _none if transaction is None else weakref.ref(transaction)
         self.tenant = tenant
         #: Whether statements are checked against ``tenant``: not for a transaction
         #: no binding has a hook for (a Session not bound, on a guarded engine).
@@ -138,10 +139,6 @@ class _Transaction:
 
 def _none() -> None:
     return None
-
-
-def _weak(transaction: Any) -> Callable[[], Any]:
-    return _none if transaction is None else weakref.ref(transaction)
 
 
 class _TaskFrame:
@@ -195,17 +192,18 @@ def record(
     checked: bool = True,
 ) -> _Transaction:
     """Record that ``connection``'s transaction serves ``tenant``; track it in the task."""
-    tx = _Transaction(connection, tenant, checked=checked)
+    tx = _Transaction(connection, tenant, checked)
     tx.session = session
     if checked:
         frames = _frames.get()
         if frames:
             tx.frame = frame = frames[-1]
             frame.add(tx)
-    previous = connection.__dict__.get(_ATTR)
+    own = connection.__dict__
+    previous = own.get(_ATTR)
     if previous is not None:
-        _forget(previous)
-    connection.__dict__[_ATTR] = tx
+        previous.frame = None  # its task no longer counts it (see _TaskFrame.open)
+    own[_ATTR] = tx
     return tx
 
 
@@ -219,10 +217,10 @@ def begin(
     beginning a transaction on a bound engine has the engine's hooks run first.
     """
     previous = connection.__dict__.get(_ATTR)
-    if previous is not None and not previous.serves(connection):
+    if previous is not None and previous.transaction() is not connection.get_transaction():
         previous = None
     if previous is None and session is not None:
-        found = _by_dialect.get(connection.dialect)
+        found = _guard_of(connection.dialect)
         if found is not None and found.hooks:
             previous = found.start(connection)
     tx = record(connection, tenant, session)
@@ -253,6 +251,16 @@ def clear(connection: Connection) -> None:
 _guards: weakref.WeakKeyDictionary[Engine, _EngineGuard] = weakref.WeakKeyDictionary()
 # The same guards by dialect: an engine's execution_options() copies share it.
 _by_dialect: weakref.WeakKeyDictionary[Any, _EngineGuard] = weakref.WeakKeyDictionary()
+# The guard is also an attribute of its dialect: read where a Session begins a
+# transaction, on every engine, where a weak dictionary's look-up makes a weak reference.
+_GUARD_ATTR = "_tenant_celery_guard"
+
+
+def _guard_of(dialect: Any) -> _EngineGuard | None:
+    """The guard of ``dialect``'s engines, if one was installed."""
+    found: _EngineGuard | None = dialect.__dict__.get(_GUARD_ATTR)
+    return found
+
 
 Hook = Callable[[Connection], None]
 """An engine binding's hook: records (or refuses) a new transaction on the connection."""
@@ -316,7 +324,7 @@ class _EngineGuard:
             tx = self.start(conn)
         if tx.checked:
             tx.sending = None
-            if tx.refused is not None or tx.tenant != current_tenant():
+            if tx.refused is not None or tx.tenant != _current.get():
                 raise tx.refusal()
             if tx.pending is not None:  # the transaction's first statement
                 settings, tx.pending, tx.sending = tx.pending, None, tx.pending
@@ -327,7 +335,9 @@ class _EngineGuard:
                     raise
                 self._note(conn, statement, context, tx)
                 return sent
-        self._note(conn, statement, context, tx)
+        scanned = self._scanned.get(statement)
+        if scanned is None or scanned[0] is not None or scanned[1]:
+            self._note(conn, statement, context, tx)  # not scanned yet, or worth a look
         return statement
 
     # The dialect's execution points: a statement rewritten with its settings
@@ -485,6 +495,7 @@ def guard(engine: Engine, name: str, own: tuple[object, ...]) -> _EngineGuard:
         event.listen(dialect, "handle_error", found.failed)
         event.listen(engine.pool, "reset", found.reset)
         _by_dialect[dialect] = found
+        setattr(dialect, _GUARD_ATTR, found)
     _guards[engine] = found
     if name not in found.names:
         found.add_name(name)
@@ -547,8 +558,8 @@ def _no_context() -> TenantCeleryError:
 @event.listens_for(Session, "after_begin")
 def _link_session(session: Session, transaction: Any, connection: Connection) -> None:
     tx = connection.__dict__.get(_ATTR)
-    if tx is None or not tx.serves(connection):
-        found = _by_dialect.get(connection.dialect)
+    if tx is None or tx.transaction() is not connection.get_transaction():
+        found = _guard_of(connection.dialect)
         if found is None or not found.hooks:
             return
         tx = found.start(connection)

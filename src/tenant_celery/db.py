@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from . import _transaction_guard as _guard
 from .config import guc_name
-from .context import current_tenant, parse_tenant_id, require_tenant, tenant_context
+from .context import _current, parse_tenant_id, require_tenant, tenant_context
 from .errors import (
     ConfigurationError,
     TenantCeleryError,
@@ -214,7 +214,7 @@ class _Begin:
                 "would run with whatever the server session holds; use a connection "
                 "without AUTOCOMMIT, or an engine that is not bound"
             )
-        tenant = current_tenant()
+        tenant = _current.get()
         if tenant is None and self.strict:
             raise TenantContextMissing(
                 "a transaction began outside any tenant on a strict bind_tenant_guc "
