@@ -615,6 +615,11 @@ def table_soak(results: Results) -> TableSpec:
         ["tasks run", found["tasks"]],
         ["minutes", round(found["seconds"] / 60, 1)],
         ["tasks per second", found["tasks_per_second"]],
+        *(
+            [["the same, by quarter", " / ".join(f"{r:,.0f}" for r in found["quarter_rates"])]]
+            if found.get("quarter_rates")
+            else []
+        ),
         ["autovacuums of the message table", found["autovacuum_runs"]],
         ["table with indexes and TOAST, largest, MB", found["size_max_mb"]],
         ["the same, last sample, MB", found["size_last_mb"]],
