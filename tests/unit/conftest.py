@@ -7,16 +7,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, _state
 from celery.signals import before_task_publish
 
 
 @pytest.fixture
 def app() -> Iterator[Celery]:
-    """A current app on the in-memory broker."""
+    """A current app on the in-memory broker; the app current before is current
+    again afterwards, so that what a test set on this one (a header name) reaches
+    no later test through Celery's current app."""
+    previous = getattr(_state._tls, "current_app", None)
     app = Celery("unit", broker="memory://", set_as_current=True)
-    yield app
-    app.close()
+    try:
+        yield app
+    finally:
+        app.close()
+        _state._set_current_app(previous)
 
 
 @pytest.fixture
