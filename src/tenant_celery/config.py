@@ -61,10 +61,22 @@ def setting(app: Celery | None, name: str, default: Any = None) -> Any:
         value = _conf_value(app, keys[0])
         if value is not None:
             return value
-    env = os.environ.get(keys[1])
+    env = _environ(keys[1])
     if env not in (None, ""):
         return env
     return default
+
+
+def _environ(name: str) -> str | None:
+    """``os.environ.get(name)``, without the two exceptions it raises and catches for
+    a variable that is not set, the usual case (tasks read settings for every message)."""
+    environ: Any = os.environ
+    data = getattr(environ, "_data", None)  # CPython's os._Environ: its encoded map
+    if data is None:
+        found: str | None = os.environ.get(name)
+        return found
+    raw = data.get(environ.encodekey(name))
+    return None if raw is None else str(environ.decodevalue(raw))
 
 
 # setting name -> its app.conf key and its environment variable

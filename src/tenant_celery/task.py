@@ -467,8 +467,7 @@ class TenantTask(GenericTask[_P, _R]):
         propagation._remember(request, _enter(tenant))
         if not request.is_eager:
             propagation._remember_authority(request, tenant)
-        if tenant_entered.receivers:  # send() would find none to call
-            tenant_entered.send(sender=self, tenant_id=tenant, request=request)
+        tenant_entered.send(sender=self, tenant_id=tenant, request=request)
         # Call ``run`` directly: ``Task.__call__`` would push a second request
         # and hide this one (its id, headers, retries) from a bound task.
         return self.run(*args, **self._shape_kwargs(kwargs, tenant, positional))

@@ -330,8 +330,8 @@ def test_pausing_a_tenant_with_10000_queued_tasks_while_another_flows(
         # Paused again, the worker finishes what it claimed and then holds nothing
         # of the tenant's: it stops with no task finishing meanwhile.  (A task that
         # finishes as a prefork pool stops can have its result go unread, and so
-        # its late acknowledgement unsent: celery/celery#3802, the explanation's
-        # "Delivery" section.)
+        # its late acknowledgement unsent: celery/celery#3802, the transport
+        # explanation's "Claims and leases".)
         tenants.pause(app, heavy)
         deadline = time.monotonic() + TIMEOUT
         while _in_flight(app, heavy, queue):

@@ -7,9 +7,12 @@ allows after a first read, and expect the new value at the next.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from celery import Celery
 
+from tenant_celery import config
 from tenant_celery.config import DEFAULT_HEADER, header_name, setting
 
 
@@ -73,3 +76,19 @@ def test_current_app_proxy() -> None:
     finally:
         previous.set_current()
     assert setting(current_app, "guc") != "current.app"
+
+
+def test_the_environment_is_read_as_os_environ_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "TENANT_CELERY_TEST_ENVIRON_READ"
+    monkeypatch.delenv(name, raising=False)
+    assert config._environ(name) is None
+    for value in ("x", "", "éü", "a b\tc"):
+        monkeypatch.setenv(name, value)
+        assert config._environ(name) == os.environ.get(name) == value
+    monkeypatch.delenv(name)
+    assert config._environ(name) is None
+    # A setting read through it sees the change at once (nothing is cached).
+    monkeypatch.setenv("TENANT_CELERY_HEADER", "org")
+    assert config.header_name(None) == "org"
+    monkeypatch.delenv("TENANT_CELERY_HEADER")
+    assert config.header_name(None) == config.DEFAULT_HEADER
