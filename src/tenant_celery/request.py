@@ -26,6 +26,7 @@ from typing import Any
 
 from celery.concurrency.base import BasePool
 from celery.worker.request import Request
+from celery.worker.state import revoked as _revoked_ids
 
 from . import signing
 from .config import header_name
@@ -115,7 +116,7 @@ class TenantRequest(Request):
     @contextmanager
     def _message_tenant(self) -> Iterator[None]:
         message = self.request_dict
-        tenant = self._verified_tenant()
+        tenant = self._log_context()[0]  # verified once per message
         token = _enter(tenant)
         try:
             # What Celery publishes here (errbacks, a chord's failure) is replayed from
@@ -140,8 +141,18 @@ class TenantRequest(Request):
             super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     def revoked(self) -> bool:
+        # Celery asks this of every message before it runs.  Unless one of the marks
+        # Celery's check looks at is set (revoked already, an expiry, an id revoked, a
+        # stamp), it finds nothing, stores and publishes nothing: no tenant to enter.
+        if not (
+            getattr(self, "_already_revoked", True)
+            or self.expires
+            or self.id in _revoked_ids
+            or self.stamped_headers
+        ):
+            return bool(super().revoked())
         with self._message_tenant():
-            return super().revoked()
+            return bool(super().revoked())
 
     def terminate(self, pool: BasePool, signal: int | None = None) -> None:
         with self._message_tenant():

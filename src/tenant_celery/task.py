@@ -7,7 +7,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from contextvars import ContextVar
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
@@ -62,13 +61,6 @@ TENANT_ARG = "tenant_id"
 """Keyword argument that names a task's tenant explicitly at call time."""
 
 _NOT_GIVEN = object()
-
-# The eager call apply() is running: the task, its id, and the tenant header name and
-# signing keys apply() read, which the task's __call__ uses instead of reading the
-# settings again (each read looks at app.conf and the environment).
-_applying: ContextVar[tuple[Any, str, str, tuple[bytes, ...]] | None] = ContextVar(
-    "tenant_celery.applying", default=None
-)
 
 _ASYNC_REFUSED = (
     "tenant task {name!r} is an async def function, which Celery cannot run: it would "
@@ -344,15 +336,10 @@ class TenantTask(GenericTask[_P, _R]):
             headers[signing.SIGNATURE_HEADER] = signing.sign_tenant(
                 keys[0], tenant, task_id, self.name
             )
-        # The task's __call__ (run by super().apply) reads the settings from here.
-        token = _applying.set((self, task_id, header, keys))
-        try:
-            return super().apply(
-                args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
-                headers, **options,
-            )  # fmt: skip
-        finally:
-            _applying.reset(token)
+        return super().apply(
+            args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
+            headers, **options,
+        )  # fmt: skip
 
     # --- worker side ----------------------------------------------------------
 
@@ -418,20 +405,9 @@ class TenantTask(GenericTask[_P, _R]):
             with tenant_context(tenant):
                 return super().__call__(*args, **self._shape_kwargs(kwargs, tenant, positional))
 
-        header: str | None = None
-        keys: tuple[bytes, ...] | None = None
-        applying = _applying.get()
-        if (
-            applying is not None
-            and applying[0] is self
-            and applying[1] == request.id
-            and request.is_eager
-        ):
-            _, _, header, keys = applying  # read by this task's apply() just now
         try:
             fields = propagation._request_fields(request)
-            if header is None:
-                header = header_name(self.app)
+            header = header_name(self.app)
             raw = propagation.message_header(fields, header)
             tenant, positional = self._explicit_tenant(args, kwargs, raw)
             if tenant is None:
@@ -439,8 +415,7 @@ class TenantTask(GenericTask[_P, _R]):
                     f"tenant task {self.name!r} received a message without a tenant; "
                     "publish it inside tenant_context(...) or pass tenant_id=..."
                 )
-            if keys is None:
-                keys = signing.signing_keys(self.app)
+            keys = signing.signing_keys(self.app)
             if keys:
                 # Only a signed header names a tenant: one named by the arguments
                 # alone counts as unsigned.

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from celery import Celery, chord, group, states
-from celery.exceptions import ChordError, TimeLimitExceeded
+from celery.exceptions import ChordError, TaskRevokedError, TimeLimitExceeded
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult, GroupResult
 
@@ -348,7 +349,8 @@ def test_worker_failures_under_the_policy_are_stored_in_the_tenant(
     migrated: Database, start_worker: WorkerFactory
 ) -> None:
     """A chord whose header fails (``celery.chord_unlock`` stores the body's failure),
-    and a task killed by its hard time limit (the worker's main process stores it)."""
+    a task killed by its hard time limit, and tasks expired or revoked before they
+    ran (the worker's main process stores those)."""
     put_results_under_policy(migrated)
     handle = start_worker(
         "tests.integration.tenant_results_app",
@@ -365,6 +367,13 @@ def test_worker_failures_under_the_policy_are_stored_in_the_tenant(
             tasks = tenant_results_app
             failed = chord([tasks.add.s(1, 1), tasks.fail.s("header")])(tasks.total.s())
             killed = tasks.overrun.delay(30)
+            expired = tasks.add.apply_async((1, 2), expires=datetime.now(UTC) - timedelta(1))
+            revoked = tasks.add.signature((2, 3)).freeze()
+            app.control.revoke(revoked.id)
+            revoked = tasks.add.apply_async((2, 3), task_id=revoked.id)
+            for result in (expired, revoked):
+                with pytest.raises(TaskRevokedError):
+                    result.get(timeout=60)
             with pytest.raises(ValueError, match="header"):
                 failed.get(timeout=60)  # the header's error, read first
             # The body's failure, stored by celery.chord_unlock in the chord's tenant.
@@ -374,7 +383,7 @@ def test_worker_failures_under_the_policy_are_stored_in_the_tenant(
             with pytest.raises(TimeLimitExceeded):
                 killed.get(timeout=60)
         stored = task_tenants(migrated)
-        assert {stored[failed.id], stored[killed.id]} == {TENANT_A}
+        assert {stored[r.id] for r in (failed, killed, expired, revoked)} == {TENANT_A}
         with tenant_context(TENANT_B):
             assert AsyncResult(killed.id, app=app).state == states.PENDING
         assert handle.alive

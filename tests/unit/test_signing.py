@@ -477,6 +477,85 @@ def test_main_process_handling_enters_only_a_verified_tenant(eager: Tasks) -> No
             assert current_tenant() == expected
 
 
+def _signed_request(eager: Tasks, **options: Any) -> Any:
+    from celery.contrib.testing.mocks import TaskMessage  # noqa: PLC0415
+
+    from tenant_celery.request import TenantRequest  # noqa: PLC0415
+
+    observe = eager.observe
+    signature = sign_tenant(NEW.encode(), A, TASK_ID, observe.name)
+    message = TaskMessage(
+        observe.name, id=TASK_ID, tenant_id=A, **{SIGNATURE_HEADER: signature}, **options
+    )
+    return TenantRequest(message, app=eager.app, task=observe)
+
+
+def test_main_process_verifies_a_messages_tenant_once(
+    eager: Tasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The log context, the events and every main-process handling of one message
+    # share one verification of its tenant (an HMAC with signing on).
+    from celery.worker.request import Request  # noqa: PLC0415
+
+    from tenant_celery import request as request_module  # noqa: PLC0415
+
+    checks: list[str] = []
+    check = request_module.signing.check_signature
+
+    def counted(*args: Any) -> None:
+        checks.append(args[1])
+        check(*args)
+
+    monkeypatch.setattr(request_module.signing, "check_signature", counted)
+    seen: list[str | None] = []
+    monkeypatch.setattr(Request, "_announce_revoked", lambda *_: seen.append(current_tenant()))
+    from celery.worker.state import revoked as revoked_ids  # noqa: PLC0415
+
+    request = _signed_request(eager, expires="2000-01-01T00:00:00+00:00")
+    assert request._log_context() == (A, None)
+    with request._message_tenant():
+        assert current_tenant() == A
+    try:
+        assert request.revoked()  # expired: Celery stores and announces it, in the tenant
+    finally:
+        revoked_ids.discard(TASK_ID)  # Celery remembers an expired id as revoked
+    assert seen == [A]
+    assert checks == [A]
+
+
+def test_a_message_nothing_revokes_is_checked_without_reading_its_tenant(
+    eager: Tasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Celery asks every message whether it was revoked before it runs: when none of
+    # the marks its check reads is set, the answer needs no tenant (and costs none).
+    from celery.worker.request import Request  # noqa: PLC0415
+    from celery.worker.state import revoked as revoked_ids  # noqa: PLC0415
+
+    from tenant_celery.request import TenantRequest  # noqa: PLC0415
+
+    request = _signed_request(eager)
+    read: list[bool] = []
+    verified = TenantRequest._verified_tenant
+
+    def reading(self: Any) -> str | None:
+        read.append(True)
+        return verified(self)
+
+    monkeypatch.setattr(TenantRequest, "_verified_tenant", reading)
+    assert not request.revoked()
+    assert read == []
+    seen: list[str | None] = []
+    monkeypatch.setattr(Request, "_announce_revoked", lambda *_: seen.append(current_tenant()))
+    revoked_ids.add(TASK_ID)  # as `celery control revoke` does in the worker
+    try:
+        with tenant_context(B):  # never the thread's tenant: the message's
+            assert _signed_request(eager).revoked()
+    finally:
+        revoked_ids.discard(TASK_ID)
+    assert seen == [A]
+    assert read == [True]
+
+
 def test_signature_refusals_count_as_rejected(eager: Tasks) -> None:
     from prometheus_client import CollectorRegistry  # noqa: PLC0415
 

@@ -1,5 +1,5 @@
-"""A tenant task's ``__call__`` reuses the settings its own ``apply()`` just read,
-and reads them itself in every other case."""
+"""A tenant task reads the tenant header's name (and the signing keys) for every run,
+whoever runs it: a changed setting holds from the next run on."""
 
 from __future__ import annotations
 
