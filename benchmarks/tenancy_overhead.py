@@ -27,6 +27,8 @@ not pay.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +50,7 @@ from ._common import (
 )
 from ._scratch import seed_tenants
 from ._workers import BenchError, run_batch, running, transports, warm_up
+from .scale import postgres_pids, process_ticks, spent
 
 _REWARM = 10
 """Calls before each timed in-process run, on its new connections."""
@@ -238,14 +241,64 @@ def _end_to_end(ctx: BenchContext) -> dict[str, Any]:
         variants = {"plain": publish_plain, "tenant": publish_tenant}
         for publish in variants.values():
             warm_up(worker, publish, warm)
+        cpu: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
         for n in range(tally.runs):
             for name in alternate(list(variants), n):
                 run[0] += 1
                 warm_up(worker, variants[name], _REWARM_WORKER)
+                ours, ticks, client = postgres_pids(ctx), process_ticks(), time.process_time()
                 batch = run_batch(worker, variants[name], tally.per_run)
+                client = time.process_time() - client
+                spent_cpu = _cpu_per_task(ctx, worker, ours, ticks, client, batch.count)
+                for where, us in spent_cpu.items():
+                    cpu[name].setdefault(where, []).append(us)
                 tally.add(name, batch.per_second, batch.results)
                 ctx.say(f"p1 worker run {n + 1}/{tally.runs} {name}: {batch.per_second} tasks/s")
-    return tally.to_json()
+    return {**tally.to_json(), "cpu_us_per_task": cpu}
+
+
+def _cpu_per_task(
+    ctx: BenchContext,
+    worker: Any,
+    ours: set[int],
+    before: dict[int, tuple[str, int]],
+    client: float,
+    count: int,
+) -> dict[str, float]:
+    """CPU µs per task over one batch: this process (publishing and collecting), the
+    worker's processes (its process group), the run's PostgreSQL processes, redis-server."""
+    after = process_ticks()
+    group = []
+    for pid in after:
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == worker.process.pid:
+                group.append(pid)
+    found = spent(before, after, ((0, 1), (0, 1)), group, ours | postgres_pids(ctx))
+    per_task = 1e6 / count
+    return {
+        "client": round(client * per_task, 1),
+        "worker": round(found.workers * per_task, 1),
+        "postgres": round(found.postgres * per_task, 1),
+        "redis": round(found.redis * per_task, 1),
+    }
+
+
+def _cpu_note(cpu: dict[str, dict[str, list[float]]]) -> str:
+    """Where the worker runs' CPU went per task, plain and tenant, medians of the runs."""
+    labels = {
+        "client": "this process (publish, collect)",
+        "worker": "worker (main and pool processes)",
+        "postgres": "PostgreSQL",
+        "redis": "redis-server",
+    }
+    parts = []
+    for where, label in labels.items():
+        plain, tenant = median(cpu["plain"][where]), median(cpu["tenant"][where])
+        parts.append(f"{label} {plain:,.0f} / {tenant:,.0f} ({tenant - plain:+,.0f})")
+    return (
+        "CPU µs per task over the worker runs, plain / tenant (difference), medians of "
+        "the runs, from /proc at 10 ms a tick: " + "; ".join(parts)
+    )
 
 
 def run(ctx: BenchContext) -> Section:
@@ -293,6 +346,7 @@ def run(ctx: BenchContext) -> Section:
             for k, d in measured.items()
         ),
         "body µs: median time of the transaction inside the task (set_config included)",
+        _cpu_note(measured["worker"]["cpu_us_per_task"]),
         f"end-to-end ratio {e2e} against a target of ≥ {TARGET}: "
         + ("met" if e2e >= TARGET else "NOT met"),
         f"apply() ratio {ratios['apply']} against a target of ≥ {TARGET_IN_PROCESS}: "
