@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery.concurrency.base import BasePool
+from celery.worker import request as celery_request
 from celery.worker.request import Request
-from celery.worker.state import revoked as _revoked_ids
 
 from . import signing
 from .config import header_name
@@ -40,6 +40,9 @@ from .propagation import message_header, vouching
 __all__ = ["TenantRequest"]
 
 _LOG_CONTEXT_ATTR = "_tenant_celery_log_context"
+# Celery's request module, whose ``revoked_tasks`` its revoked check reads (read at
+# each check, as Celery reads it: a test or a host that swaps the set is followed).
+_celery_request: Any = celery_request
 
 
 class TenantRequest(Request):
@@ -50,6 +53,13 @@ class TenantRequest(Request):
     does not verify, enters no tenant (never whatever the thread had), and
     only that tenant is signed for what is published meanwhile.  A task class that sets its own
     ``Request`` must derive it from this class.
+
+    The tenant is read and verified once per message, when it is first needed
+    (its log lines, its events, or its handling), and that answer serves the
+    message's whole stay in the main process: a host's tenant parser that
+    raises reads as no tenant, and a signing key removed while an ETA message
+    waits still covers the revocation or failure stored for it here (the pool
+    verifies the message again, against the keys of that moment, before it runs).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -150,7 +160,7 @@ class TenantRequest(Request):
         if not (
             getattr(self, "_already_revoked", True)
             or self.expires
-            or self.id in _revoked_ids
+            or self.id in _celery_request.revoked_tasks  # the set Celery's check reads
             or self.stamped_headers
         ):
             return False

@@ -369,7 +369,8 @@ def test_worker_failures_under_the_policy_are_stored_in_the_tenant(
             killed = tasks.overrun.delay(30)
             expired = tasks.add.apply_async((1, 2), expires=datetime.now(UTC) - timedelta(1))
             revoked = tasks.add.signature((2, 3)).freeze()
-            app.control.revoke(revoked.id)
+            # The worker has the id in its revoked set before the task is published.
+            assert app.control.revoke(revoked.id, reply=True, timeout=10, limit=1)
             revoked = tasks.add.apply_async((2, 3), task_id=revoked.id)
             for result in (expired, revoked):
                 with pytest.raises(TaskRevokedError):

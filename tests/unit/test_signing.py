@@ -557,6 +557,34 @@ def test_a_message_nothing_revokes_is_checked_without_reading_its_tenant(
     assert read == [True]
 
 
+@pytest.mark.parametrize("mark", ["stamp", "already", "id"])
+def test_a_message_something_revokes_is_revoked_in_its_tenant(
+    eager: Tasks, monkeypatch: pytest.MonkeyPatch, mark: str
+) -> None:
+    # Each mark Celery's check reads makes the message revoked, and the check that
+    # stores it runs in the message's tenant.
+    from celery.worker import state  # noqa: PLC0415
+    from celery.worker.request import Request  # noqa: PLC0415
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(Request, "_announce_revoked", lambda *_: seen.append(current_tenant()))
+    options: dict[str, Any] = {}
+    if mark == "stamp":
+        options = {"stamped_headers": ["batch"], "stamps": {"batch": "b-1"}}
+        monkeypatch.setitem(state.revoked_stamps, "batch", "b-1")
+    request = _signed_request(eager, **options)
+    if mark == "already":
+        request._already_revoked = True
+    if mark == "id":
+        state.revoked.add(TASK_ID)
+    try:
+        with tenant_context(B):
+            assert request.revoked()
+    finally:
+        state.revoked.discard(TASK_ID)
+    assert seen == ([] if mark == "already" else [A])
+
+
 def test_signature_refusals_count_as_rejected(eager: Tasks) -> None:
     from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
