@@ -295,9 +295,12 @@ def _cpu_note(cpu: dict[str, dict[str, list[float]]]) -> str:
     for where, label in labels.items():
         plain, tenant = median(cpu["plain"][where]), median(cpu["tenant"][where])
         parts.append(f"{label} {plain:,.0f} / {tenant:,.0f} ({tenant - plain:+,.0f})")
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
     return (
         "CPU µs per task over the worker runs, plain / tenant (difference), medians of "
-        "the runs, from /proc at 10 ms a tick: " + "; ".join(parts)
+        f"the runs, from /proc, which counts each process's CPU in ticks of {tick_ms:g} ms "
+        "(a difference of a few ticks per run is noise); redis-server: every one on the "
+        "machine: " + "; ".join(parts)
     )
 
 
