@@ -22,6 +22,14 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 
+def celery_release() -> tuple[int, int]:
+    """The installed Celery's major and minor version, for tests of what a release changed."""
+    import celery  # noqa: PLC0415
+
+    major, minor = celery.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def in_ci() -> bool:
     """Return whether the run is a CI run (``CI`` set to a true value)."""
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes", "on"}

@@ -13,11 +13,11 @@ import os
 import time
 from typing import Any
 
-import celery
 from celery import Celery, Task
 
 from tenant_celery import current_tenant, tenant_task
 from tests._rig.appconf import apply_test_config
+from tests._rig.env import celery_release
 
 app = apply_test_config(Celery("tenant_app"))
 
@@ -64,7 +64,7 @@ def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
 #: Seconds between retries.  Celery before 5.5's database result backend can lose
 #: the result of a retry with no delay (the compatibility page), and the page's
 #: advice for those releases is a delay; later releases retry at once.
-RETRY_DELAY = 0 if tuple(map(int, celery.__version__.split(".")[:2])) >= (5, 5) else 1
+RETRY_DELAY = 0 if celery_release() >= (5, 5) else 1
 
 
 @tenant_task(app=app, bind=True, max_retries=3)

@@ -37,6 +37,7 @@ from tenant_celery.migrations import (
 )
 from tenant_celery.results import dispose_engines
 from tenant_celery.rls import enable_tenant_rls
+from tests._rig.env import celery_release
 from tests._rig.postgres import APP_ROLE, Database, DatabaseFactory, libpq_kwargs, render
 
 from .schema_catalog import create_with_libraries, differences, snapshot
@@ -125,7 +126,7 @@ def newer_than_installed_celery() -> tuple[list[tuple[str, str]], list[str]]:
 
 def test_only_celery_before_5_6_lacks_the_newer_result_columns() -> None:
     columns, indexes = newer_than_installed_celery()
-    older = tuple(map(int, celery.__version__.split(".")[:2])) < (5, 6)
+    older = celery_release() < (5, 6)
     assert (columns, indexes) == ((list(NEWER_COLUMNS), list(NEWER_INDEXES)) if older else ([], []))
 
 

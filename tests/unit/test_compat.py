@@ -8,13 +8,13 @@ import gc
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-import celery
 import pytest
 import sqlalchemy as sa
 from celery import Celery, Task, states
 
 from tenant_celery import TenantTask, _compat, results
 from tenant_celery.results import PooledDatabaseBackend
+from tests._rig.env import celery_release
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -41,7 +41,7 @@ def test_tenant_task_derives_from_celery_task_directly() -> None:
 def test_the_stand_in_is_used_only_where_celery_task_is_not_subscriptable() -> None:
     subscriptable = hasattr(Task, "__class_getitem__")
     assert (_compat.GenericTask is Task) is subscriptable
-    assert subscriptable is (tuple(map(int, celery.__version__.split(".")[:2])) >= (5, 7))
+    assert subscriptable is (celery_release() >= (5, 7))
 
 
 # -------------------------------------------------- Celery's database backend
@@ -101,7 +101,7 @@ def test_the_own_sessions_backend_is_used_only_where_celery_shares_one_manager()
 
     shared = _compat._backends_share_one_session_manager()
     assert (_compat.DatabaseBackend is not DatabaseBackend) is shared
-    assert shared is (tuple(map(int, celery.__version__.split(".")[:2])) < (5, 5))
+    assert shared is (celery_release() < (5, 5))
 
 
 @pytest.mark.parametrize(
