@@ -58,6 +58,10 @@ _COPY = f"{ITEMS_TABLE}_no_policy"
 """A copy of the items table, rows, index and grants alike, without row-level security."""
 
 
+_REWARM = 6
+"""Untimed calls of each variant before each round, on its new connections."""
+
+
 def _copy_without_policy(ctx: BenchContext) -> None:
     with ctx.admin_engine().begin() as conn:
         conn.execute(text(f"DROP TABLE IF EXISTS {_COPY}"))
@@ -116,6 +120,12 @@ class _Part:
             found.append(a - b if first is self.with_part else b - a)
         self.differences.extend(found)
         self.round_medians.append(median(found))
+
+    def warm(self, calls: int) -> None:
+        """Call both variants ``calls`` times each, untimed."""
+        for _ in range(calls):
+            self.with_part()
+            self.without()
 
     def cost_us(self) -> float:
         """Median over every pair of adjacent calls of (with - without), in microseconds."""
@@ -240,11 +250,15 @@ def measure(ctx: BenchContext) -> Table:
                 body("listened"),
                 body("plain"),
             )
-            for part in (*parts, reference):  # warm: connections, prepared statements, caches
-                part.round(0, 10)
-                part.differences, part.round_medians = [], []
             for number in range(rounds):
+                # New connections, so new server processes, every round: a server
+                # process keeps the CPU placement it started with, which makes one
+                # engine's round trips cheaper or dearer than another's for as long as
+                # it lives; the engine parts compare engines, each on its own connection.
+                for engine in engines.values():
+                    engine.dispose()
                 for part in (*parts, reference):
+                    part.warm(_REWARM)  # past psycopg's prepare threshold, caches warm
                     part.round(number, calls)
     finally:
         raw.close()
@@ -261,8 +275,9 @@ def measure(ctx: BenchContext) -> Table:
         [
             "each part is the median, over every pair of adjacent calls, of (the call with the "
             "part minus the call without it), the two taking turns call by call; "
-            f"{rounds} rounds of {calls} pairs; rounds ranged: the lowest and highest round's "
-            "median; the body is P1's (one indexed "
+            f"{rounds} rounds of {calls} pairs, each engine on a new connection every round "
+            f"(after {_REWARM} untimed calls per variant); rounds ranged: the lowest and "
+            "highest round's median; the body is P1's (one indexed "
             "SELECT, one INSERT, in one transaction through a Session)",
             "CPU µs: this thread's CPU time (time.thread_time), which waiting on the network "
             "and the machine's other work do not count; wall µs: time.perf_counter",
