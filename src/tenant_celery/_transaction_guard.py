@@ -199,11 +199,10 @@ def record(
         if frames:
             tx.frame = frame = frames[-1]
             frame.add(tx)
-    own = connection.__dict__
-    previous = own.get(_ATTR)
+    previous = connection.__dict__.get(_ATTR)
     if previous is not None:
-        previous.frame = None  # its task no longer counts it (see _TaskFrame.open)
-    own[_ATTR] = tx
+        _forget(previous)
+    connection.__dict__[_ATTR] = tx
     return tx
 
 
@@ -217,7 +216,7 @@ def begin(
     beginning a transaction on a bound engine has the engine's hooks run first.
     """
     previous = connection.__dict__.get(_ATTR)
-    if previous is not None and previous.transaction() is not connection.get_transaction():
+    if previous is not None and not previous.serves(connection):
         previous = None
     if previous is None and session is not None:
         found = _guard_of(connection.dialect)
@@ -249,10 +248,8 @@ def clear(connection: Connection) -> None:
 # --- engines -----------------------------------------------------------------
 
 _guards: weakref.WeakKeyDictionary[Engine, _EngineGuard] = weakref.WeakKeyDictionary()
-# The same guards by dialect: an engine's execution_options() copies share it.
-_by_dialect: weakref.WeakKeyDictionary[Any, _EngineGuard] = weakref.WeakKeyDictionary()
-# The guard is also an attribute of its dialect: read where a Session begins a
-# transaction, on every engine, where a weak dictionary's look-up makes a weak reference.
+# The guard is also an attribute of its dialect, which an engine's execution_options()
+# copies share: read where a Session begins a transaction, on every engine.
 _GUARD_ATTR = "_tenant_celery_guard"
 
 
@@ -335,9 +332,7 @@ class _EngineGuard:
                     raise
                 self._note(conn, statement, context, tx)
                 return sent
-        scanned = self._scanned.get(statement)
-        if scanned is None or scanned[0] is not None or scanned[1]:
-            self._note(conn, statement, context, tx)  # not scanned yet, or worth a look
+        self._note(conn, statement, context, tx)
         return statement
 
     # The dialect's execution points: a statement rewritten with its settings
@@ -477,7 +472,7 @@ def is_guarded(engine: Engine) -> bool:
 
 def guard(engine: Engine, name: str, own: tuple[object, ...]) -> _EngineGuard:
     """Install the guard on ``engine`` (once) and have it watch setting ``name``."""
-    found = _guards.get(engine) or _by_dialect.get(engine.dialect)
+    found = _guards.get(engine) or _guard_of(engine.dialect)
     if found is None:
         found = _EngineGuard()
         found.own = own
@@ -494,7 +489,6 @@ def guard(engine: Engine, name: str, own: tuple[object, ...]) -> _EngineGuard:
         )
         event.listen(dialect, "handle_error", found.failed)
         event.listen(engine.pool, "reset", found.reset)
-        _by_dialect[dialect] = found
         setattr(dialect, _GUARD_ATTR, found)
     _guards[engine] = found
     if name not in found.names:
@@ -558,7 +552,7 @@ def _no_context() -> TenantCeleryError:
 @event.listens_for(Session, "after_begin")
 def _link_session(session: Session, transaction: Any, connection: Connection) -> None:
     tx = connection.__dict__.get(_ATTR)
-    if tx is None or tx.transaction() is not connection.get_transaction():
+    if tx is None or not tx.serves(connection):
         found = _guard_of(connection.dialect)
         if found is None or not found.hooks:
             return

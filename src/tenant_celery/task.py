@@ -196,15 +196,15 @@ class TenantTask(GenericTask[_P, _R]):
         kwargs: Mapping[str, Any] | None,
         headers: Mapping[str, Any] | None,
         keys: tuple[bytes, ...],
-        header: str,
     ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any], str]:
         """Resolve the tenant to publish with; return new args, kwargs, headers and it.
 
         ``keys`` are the app's signing keys, read by the caller (which refuses
-        unusable ones before anything is sent), ``header`` its tenant header name.
+        unusable ones before anything is sent).
         """
         args = tuple(args or ())
         kwargs = kwargs or {}
+        header = header_name(self.app)
         tenant, positional = self._explicit_tenant(
             args, kwargs, None if headers is None else headers.get(header)
         )
@@ -287,7 +287,7 @@ class TenantTask(GenericTask[_P, _R]):
             # Unusable keys are refused here, before anything is sent, not in the hook.
             keys = signing.signing_keys(self.app)
             args, kwargs, options["headers"], tenant = self._prepare(
-                args, kwargs, options.get("headers"), keys, header_name(self.app)
+                args, kwargs, options.get("headers"), keys
             )
             self._fix_chord_tenant(options.get("chord"), tenant)
             # Publish inside the task's tenant: the hook signs the tenant header only
@@ -329,10 +329,9 @@ class TenantTask(GenericTask[_P, _R]):
                 headers, **options,
             )  # fmt: skip
         keys = signing.signing_keys(self.app)
-        header = header_name(self.app)
-        args, kwargs, headers, tenant = self._prepare(args, kwargs, headers, keys, header)
-        task_id = task_id or uuid()
+        args, kwargs, headers, tenant = self._prepare(args, kwargs, headers, keys)
         if keys:
+            task_id = task_id or uuid()
             headers[signing.SIGNATURE_HEADER] = signing.sign_tenant(
                 keys[0], tenant, task_id, self.name
             )
