@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +159,16 @@ def postgres_pids(ctx: BenchContext) -> set[int]:
     return {int(pid) for (pid,) in rows}
 
 
+def group_pids(pgid: int, pids: Iterable[int]) -> list[int]:
+    """Those of ``pids`` in process group ``pgid``: a worker and its pool children."""
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError):  # ended meanwhile
+            if os.getpgid(pid) == pgid:
+                found.append(pid)
+    return found
+
+
 def postgres_sockets(pgid: int, port: int = 5432) -> dict[str, int]:
     """TCP connections to ``port`` held by the processes of group ``pgid`` (a worker
     and its pool children): ``{"main": n, "children": m}``, read from ``/proc``."""
@@ -171,12 +181,8 @@ def postgres_sockets(pgid: int, port: int = 5432) -> dict[str, int]:
                 if fields[2].endswith(remote) and fields[3] == "01":  # ESTABLISHED
                     inodes.add(fields[9])
     found = {"main": 0, "children": 0}
-    for pid, _ in process_ticks().items():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as file:
-                raw = file.read()
-            if int(raw[raw.rindex(")") + 2 :].split()[2]) != pgid:
-                continue
+    for pid in group_pids(pgid, process_ticks()):
+        with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
                     link = os.readlink(f"/proc/{pid}/fd/{fd}")

@@ -27,7 +27,6 @@ not pay.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from ._common import (
 )
 from ._scratch import seed_tenants
 from ._workers import BenchError, run_batch, running, transports, warm_up
-from .scale import postgres_pids, process_ticks, spent
+from .scale import group_pids, postgres_pids, process_ticks, spent
 
 _REWARM = 10
 """Calls before each timed in-process run, on its new connections."""
@@ -268,11 +267,7 @@ def _cpu_per_task(
     """CPU µs per task over one batch: this process (publishing and collecting), the
     worker's processes (its process group), the run's PostgreSQL processes, redis-server."""
     after = process_ticks()
-    group = []
-    for pid in after:
-        with contextlib.suppress(OSError):
-            if os.getpgid(pid) == worker.process.pid:
-                group.append(pid)
+    group = group_pids(worker.process.pid, after)
     found = spent(before, after, ((0, 1), (0, 1)), group, ours | postgres_pids(ctx))
     per_task = 1e6 / count
     return {
