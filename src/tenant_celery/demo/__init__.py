@@ -121,16 +121,73 @@ class DemoResult:
 # ----------------------------------------------------------------------- output
 
 
+class _Interrupt:
+    """``Ctrl-C`` and ``SIGTERM`` while the demo runs, acted on at its next step or poll.
+
+    The handler only takes note; :meth:`check`, called by every progress step and
+    between polls, raises KeyboardInterrupt.  An exception raised by the handler
+    itself would surface wherever the main thread happened to be: in a weak
+    reference callback or a finalizer, Python prints it and drops it (the demo
+    would run to the end), and in code run by ``exec()`` (Celery builds a task's
+    signature check that way) CPython 3.11 notes it as unhandled and ends the
+    process with SIGINT after the clean-up, whatever exit code the command chose.
+    A second signal raises at once, for a step that does not return, except
+    during the clean-up (:attr:`closing`), which always runs to its end.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.closing = False
+
+    def note(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and not self.closing:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """Take ``SIGINT`` and ``SIGTERM`` (where the main thread runs the demo, and
+        ``SIGINT`` unless it is ignored, as in a background job) until the block ends."""
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    previous[signum] = signal.signal(signum, self.note)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
 @dataclass
 class _Progress:
     out: TextIO
     started: float = field(default_factory=time.monotonic)
+    interrupt: _Interrupt = field(default_factory=_Interrupt)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def step(self, message: str) -> None:
+        """Say what the demo does next (unless it was interrupted: then raise
+        KeyboardInterrupt)."""
+        self.interrupt.check()
+        self.said(message)
+
+    def said(self, message: str) -> None:
+        """Say what was done, interrupted or not (the clean-up's lines)."""
         self.line(f"[{self.elapsed():5.1f}s] {message}")
+
+    def pause(self, seconds: float) -> None:
+        """Sleep between two polls; raise KeyboardInterrupt if the demo was interrupted."""
+        self.interrupt.check()
+        time.sleep(seconds)
+        self.interrupt.check()
 
     def line(self, message: str = "") -> None:
         print(message, file=self.out, flush=True)
@@ -163,11 +220,11 @@ class _Cleanup:
     def close(self, progress: _Progress) -> None:
         things = list(reversed(self.things))
         if things:
-            progress.step(f"removing {_listing(things)}")
+            progress.said(f"removing {_listing(things)}")
         self.stack.close()
         removed = [thing for thing in things if thing not in self.failed]
         if removed:
-            progress.step(f"removed {_listing(removed)}")
+            progress.said(f"removed {_listing(removed)}")
 
 
 def _listing(things: list[str]) -> str:
@@ -366,7 +423,7 @@ class _Worker:
         errors = [line for line in lines if re.search(r"error|exception|refused", line, re.I)]
         return (errors or lines or ["no output"])[-1][:_MAX_MESSAGE]
 
-    def wait_ready(self, deadline: float) -> None:
+    def wait_ready(self, deadline: float, progress: _Progress) -> None:
         ready = re.compile(rf"{re.escape(self.node)}@\S+ ready\.")
         while not ready.search(self.log_text()):
             code = self.process.poll()
@@ -377,7 +434,7 @@ class _Worker:
                 )
             if time.monotonic() > deadline:
                 raise DemoError(f"the celery worker was not ready in time: {self.last_error()}")
-            time.sleep(0.1)
+            progress.pause(0.1)
 
     def stop(self) -> None:
         group = self.process.pid
@@ -395,7 +452,9 @@ class _Worker:
             self.process.wait(5)
 
 
-def _start_worker(app_url: URL, workdir: Path, cleanup: _Cleanup, deadline: float) -> _Worker:
+def _start_worker(
+    app_url: URL, workdir: Path, cleanup: _Cleanup, progress: _Progress, deadline: float
+) -> _Worker:
     from .app import BACKEND_URL_ENV, BROKER_URL_ENV, DATABASE_URL_ENV, QUEUE  # noqa: PLC0415
 
     rendered = app_url.render_as_string(hide_password=False)
@@ -440,7 +499,7 @@ def _start_worker(app_url: URL, workdir: Path, cleanup: _Cleanup, deadline: floa
     worker = _Worker(process, node, log_path, port)
     cleanup.callback(worker.stop)
     cleanup.started("the worker")
-    worker.wait_ready(min(deadline, time.monotonic() + _READY_TIMEOUT))
+    worker.wait_ready(min(deadline, time.monotonic() + _READY_TIMEOUT), progress)
     return worker
 
 
@@ -503,7 +562,7 @@ def _wait(
             raise DemoError(
                 f"only {done} of {total} tasks finished in time; is the worker running?"
             )
-        time.sleep(0.3)
+        progress.pause(0.3)
     for tenant in tenants:
         for result in tenant.results:
             if not result.successful():
@@ -578,7 +637,7 @@ def _read_metrics(monitor: str) -> tuple[dict[str, float], dict[str, float]]:
 
 
 def _settled_metrics(
-    monitor: str, expected_success: int, deadline: float
+    monitor: str, expected_success: int, progress: _Progress, deadline: float
 ) -> tuple[dict[str, float], dict[str, float]]:
     # Celery counts a task after storing its result: give the last counts a moment.
     while True:
@@ -589,7 +648,7 @@ def _settled_metrics(
         )
         if settled or time.monotonic() > deadline:
             return totals, per_tenant
-        time.sleep(0.2)
+        progress.pause(0.2)
 
 
 # ------------------------------------------------------------------------ report
@@ -605,39 +664,6 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 def _number(value: float) -> str:
     return str(int(value)) if value == int(value) else f"{value:g}"
-
-
-# -------------------------------------------------------------------- interrupts
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt, so the clean-up runs for it too."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _no_interrupts() -> Iterator[None]:
-    """Let the clean-up finish even when Ctrl-C is pressed again."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # -------------------------------------------------------------------------- run
@@ -661,7 +687,7 @@ def run_demo(
     """
     progress = _Progress(out if out is not None else sys.stdout)
     deadline = progress.started + timeout
-    with _sigterm_as_interrupt():
+    with progress.interrupt.handling():
         cleanup = _Cleanup()
         try:
             result = _run(dsn, progress, deadline, cleanup)
@@ -672,8 +698,9 @@ def run_demo(
         except Exception as exc:
             raise DemoError(f"{type(exc).__name__}: {_one_line(exc)}") from exc
         finally:
-            with _no_interrupts():
-                cleanup.close(progress)
+            progress.interrupt.closing = True  # the clean-up always runs to its end
+            cleanup.close(progress)
+        progress.interrupt.check()  # one that came after the last step
     progress.line(f"done in {progress.elapsed():.1f}s")
     return result
 
@@ -693,7 +720,9 @@ def _run(dsn: str | None, progress: _Progress, deadline: float, cleanup: _Cleanu
     tenants, refused, total = _exercise(setup, progress, deadline)
     written, visible, nobody = _count(setup.admin, setup.app_engine, tenants, setup.setting)
     monitor = setup.worker.monitor
-    totals, per_tenant = _settled_metrics(monitor, total, min(deadline, time.monotonic() + 5))
+    totals, per_tenant = _settled_metrics(
+        monitor, total, progress, min(deadline, time.monotonic() + 5)
+    )
     status, body = _get(f"{monitor}/health")
     try:
         health: dict[str, Any] = json.loads(body)
@@ -788,7 +817,7 @@ def _set_up(dsn: str | None, progress: _Progress, deadline: float, cleanup: _Cle
         f"starting a celery worker (prefork, concurrency {WORKER_CONCURRENCY}, PostgreSQL "
         f"broker and result backend) connected as {names.role}"
     )
-    worker = _start_worker(app_url, workdir, cleanup, deadline)
+    worker = _start_worker(app_url, workdir, cleanup, progress, deadline)
     progress.step(f"worker ready; its monitor listens on {worker.monitor}")
     return _Setup(names, setting, admin, app_engine, app_url, worker)
 
