@@ -42,6 +42,14 @@ untimed, so every setup finds the pages it reads in shared buffers.  A
 query's time is its ``execute`` plus ``fetchall`` on the client; the
 transaction's time adds ``BEGIN``, the ``set_config`` and ``COMMIT``.
 
+Apart from those runs, the aggregate is also timed as a sequential scan of
+the whole table in every setup (index and bitmap scans and parallel workers
+switched off with ``SET LOCAL``): what a table without an index leading with
+``tenant_id`` costs, where a policy's expression is checked against every
+row.  The package's sub-select is evaluated once per statement (an InitPlan);
+the naive policy's ``current_setting()`` call once per row.  The setups take
+turns in alternating order, each on a new connection of its own.
+
 The rounds are split into several runs, each with new connections and a
 warm-up of its own.  Every ratio is taken within a run, between the medians
 of the same rounds, and reported as the median of the runs with the lowest and
@@ -64,7 +72,17 @@ from psycopg import sql
 from tenant_celery.config import DEFAULT_GUC
 from tenant_celery.rls import enable_tenant_rls_sql
 
-from ._common import BenchContext, Cell, Section, median, percentile, ratio, stopwatch
+from ._common import (
+    BenchContext,
+    Cell,
+    Section,
+    Table,
+    alternate,
+    median,
+    percentile,
+    ratio,
+    stopwatch,
+)
 from ._scratch import connect
 
 SETUPS = ("explicit", "control", "package", "naive")
@@ -78,6 +96,13 @@ MODES = ("prepared", "unprepared")
 START = datetime(2024, 1, 1, tzinfo=timezone.utc)
 """``created_at`` of every tenant's first row; each next row is one minute later."""
 _SET_GUC = "SELECT set_config(%s, %s, true)"
+SEQ_SCAN = (
+    "SET LOCAL enable_indexscan = off",
+    "SET LOCAL enable_indexonlyscan = off",
+    "SET LOCAL enable_bitmapscan = off",
+    "SET LOCAL max_parallel_workers_per_gather = 0",
+)
+"""Sent after ``BEGIN`` for the scan measurement: a sequential scan, in this process."""
 RATIOS = (
     "control/explicit",
     "package/explicit",
@@ -271,11 +296,18 @@ class _Setup:
         return query.explicit.format(table=self.table), (tenant, at)
 
     def run(
-        self, query: Query, tenant: str, at: datetime, *, prepare: bool
+        self,
+        query: Query,
+        tenant: str,
+        at: datetime,
+        *,
+        prepare: bool,
+        settings: tuple[str, ...] = (),
     ) -> tuple[float, float, list[Any]]:
         """Run ``query`` in its own transaction: (query seconds, transaction seconds, rows).
 
-        ``prepare`` applies to the query and to the ``set_config`` before it.
+        ``prepare`` applies to the query and to the ``set_config`` before it;
+        ``settings`` are statements sent after ``BEGIN`` (``SET LOCAL``).
         """
         text, params = self.sql_and_params(query, tenant, at)
         cur = self.conn.cursor()
@@ -283,6 +315,8 @@ class _Setup:
         # autocommit mode), so the query's time never includes a BEGIN round trip.
         start = time.perf_counter()
         cur.execute("BEGIN")
+        for setting in settings:
+            cur.execute(setting)
         if self.uses_guc:
             cur.execute(_SET_GUC, (DEFAULT_GUC, tenant), prepare=prepare)
         begin = time.perf_counter()
@@ -293,11 +327,15 @@ class _Setup:
         done = time.perf_counter()
         return end - begin, done - start, rows
 
-    def explain(self, query: Query, tenant: str, at: datetime) -> dict[str, Any]:
+    def explain(
+        self, query: Query, tenant: str, at: datetime, settings: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         """``EXPLAIN (ANALYZE, BUFFERS)`` of ``query``, as JSON and as text."""
         text, params = self.sql_and_params(query, tenant, at)
         cur = self.conn.cursor()
         cur.execute("BEGIN")
+        for setting in settings:
+            cur.execute(setting)
         if self.uses_guc:
             cur.execute(_SET_GUC, (DEFAULT_GUC, tenant))
         cur.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {text}", params)
@@ -354,6 +392,7 @@ def run(ctx: BenchContext) -> Section:
     runs = ctx.pick(smoke=2, default=5)
     rounds = ctx.pick(smoke=30, default=300)
     warm = ctx.pick(smoke=10, default=30)
+    scan_rounds = ctx.pick(smoke=3, default=15)
     per_tenant = rows // tenants
     naive_role = f"{ctx.admin_url.database}_naive"
     rng = random.Random(20_240_101)
@@ -375,9 +414,11 @@ def run(ctx: BenchContext) -> Section:
                 f"p2: run {number + 1} of {runs}: {rounds:,} rounds x {len(SETUPS)} setups x "
                 f"{len(MODES)} statements x {len(QUERIES)} queries timed"
             )
+        scans = _scans(ctx, scan_rounds, rng, ids, naive_role)
+        ctx.say(f"p2: {scan_rounds} rounds of sequential scans x {len(SETUPS)} setups timed")
     finally:
         _drop(ctx, naive_role)
-    return _section(ctx, build, runs, rounds, warm, samples, plans)
+    return _section(ctx, build, runs, rounds, warm, samples, plans, scans)
 
 
 class _Samples:
@@ -493,6 +534,75 @@ def _measure(
             conn.close()
 
 
+_SCAN_QUERY = next(q for q in QUERIES if q.name == "aggregate")
+
+
+def _scans(
+    ctx: BenchContext, rounds: int, rng: random.Random, ids: list[str], naive_role: str
+) -> dict[str, Any]:
+    """The aggregate as a sequential scan of the whole table, every setup in turn:
+    unprepared, on new connections, one untimed round first; each setup's times
+    and plan."""
+    conns = _open(ctx, naive_role)
+    try:
+        setups = {name: _Setup(name, conns[name]) for name in SETUPS}
+        seconds: dict[str, list[float]] = {name: [] for name in SETUPS}
+        for n in range(rounds + 1):
+            tenant = rng.choice(ids)
+            found: dict[str, list[Any]] = {}
+            for name in alternate(SETUPS, n):
+                q, _, found[name] = setups[name].run(
+                    _SCAN_QUERY, tenant, START, prepare=False, settings=SEQ_SCAN
+                )
+                if n:
+                    seconds[name].append(q)
+            if len({repr(rows) for rows in found.values()}) != 1:
+                raise RuntimeError(
+                    f"p2: the scan for tenant {tenant} returned different rows per setup: {found}"
+                )
+        tenant = ids[len(ids) // 2]
+        plans = {
+            name: plan_summary(setup.explain(_SCAN_QUERY, tenant, START, SEQ_SCAN)["json"])
+            for name, setup in setups.items()
+        }
+        return {"rounds": rounds, "seconds": seconds, "plans": plans}
+    finally:
+        for conn in conns.values():
+            conn.close()
+
+
+def _scan_table(ctx: BenchContext, rows: int, scans: dict[str, Any]) -> Table:
+    med = {name: median(values) for name, values in scans["seconds"].items()}
+    table_rows: list[list[Cell]] = []
+    for name in SETUPS:
+        plan = scans["plans"][name]
+        table_rows.append(
+            [
+                name,
+                "/".join(plan["scans"]),
+                "yes" if plan["initplan"] else "no",
+                round(med[name] * 1e3, 2),
+                f"{min(scans['seconds'][name]) * 1e3:.2f} to "
+                f"{max(scans['seconds'][name]) * 1e3:.2f}",
+                ratio(med[name], med["explicit"]),
+                round((med[name] - med["explicit"]) / rows * 1e9, 1),
+            ]
+        )
+    return ctx.report(
+        f"P2 without an index: the aggregate as a sequential scan of all {rows:,} rows, "
+        f"{scans['rounds']} rounds",
+        ["setup", "scan", "InitPlan", "ms med", "ms range", "vs explicit", "ns per row"],
+        table_rows,
+        [
+            "index scans, bitmap scans and parallel workers off (SET LOCAL) in each "
+            "transaction; unprepared; the setups in alternating order on connections of "
+            "their own; every setup counted the same rows",
+            "ns per row: (setup - explicit) / rows scanned, what each row's check costs "
+            "beyond comparing tenant_id with a constant",
+        ],
+    )
+
+
 def _index_note(summaries: dict[str, dict[str, Any]]) -> str:
     """One line: did every plan find the tenant's rows through its table's index?"""
     missed = [
@@ -539,6 +649,7 @@ def _section(
     warm: int,
     samples: _Samples,
     plans: dict[str, dict[str, Any]],
+    scans: dict[str, Any],
 ) -> Section:
     def run_medians(
         found: dict[str, dict[str, dict[str, list[list[float]]]]], mode: str, query: str
@@ -703,7 +814,7 @@ def _section(
     return Section(
         key="p2",
         title="RLS cost",
-        tables=[times, ratio_table, plan_table],
+        tables=[times, ratio_table, plan_table, _scan_table(ctx, build["rows"], scans)],
         data={
             "build": build,
             "runs": runs,
@@ -735,5 +846,13 @@ def _section(
             "rows_returned": {q: sorted(v) for q, v in samples.rows_returned.items()},
             "plan_summaries": summaries,
             "plans": plans,
+            "scan": {
+                "rounds": scans["rounds"],
+                "ms": {
+                    name: [round(v * 1e3, 3) for v in values]
+                    for name, values in scans["seconds"].items()
+                },
+                "plan_summaries": scans["plans"],
+            },
         },
     )

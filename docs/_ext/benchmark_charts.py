@@ -12,8 +12,8 @@ benchmarks`` writes) and put what it holds on the page::
 ``benchmark-chart`` draws an inline SVG figure (``throughput``, ``fairness``,
 ``overheads``, ``result-backend``, ``scale``, ``soak``); ``benchmark-table`` builds a
 table narrow enough for the page's column (``targets``, ``machine``, ``p1``, ``p1-parts``,
-``p2-times``, ``p2-ratios``, ``p2-plans``, ``p3``, ``p3-events``, ``p4``, ``p5-latency``,
-``p5-backlog``, ``result-backend``, ``scale``, ``scale-wakeups``, ``soak``,
+``p2-times``, ``p2-ratios``, ``p2-plans``, ``p2-scan``, ``p3``, ``p3-events``, ``p4``,
+``p5-latency``, ``p5-backlog``, ``result-backend``, ``scale``, ``scale-wakeups``, ``soak``,
 ``soak-series``).  Nothing is typed in by hand: every figure
 comes from the JSON, and the build fails (``-W``) when the JSON lacks what a
 directive needs.
@@ -259,6 +259,20 @@ def select(table: Json, names: Sequence[str]) -> list[list[Cell]]:
     return [[short(r[i]) if isinstance(r[i], str) else r[i] for i in picked] for r in table["rows"]]
 
 
+def own_run_note(results: Results, section: str) -> list[str]:
+    """The note for a section measured in a run apart from the one the machine table
+    describes (none when it was not)."""
+    run = results.section(section).get("run")
+    if run is None:
+        return []
+    cpu = f" ({run['cpu_count']} x {run['cpu_model']})" if "cpu_model" in run else ""
+    return [
+        f"measured in a run of its own on {run['date'][:10]}{cpu}, load average "
+        f"{run['load_average_start'][0]} at its start and {run['load_average_end'][0]} at its "
+        "end (1 minute)"
+    ]
+
+
 def strong(text: str) -> nodes.Node:
     return nodes.strong(text, text)
 
@@ -358,6 +372,7 @@ def table_p1(results: Results) -> TableSpec:
             f"prefork 2, {runs.get('real', '?')} (runs x tasks); own statement: the tenant "
             "task with the setting sent as a statement of its own; trips: round trips per task",
             *(n for n in table["notes"] if "target" not in n),
+            *own_run_note(results, "p1"),
         ],
     )
 
@@ -381,7 +396,7 @@ def table_p2_times(results: Results) -> TableSpec:
         ["query", "statement", "explicit", "control", "package", "naive"],
         list(select(table, names)),
         [False, False, True, True, True, True],
-        table["notes"][:4],
+        [*table["notes"][:4], *own_run_note(results, "p2")],
     )
 
 
@@ -428,6 +443,18 @@ def table_p2_plans(results: Results) -> TableSpec:
     )
 
 
+def table_p2_scan(results: Results) -> TableSpec:
+    table = results.table("p2", 3)
+    names = ["setup", "scan", "InitPlan", "ms med", "ms range", "vs explicit", "ns per row"]
+    return TableSpec(
+        table["title"],
+        names,
+        list(select(table, names)),
+        [False, False, False, True, False, True, True],
+        table["notes"],
+    )
+
+
 def table_p3(results: Results) -> TableSpec:
     table = results.table("p3")
     rows = select(
@@ -452,14 +479,7 @@ def table_p3(results: Results) -> TableSpec:
 def table_p3_events(results: Results) -> TableSpec:
     table = results.table("p3-events")
     names = ["broker", "events", "tasks/s", "ratio to off", "events per task", "rows per task"]
-    notes = list(table["notes"])
-    run = results.section("p3-events").get("run")
-    if run is not None:  # measured apart from the run the rest of the page shows
-        notes.append(
-            f"measured in a run of its own on {run['date'][:10]}, load average "
-            f"{run['load_average_start'][0]} at its start and {run['load_average_end'][0]} "
-            "at its end (1 minute)"
-        )
+    notes = [*table["notes"], *own_run_note(results, "p3-events")]
     return TableSpec(
         table["title"],
         ["broker", "events", "tasks/s", "on/off", "events per task", "rows per task"],
@@ -550,7 +570,6 @@ def table_scale(results: Results) -> TableSpec:
         claim = "—" if p50 is None else f"{p50:.2f} / {p95:.2f}"
         broker = "transport" if str(broker).startswith("PostgreSQL") else broker
         rows.append([broker, workers, rate, pg, cpu, claim, per_claim, empty, locks])
-    run = results.section("scale")["run"]
     numbers = [b for b in busy if isinstance(b, (int, float))]
     notes = [
         *table["notes"],
@@ -560,9 +579,7 @@ def table_scale(results: Results) -> TableSpec:
         "messages per claim; the machine's two cores were "
         + (f"{min(numbers):.1f} to {max(numbers):.1f}% busy" if numbers else "busy")
         + " in every row; the WAL columns are in the results file",
-        f"measured in a run of its own on {run['date'][:10]}, load average "
-        f"{run['load_average_start'][0]} at its start and {run['load_average_end'][0]} at "
-        "its end (1 minute)",
+        *own_run_note(results, "scale"),
     ]
     return TableSpec(
         table["title"],
@@ -599,7 +616,6 @@ def table_soak(results: Results) -> TableSpec:
     """The soak's verdict, one figure a row: narrow enough for any column."""
     table = results.table("soak")
     data = results.section("soak")
-    run = data["run"]
     found = data["verdict"]
     samples = data["samples"]
     first, last = samples[0], samples[-1]
@@ -637,9 +653,7 @@ def table_soak(results: Results) -> TableSpec:
     notes = [
         *table["notes"][:2],
         table["notes"][3],
-        f"measured in a run of its own on {run['date'][:10]}, load average "
-        f"{run['load_average_start'][0]} at its start and {run['load_average_end'][0]} at "
-        "its end (1 minute)",
+        *own_run_note(results, "soak"),
     ]
     if found.get("capped_at_seconds"):
         notes.append(
@@ -689,6 +703,7 @@ TABLES: dict[str, Callable[[Results], TableSpec]] = {
     "p2-times": table_p2_times,
     "p2-ratios": table_p2_ratios,
     "p2-plans": table_p2_plans,
+    "p2-scan": table_p2_scan,
     "p3": table_p3,
     "p3-events": table_p3_events,
     "p4": table_p4,
