@@ -259,10 +259,12 @@ def select(table: Json, names: Sequence[str]) -> list[list[Cell]]:
     return [[short(r[i]) if isinstance(r[i], str) else r[i] for i in picked] for r in table["rows"]]
 
 
-def own_run_note(results: Results, section: str) -> list[str]:
+def own_run_note(results: Results, section: str, *, required: bool = False) -> list[str]:
     """The note for a section measured in a run apart from the one the machine table
-    describes (none when it was not)."""
-    run = results.section(section).get("run")
+    describes (none when it was not; a ``required`` one always was, and the build fails
+    without it)."""
+    data = results.section(section)
+    run = data["run"] if required else data.get("run")
     if run is None:
         return []
     cpu = f" ({run['cpu_count']} x {run['cpu_model']})" if "cpu_model" in run else ""
@@ -579,7 +581,7 @@ def table_scale(results: Results) -> TableSpec:
         "messages per claim; the machine's two cores were "
         + (f"{min(numbers):.1f} to {max(numbers):.1f}% busy" if numbers else "busy")
         + " in every row; the WAL columns are in the results file",
-        *own_run_note(results, "scale"),
+        *own_run_note(results, "scale", required=True),
     ]
     return TableSpec(
         table["title"],
@@ -653,7 +655,7 @@ def table_soak(results: Results) -> TableSpec:
     notes = [
         *table["notes"][:2],
         table["notes"][3],
-        *own_run_note(results, "soak"),
+        *own_run_note(results, "soak", required=True),
     ]
     if found.get("capped_at_seconds"):
         notes.append(

@@ -30,9 +30,32 @@ def interrupt_me(signum=signal.SIGINT):
     os.kill(os.getpid(), signum)
 
 
+def failed_after_the_interrupt():
+    # run_demo whose work fails after a Ctrl-C was noted, as a subprocess killed by
+    # the terminal's Ctrl-C fails.
+    import tenant_celery.demo as demo
+
+    def work(dsn, progress, deadline, cleanup):
+        interrupt_me()
+        raise demo.DemoError("initdb exited with -2")
+
+    demo._run = work
+    demo.run_demo("postgresql://nobody@127.0.0.1/nothing", out=sys.stdout)
+
+
 def run(case):
+    if case == "failed after the interrupt":
+        return failed_after_the_interrupt()
     interrupt = _Interrupt()
     with interrupt.handling():
+        if case == "again while unwinding":
+            interrupt_me()
+            try:
+                interrupt.check()
+            except KeyboardInterrupt:
+                interrupt_me()  # on the way to the clean-up
+                print("cleaned up", flush=True)
+                raise
         if case == "exec":
             exec("import os, signal; os.kill(os.getpid(), signal.SIGINT); x = 1")
         elif case == "weakref":
@@ -93,6 +116,18 @@ def test_an_interrupt_is_acted_on_at_the_next_check_and_exits_130(
     assert (done.returncode, done.stdout, done.stderr) == (
         130, "went on to the next check\n", "interrupted\n"
     )  # fmt: skip
+
+
+def test_an_interrupt_on_the_way_to_the_clean_up_does_not_cut_it_short(tmp_path: Path) -> None:
+    done = run_case("again while unwinding", tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "cleaned up\n", "interrupted\n")
+
+
+def test_a_failure_after_an_interrupt_is_reported_as_the_interrupt(tmp_path: Path) -> None:
+    """A step that fails because of the Ctrl-C (pgserver's initdb, killed by the
+    terminal with the demo) exits 130 like any interrupt, not 1 or 2."""
+    done = run_case("failed after the interrupt", tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")
 
 
 def test_a_second_interrupt_does_not_wait_for_the_check(tmp_path: Path) -> None:

@@ -141,12 +141,18 @@ class _Interrupt:
 
     def note(self, signum: int, frame: FrameType | None) -> None:
         if self.requested and not self.closing:
-            raise KeyboardInterrupt
+            self.raised()
         self.requested = True
 
     def check(self) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            self.raised()
+
+    def raised(self) -> None:
+        """Raise KeyboardInterrupt; any later signal is only noted, so that none can
+        cut short the clean-up the exception is on its way to."""
+        self.closing = True
+        raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def handling(self) -> Iterator[None]:
@@ -691,11 +697,18 @@ def run_demo(
         cleanup = _Cleanup()
         try:
             result = _run(dsn, progress, deadline, cleanup)
-        except (DemoError, KeyboardInterrupt):
+        except KeyboardInterrupt:
             raise
-        except (TenantCeleryError, SQLAlchemyError, OSError) as exc:
-            raise DemoError(_one_line(exc)) from exc
         except Exception as exc:
+            if progress.interrupt.requested:
+                # What failed was cut short by the interrupt (a subprocess killed by the
+                # terminal's Ctrl-C, a report made of half-read counts): report that.
+                progress.interrupt.closing = True
+                raise KeyboardInterrupt from exc
+            if isinstance(exc, DemoError):
+                raise
+            if isinstance(exc, TenantCeleryError | SQLAlchemyError | OSError):
+                raise DemoError(_one_line(exc)) from exc
             raise DemoError(f"{type(exc).__name__}: {_one_line(exc)}") from exc
         finally:
             progress.interrupt.closing = True  # the clean-up always runs to its end
