@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -266,7 +267,8 @@ def _embedded_server(progress: _Progress, cleanup: _Cleanup) -> URL:
     cleanup.callback(shutil.rmtree, base, ignore_errors=True)
     progress.step(f"starting an embedded PostgreSQL (pgserver) in {base}")
     try:
-        server = pgserver.get_server(base / "data", cleanup_mode="delete")
+        with _held_logs("pgserver", progress.interrupt):
+            server = pgserver.get_server(base / "data", cleanup_mode="delete")
     except Exception as exc:
         raise DemoUsageError(f"the embedded PostgreSQL did not start: {_one_line(exc)}") from exc
     cleanup.callback(_stop_embedded, server, cleanup)
@@ -281,6 +283,34 @@ def _embedded_server(progress: _Progress, cleanup: _Cleanup) -> URL:
         database="postgres",
         query={"host": str(info.socket_dir), "port": str(info.port or 5432)},
     )
+
+
+class _Holder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_logs(name: str, interrupt: _Interrupt) -> Iterator[None]:
+    """Hold what logger ``name`` logs in the block, and pass it on after it unless the
+    demo was interrupted meanwhile: pgserver logs every failed command at length, and
+    the ``Ctrl-C`` that interrupts the demo also kills the ``initdb`` it runs."""
+    logger = logging.getLogger(name)
+    holder, propagate = _Holder(), logger.propagate
+    logger.addHandler(holder)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(holder)
+        logger.propagate = propagate
+        if not interrupt.requested:
+            for record in holder.records:
+                logger.handle(record)
 
 
 def _stop_embedded(server: Any, cleanup: _Cleanup) -> None:
