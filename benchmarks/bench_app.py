@@ -16,7 +16,12 @@ The P1 body is one indexed ``SELECT`` and one ``INSERT`` on the RLS-protected
   the hook, in a round trip the transaction makes anyway;
 * :func:`tenant_rw_own_statement` is the same tenant task on an engine that
   is not bound, setting the GUC with :func:`~tenant_celery.set_tenant_guc`:
-  a statement of its own, as the binding's fallback sends it.
+  a statement of its own, as the binding's fallback sends it;
+* :func:`tenant_rw_task_only` and :func:`tenant_rw_no_policy` take the package
+  apart in layers: the tenant task on an engine like the plain task's (the
+  task's own work only: publishing, the header, the worker's checks), and on
+  an engine bound with :func:`~tenant_celery.bind_tenant_guc` but connected as
+  the ``BYPASSRLS`` role (the binding as well, the policy not).
 
 Both return the wall-clock time the body finished, how long the body took
 (the transaction, ``set_config`` included) and the number of statements
@@ -65,6 +70,8 @@ and counts tasks (:func:`~tenant_celery.metrics.install_metrics`)."""
 PLAIN_RW = "bench.plain_rw"
 TENANT_RW = "bench.tenant_rw"
 TENANT_RW_OWN_STATEMENT = "bench.tenant_rw_own_statement"
+TENANT_RW_TASK_ONLY = "bench.tenant_rw_task_only"
+TENANT_RW_NO_POLICY = "bench.tenant_rw_no_policy"
 TENANT_NOOP = "bench.tenant_noop"
 TENANT_SLEEP = "bench.tenant_sleep"
 
@@ -119,19 +126,24 @@ class _Counted:
 
 class Engines:
     """The P1 tasks' engines: ``plain`` as the BYPASSRLS role, ``tenant`` as the app
-    role, bound with :func:`~tenant_celery.bind_tenant_guc`.  Each is created
-    lazily, once per process; ``count_statements`` counts what each runs."""
+    role, bound with :func:`~tenant_celery.bind_tenant_guc`; ``own_statement`` as the
+    app role, not bound; ``task_only`` as ``plain`` and ``no_policy`` bound, both as
+    the BYPASSRLS role.  Each is created lazily, once per process;
+    ``count_statements`` counts what each runs."""
 
     def __init__(self, *, app_url: str, plain_url: str, count_statements: bool = False) -> None:
         count = count_statements
-        self.plain = _Counted(plain_url, tenant_guc=False, count=count)
-        self.tenant = _Counted(app_url, tenant_guc=True, count=count)
-        self.own_statement = _Counted(app_url, tenant_guc=False, count=count)
+        self.by_name = {
+            "plain": _Counted(plain_url, tenant_guc=False, count=count),
+            "tenant": _Counted(app_url, tenant_guc=True, count=count),
+            "own_statement": _Counted(app_url, tenant_guc=False, count=count),
+            "task_only": _Counted(plain_url, tenant_guc=False, count=count),
+            "no_policy": _Counted(plain_url, tenant_guc=True, count=count),
+        }
 
     def dispose(self) -> None:
-        self.plain.dispose()
-        self.tenant.dispose()
-        self.own_statement.dispose()
+        for engine in self.by_name.values():
+            engine.dispose()
 
 
 def p1_body(sessions: sessionmaker[Session], tenant: str, own_statement: bool = False) -> None:
@@ -184,11 +196,7 @@ def make_app(
             raise RuntimeError(
                 f"the P1 tasks need databases: set {APP_DB_URL_ENV} and {PLAIN_DB_URL_ENV}"
             )
-        engine = {
-            "plain": engines.plain,
-            "tenant": engines.tenant,
-            "own_statement": engines.own_statement,
-        }[which]
+        engine = engines.by_name[which]
         if run != engine.run:
             # A new run, new connections: a server process keeps the CPU placement it
             # started with for life, which can make one engine's round trips faster
@@ -204,23 +212,31 @@ def make_app(
             "statements": engine.statements - before,
         }
 
+    def in_tenant(which: str, run: int) -> dict[str, Any]:
+        found = current_tenant()
+        if found is None:  # cannot happen: a tenant task's body runs inside its tenant
+            raise RuntimeError(f"the {which} tenant task ran without a tenant")
+        return counted(which, found, run)
+
     @app.task(name=PLAIN_RW, shared=False)
     def plain_rw(tenant: str, run: int = 0) -> dict[str, Any]:
         return counted("plain", tenant, run)
 
     @tenant_task(app=app, name=TENANT_RW, shared=False)
     def tenant_rw(run: int = 0) -> dict[str, Any]:
-        found = current_tenant()
-        if found is None:  # cannot happen: a tenant task's body runs inside its tenant
-            raise RuntimeError("tenant_rw ran without a tenant")
-        return counted("tenant", found, run)
+        return in_tenant("tenant", run)
 
     @tenant_task(app=app, name=TENANT_RW_OWN_STATEMENT, shared=False)
     def tenant_rw_own_statement() -> dict[str, Any]:
-        found = current_tenant()
-        if found is None:  # cannot happen: a tenant task's body runs inside its tenant
-            raise RuntimeError("tenant_rw_own_statement ran without a tenant")
-        return counted("own_statement", found, 0)
+        return in_tenant("own_statement", 0)
+
+    @tenant_task(app=app, name=TENANT_RW_TASK_ONLY, shared=False)
+    def tenant_rw_task_only(run: int = 0) -> dict[str, Any]:
+        return in_tenant("task_only", run)
+
+    @tenant_task(app=app, name=TENANT_RW_NO_POLICY, shared=False)
+    def tenant_rw_no_policy(run: int = 0) -> dict[str, Any]:
+        return in_tenant("no_policy", run)
 
     @tenant_task(app=app, name=TENANT_NOOP, shared=False)
     def tenant_noop() -> dict[str, Any]:

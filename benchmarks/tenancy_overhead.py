@@ -13,6 +13,17 @@ context, the ``set_config`` statement and the policy's predicate.
 (b) end to end through one real worker (Redis broker and results, prefork
     concurrency 2) serving both tasks, alternating plain and tenant runs.
 
+Two more tenant variants, timed alongside end to end, take the cost apart in
+layers: the tenant task on an engine like the plain task's (**task only**:
+publishing with the tenant, the header, the worker's checks), and on an
+engine bound like the tenant task's but connected as the ``BYPASSRLS`` role
+(**no policy**: the binding as well, without the policy's work on the
+server).  Each ratio to the plain task is printed; the steps between them
+are what each layer costs.  In process they are not timed: with calls taking
+turns among five variants instead of three, the tenant task read 0.898 and
+0.900 of the plain one on a 2-core machine where the three read 0.925 to
+0.933, so the in-process ratio would no longer compare with its earlier runs.
+
 A separate, untimed pass counts each task's statements (a
 ``before_cursor_execute`` listener on its engine) and the network round trips
 of its transaction on the wire (a proxy that reads the PostgreSQL protocol and
@@ -27,6 +38,7 @@ not pay.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -64,6 +76,12 @@ TARGET_IN_PROCESS = 0.93
 """Published target for the ratio tenant/plain of ``apply()`` in process."""
 OWN_STATEMENT = "own_statement"
 """The in-process variant that sets the tenant with a statement of its own."""
+TASK_ONLY = "task_only"
+"""The tenant task on an engine like the plain task's: no binding, no policy."""
+NO_POLICY = "no_policy"
+"""The tenant task on a bound engine as the BYPASSRLS role: the binding, no policy."""
+_LAYERS = (TASK_ONLY, NO_POLICY, "tenant")
+"""The tenant variants in the order they add the package's layers."""
 
 
 class _Tally:
@@ -103,27 +121,25 @@ def _in_process(ctx: BenchContext) -> dict[str, Any]:
     )
     app = bench_app.make_app("memory://", None, f"tcbench.{ctx.run_id}.apply", engines)
     plain = app.tasks[bench_app.PLAIN_RW]
-    tenant = app.tasks[bench_app.TENANT_RW]
-    own_statement = app.tasks[bench_app.TENANT_RW_OWN_STATEMENT]
 
     def plain_call(i: int) -> dict[str, Any]:
         result: dict[str, Any] = plain.apply(args=(tenants[i % len(tenants)],), throw=True).get()
         return result
 
-    def tenant_call(i: int) -> dict[str, Any]:
-        with tenant_context(tenants[i % len(tenants)]):
-            result: dict[str, Any] = tenant.apply(throw=True).get()
-        return result
+    def tenant_call(name: str) -> Callable[[int], dict[str, Any]]:
+        task = app.tasks[name]
 
-    def own_statement_call(i: int) -> dict[str, Any]:
-        with tenant_context(tenants[i % len(tenants)]):
-            result: dict[str, Any] = own_statement.apply(throw=True).get()
-        return result
+        def call(i: int) -> dict[str, Any]:
+            with tenant_context(tenants[i % len(tenants)]):
+                result: dict[str, Any] = task.apply(throw=True).get()
+            return result
+
+        return call
 
     variants: dict[str, Callable[[int], dict[str, Any]]] = {
         "plain": plain_call,
-        "tenant": tenant_call,
-        OWN_STATEMENT: own_statement_call,
+        "tenant": tenant_call(bench_app.TENANT_RW),
+        OWN_STATEMENT: tenant_call(bench_app.TENANT_RW_OWN_STATEMENT),
     }
     try:
         for call in variants.values():
@@ -157,7 +173,20 @@ def _in_process(ctx: BenchContext) -> dict[str, Any]:
     return tally.to_json()
 
 
-_LABELS = {"plain": "plain", "tenant": "tenant", OWN_STATEMENT: "tenant, own statement"}
+_TENANT_TASKS = {
+    "tenant": bench_app.TENANT_RW,
+    OWN_STATEMENT: bench_app.TENANT_RW_OWN_STATEMENT,
+    TASK_ONLY: bench_app.TENANT_RW_TASK_ONLY,
+    NO_POLICY: bench_app.TENANT_RW_NO_POLICY,
+}
+"""The tenant variants and their tasks."""
+_LABELS = {
+    "plain": "plain",
+    "tenant": "tenant",
+    OWN_STATEMENT: "tenant, own statement",
+    TASK_ONLY: "tenant task only",
+    NO_POLICY: "tenant, no policy",
+}
 
 
 def _counts(ctx: BenchContext) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
@@ -185,14 +214,14 @@ def _count_round_trips(ctx: BenchContext, driver: str) -> tuple[dict[str, float]
             app_url=through(ctx.app_url), plain_url=through(ctx.plain_url), count_statements=True
         )
         app = bench_app.make_app("memory://", None, f"tcbench.{ctx.run_id}.wire", engines)
-        calls = {
+        calls: dict[str, Callable[[int], Any]] = {
             "plain": lambda i: app.tasks[bench_app.PLAIN_RW].apply(
                 args=(tenants[i % len(tenants)],), throw=True
             ),
-            "tenant": lambda i: _in_tenant(app, bench_app.TENANT_RW, tenants[i % len(tenants)]),
-            OWN_STATEMENT: lambda i: _in_tenant(
-                app, bench_app.TENANT_RW_OWN_STATEMENT, tenants[i % len(tenants)]
-            ),
+            **{
+                variant: functools.partial(_in_tenant, app, name, tenants)
+                for variant, name in _TENANT_TASKS.items()
+            },
         }
         counts: dict[str, float] = {}
         statements: dict[str, int] = {}
@@ -213,31 +242,37 @@ def _count_round_trips(ctx: BenchContext, driver: str) -> tuple[dict[str, float]
     return counts, statements
 
 
-def _in_tenant(app: Any, name: str, tenant: str) -> Any:
-    with tenant_context(tenant):
+def _in_tenant(app: Any, name: str, tenants: list[str], i: int) -> Any:
+    with tenant_context(tenants[i % len(tenants)]):
         return app.tasks[name].apply(throw=True)
 
 
 def _end_to_end(ctx: BenchContext) -> dict[str, Any]:
-    tally = _Tally(
-        ctx.pick(smoke=1, default=8), ctx.pick(smoke=100, default=1500), ("plain", "tenant")
-    )
+    # Plain and tenant first: reversed every other run, they stay back to back.
+    names = ("plain", "tenant", TASK_ONLY, NO_POLICY)
+    tally = _Tally(ctx.pick(smoke=1, default=8), ctx.pick(smoke=100, default=1500), names)
     warm = ctx.pick(smoke=20, default=200)
     tenants = seed_tenants()
     with running(ctx, transports(ctx)["redis+redis"], pool="prefork") as worker:
         plain = worker.app.tasks[bench_app.PLAIN_RW]
-        tenant = worker.app.tasks[bench_app.TENANT_RW]
-
         run = [0]  # a new number makes each worker process open new connections
 
         def publish_plain(i: int) -> AsyncResult[Any]:
             return plain.apply_async(args=(tenants[i % len(tenants)],), kwargs={"run": run[0]})
 
-        def publish_tenant(i: int) -> AsyncResult[Any]:
-            with tenant_context(tenants[i % len(tenants)]):
-                return tenant.apply_async(kwargs={"run": run[0]})
+        def publisher(name: str) -> Callable[[int], AsyncResult[Any]]:
+            task = worker.app.tasks[name]
 
-        variants = {"plain": publish_plain, "tenant": publish_tenant}
+            def publish(i: int) -> AsyncResult[Any]:
+                with tenant_context(tenants[i % len(tenants)]):
+                    return task.apply_async(kwargs={"run": run[0]})
+
+            return publish
+
+        variants = {
+            "plain": publish_plain,
+            **{name: publisher(_TENANT_TASKS[name]) for name in names[1:]},
+        }
         for publish in variants.values():
             warm_up(worker, publish, warm)
         cpu: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
@@ -299,6 +334,31 @@ def _cpu_note(cpu: dict[str, dict[str, list[float]]]) -> str:
     )
 
 
+_ROW_ORDER = ("plain", TASK_ONLY, NO_POLICY, "tenant", OWN_STATEMENT)
+"""The table's rows per path: the layers in the order they add up, then the fallback."""
+
+
+def _layers_note(to_plain: dict[str, dict[str, float]]) -> str:
+    """What each layer of the package costs, as the steps between the layered ratios."""
+    steps = []
+    for key, label in (("apply", "apply()"), ("worker", "worker")):
+        found = to_plain[key]
+        if not all(layer in found for layer in _LAYERS):
+            continue
+        task, binding, policy = (found[layer] for layer in _LAYERS)
+        steps.append(
+            f"{label}: the task's own work {1 - task:+.3f}, the binding {task - binding:+.3f}, "
+            f"the policy {binding - policy:+.3f}"
+        )
+    return (
+        "layers (worker runs), each a tenant variant against the plain task: tenant task "
+        "only (the plain task's engine: publishing with the tenant, the header, the "
+        "worker's checks), then no policy (an engine bound with bind_tenant_guc, as the "
+        "BYPASSRLS role), then tenant (the app role, under the policy); what each layer "
+        "takes off the ratio: " + "; ".join(steps)
+    )
+
+
 def run(ctx: BenchContext) -> Section:
     """Measure P1 and return its section."""
     trips, statements = _counts(ctx)
@@ -306,15 +366,23 @@ def run(ctx: BenchContext) -> Section:
     parts = tenancy_parts.measure(ctx)
     paths = {"apply": "apply() in process", "worker": "real worker, Redis, prefork 2"}
     rows: list[list[Cell]] = []
-    ratios: dict[str, float] = {}
-    own_ratio = paired_ratio(
-        measured["apply"]["per_second"][OWN_STATEMENT], measured["apply"]["per_second"]["plain"]
-    )
+    # Each variant against the plain task, per path: "tenant" is P1's ratio.
+    to_plain = {
+        key: {
+            variant: paired_ratio(rates, data["per_second"]["plain"])
+            for variant, rates in data["per_second"].items()
+            if variant != "plain"
+        }
+        for key, data in measured.items()
+    }
+    ratios = {key: found["tenant"] for key, found in to_plain.items()}
+    own_ratio = to_plain["apply"][OWN_STATEMENT]
     for key, data in measured.items():
-        ratios[key] = paired_ratio(data["per_second"]["tenant"], data["per_second"]["plain"])
         runs = f"{data['runs']} x {data['per_run']:,}"
-        for variant in data["per_second"]:
-            ratio_cell = {"tenant": ratios[key], OWN_STATEMENT: own_ratio}.get(variant)
+        for variant in _ROW_ORDER:
+            if variant not in data["per_second"]:
+                continue
+            ratio_cell = to_plain[key].get(variant)
             rows.append(
                 [
                     paths[key],
@@ -334,10 +402,12 @@ def run(ctx: BenchContext) -> Section:
         "tenant: bind_tenant_guc sends the setting with a round trip the transaction makes "
         "anyway; tenant, own statement: set_tenant_guc() sends it as a statement of its own, "
         "as the binding does where it cannot (another driver, an executemany first)",
+        _layers_note(to_plain),
         "per second: median of the runs; apply(): the variants take turns call by call "
-        "within each run, the order reversed every other call; worker: plain and tenant "
-        "runs alternate (AB BA AB …); ratio: median of tenant / plain over the runs "
-        "(apply()) or over each back-to-back pair of runs (worker)",
+        "within each run, the order reversed every other call; worker: the variants' runs "
+        "take turns, the order reversed every other round (plain and tenant back to back "
+        "either way); ratio: median of variant / plain over the runs (apply()) or over "
+        "each round's runs (worker)",
         "pairs' ratios ranged "
         + ", ".join(
             f"{pair_spread(d['per_second']['tenant'], d['per_second']['plain'])} ({k})"
@@ -378,7 +448,7 @@ def run(ctx: BenchContext) -> Section:
             "round trips (psycopg2)",
             "body µs",
             "runs",
-            "ratio tenant/plain",
+            "ratio to plain",
         ],
         rows,
         notes,
@@ -392,6 +462,7 @@ def run(ctx: BenchContext) -> Section:
             "ratio_apply": ratios["apply"],
             "ratio_end_to_end": e2e,
             "ratio_apply_own_statement": own_ratio,
+            "ratios_to_plain": to_plain,
             "target_apply": TARGET_IN_PROCESS,
             "target": TARGET,
             "extra_statements": extra,

@@ -347,7 +347,7 @@ def table_p1(results: Results) -> TableSpec:
         "round trips (psycopg 3)",
         "round trips (psycopg2)",
         "body µs",
-        "ratio tenant/plain",
+        "ratio to plain",
     ]
     rows = select(table, names)
     for row in rows:

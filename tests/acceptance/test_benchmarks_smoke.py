@@ -72,16 +72,24 @@ def test_benchmarks_run_at_smoke_size(
 
     p1 = sections["p1"]["data"]
     assert p1["extra_statements"] == {"psycopg": 0, "psycopg2": 0}
-    counted = {"plain": 2, "tenant": 2, "own_statement": 3}
+    counted = {"plain": 2, "tenant": 2, "own_statement": 3, "task_only": 2, "no_policy": 2}
     assert p1["statements_per_task"] == {"psycopg": counted, "psycopg2": counted}
     for driver in ("psycopg", "psycopg2"):  # counted on the wire
         trips = p1["round_trips_per_task"][driver]
-        assert trips["tenant"] == trips["plain"], driver
+        for variant in ("tenant", "task_only", "no_policy"):
+            assert trips[variant] == trips["plain"], (driver, variant)
         assert trips["own_statement"] == trips["plain"] + 1, driver
-    for path in ("apply", "worker"):
-        for variant in ("plain", "tenant"):
+    layers = {"worker": {"tenant", "task_only", "no_policy"}, "apply": {"tenant", "own_statement"}}
+    for path, variants in layers.items():
+        assert set(p1["ratios_to_plain"][path]) == variants, path
+        assert all(ratio > 0 for ratio in p1["ratios_to_plain"][path].values()), path
+        for variant in ("plain", *variants):
             assert all(r > 0 for r in p1[path]["per_second"][variant]), (path, variant)
             assert p1[path]["body_us_median"][variant] > 0, (path, variant)
+    assert p1["ratio_end_to_end"] == p1["ratios_to_plain"]["worker"]["tenant"]
+    notes = " ".join(sections["p1"]["tables"][0]["notes"])
+    for layer in ("the task's own work", "the binding", "the policy"):
+        assert layer in notes, layer
 
     p3 = sections["p3"]["data"]["results"]
     assert set(p3) == {
