@@ -23,7 +23,7 @@ The P1 body is one indexed ``SELECT`` and one ``INSERT`` on the RLS-protected
   an engine bound with :func:`~tenant_celery.bind_tenant_guc` but connected as
   the ``BYPASSRLS`` role (the binding as well, the policy not).
 
-Both return the wall-clock time the body finished, how long the body took
+Each returns the wall-clock time the body finished, how long the body took
 (the transaction, ``set_config`` included) and the number of statements
 their engine ran during the call, counted by a ``before_cursor_execute``
 listener (a real count, not a constant) on engines built with

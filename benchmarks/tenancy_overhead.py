@@ -11,7 +11,7 @@ context, the ``set_config`` statement and the policy's predicate.
 
 (a) ``apply()`` in this process, alternating rounds, no broker;
 (b) end to end through one real worker (Redis broker and results, prefork
-    concurrency 2) serving both tasks, alternating plain and tenant runs.
+    concurrency 2) serving every variant, their runs taking turns.
 
 Two more tenant variants, timed alongside end to end, take the cost apart in
 layers: the tenant task on an engine like the plain task's (**task only**:
@@ -22,7 +22,7 @@ server).  Each ratio to the plain task is printed; the steps between them
 are what each layer costs.  In process they are not timed: with calls taking
 turns among five variants instead of three, the tenant task read 0.898 and
 0.900 of the plain one on a 2-core machine where the three read 0.925 to
-0.933, so the in-process ratio would no longer compare with its earlier runs.
+0.932, so the in-process ratio would no longer compare with its earlier runs.
 
 A separate, untimed pass counts each task's statements (a
 ``before_cursor_execute`` listener on its engine) and the network round trips
