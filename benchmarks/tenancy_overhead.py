@@ -130,8 +130,7 @@ def _in_process(ctx: BenchContext) -> dict[str, Any]:
         task = app.tasks[name]
 
         def call(i: int) -> dict[str, Any]:
-            with tenant_context(tenants[i % len(tenants)]):
-                result: dict[str, Any] = task.apply(throw=True).get()
+            result: dict[str, Any] = _apply_in_tenant(task, tenants, i).get()
             return result
 
         return call
@@ -219,7 +218,7 @@ def _count_round_trips(ctx: BenchContext, driver: str) -> tuple[dict[str, float]
                 args=(tenants[i % len(tenants)],), throw=True
             ),
             **{
-                variant: functools.partial(_in_tenant, app, name, tenants)
+                variant: functools.partial(_apply_in_tenant, app.tasks[name], tenants)
                 for variant, name in _TENANT_TASKS.items()
             },
         }
@@ -242,9 +241,10 @@ def _count_round_trips(ctx: BenchContext, driver: str) -> tuple[dict[str, float]
     return counts, statements
 
 
-def _in_tenant(app: Any, name: str, tenants: list[str], i: int) -> Any:
+def _apply_in_tenant(task: Any, tenants: list[str], i: int) -> Any:
+    """``apply()`` of the tenant task ``task`` inside the ``i``-th of ``tenants`` (cycling)."""
     with tenant_context(tenants[i % len(tenants)]):
-        return app.tasks[name].apply(throw=True)
+        return task.apply(throw=True)
 
 
 def _end_to_end(ctx: BenchContext) -> dict[str, Any]:

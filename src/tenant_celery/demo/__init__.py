@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
@@ -149,11 +149,13 @@ class _Interrupt:
         if self.requested:
             self.raised()
 
-    def raised(self) -> None:
-        """Raise KeyboardInterrupt; any later signal is only noted, so that none can
-        cut short the clean-up the exception is on its way to."""
+    def raised(self, cause: BaseException | None = None) -> NoReturn:
+        """Raise KeyboardInterrupt (from ``cause``); any later signal is only noted, so
+        that none can cut short the clean-up the exception is on its way to."""
         self.closing = True
-        raise KeyboardInterrupt
+        if cause is None:
+            raise KeyboardInterrupt
+        raise KeyboardInterrupt from cause
 
     @contextlib.contextmanager
     def handling(self) -> Iterator[None]:
@@ -733,8 +735,7 @@ def run_demo(
             if progress.interrupt.requested:
                 # What failed was cut short by the interrupt (a subprocess killed by the
                 # terminal's Ctrl-C, a report made of half-read counts): report that.
-                progress.interrupt.closing = True
-                raise KeyboardInterrupt from exc
+                progress.interrupt.raised(exc)
             if isinstance(exc, DemoError):
                 raise
             if isinstance(exc, TenantCeleryError | SQLAlchemyError | OSError):
